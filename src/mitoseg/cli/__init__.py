@@ -1,0 +1,15 @@
+"""Command-line entry point: ``mitoseg ...``."""
+
+from __future__ import annotations
+
+from mitoseg.cli import data as _data  # noqa: F401  (registers commands)
+from mitoseg.cli import model as _model  # noqa: F401
+from mitoseg.cli import serve as _serve  # noqa: F401
+from mitoseg.cli.app import app
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """Run the CLI."""
+    app()

@@ -1,0 +1,48 @@
+"""The ``mitoseg`` Typer application and its shared options.
+
+Sub-command modules (``cli/data.py``, ``cli/model.py``, ``cli/serve.py``) register
+their commands on the apps defined here. Nothing heavy is imported at module level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import typer
+
+app = typer.Typer(
+    name="mitoseg",
+    help="Mitochondria segmentation in EM: data, training, evaluation and serving.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Fetch raw EM data into the canonical layout.", no_args_is_help=True)
+bento_app = typer.Typer(help="Package the registered model as a BentoML Bento.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(bento_app, name="bento")
+
+
+@dataclass
+class State:
+    """Global CLI options."""
+
+    progress: bool = True
+
+
+STATE = State()
+
+
+@app.callback()
+def _root(
+    no_progress: bool = typer.Option(
+        False, "--no-progress", help="Hide progress bars (for logs and CI)."
+    ),
+) -> None:
+    STATE.progress = not no_progress
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print ``message`` to stderr and exit with ``code``."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)

@@ -1,0 +1,366 @@
+"""Typed, validated configuration for every pipeline stage.
+
+``params.yaml`` has one section per stage plus a shared ``base`` section. Stage scripts
+in ``pipelines/`` load their section with :func:`load_section` and pass the resulting
+object (or its fields) to library functions; library code never reads ``params.yaml``.
+
+Every model uses ``extra="forbid"`` so a misspelt key fails loudly with its name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "AugmentConfig",
+    "BaseConfig",
+    "ConfigError",
+    "EvaluateConfig",
+    "ModelConfig",
+    "PatchifyConfig",
+    "RegisterConfig",
+    "ServeConfig",
+    "TrainConfig",
+    "ValidateConfig",
+    "load_params",
+    "load_section",
+    "resolve_train_config",
+]
+
+
+class ConfigError(ValueError):
+    """Raised when ``params.yaml`` (or a section of it) is missing or invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseConfig(_Strict):
+    """Shared settings (``base:``).
+
+    ``classes`` is the class table: class name -> value of that class in the raw mask
+    stacks. The first entry is the background. Two entries means binary segmentation
+    (a single sigmoid output); more means multiclass (softmax over N classes). Several
+    raw values may map to one class by giving a list, e.g. ``membrane: [0, 32, 64, 96]``.
+    """
+
+    seed: int = 42
+    classes: dict[str, int | list[int]] = Field(
+        default_factory=lambda: {"background": 0, "mitochondria": 255}
+    )
+
+    @field_validator("classes")
+    @classmethod
+    def _check_classes(cls, v: dict[str, int | list[int]]) -> dict[str, int | list[int]]:
+        if len(v) < 2:
+            raise ValueError("base.classes needs at least 2 classes (background first)")
+        seen: set[int] = set()
+        for name, values in v.items():
+            vals = values if isinstance(values, list) else [values]
+            if not vals:
+                raise ValueError(f"base.classes.{name} lists no mask values")
+            for x in vals:
+                if not 0 <= x <= 65535:
+                    raise ValueError(f"base.classes.{name}: mask value {x} is outside 0..65535")
+                if x in seen:
+                    raise ValueError(f"base.classes.{name}: mask value {x} is used twice")
+                seen.add(x)
+        return v
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes, background included."""
+        return len(self.classes)
+
+    @property
+    def is_binary(self) -> bool:
+        """True when the class table has exactly background + one foreground class."""
+        return self.n_classes == 2
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in index order (index 0 is the background)."""
+        return list(self.classes)
+
+    def value_to_index(self) -> dict[int, int]:
+        """Map raw mask value -> class index. For binary tables a mask value of 1 is also
+        accepted for the foreground (masks stored 0/1 instead of 0/255)."""
+        out: dict[int, int] = {}
+        for idx, values in enumerate(self.classes.values()):
+            for x in values if isinstance(values, list) else [values]:
+                out[int(x)] = idx
+        if self.is_binary and 1 not in out:
+            out[1] = 1
+        return out
+
+
+class ValidateConfig(_Strict):
+    """Thresholds of the great-expectations suite (``validate:``)."""
+
+    allowed_dtypes: list[str] = Field(default_factory=lambda: ["uint8", "uint16"])
+    min_height: int = Field(64, ge=1)
+    min_width: int = Field(64, ge=1)
+    max_height: int = Field(65536, ge=1)
+    max_width: int = Field(65536, ge=1)
+    min_intensity_std: float = Field(2.0, ge=0, description="below this a slice is 'constant'")
+    min_intensity_range: float = Field(10.0, ge=0)
+    max_foreground_fraction: float = Field(0.9, ge=0, le=1)
+    min_slices_per_split: int = Field(1, ge=1)
+    require_test_masks: bool = True
+
+
+class PatchifyConfig(_Strict):
+    """Patch extraction (``patchify:``)."""
+
+    patch_size: int = Field(256, ge=16)
+    step: int = Field(256, ge=1)
+    val_fraction: float = Field(0.25, ge=0, lt=1)
+    pad_mode: Literal["reflect", "constant", "edge"] = "reflect"
+
+    @model_validator(mode="after")
+    def _step_le_size(self) -> PatchifyConfig:
+        if self.step > self.patch_size:
+            raise ValueError(
+                f"patchify.step ({self.step}) must not exceed patchify.patch_size "
+                f"({self.patch_size}); gaps would leave pixels unseen"
+            )
+        return self
+
+
+class AugmentConfig(_Strict):
+    """On-the-fly augmentation strengths (``augment:``). Zero/false disables a transform."""
+
+    rotation_deg: float = Field(90.0, ge=0, le=180)
+    shift_fraction: float = Field(0.1, ge=0, le=0.5)
+    zoom_range: float = Field(0.15, ge=0, lt=1)
+    shear_deg: float = Field(10.0, ge=0, le=45)
+    hflip: bool = True
+    vflip: bool = True
+    elastic_prob: float = Field(0.3, ge=0, le=1)
+    elastic_alpha: float = Field(30.0, ge=0, description="displacement scale, pixels")
+    elastic_sigma: float = Field(6.0, gt=0, description="displacement smoothness, pixels")
+    brightness: float = Field(0.1, ge=0, le=1)
+    contrast: float = Field(0.2, ge=0, le=1)
+    gamma: float = Field(0.2, ge=0, le=1)
+    noise_std: float = Field(0.02, ge=0, le=0.5)
+    blur_prob: float = Field(0.2, ge=0, le=1)
+    blur_sigma: float = Field(1.0, ge=0)
+    preview_samples: int = Field(4, ge=1, le=16)
+
+
+class ModelConfig(_Strict):
+    """UNet architecture."""
+
+    depth: int = Field(4, ge=1, le=6, description="number of down-sampling steps")
+    base_filters: int = Field(16, ge=1)
+    batch_norm: bool = True
+    dropout: float = Field(0.1, ge=0, lt=1)
+    variant: Literal["plain", "residual", "attention"] = "plain"
+
+
+class TrainConfig(_Strict):
+    """Training recipe, resolved from a preset plus overrides (``train:``)."""
+
+    preset: Literal["default", "seed"] = "default"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: Literal["bce", "dice", "bce_dice", "weighted_bce"] = "bce_dice"
+    foreground_weight: float = Field(1.0, gt=0, description="positive weight for weighted_bce")
+    optimizer: Literal["adam"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["plateau", "cosine"] = "cosine"
+    batch_size: int = Field(8, ge=1)
+    epochs: int = Field(30, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1, description="None: one pass over patches")
+    crop_size: int | None = Field(128, ge=16, description="random training crop; None: full")
+    foreground_crop_prob: float = Field(0.5, ge=0, le=1)
+    augment: bool = True
+    early_stopping_patience: int = Field(8, ge=1)
+    reduce_lr_patience: int = Field(3, ge=1)
+    reduce_lr_factor: float = Field(0.5, gt=0, lt=1)
+    min_lr: float = Field(1e-6, ge=0)
+    max_train_seconds: float | None = Field(None, gt=0, description="wall-clock budget")
+    mixed_precision: Literal["auto", "on", "off"] = "auto"
+    distribute: Literal["auto", "none", "mirrored"] = "auto"
+
+
+#: Presets for :class:`TrainConfig`. ``seed`` reproduces the reference projects' recipe
+#: (31M-parameter UNet, BCE, Adam 1e-4, batch 4, 25 epochs, early stopping, LR reduction,
+#: full 256x256 patches, 25 % validation); ``default`` is the fast CPU recipe.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "seed": {
+        "model": {
+            "depth": 4,
+            "base_filters": 64,
+            "batch_norm": True,
+            "dropout": 0.1,
+            "variant": "plain",
+        },
+        "loss": "bce",
+        "learning_rate": 1e-4,
+        "lr_schedule": "plateau",
+        "batch_size": 4,
+        "epochs": 25,
+        "crop_size": None,
+        "foreground_crop_prob": 0.0,
+        "early_stopping_patience": 5,
+        "reduce_lr_patience": 3,
+    },
+    "default": {
+        "model": {
+            "depth": 4,
+            "base_filters": 16,
+            "batch_norm": True,
+            "dropout": 0.1,
+            "variant": "plain",
+        },
+        "loss": "bce_dice",
+        "learning_rate": 1e-3,
+        "lr_schedule": "cosine",
+        "batch_size": 8,
+        "epochs": 30,
+        "crop_size": 128,
+        "foreground_crop_prob": 0.5,
+    },
+}
+
+
+def resolve_train_config(section: dict[str, Any] | None) -> TrainConfig:
+    """Merge ``train:`` overrides over the named preset and validate.
+
+    Args:
+        section: the ``train`` mapping from params.yaml. ``preset`` picks the base recipe;
+            every other key overrides it (``model`` is merged key by key).
+
+    Returns:
+        The resolved :class:`TrainConfig`.
+
+    Raises:
+        ConfigError: unknown preset or invalid key/value (message names the field).
+    """
+    section = dict(section or {})
+    preset = section.get("preset", "default")
+    if preset not in TRAIN_PRESETS:
+        raise ConfigError(
+            f"train.preset: unknown preset {preset!r}; choose one of {sorted(TRAIN_PRESETS)}"
+        )
+    merged: dict[str, Any] = {k: v for k, v in TRAIN_PRESETS[preset].items() if k != "model"}
+    model = dict(TRAIN_PRESETS[preset]["model"])
+    model.update(section.pop("model", None) or {})
+    merged.update(section)
+    merged["preset"] = preset
+    merged["model"] = model
+    try:
+        return TrainConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_error("train", exc)) from None
+
+
+class EvaluateConfig(_Strict):
+    """Whole-slice evaluation (``evaluate:``)."""
+
+    tile_size: int = Field(256, ge=16)
+    overlap: float = Field(0.5, ge=0, lt=1, description="fraction of tile_size shared")
+    batch_size: int = Field(8, ge=1)
+    tta: bool = False
+    threshold: float | Literal["auto"] = "auto"
+    threshold_grid: list[float] = Field(
+        default_factory=lambda: [round(0.1 * i, 2) for i in range(1, 10)]
+    )
+    min_object_size: int = Field(20, ge=0, description="pixels; smaller objects not counted")
+    figure_slices: int = Field(3, ge=0)
+
+
+class RegisterConfig(_Strict):
+    """Model registry rule (``register:``)."""
+
+    model_name: str = "mitoseg-unet"
+    metric: Literal["iou", "dice", "mean_iou"] = "iou"
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+
+
+class ServeConfig(_Strict):
+    """Serving guard rails and batching (``serve:``)."""
+
+    max_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(64 * 1024 * 1024, ge=1, description="per page")
+    max_pages: int = Field(512, ge=1)
+    max_side: int = Field(32768, ge=1)
+    tile_size: int = Field(256, ge=16)
+    overlap: float = Field(0.5, ge=0, lt=1)
+    max_batch_size: int = Field(16, ge=1)
+    max_latency_ms: int = Field(2000, ge=1)
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "base": BaseConfig,
+    "validate": ValidateConfig,
+    "patchify": PatchifyConfig,
+    "augment": AugmentConfig,
+    "evaluate": EvaluateConfig,
+    "register": RegisterConfig,
+    "serve": ServeConfig,
+}
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def _format_error(section: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{section}.{loc}: {err['msg']}")
+    return f"invalid params ({len(parts)} problem(s)): " + "; ".join(parts)
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Read a params file into a plain dict.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or not a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: params file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections")
+    return data
+
+
+def load_section(name: str, path: str | Path = "params.yaml") -> Any:
+    """Load and validate one section of a params file.
+
+    Args:
+        name: section name (``base``, ``validate``, ``patchify``, ``augment``, ``train``,
+            ``evaluate``, ``register``, ``serve``).
+        path: the params file.
+
+    Returns:
+        The section's config object (``train`` resolved against its preset).
+
+    Raises:
+        ConfigError: unknown section, or invalid values (message names each field).
+    """
+    params = load_params(path)
+    section = params.get(name) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: section {name!r} must be a mapping")
+    if name == "train":
+        return resolve_train_config(section)
+    if name not in _SECTIONS:
+        raise ConfigError(f"unknown params section {name!r}; known: {sorted([*_SECTIONS, 'train'])}")
+    try:
+        return _SECTIONS[name].model_validate(section)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(name, exc)) from None

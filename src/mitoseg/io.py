@@ -1,0 +1,211 @@
+"""Image I/O and atomic writes shared by every stage.
+
+All writers go through a temporary file/directory next to the target and an
+``os.replace`` at the end, so an interrupted or failed write never leaves a
+half-written output and never destroys the previous one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DataError",
+    "atomic_dir",
+    "atomic_path",
+    "normalize_slice",
+    "read_image",
+    "read_stack",
+    "write_json",
+    "write_stack",
+]
+
+#: File suffixes read as single 2D images or TIFF stacks.
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+
+
+class DataError(ValueError):
+    """Bad input data. The message always names the file (and slice where relevant)."""
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; move it over ``target`` on success.
+
+    On an exception the temporary file is removed and ``target`` is left untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.", suffix=suffix or target.suffix + ".tmp"
+    )
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``target``; swap it in on success.
+
+    The previous ``target`` (if any) is only removed after the new one is complete.
+    On an exception the temporary directory is deleted and ``target`` is unchanged.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_stack(path: str | Path) -> np.ndarray:
+    """Read a TIFF stack or a single 2D image as ``(Z, H, W)``.
+
+    Args:
+        path: a (multi-page) TIFF, PNG or JPEG file.
+
+    Returns:
+        ``(Z, H, W)`` array in the file's integer dtype (uint8 or uint16 typically).
+        RGB(A) images are converted to grayscale (ITU-R 601 luma), keeping the dtype.
+
+    Raises:
+        DataError: missing, unreadable or truncated file, or unsupported shape.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: file not found")
+    suffix = p.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(p) as tif:
+                arr = tif.asarray()
+                n_pages = len(tif.pages)
+            if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[0] != n_pages and n_pages == 1):
+                arr = arr[None] if arr.ndim == 2 else arr
+        else:
+            from PIL import Image
+
+            with Image.open(p) as im:
+                im.load()
+                arr = np.asarray(im)
+    except DataError:
+        raise
+    except Exception as exc:  # tifffile/PIL raise many types for corrupt files
+        raise DataError(f"{p}: cannot read image ({type(exc).__name__}: {exc})") from None
+    return _to_zhw(arr, p)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read a single 2D image ``(H, W)``; a one-page TIFF stack is accepted."""
+    stack = read_stack(path)
+    if stack.shape[0] != 1:
+        raise DataError(f"{path}: expected one 2D image, found a stack of {stack.shape[0]} pages")
+    return stack[0]
+
+
+def _to_zhw(arr: np.ndarray, p: Path) -> np.ndarray:
+    if arr.size == 0:
+        raise DataError(f"{p}: image is empty (shape {arr.shape})")
+    if arr.ndim == 2:
+        return arr[None]
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
+        return to_gray(arr)[None]
+    if arr.ndim == 3:
+        return arr
+    if arr.ndim == 4 and arr.shape[-1] in (3, 4):
+        return np.stack([to_gray(a) for a in arr])
+    raise DataError(f"{p}: unsupported image shape {arr.shape}; expected (Z, H, W) or (H, W)")
+
+
+def to_gray(rgb: np.ndarray) -> np.ndarray:
+    """Convert ``(H, W, 3|4)`` RGB(A) to ``(H, W)`` luma, keeping the integer dtype."""
+    weights = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+    gray = rgb[..., :3].astype(np.float64) @ weights
+    if np.issubdtype(rgb.dtype, np.integer):
+        return np.clip(np.rint(gray), 0, np.iinfo(rgb.dtype).max).astype(rgb.dtype)
+    return gray.astype(rgb.dtype)
+
+
+def write_stack(path: str | Path, stack: np.ndarray) -> None:
+    """Write ``(Z, H, W)`` (or ``(H, W)``) as a zlib-compressed multi-page TIFF, atomically."""
+    import tifffile
+
+    arr = np.asarray(stack)
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"write_stack: expected (Z, H, W) or (H, W), got shape {arr.shape}")
+    with atomic_path(path, suffix=".tif") as tmp:
+        tifffile.imwrite(tmp, arr, compression="zlib", photometric="minisblack")
+
+
+def normalize_slice(
+    image: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5
+) -> np.ndarray:
+    """Scale one slice to ``float32`` in ``[0, 1]`` by robust percentiles.
+
+    The same rule is used for training patches, evaluation, ``mitoseg predict`` and the
+    service, so 8-bit and 16-bit inputs of the same scene give the same network input.
+
+    Args:
+        image: ``(H, W)`` (or any shape) integer or float array.
+        low_pct: percentile mapped to 0.
+        high_pct: percentile mapped to 1.
+
+    Returns:
+        Array of the same shape, ``float32`` in ``[0, 1]``. A constant image maps to 0.
+
+    Raises:
+        ValueError: non-finite values, or percentiles out of order.
+    """
+    if not 0 <= low_pct < high_pct <= 100:
+        raise ValueError(f"normalize_slice: need 0 <= low_pct < high_pct <= 100, got {low_pct}, {high_pct}")
+    x = np.asarray(image, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError("normalize_slice: image contains NaN or infinite values")
+    lo, hi = np.percentile(x, [low_pct, high_pct])
+    if hi <= lo:
+        return np.zeros_like(x, dtype=np.float32)
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
