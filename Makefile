@@ -1,0 +1,78 @@
+# mitoseg — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export PATH := $(abspath $(BIN)):$(PATH)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONUNBUFFERED := 1
+
+# Local stack (make stack): S3 on 8333, MLflow on 5000.
+S3_PORT     ?= 8333
+MLFLOW_PORT ?= 5000
+SERVE_PORT  ?= 3000
+MODEL       ?= models:/mitoseg-unet@champion
+PYTEST_ARGS ?=
+
+.PHONY: help setup run test test-all lint format stack stack-down ui serve bento bench clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip check
+	@touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv with the pinned dependencies (idempotent)
+
+run: setup ## Main job: fetch the bundled sample, then dvc repro (validate .. register), offline
+	$(BIN)/mitoseg --no-progress data fetch --source sample --out data/raw
+	$(BIN)/dvc repro
+	@$(BIN)/dvc metrics show
+	@echo "Runs and the registered champion: make ui  (mlflow ui on sqlite:///mlflow.db)"
+
+test: setup ## Run the test suite (unit + loopback integration; not the slow tier)
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup ## Run every test, the slow tier included
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: setup ## ruff (lint + format check) and actionlint on the workflows
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/actionlint .github/workflows/*.yml
+
+format: setup ## Auto-format and fix with ruff
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+stack: setup ## Start the full local stack: S3 (seaweedfs) + MLflow server with S3 artifacts
+	$(BIN)/mitoseg stack up --s3-port $(S3_PORT) --mlflow-port $(MLFLOW_PORT)
+
+stack-down: setup ## Stop the local stack
+	$(BIN)/mitoseg stack down
+
+ui: setup ## MLflow UI on the embedded store (runs, metrics, registered models)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port $(MLFLOW_PORT)
+
+serve: setup ## Serve the champion model locally with BentoML (port SERVE_PORT)
+	$(BIN)/mitoseg serve --port $(SERVE_PORT) --model $(MODEL)
+
+bento: setup ## Build the GPU Bento from the registered champion
+	$(BIN)/mitoseg bento build --model $(MODEL)
+
+bench: setup ## Run the benchmarks (long; results in benchmarks/results/)
+	$(BIN)/python benchmarks/train_speed.py
+	$(BIN)/python benchmarks/accuracy.py
+	$(BIN)/python benchmarks/inference_speed.py
+	$(BIN)/python benchmarks/serve_load.py
+
+clean: ## Remove pipeline outputs (keeps data/raw, the venv and the MLflow store)
+	rm -rf artifacts
