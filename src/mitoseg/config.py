@@ -314,7 +314,7 @@ def _format_error(section: str, exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
-        parts.append(f"{section}.{loc}: {err['msg']}")
+        parts.append(f"{section}.{loc}: {err['msg']}" if loc else f"{section}: {err['msg']}")
     return f"invalid params ({len(parts)} problem(s)): " + "; ".join(parts)
 
 

@@ -1,0 +1,97 @@
+"""DVC stage ``register``: add the trained model to the MLflow registry.
+
+Reads ``run_id`` from ``--train-info`` (train.json) and the ``register.metric`` value from
+``--metrics`` (metrics.json), identifies the test data (md5 of ``<raw>/test``, else the
+run's ``data.dvc`` md5), registers ``runs:/<run_id>/model`` as ``register.model_name`` and
+applies the champion/challenger rule of :func:`mitoseg.tracking.register_model`. Writes
+``registration.json`` (``model_name, version, alias, metric, value, previous_champion``
+plus ``test_data_id, run_id, reason``) atomically to ``--out``.
+
+The tracking store is ``$MLFLOW_TRACKING_URI`` or the embedded ``./mlflow.db``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from mitoseg import tracking
+from mitoseg.config import ConfigError, load_section
+from mitoseg.io import DataError, write_json
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return data
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the stage; returns the registration record written to ``--out``."""
+    cfg = load_section("register", args.params)
+    train_info = _read_json(args.train_info, "train info")
+    metrics = _read_json(args.metrics, "metrics")
+    run_id = train_info.get("run_id")
+    if not isinstance(run_id, str) or not run_id:
+        raise DataError(f"{args.train_info}: missing 'run_id'")
+    if cfg.metric not in metrics:
+        raise DataError(f"{args.metrics}: missing metric {cfg.metric!r} (register.metric)")
+    value = metrics[cfg.metric]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{args.metrics}: metric {cfg.metric!r} is not a finite number: {value!r}")
+
+    tracking.configure_tracking()
+    test_data_id = args.test_data_id or tracking.compute_test_data_id(
+        args.raw, run_id=run_id, repo_root=Path.cwd()
+    )
+    record = tracking.register_model(run_id, cfg.metric, float(value), cfg, test_data_id)
+    write_json(args.out, record)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments of dvc.yaml's ``register`` command and run the stage."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--train-info", type=Path, required=True, help="train.json (run_id)")
+    p.add_argument("--metrics", type=Path, required=True, help="metrics.json of evaluate")
+    p.add_argument("--out", type=Path, required=True, help="registration.json to write")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument(
+        "--raw",
+        type=Path,
+        default=Path("data/raw"),
+        help="raw data directory whose test split identifies the test data",
+    )
+    p.add_argument("--test-data-id", default=None, help="override the test data identifier")
+    args = p.parse_args(argv)
+    try:
+        record = run(args)
+    except (ConfigError, DataError, ValueError, tracking.ModelNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    prev = record["previous_champion"]
+    prev_text = (
+        f"previous champion v{prev['version']} {prev['metric']}={prev['value']}"
+        if prev
+        else "no previous champion"
+    )
+    print(
+        f"registered {record['model_name']} v{record['version']} as {record['alias']} "
+        f"({record['metric']}={record['value']:.4f}, {record['reason']}; {prev_text}) "
+        f"-> {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,387 @@
+"""Patch extraction (the ``patchify`` stage) with an exact inverse.
+
+Slices are cut into ``P x P`` patches on a regular grid with step ``S`` using the
+``patchify`` package. A slice whose size is not covered by the grid is *padded* (bottom
+and right, with ``pad_mode``) up to the smallest size ``P + k*S`` that covers it; the
+padding is recorded in a :class:`PatchGrid` and :func:`unpatchify_slice` crops it back,
+so ``unpatchify_slice(*patchify_slice(x, ...)) == x`` exactly, overlapping steps included.
+
+:func:`make_patch_dataset` builds ``artifacts/patches`` from the TRAIN split, holding out
+whole *slices* (not patches: neighbouring patches of one slice leak into each other) for
+validation. Test slices are never patchified: evaluation works on whole slices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from mitoseg.config import BaseConfig, PatchifyConfig
+from mitoseg.data.layout import read_split, split_paths
+from mitoseg.io import DataError, atomic_dir, normalize_slice, write_json
+from mitoseg.progress import progress_iter
+from patchify import patchify, unpatchify
+
+__all__ = [
+    "PatchGrid",
+    "make_patch_dataset",
+    "map_mask_to_classes",
+    "patch_grid",
+    "patchify_slice",
+    "patchify_stack",
+    "split_slices",
+    "to_uint8",
+    "unpatchify_slice",
+    "unpatchify_stack",
+]
+
+PadMode = Literal["reflect", "constant", "edge"]
+_PAD_MODES: tuple[str, ...] = ("reflect", "constant", "edge")
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """Geometry of a patch grid over one slice.
+
+    Attributes:
+        patch_size: patch side ``P`` in pixels.
+        step: grid step ``S`` (``S < P`` overlaps, ``S == P`` tiles).
+        slice_shape: ``(H, W)`` of the original slice.
+        padded_shape: ``(Hp, Wp)`` after padding, ``Hp = P + (rows - 1) * S >= H``.
+        padding: ``((0, Hp - H), (0, Wp - W))``: pixels added bottom and right.
+        grid: ``(rows, cols)`` number of patches along each axis.
+        pad_mode: numpy pad mode used (``reflect``, ``constant`` (zeros) or ``edge``).
+    """
+
+    patch_size: int
+    step: int
+    slice_shape: tuple[int, int]
+    padded_shape: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]]
+    grid: tuple[int, int]
+    pad_mode: str
+
+    @property
+    def patches_per_slice(self) -> int:
+        """``rows * cols``."""
+        return self.grid[0] * self.grid[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (tuples become lists)."""
+        d = asdict(self)
+        return {k: ([list(x) for x in v] if k == "padding" else v) for k, v in d.items()}
+
+
+def _covering(size: int, patch_size: int, step: int) -> tuple[int, int]:
+    """``(n, padded)``: fewest grid positions ``n`` with ``P + (n-1)*S >= size``."""
+    n = 1 + max(0, math.ceil((size - patch_size) / step))
+    return n, patch_size + (n - 1) * step
+
+
+def patch_grid(
+    slice_shape: tuple[int, int], patch_size: int, step: int, pad_mode: str = "reflect"
+) -> PatchGrid:
+    """Compute the patch grid that covers a ``(H, W)`` slice.
+
+    Raises:
+        ValueError: non-positive sizes, ``step > patch_size`` (pixels would be skipped)
+            or an unknown ``pad_mode``.
+    """
+    if len(slice_shape) != 2 or min(slice_shape) < 1:
+        raise ValueError(f"slice shape must be (H, W) with H, W >= 1, got {tuple(slice_shape)}")
+    if patch_size < 1 or step < 1:
+        raise ValueError(f"patch_size and step must be >= 1, got {patch_size} and {step}")
+    if step > patch_size:
+        raise ValueError(
+            f"step ({step}) must not exceed patch_size ({patch_size}); gaps would leave "
+            "pixels unseen"
+        )
+    if pad_mode not in _PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {', '.join(_PAD_MODES)}, got {pad_mode!r}")
+    h, w = int(slice_shape[0]), int(slice_shape[1])
+    rows, hp = _covering(h, patch_size, step)
+    cols, wp = _covering(w, patch_size, step)
+    return PatchGrid(
+        patch_size=patch_size,
+        step=step,
+        slice_shape=(h, w),
+        padded_shape=(hp, wp),
+        padding=((0, hp - h), (0, wp - w)),
+        grid=(rows, cols),
+        pad_mode=pad_mode,
+    )
+
+
+def patchify_slice(
+    image: np.ndarray, patch_size: int, step: int, pad_mode: str = "reflect"
+) -> tuple[np.ndarray, PatchGrid]:
+    """Cut one slice into patches, padding it to the grid first when needed.
+
+    Args:
+        image: ``(H, W)`` array of any dtype.
+        patch_size: patch side ``P``.
+        step: grid step ``S <= P``.
+        pad_mode: how padded pixels are filled: ``reflect``, ``constant`` (zeros), ``edge``.
+
+    Returns:
+        ``(patches, grid)``: patches ``(rows, cols, P, P)`` in ``image``'s dtype (a copy,
+        not a view) and the :class:`PatchGrid` needed to invert the cut.
+
+    Raises:
+        ValueError: ``image`` is not 2D, or invalid grid parameters (see :func:`patch_grid`).
+    """
+    arr = np.asarray(image)
+    if arr.ndim != 2:
+        raise ValueError(f"patchify_slice: expected a 2D (H, W) slice, got shape {arr.shape}")
+    grid = patch_grid(arr.shape, patch_size, step, pad_mode)
+    if grid.padded_shape != grid.slice_shape:
+        arr = np.pad(arr, grid.padding, mode=pad_mode)
+    patches = patchify(arr, (patch_size, patch_size), step=step)
+    return np.ascontiguousarray(patches), grid
+
+
+def unpatchify_slice(patches: np.ndarray, grid: PatchGrid) -> np.ndarray:
+    """Reassemble one slice from its patches and crop the padding away.
+
+    Args:
+        patches: ``(rows, cols, P, P)`` or flat ``(rows * cols, P, P)`` in row-major order,
+            as produced by :func:`patchify_slice`.
+        grid: the grid returned by :func:`patchify_slice`.
+
+    Returns:
+        ``(H, W)`` slice in the patches' dtype. With overlapping steps the overlap is taken
+        from one of the patches (they agree for patches cut from one slice).
+
+    Raises:
+        ValueError: the patches do not match the grid.
+    """
+    arr = np.asarray(patches)
+    rows, cols = grid.grid
+    p = grid.patch_size
+    if arr.ndim == 3 and arr.shape == (rows * cols, p, p):
+        arr = arr.reshape(rows, cols, p, p)
+    if arr.shape != (rows, cols, p, p):
+        raise ValueError(
+            f"unpatchify_slice: patches of shape {arr.shape} do not match the grid "
+            f"({rows}, {cols}, {p}, {p})"
+        )
+    full = unpatchify(arr, grid.padded_shape)
+    h, w = grid.slice_shape
+    return np.ascontiguousarray(full[:h, :w])
+
+
+def patchify_stack(
+    stack: np.ndarray, patch_size: int, step: int, pad_mode: str = "reflect"
+) -> tuple[np.ndarray, PatchGrid]:
+    """Cut every slice of a stack into patches (slice-major, then row-major).
+
+    Args:
+        stack: ``(Z, H, W)`` array of any dtype.
+        patch_size: patch side ``P``.
+        step: grid step ``S <= P``.
+        pad_mode: ``reflect``, ``constant`` or ``edge``.
+
+    Returns:
+        ``(patches (Z * rows * cols, P, P), grid)``; patch ``z * rows * cols + k`` is patch
+        ``k`` of slice ``z``.
+
+    Raises:
+        ValueError: ``stack`` is not 3D, or invalid grid parameters.
+    """
+    arr = np.asarray(stack)
+    if arr.ndim != 3:
+        raise ValueError(f"patchify_stack: expected a (Z, H, W) stack, got shape {arr.shape}")
+    grid = patch_grid(arr.shape[1:], patch_size, step, pad_mode)
+    out = np.empty((arr.shape[0] * grid.patches_per_slice, patch_size, patch_size), arr.dtype)
+    n = grid.patches_per_slice
+    for z in range(arr.shape[0]):
+        patches, _ = patchify_slice(arr[z], patch_size, step, pad_mode)
+        out[z * n : (z + 1) * n] = patches.reshape(n, patch_size, patch_size)
+    return out, grid
+
+
+def unpatchify_stack(patches: np.ndarray, grid: PatchGrid) -> np.ndarray:
+    """Inverse of :func:`patchify_stack`.
+
+    Args:
+        patches: ``(Z * rows * cols, P, P)``.
+        grid: the grid returned by :func:`patchify_stack`.
+
+    Returns:
+        ``(Z, H, W)`` stack in the patches' dtype.
+
+    Raises:
+        ValueError: the patch count is not a multiple of ``rows * cols`` or sizes differ.
+    """
+    arr = np.asarray(patches)
+    n = grid.patches_per_slice
+    p = grid.patch_size
+    if arr.ndim != 3 or arr.shape[1:] != (p, p) or arr.shape[0] % n:
+        raise ValueError(
+            f"unpatchify_stack: patches of shape {arr.shape} are not (Z * {n}, {p}, {p})"
+        )
+    return np.stack([unpatchify_slice(arr[i : i + n], grid) for i in range(0, arr.shape[0], n)])
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """The stored patch intensity: ``rint(normalize_slice(image) * 255)``.
+
+    Args:
+        image: ``(H, W)`` whole slice, any numeric dtype.
+
+    Returns:
+        ``(H, W)`` uint8.
+    """
+    return np.rint(normalize_slice(image) * 255.0).astype(np.uint8)
+
+
+def map_mask_to_classes(
+    mask: np.ndarray, value_to_index: dict[int, int], *, where: str = "mask"
+) -> np.ndarray:
+    """Map raw mask values to class indices.
+
+    Args:
+        mask: ``(H, W)`` (or any shape) integer array of raw values.
+        value_to_index: ``BaseConfig.value_to_index()``.
+        where: text naming the file and slice, used in the error message.
+
+    Returns:
+        Array of ``mask``'s shape, uint8 class indices ``0..C-1``.
+
+    Raises:
+        DataError: a value is not in the class table (message names ``where`` and values).
+    """
+    values, inverse = np.unique(np.asarray(mask), return_inverse=True)
+    unknown = [v for v in values.tolist() if v not in value_to_index]
+    if unknown:
+        allowed = ", ".join(str(v) for v in sorted(value_to_index))
+        raise DataError(
+            f"{where}: mask values {unknown} are not in the class table base.classes "
+            f"(allowed values: {allowed})"
+        )
+    lut = np.array([value_to_index[v] for v in values.tolist()], dtype=np.uint8)
+    return lut[inverse].reshape(np.shape(mask))
+
+
+def split_slices(n_slices: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of slice indices into train and validation.
+
+    ``round(n * val_fraction)`` slices go to validation, at least one when
+    ``val_fraction > 0`` and ``n >= 2``, and always leaving at least one for training.
+
+    Returns:
+        ``(train_slices, val_slices)``: sorted, disjoint, together ``0..n-1``.
+
+    Raises:
+        ValueError: ``n_slices < 1`` or ``val_fraction`` outside ``[0, 1)``.
+    """
+    if n_slices < 1:
+        raise ValueError(f"split_slices: need at least 1 slice, got {n_slices}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"split_slices: val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = round(n_slices * val_fraction)
+    if val_fraction > 0 and n_slices >= 2:
+        n_val = max(1, n_val)
+    n_val = min(n_val, n_slices - 1)
+    order = np.random.default_rng(seed).permutation(n_slices)
+    val = sorted(int(i) for i in order[:n_val])
+    train = sorted(int(i) for i in order[n_val:])
+    return train, val
+
+
+def _fg_fraction(masks: np.ndarray) -> float:
+    return float((masks != 0).mean()) if masks.size else 0.0
+
+
+def make_patch_dataset(
+    raw_dir: str | Path,
+    out_dir: str | Path,
+    base: BaseConfig,
+    cfg: PatchifyConfig,
+    seed: int,
+    *,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Build the patch dataset from the TRAIN split of a canonical raw directory.
+
+    Each whole slice is normalised (:func:`to_uint8`), its mask mapped to class indices
+    (:func:`map_mask_to_classes`); slices are split into train/val (:func:`split_slices`)
+    and cut into patches (:func:`patchify_stack`, image and mask padded alike).
+
+    Writes into ``out_dir`` (replaced atomically as a whole):
+    ``train_images.npy`` ``(N, P, P)`` uint8, ``train_masks.npy`` ``(N, P, P)`` uint8 class
+    index, ``val_images.npy`` / ``val_masks.npy`` (same, from the validation slices; ``(0,
+    P, P)`` when there are none) and ``meta.json``.
+
+    Args:
+        raw_dir: canonical raw directory (only ``train/`` is read).
+        out_dir: output directory (``artifacts/patches``).
+        base: class table (``base.classes``).
+        cfg: ``patch_size``, ``step``, ``val_fraction``, ``pad_mode``.
+        seed: seed of the slice split.
+        progress: show a progress bar.
+
+    Returns:
+        The ``meta.json`` content: ``patch_size, step, pad_mode, n_classes, class_names,
+        train_slices, val_slices, slice_shape, padded_shape, patches_per_slice,
+        n_train_patches, n_val_patches, foreground_fraction {train, val}, seed``.
+        ``foreground_fraction`` is the fraction of non-background patch pixels.
+
+    Raises:
+        DataError: missing/unreadable train stacks, or mask values outside the class table.
+    """
+    images, masks = read_split(raw_dir, "train", require_masks=True)
+    assert masks is not None  # read_split(require_masks=True) raises otherwise
+    img_path, mask_path = split_paths(raw_dir, "train")
+    v2i = base.value_to_index()
+    norm = np.empty(images.shape, dtype=np.uint8)
+    classes = np.empty(masks.shape, dtype=np.uint8)
+    for z in progress_iter(range(images.shape[0]), images.shape[0], "normalising", progress):
+        try:
+            norm[z] = to_uint8(images[z])
+        except ValueError as exc:
+            raise DataError(f"{img_path} slice {z}: {exc}") from None
+        classes[z] = map_mask_to_classes(masks[z], v2i, where=f"{mask_path} slice {z}")
+    train_idx, val_idx = split_slices(images.shape[0], cfg.val_fraction, seed)
+    p, s, mode = cfg.patch_size, cfg.step, cfg.pad_mode
+    grid = patch_grid(images.shape[1:], p, s, mode)
+
+    def cut(stack: np.ndarray, idx: list[int]) -> np.ndarray:
+        if not idx:
+            return np.empty((0, p, p), dtype=np.uint8)
+        return patchify_stack(stack[idx], p, s, mode)[0]
+
+    arrays = {
+        "train_images": cut(norm, train_idx),
+        "train_masks": cut(classes, train_idx),
+        "val_images": cut(norm, val_idx),
+        "val_masks": cut(classes, val_idx),
+    }
+    meta: dict[str, Any] = {
+        "patch_size": p,
+        "step": s,
+        "pad_mode": mode,
+        "n_classes": base.n_classes,
+        "class_names": base.class_names,
+        "train_slices": train_idx,
+        "val_slices": val_idx,
+        "slice_shape": list(grid.slice_shape),
+        "padded_shape": list(grid.padded_shape),
+        "patches_per_slice": grid.patches_per_slice,
+        "n_train_patches": int(arrays["train_images"].shape[0]),
+        "n_val_patches": int(arrays["val_images"].shape[0]),
+        "foreground_fraction": {
+            "train": _fg_fraction(arrays["train_masks"]),
+            "val": _fg_fraction(arrays["val_masks"]),
+        },
+        "seed": seed,
+    }
+    with atomic_dir(out_dir) as tmp:
+        for name, arr in arrays.items():
+            np.save(tmp / f"{name}.npy", arr)
+        write_json(tmp / "meta.json", meta)
+    return meta

@@ -1,0 +1,989 @@
+"""MLflow tracking, lineage and model registry for mitoseg.
+
+Everything MLflow-related goes through this module so that train, evaluate, register,
+``mitoseg predict`` and the service all resolve models against the same store.
+
+Tracking store. :func:`configure_tracking` picks, in order, an explicit ``tracking_uri``,
+``$MLFLOW_TRACKING_URI``, or the embedded default ``sqlite:///<root or cwd>/mlflow.db``
+with run and model artifacts under ``<root or cwd>/mlartifacts`` (no server needed;
+``mlflow ui --backend-store-uri sqlite:///mlflow.db`` shows it). Functions that need the
+store call it lazily, so nothing is configured at import time and mlflow, keras and
+tensorflow are only imported inside functions.
+
+Registry rule (:func:`register_model`). Every registered version carries the tags
+``eval_metric``, ``eval_value`` (``repr`` of the float, so it round-trips exactly) and
+``test_data_id``. A new version becomes ``champion`` when
+
+* there is no champion yet (``reason="first"``), or
+* the champion was scored on the same metric and the same ``test_data_id`` and the new
+  value is strictly greater (``reason="better"``), or
+* the champion is *not comparable*: scored on a different ``test_data_id`` or metric, or
+  it has no score tags (``reason="incomparable"``). Scores on different test sets cannot
+  be ranked; the version scored on the current test data becomes the reference so that
+  later models are compared against it (keeping the stale champion forever would block
+  every future promotion).
+
+Otherwise (worse, or a tie: ties keep the existing champion) the new version gets the
+``challenger`` alias (``reason="not_better"``). A champion that is replaced keeps its
+version and tags but loses the alias (aliases are unique per registered model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import subprocess
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    import keras
+    from mlflow import ActiveRun, MlflowClient
+
+    from mitoseg.config import RegisterConfig
+
+__all__ = [
+    "DEFAULT_ARTIFACT_PATH",
+    "EXPERIMENT_NAME",
+    "UNKNOWN",
+    "ModelNotFoundError",
+    "compute_test_data_id",
+    "configure_tracking",
+    "find_threshold",
+    "flatten_dict",
+    "lineage_tags",
+    "load_model",
+    "log_evaluation",
+    "log_keras_model",
+    "make_epoch_logger",
+    "model_info",
+    "register_model",
+    "start_training_run",
+]
+
+#: MLflow experiment that holds every mitoseg run.
+EXPERIMENT_NAME = "mitoseg"
+#: Name (artifact path) of the model logged in each training run.
+DEFAULT_ARTIFACT_PATH = "model"
+#: Value of a lineage tag that could not be determined.
+UNKNOWN = "unknown"
+#: MLflow rejects longer parameter values.
+_MAX_PARAM_LEN = 6000
+#: Version tags written by :func:`register_model`.
+_TAG_METRIC = "eval_metric"
+_TAG_VALUE = "eval_value"
+_TAG_TEST_DATA = "test_data_id"
+#: Run tags copied onto a registered version (lineage and class table).
+_LINEAGE_KEYS = (
+    "git_commit",
+    "git_dirty",
+    "data_dvc_md5",
+    "dvc_lock_md5",
+    "n_classes",
+    "class_names",
+)
+
+_MODELS_ALIAS_RE = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
+_MODELS_VERSION_RE = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
+_RUNS_RE = re.compile(r"^runs:/(?P<run_id>[^/]+)/(?P<path>.+)$")
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
+_METRIC_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+class ModelNotFoundError(LookupError):
+    """A model URI names a file, run, registered model, version or alias that does not exist.
+
+    The message always contains the URI.
+    """
+
+
+@dataclass
+class _State:
+    uri: str | None = None
+    experiment_id: str | None = None
+
+
+_STATE = _State()
+
+
+# --------------------------------------------------------------------------- store
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """Database file of a ``sqlite:///`` URI, or None for other schemes."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///") :])
+
+
+def configure_tracking(tracking_uri: str | None = None, root: Path | None = None) -> str:
+    """Point MLflow at the mitoseg store and make sure experiment ``mitoseg`` exists.
+
+    Args:
+        tracking_uri: explicit tracking URI. When None, ``$MLFLOW_TRACKING_URI`` is used,
+            else the embedded default ``sqlite:///<root>/mlflow.db``.
+        root: directory of the embedded store (``mlflow.db`` and ``mlartifacts/``);
+            the current directory when None. Created if missing.
+
+    Returns:
+        The tracking URI now in use.
+
+    For a ``sqlite:`` store the experiment's artifact location is ``<root>/mlartifacts``
+    (``root`` defaulting to the database's directory); for a server the server decides
+    (e.g. ``--artifacts-destination``). Calling it again with the same arguments is a
+    no-op apart from re-selecting the experiment.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if uri is None:
+        base = Path(root) if root is not None else Path.cwd()
+        base = base.resolve()
+        base.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{base / 'mlflow.db'}"
+    db = _sqlite_path(uri)
+    artifact_location: str | None = None
+    if db is not None:
+        art_root = Path(root).resolve() if root is not None else db.resolve().parent
+        art_root.mkdir(parents=True, exist_ok=True)
+        artifact_location = (art_root / "mlartifacts").as_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(EXPERIMENT_NAME)
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(EXPERIMENT_NAME, artifact_location=artifact_location)
+        except MlflowException:  # created concurrently by another process
+            exp = client.get_experiment_by_name(EXPERIMENT_NAME)
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
+    else:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    _STATE.uri = uri
+    _STATE.experiment_id = exp_id
+    return uri
+
+
+def _ensure_configured(*, read_only: bool = False) -> str:
+    """Configure the default store unless this process already did (or the env changed).
+
+    With ``read_only`` a missing embedded sqlite database is an error instead of being
+    created, so a lookup in the wrong directory does not leave an empty ``mlflow.db``.
+    """
+    import mlflow
+
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI") or None
+    if _STATE.uri is not None and (env_uri is None or env_uri == _STATE.uri):
+        current = mlflow.get_tracking_uri()
+        if current == _STATE.uri:
+            return _STATE.uri
+        target: str | None = current  # set elsewhere with mlflow.set_tracking_uri
+    else:
+        target = env_uri
+    if target is None:
+        target = f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    db = _sqlite_path(target)
+    if read_only and db is not None and not db.is_file():
+        raise ModelNotFoundError(
+            f"no MLflow tracking store at {db} (tracking URI {target}); run the pipeline "
+            "in this directory or set MLFLOW_TRACKING_URI"
+        )
+    return configure_tracking(tracking_uri=target)
+
+
+def _client() -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=_STATE.uri)
+
+
+def _is_not_found(exc: Exception) -> bool:
+    code = getattr(exc, "error_code", "")
+    return code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
+# ------------------------------------------------------------------------- lineage
+
+
+def _git(repo_root: Path, *args: str) -> str | None:
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(repo_root), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+
+
+def _stage_tag_key(name: str) -> str:
+    return "dvc_stage_" + re.sub(r"[^A-Za-z0-9_\-.]", "_", name)
+
+
+def _data_dvc_md5(root: Path) -> str:
+    """md5 of the first output recorded in ``<root>/data.dvc``, or ``unknown``."""
+    data_dvc = _read_yaml(root / "data.dvc")
+    if isinstance(data_dvc, dict):
+        outs = data_dvc.get("outs")
+        if isinstance(outs, list) and outs and isinstance(outs[0], dict):
+            md5 = outs[0].get("md5") or outs[0].get("hash")
+            if isinstance(md5, str) and md5:
+                return md5
+    return UNKNOWN
+
+
+def lineage_tags(repo_root: Path) -> dict[str, str]:
+    """Lineage of a run: code version, data version and DVC stage state.
+
+    Args:
+        repo_root: root of the git/DVC repository (holds ``data.dvc`` and ``dvc.lock``).
+
+    Returns:
+        ``git_commit`` (HEAD sha), ``git_dirty`` (``"true"``/``"false"``: uncommitted
+        changes to tracked files or new unignored files), ``data_dvc_md5`` (md5 of the
+        first output in ``data.dvc``), ``dvc_lock_md5`` (md5 of ``dvc.lock``) and one
+        ``dvc_stage_<name>`` per stage in ``dvc.lock`` (md5 of the stage's locked command,
+        dependency, parameter and output hashes). Anything that cannot be determined
+        (no git, not a repository, file missing or malformed) has the value ``"unknown"``;
+        this function never raises for a missing or broken repository.
+    """
+    root = Path(repo_root)
+    tags: dict[str, str] = {}
+    head = _git(root, "rev-parse", "HEAD")
+    tags["git_commit"] = head.strip() if head and head.strip() else UNKNOWN
+    status = _git(root, "status", "--porcelain") if head else None
+    tags["git_dirty"] = UNKNOWN if status is None else ("true" if status.strip() else "false")
+
+    tags["data_dvc_md5"] = _data_dvc_md5(root)
+
+    lock_path = root / "dvc.lock"
+    try:
+        tags["dvc_lock_md5"] = hashlib.md5(lock_path.read_bytes()).hexdigest()
+    except OSError:
+        tags["dvc_lock_md5"] = UNKNOWN
+    lock = _read_yaml(lock_path)
+    stages = lock.get("stages") if isinstance(lock, dict) else None
+    if isinstance(stages, dict):
+        for name, entry in stages.items():
+            blob = json.dumps(entry, sort_keys=True, default=str).encode()
+            tags[_stage_tag_key(str(name))] = hashlib.md5(blob).hexdigest()
+    return tags
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+def flatten_dict(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings with dotted keys: ``{"model": {"depth": 4}}`` -> ``model.depth``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_dict(value, prefix=f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    if len(text) > _MAX_PARAM_LEN:
+        text = text[: _MAX_PARAM_LEN - 3] + "..."
+    return text
+
+
+@contextlib.contextmanager
+def start_training_run(
+    params: Mapping[str, Any], tags: Mapping[str, Any], run_name: str | None = None
+) -> Iterator[ActiveRun]:
+    """Open an MLflow run in experiment ``mitoseg`` and log params and tags.
+
+    Args:
+        params: (nested) parameters; logged flattened with dotted keys (``model.depth``).
+            Lists are logged as JSON, everything else with ``str``.
+        tags: run tags, e.g. :func:`lineage_tags`; values are converted with ``str``.
+        run_name: display name of the run; MLflow generates one when None.
+
+    Yields:
+        The active run (``run.info.run_id``). It ends when the block exits; an exception
+        marks it FAILED and propagates.
+    """
+    import mlflow
+
+    _ensure_configured()
+    flat = {k: _param_value(v) for k, v in flatten_dict(params).items()}
+    with mlflow.start_run(
+        experiment_id=_STATE.experiment_id,
+        run_name=run_name,
+        tags={str(k): str(v) for k, v in tags.items()},
+    ) as run:
+        if flat:
+            mlflow.log_params(flat)
+        yield run
+
+
+def _to_float(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return None
+    try:
+        import numpy as np
+
+        arr = np.asarray(value)
+        if arr.size != 1:
+            return None
+        return float(arr.reshape(()))
+    except (TypeError, ValueError):
+        return None
+
+
+def _build_epoch_logger_class() -> type:
+    import keras
+
+    class MlflowEpochLogger(keras.callbacks.Callback):
+        """Keras callback that logs every epoch's logs to an MLflow run with ``step=epoch``.
+
+        Logs every numeric entry of Keras' epoch ``logs`` (``loss``, ``val_loss``,
+        ``iou``, ``val_iou``, ...) plus ``lr``, the optimizer's current learning rate
+        (Keras' own ``learning_rate`` log entry is renamed to ``lr``).
+
+        Args:
+            run_id: run to log into; the active run at ``on_train_begin`` when None.
+        """
+
+        def __init__(self, run_id: str | None = None) -> None:
+            super().__init__()
+            self.run_id = run_id
+            self._bound_run_id: str | None = run_id
+
+        def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+            import mlflow
+
+            _ensure_configured()
+            if self.run_id is None:
+                active = mlflow.active_run()
+                if active is None:
+                    raise RuntimeError(
+                        "MlflowEpochLogger: no active MLflow run; train inside "
+                        "start_training_run(...) or pass run_id"
+                    )
+                self._bound_run_id = active.info.run_id
+
+        def _current_lr(self) -> float | None:
+            optimizer = getattr(self.model, "optimizer", None)
+            if optimizer is None:
+                return None
+            try:
+                return _to_float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+            except (AttributeError, TypeError, ValueError):
+                return None
+
+        def epoch_metrics(self, logs: Mapping[str, Any] | None) -> dict[str, float]:
+            """Numeric metrics of one epoch, ``lr`` included."""
+            values: dict[str, float] = {}
+            for key, value in (logs or {}).items():
+                number = _to_float(value)
+                if number is None:
+                    continue
+                name = "lr" if key == "learning_rate" else str(key)
+                values[_METRIC_KEY_BAD.sub("_", name)] = number
+            if "lr" not in values:
+                lr = self._current_lr()
+                if lr is not None:
+                    values["lr"] = lr
+            return values
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            import time
+
+            from mlflow.entities import Metric
+
+            if self._bound_run_id is None:
+                self.on_train_begin()
+            stamp = int(time.time() * 1000)
+            metrics = [
+                Metric(key, value, stamp, int(epoch))
+                for key, value in self.epoch_metrics(logs).items()
+            ]
+            if metrics:
+                _client().log_batch(str(self._bound_run_id), metrics=metrics)
+
+    return MlflowEpochLogger
+
+
+_EPOCH_LOGGER_CLASS: list[type] = []
+
+
+def _epoch_logger_class() -> type:
+    if not _EPOCH_LOGGER_CLASS:
+        _EPOCH_LOGGER_CLASS.append(_build_epoch_logger_class())
+    return _EPOCH_LOGGER_CLASS[0]
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy ``MlflowEpochLogger`` attribute (keeps keras out of module import)."""
+    if name == "MlflowEpochLogger":
+        return _epoch_logger_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def make_epoch_logger(run_id: str | None = None) -> keras.callbacks.Callback:
+    """Create an ``MlflowEpochLogger`` callback (see its docstring).
+
+    Args:
+        run_id: run to log into; the active MLflow run at training start when None.
+
+    Returns:
+        A ``keras.callbacks.Callback``.
+    """
+    _ensure_configured()
+    return _epoch_logger_class()(run_id=run_id)
+
+
+def _model_signature(out_channels: int) -> Any:
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, -1, 1), "image")]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, -1, out_channels), "probs")]),
+    )
+
+
+def _pip_requirements() -> list[str]:
+    import keras
+    import mlflow.keras
+
+    reqs = list(mlflow.keras.get_default_pip_requirements())
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        reqs.append(f"tensorflow=={tf.__version__}")
+    return reqs
+
+
+def log_keras_model(
+    model: keras.Model,
+    n_classes: int,
+    artifact_path: str = DEFAULT_ARTIFACT_PATH,
+    class_names: list[str] | None = None,
+) -> str:
+    """Log a Keras model (keras flavour, with signature) into the active run.
+
+    The signature is input ``(-1, -1, -1, 1) float32`` -> output ``(-1, -1, -1, C)
+    float32`` with ``C = 1`` for binary (``n_classes == 2``), else ``C = n_classes``.
+    ``n_classes`` and ``class_names`` (JSON list) are set as run tags and model tags.
+
+    Args:
+        model: Keras model with a single ``(N, H, W, C)`` output.
+        n_classes: number of classes including background (>= 2).
+        artifact_path: name of the logged model in the run.
+        class_names: class names in index order; ``class_0..`` when None.
+
+    Returns:
+        The model URI ``runs:/<run_id>/<artifact_path>``.
+
+    Raises:
+        ValueError: ``n_classes`` < 2, ``class_names`` of the wrong length, or the model's
+            output channels do not match ``n_classes``.
+        RuntimeError: no active MLflow run.
+    """
+    import mlflow
+    import mlflow.keras
+
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
+        raise ValueError(f"log_keras_model: n_classes must be an int >= 2, got {n_classes!r}")
+    names = (
+        list(class_names) if class_names is not None else [f"class_{i}" for i in range(n_classes)]
+    )
+    if len(names) != n_classes:
+        raise ValueError(
+            f"log_keras_model: {len(names)} class_names given for n_classes={n_classes}"
+        )
+    expected = 1 if n_classes == 2 else n_classes
+    out_shape = model.output_shape
+    channels = out_shape[-1] if isinstance(out_shape, tuple) else None
+    if channels != expected:
+        raise ValueError(
+            f"log_keras_model: model output shape {out_shape} has {channels} channels but "
+            f"n_classes={n_classes} needs {expected}"
+        )
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError(
+            "log_keras_model: no active MLflow run; call it inside start_training_run(...)"
+        )
+    tags = {"n_classes": str(n_classes), "class_names": json.dumps(names)}
+    mlflow.keras.log_model(
+        model,
+        name=artifact_path,
+        signature=_model_signature(expected),
+        pip_requirements=_pip_requirements(),
+        tags=tags,
+    )
+    mlflow.set_tags(tags)
+    return f"runs:/{run.info.run_id}/{artifact_path}"
+
+
+def _get_run(client: MlflowClient, run_id: str, uri: str | None = None) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        if _is_not_found(exc):
+            where = f" ({uri})" if uri else ""
+            raise ModelNotFoundError(
+                f"run {run_id!r}{where} not found in tracking store {_STATE.uri}"
+            ) from None
+        raise
+
+
+def log_evaluation(
+    run_id: str,
+    metrics: Mapping[str, Any],
+    artifacts: list[Path],
+    prefix: str = "test_",
+) -> dict[str, float]:
+    """Log final test metrics and figures into the (finished) training run.
+
+    Nested mappings are flattened with dots (``objects.f1`` -> ``test_objects.f1``);
+    non-numeric leaves (strings, None, booleans, lists) are skipped. The prefix keeps test
+    metrics apart from the per-epoch training metrics of the same name (``iou``).
+    Files are logged under ``evaluation/``; a directory under ``evaluation/<dir name>/``.
+
+    Args:
+        run_id: the training run.
+        metrics: e.g. the content of ``metrics.json``.
+        artifacts: files or directories to attach.
+        prefix: prepended to every metric key.
+
+    Returns:
+        The metrics logged, ``{key: value}``.
+
+    Raises:
+        FileNotFoundError: an artifact path does not exist (nothing is logged then).
+        ModelNotFoundError: the run does not exist.
+    """
+    import time
+
+    from mlflow.entities import Metric
+
+    missing = [str(p) for p in artifacts if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"log_evaluation: artifact(s) not found: {', '.join(missing)}")
+    _ensure_configured()
+    client = _client()
+    _get_run(client, run_id)
+    logged: dict[str, float] = {}
+    for key, value in flatten_dict(metrics).items():
+        number = _to_float(value)
+        if number is None:
+            continue
+        logged[_METRIC_KEY_BAD.sub("_", f"{prefix}{key}")] = number
+    stamp = int(time.time() * 1000)
+    items = [Metric(k, v, stamp, 0) for k, v in logged.items()]
+    for start in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[start : start + 500])
+    for path in map(Path, artifacts):
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), artifact_path=f"evaluation/{path.name}")
+        else:
+            client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    return logged
+
+
+# ------------------------------------------------------------------------ registry
+
+
+def _md5_files(paths: list[Path]) -> str:
+    digest = hashlib.md5()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def compute_test_data_id(
+    raw_dir: Path | None, run_id: str | None = None, repo_root: Path | None = None
+) -> str:
+    """Identify the test data a metric was measured on, for :func:`register_model`.
+
+    Tried in order:
+
+    1. ``test:<md5>`` over ``<raw_dir>/test/images.tif`` and ``masks.tif`` (the masks
+       only when present): changes exactly when the test split changes, so models
+       trained on different training data remain comparable;
+    2. ``data.dvc:<md5>`` from the ``data_dvc_md5`` tag of run ``run_id``;
+    3. ``data.dvc:<md5>`` from ``<repo_root>/data.dvc``.
+
+    Args:
+        raw_dir: canonical raw data directory (``data/raw``), or None to skip step 1.
+        run_id: training run whose lineage tags to use in step 2, or None.
+        repo_root: repository with ``data.dvc`` for step 3, or None to skip it.
+
+    Returns:
+        The identifier string.
+
+    Raises:
+        ValueError: none of the sources is available.
+    """
+    if raw_dir is not None:
+        images = Path(raw_dir) / "test" / "images.tif"
+        masks = Path(raw_dir) / "test" / "masks.tif"
+        if images.is_file():
+            return "test:" + _md5_files([images, *([masks] if masks.is_file() else [])])
+    if run_id is not None:
+        _ensure_configured()
+        tag = _get_run(_client(), run_id).data.tags.get("data_dvc_md5", UNKNOWN)
+        if tag != UNKNOWN:
+            return f"data.dvc:{tag}"
+    if repo_root is not None:
+        md5 = _data_dvc_md5(Path(repo_root))
+        if md5 != UNKNOWN:
+            return f"data.dvc:{md5}"
+    raise ValueError(
+        f"cannot identify the test data: no {raw_dir}/test/images.tif, no data_dvc_md5 tag "
+        f"on run {run_id!r} and no data.dvc in {repo_root}"
+    )
+
+
+def _logged_model(client: MlflowClient, run: Any, artifact_path: str) -> Any | None:
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{artifact_path}'",
+    )
+    return models[0] if len(models) else None
+
+
+def _version_by_alias(client: MlflowClient, name: str, alias: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if _is_not_found(exc):
+            return None
+        raise
+
+
+def _describe_version(mv: Any) -> dict[str, Any]:
+    tags = dict(mv.tags or {})
+    try:
+        value: float | None = float(tags[_TAG_VALUE])
+    except (KeyError, ValueError):
+        value = None
+    return {
+        "version": int(mv.version),
+        "run_id": mv.run_id,
+        "metric": tags.get(_TAG_METRIC),
+        "value": value,
+        "test_data_id": tags.get(_TAG_TEST_DATA),
+    }
+
+
+def register_model(
+    run_id: str, metric: str, value: float, cfg: RegisterConfig, test_data_id: str
+) -> dict[str, Any]:
+    """Register the run's model as a new version and apply the champion/challenger rule.
+
+    See the module docstring for the rule. The version is tagged with ``eval_metric``,
+    ``eval_value``, ``test_data_id``, ``registration_reason`` and the run's lineage tags.
+
+    Args:
+        run_id: training run holding the model logged as ``model``.
+        metric: metric name, e.g. ``cfg.metric`` (``iou``); higher is better.
+        value: the metric on the test data (finite).
+        cfg: registry settings (model name and alias names).
+        test_data_id: identifier of the test data the value was measured on.
+
+    Returns:
+        ``{"model_name", "version", "alias", "metric", "value", "previous_champion",
+        "test_data_id", "run_id", "reason"}``; ``previous_champion`` is ``{"version",
+        "run_id", "metric", "value", "test_data_id"}`` of the champion before this call,
+        or None.
+
+    Raises:
+        ValueError: non-finite value, empty metric or test_data_id.
+        ModelNotFoundError: the run does not exist or has no logged ``model``.
+    """
+    import mlflow
+
+    if not metric:
+        raise ValueError("register_model: metric name is empty")
+    if not test_data_id:
+        raise ValueError("register_model: test_data_id is empty")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"register_model: {metric} value must be finite, got {value}")
+    _ensure_configured()
+    client = _client()
+    run = _get_run(client, run_id)
+    if _logged_model(client, run, DEFAULT_ARTIFACT_PATH) is None:
+        raise ModelNotFoundError(
+            f"run {run_id!r} has no logged model {DEFAULT_ARTIFACT_PATH!r} "
+            f"(runs:/{run_id}/{DEFAULT_ARTIFACT_PATH}); log it with log_keras_model"
+        )
+
+    champion = _version_by_alias(client, cfg.model_name, cfg.champion_alias)
+    previous = _describe_version(champion) if champion is not None else None
+    if previous is None:
+        alias, reason = cfg.champion_alias, "first"
+    elif (
+        previous["metric"] != metric
+        or previous["test_data_id"] != test_data_id
+        or previous["value"] is None
+    ):
+        alias, reason = cfg.champion_alias, "incomparable"
+    elif value > previous["value"]:
+        alias, reason = cfg.champion_alias, "better"
+    else:
+        alias, reason = cfg.challenger_alias, "not_better"
+
+    run_tags = run.data.tags
+    tags = {k: run_tags[k] for k in _LINEAGE_KEYS if k in run_tags}
+    tags.update(
+        {
+            _TAG_METRIC: metric,
+            _TAG_VALUE: repr(value),
+            _TAG_TEST_DATA: test_data_id,
+            "registration_reason": reason,
+        }
+    )
+    mv = mlflow.register_model(f"runs:/{run_id}/{DEFAULT_ARTIFACT_PATH}", cfg.model_name, tags=tags)
+    client.set_registered_model_alias(cfg.model_name, alias, mv.version)
+    client.update_model_version(
+        cfg.model_name,
+        mv.version,
+        description=f"{metric}={value:.4f} on test data {test_data_id} ({reason})",
+    )
+    return {
+        "model_name": cfg.model_name,
+        "version": int(mv.version),
+        "alias": alias,
+        "metric": metric,
+        "value": value,
+        "previous_champion": previous,
+        "test_data_id": test_data_id,
+        "run_id": run_id,
+        "reason": reason,
+    }
+
+
+# ------------------------------------------------------------------------- loading
+
+
+@dataclass
+class _Resolved:
+    """A model URI checked against the store."""
+
+    uri: str
+    kind: str  # "path" | "registry" | "run"
+    path: Path | None = None
+    name: str | None = None
+    alias: str | None = None
+    version: Any = None  # mlflow ModelVersion
+    run: Any = None  # mlflow Run
+
+
+def _resolve(uri: str) -> _Resolved:
+    """Classify and validate a model URI; raise a clear error naming it when it is unknown."""
+    from mlflow.exceptions import MlflowException
+
+    text = str(uri).strip()
+    if not text:
+        raise ValueError("model URI is empty")
+    if not _SCHEME_RE.match(text) or text.startswith("file:/"):
+        path = Path(text[len("file://") :] if text.startswith("file://") else text)
+        if not path.exists():
+            raise ModelNotFoundError(f"model file not found: {uri}")
+        if path.is_file() and path.suffix in (".keras", ".h5"):
+            return _Resolved(uri=text, kind="path", path=path)
+        if path.is_dir() and (path / "MLmodel").is_file():
+            return _Resolved(uri=text, kind="path", path=path)
+        raise ValueError(f"{uri}: not a .keras file or an MLflow model directory")
+
+    alias_m = _MODELS_ALIAS_RE.match(text)
+    version_m = _MODELS_VERSION_RE.match(text)
+    runs_m = _RUNS_RE.match(text)
+    if not (alias_m or version_m or runs_m):
+        raise ValueError(
+            f"unsupported model URI {uri!r}; use a .keras path, models:/<name>@<alias>, "
+            "models:/<name>/<version> or runs:/<run_id>/<path>"
+        )
+    _ensure_configured(read_only=True)
+    client = _client()
+    if runs_m:
+        run = _get_run(client, runs_m["run_id"], text)
+        if _logged_model(client, run, runs_m["path"]) is None:
+            raise ModelNotFoundError(
+                f"run {runs_m['run_id']!r} has no logged model {runs_m['path']!r} ({uri})"
+            )
+        return _Resolved(uri=text, kind="run", run=run)
+
+    match = alias_m or version_m
+    assert match is not None
+    name = match["name"]
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if _is_not_found(exc):
+            raise ModelNotFoundError(
+                f"unknown registered model {name!r} ({uri}) in tracking store {_STATE.uri}"
+            ) from None
+        raise
+    if alias_m:
+        mv = _version_by_alias(client, name, alias_m["alias"])
+        if mv is None:
+            raise ModelNotFoundError(
+                f"registered model {name!r} has no alias {alias_m['alias']!r} ({uri})"
+            )
+    else:
+        try:
+            mv = client.get_model_version(name, match["version"])
+        except MlflowException as exc:
+            if _is_not_found(exc):
+                raise ModelNotFoundError(
+                    f"registered model {name!r} has no version {match['version']} ({uri})"
+                ) from None
+            raise
+    run = _get_run(client, mv.run_id, text) if mv.run_id else None
+    return _Resolved(
+        uri=text,
+        kind="registry",
+        name=name,
+        alias=alias_m["alias"] if alias_m else None,
+        version=mv,
+        run=run,
+    )
+
+
+def _register_custom_objects() -> None:
+    """Import mitoseg's Keras modules so their serializable losses/layers are registered."""
+    import importlib
+
+    for name in ("mitoseg.model.losses", "mitoseg.model.unet"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+
+
+def load_model(uri: str, compile: bool = False) -> keras.Model:
+    """Load a segmentation model from a file, the registry or a run.
+
+    Args:
+        uri: a ``.keras`` file (or an MLflow model directory), ``models:/<name>@<alias>``,
+            ``models:/<name>/<version>`` or ``runs:/<run_id>/<path>``. Registry and run
+            URIs resolve against :func:`configure_tracking`'s store (the embedded
+            ``./mlflow.db`` unless configured otherwise or ``$MLFLOW_TRACKING_URI``).
+        compile: compile the model (needs the training losses); inference does not.
+
+    Returns:
+        The Keras model: input ``(N, H, W, 1) float32`` in [0, 1], output ``(N, H, W, C)``.
+
+    Raises:
+        ModelNotFoundError: unknown file, run, registered model, version or alias (the
+            message names the URI), or no tracking store at the embedded default.
+        ValueError: unsupported URI form, or a path that is not a model.
+    """
+    resolved = _resolve(uri)
+    _register_custom_objects()
+    if resolved.kind == "path" and resolved.path is not None and resolved.path.is_file():
+        import keras
+
+        return keras.saving.load_model(resolved.path, compile=compile)
+    import mlflow.keras
+
+    source = str(resolved.path) if resolved.path is not None else resolved.uri
+    return mlflow.keras.load_model(source, load_model_kwargs={"compile": compile})
+
+
+def model_info(uri: str) -> dict[str, Any]:
+    """Describe a model: registry entry, source run, lineage and test metrics.
+
+    Args:
+        uri: any URI accepted by :func:`load_model`.
+
+    Returns:
+        ``{"uri", "name", "version", "alias", "aliases", "run_id", "git_commit",
+        "git_dirty", "data_dvc_md5", "test_data_id", "n_classes", "class_names", "tags",
+        "metrics", "threshold"}``. ``tags`` merges the run's tags (``mlflow.*`` omitted)
+        with the version's tags; ``metrics`` are the run's latest metric values;
+        ``threshold`` is the logged ``test_threshold`` (or ``threshold``) metric or None.
+        For a plain file, everything but ``uri`` is None or empty.
+
+    Raises:
+        ModelNotFoundError, ValueError: as :func:`load_model`.
+    """
+    resolved = _resolve(uri)
+    tags: dict[str, str] = {}
+    metrics: dict[str, float] = {}
+    run_id: str | None = None
+    if resolved.run is not None:
+        run_id = resolved.run.info.run_id
+        tags.update(
+            {k: v for k, v in resolved.run.data.tags.items() if not k.startswith("mlflow.")}
+        )
+        metrics = dict(resolved.run.data.metrics)
+    version: int | None = None
+    aliases: list[str] = []
+    if resolved.version is not None:
+        tags.update(resolved.version.tags or {})
+        version = int(resolved.version.version)
+        aliases = list(resolved.version.aliases or [])
+    alias = resolved.alias or (aliases[0] if aliases else None)
+    threshold = metrics.get("test_threshold", metrics.get("threshold"))
+    class_names: list[str] | None = None
+    if "class_names" in tags:
+        with contextlib.suppress(ValueError):
+            class_names = list(json.loads(tags["class_names"]))
+    n_classes = int(tags["n_classes"]) if tags.get("n_classes", "").isdigit() else None
+    return {
+        "uri": resolved.uri,
+        "name": resolved.name,
+        "version": version,
+        "alias": alias,
+        "aliases": aliases,
+        "run_id": run_id,
+        "git_commit": tags.get("git_commit"),
+        "git_dirty": tags.get("git_dirty"),
+        "data_dvc_md5": tags.get("data_dvc_md5"),
+        "test_data_id": tags.get(_TAG_TEST_DATA),
+        "n_classes": n_classes,
+        "class_names": class_names,
+        "tags": tags,
+        "metrics": metrics,
+        "threshold": threshold,
+    }
+
+
+def find_threshold(uri: str) -> float | None:
+    """The decision threshold chosen by evaluation for this model, or None if not logged."""
+    return model_info(uri)["threshold"]

@@ -1,0 +1,16 @@
+"""Shared pytest fixtures.
+
+Loopback servers live in ``tests/servers.py`` (importable as ``servers`` because
+``tests/`` has no ``__init__.py`` and pytest puts it on ``sys.path``):
+
+- ``s3_server``: session-wide SeaweedFS S3 (``endpoint_url``, ``access_key``,
+  ``secret_key``, ``make_bucket(name)``, ``client()``, ``env()``);
+- ``s3_env``: the same with its ``AWS_*`` variables set in ``os.environ`` for one test;
+- ``http_server``: factory ``http_server(directory)`` for a Range-capable HTTP server.
+"""
+
+from __future__ import annotations
+
+from servers import http_server, s3_env, s3_server
+
+__all__ = ["http_server", "s3_env", "s3_server"]

@@ -1,0 +1,198 @@
+"""mitoseg.tracking against a real ``mlflow server`` with S3 artifacts (SeaweedFS).
+
+The server runs on a free loopback port with a sqlite backend and
+``--artifacts-destination s3://<bucket>/mlartifacts`` (proxied artifact serving) on the
+session ``s3_server``. A run with a tiny Keras model is logged, registered, loaded back
+via ``models:/<name>@champion`` through the server, and the artifact objects are checked
+in the bucket with boto3.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mitoseg import tracking
+from mitoseg.config import RegisterConfig
+from servers import S3Server, free_port
+
+pytestmark = pytest.mark.integration
+
+BUCKET = "mitoseg-mlflow"
+
+
+@dataclass
+class MlflowServer:
+    """A running tracking server."""
+
+    url: str
+    bucket: str
+    log: Path
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"mlflow server exited with code {proc.returncode}:\n{log.read_text()[-3000:]}"
+            )
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    tail = log.read_text()[-3000:]
+    raise RuntimeError(f"mlflow server not healthy after {timeout:.0f}s:\n{tail}")
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(
+    s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MlflowServer]:
+    """``mlflow server`` (1 worker, job execution off) with S3 artifacts; stopped afterwards."""
+    bucket = s3_server.make_bucket(BUCKET)
+    workdir = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    env = {
+        **os.environ,
+        **s3_server.env(),
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    cmd = [
+        str(mlflow_bin),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{workdir / 'server.db'}",
+        "--artifacts-destination",
+        f"s3://{bucket}/mlartifacts",
+        "--serve-artifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    log = workdir / "server.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=workdir, env=env, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, log, timeout=60)
+        yield MlflowServer(url=url, bucket=bucket, log=log)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=15)
+
+
+@pytest.fixture
+def client_env(
+    mlflow_server: MlflowServer, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """Point this process at the server (and S3); restore env and tracking state afterwards."""
+    import mlflow
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    tracking._STATE.uri = None
+    tracking._STATE.experiment_id = None
+    yield mlflow_server.url
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    tracking._STATE.uri = None
+    tracking._STATE.experiment_id = None
+    mlflow.set_tracking_uri(None)
+
+
+def _tiny_model() -> Any:
+    import keras
+
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((None, None, 1))
+    out = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid")(inp)
+    return keras.Model(inp, out)
+
+
+def test_log_register_and_load_through_server(
+    client_env: str, mlflow_server: MlflowServer, s3_server: S3Server, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    assert tracking.configure_tracking() == client_env
+    exp = MlflowClient(client_env).get_experiment_by_name("mitoseg")
+    assert exp.artifact_location.startswith("mlflow-artifacts:/")
+
+    model = _tiny_model()
+    x = np.random.default_rng(0).random((1, 16, 16, 1), dtype=np.float32)
+    expected = model.predict(x, verbose=0)
+    with tracking.start_training_run(
+        {"model": {"depth": 1}}, {"git_commit": "feedbeef"}, "server-run"
+    ) as run:
+        uri = tracking.log_keras_model(model, 2, class_names=["background", "mitochondria"])
+    run_id = run.info.run_id
+    figure = tmp_path / "figure.png"
+    figure.write_bytes(b"not really a png")
+    tracking.log_evaluation(run_id, {"iou": 0.6, "threshold": 0.45}, [figure])
+
+    cfg = RegisterConfig(model_name="server-unet")
+    first = tracking.register_model(run_id, "iou", 0.6, cfg, "test:abc")
+    assert (first["version"], first["alias"], first["reason"]) == (1, "champion", "first")
+    second = tracking.register_model(run_id, "iou", 0.5, cfg, "test:abc")
+    assert (second["version"], second["alias"]) == (2, "challenger")
+
+    loaded = tracking.load_model("models:/server-unet@champion")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, rtol=1e-6)
+    np.testing.assert_allclose(tracking.load_model(uri).predict(x, verbose=0), expected, rtol=1e-6)
+
+    info = tracking.model_info("models:/server-unet@champion")
+    assert (info["name"], info["version"], info["run_id"]) == ("server-unet", 1, run_id)
+    assert info["git_commit"] == "feedbeef"
+    assert info["threshold"] == pytest.approx(0.45)
+    assert info["class_names"] == ["background", "mitochondria"]
+
+    keys = [
+        obj["Key"]
+        for page in s3_server.client()
+        .get_paginator("list_objects_v2")
+        .paginate(Bucket=mlflow_server.bucket, Prefix="mlartifacts/")
+        for obj in page.get("Contents", [])
+    ]
+    model_keys = [k for k in keys if "/models/" in k]
+    assert any(k.endswith("/artifacts/MLmodel") for k in model_keys), keys
+    assert any(k.endswith("/artifacts/data/model.keras") for k in model_keys), keys
+    assert any(k.endswith(f"{run_id}/artifacts/evaluation/figure.png") for k in keys), keys
+    assert not (tmp_path / "mlartifacts").exists()
+
+
+def test_unknown_alias_through_server(client_env: str) -> None:
+    tracking.configure_tracking()
+    with pytest.raises(
+        tracking.ModelNotFoundError,
+        match=r"unknown registered model 'never-registered' \(models:/never-registered@champion\)"
+        r" in tracking store http://127\.0\.0\.1:\d+",
+    ):
+        tracking.load_model("models:/never-registered@champion")

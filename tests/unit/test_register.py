@@ -1,0 +1,176 @@
+"""Unit tests of the DVC ``register`` stage script (pipelines/register.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from mitoseg import tracking
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("register_stage", ROOT / "pipelines/register.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+register_stage = _load_script()
+
+
+def _reset_tracking() -> None:
+    import mlflow
+
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    tracking._STATE.uri = None
+    tracking._STATE.experiment_id = None
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A project dir with an embedded store, one run holding a tiny model, and params.yaml."""
+    import keras
+
+    root = tmp_path_factory.mktemp("project")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        _reset_tracking()
+        tracking.configure_tracking(root=root)
+        inp = keras.Input((None, None, 1))
+        model = keras.Model(inp, keras.layers.Conv2D(1, 1, activation="sigmoid")(inp))
+        with tracking.start_training_run({}, {"data_dvc_md5": "cafe.dir"}) as run:
+            tracking.log_keras_model(model, 2)
+        _reset_tracking()
+        (root / "params.yaml").write_text(
+            "register:\n  model_name: stage-model\n  metric: iou\n"
+            "  champion_alias: champion\n  challenger_alias: challenger\n"
+        )
+        (root / "train.json").write_text(json.dumps({"run_id": run.info.run_id}))
+        raw_test = root / "data" / "raw" / "test"
+        raw_test.mkdir(parents=True)
+        (raw_test / "images.tif").write_bytes(b"img")
+        (raw_test / "masks.tif").write_bytes(b"msk")
+        yield {"root": root, "run_id": run.info.run_id}
+
+
+@pytest.fixture
+def in_project(project: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Run the stage like DVC does: from the project directory, default store in cwd."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(project["root"])
+    _reset_tracking()
+    yield project["root"]
+    _reset_tracking()
+
+
+def _metrics(root: Path, name: str, **values: Any) -> Path:
+    path = root / name
+    path.write_text(json.dumps({"dice": 0.1, **values}))
+    return path
+
+
+def _args(metrics: Path, out: str, *extra: str) -> list[str]:
+    return ["--train-info", "train.json", "--metrics", str(metrics), "--out", out, *extra]
+
+
+def test_register_stage_champion_then_challenger(
+    in_project: Path, project: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = _metrics(in_project, "good.json", iou=0.8)
+    assert register_stage.main(_args(good, "out/first/registration.json")) == 0
+    first = json.loads((in_project / "out/first/registration.json").read_text())
+    test_id = tracking.compute_test_data_id(in_project / "data" / "raw")
+    assert first == {
+        "model_name": "stage-model",
+        "version": 1,
+        "alias": "champion",
+        "metric": "iou",
+        "value": 0.8,
+        "previous_champion": None,
+        "test_data_id": test_id,
+        "run_id": project["run_id"],
+        "reason": "first",
+    }
+    assert "registered stage-model v1 as champion (iou=0.8000, first; no previous champion)" in (
+        capsys.readouterr().out
+    )
+
+    worse = _metrics(in_project, "worse.json", iou=0.7)
+    assert register_stage.main(_args(worse, "out/second.json")) == 0
+    second = json.loads((in_project / "out/second.json").read_text())
+    assert (second["version"], second["alias"], second["reason"]) == (2, "challenger", "not_better")
+    assert second["previous_champion"]["version"] == 1
+    assert second["previous_champion"]["value"] == 0.8
+    assert "previous champion v1 iou=0.8" in capsys.readouterr().out
+    assert (in_project / "mlflow.db").is_file()
+    info = tracking.model_info("models:/stage-model@champion")
+    assert info["version"] == 1
+
+
+def test_register_stage_test_data_fallback_and_override(in_project: Path) -> None:
+    good = _metrics(in_project, "m.json", iou=0.9)
+    assert register_stage.main(_args(good, "a.json", "--raw", "no-such-dir")) == 0
+    record = json.loads((in_project / "a.json").read_text())
+    assert record["test_data_id"] == "data.dvc:cafe.dir"
+    assert (record["alias"], record["reason"]) == ("champion", "incomparable")
+
+    assert register_stage.main(_args(good, "b.json", "--test-data-id", "custom")) == 0
+    record = json.loads((in_project / "b.json").read_text())
+    assert record["test_data_id"] == "custom"
+
+
+@pytest.mark.parametrize(
+    ("train_info", "metrics", "message"),
+    [
+        (None, {"iou": 0.5}, r"train\.json: train info not found"),
+        ("{not json", {"iou": 0.5}, r"train\.json: not valid JSON"),
+        ("[1]", {"iou": 0.5}, r"train\.json: expected a JSON object"),
+        ("{}", {"iou": 0.5}, r"train\.json: missing 'run_id'"),
+        ('{"run_id": "r"}', {"dice": 0.5}, r"json: missing metric 'iou' \(register\.metric\)"),
+        ('{"run_id": "r"}', {"iou": "high"}, r"json: metric 'iou' is not a finite number: 'high'"),
+        ('{"run_id": "r"}', {"iou": None}, r"json: metric 'iou' is not a finite number: None"),
+        ('{"run_id": "r"}', {"iou": float("nan")}, r"metric 'iou' is not a finite number: nan"),
+        ('{"run_id": "r"}', {"iou": 0.5}, r"run 'r' not found in tracking store sqlite:///"),
+    ],
+)  # fmt: skip
+def test_register_stage_errors(
+    tmp_path: Path,
+    in_project: Path,
+    capsys: pytest.CaptureFixture[str],
+    train_info: str | None,
+    metrics: dict[str, Any],
+    message: str,
+) -> None:
+    info = tmp_path / "train.json"
+    if train_info is not None:
+        info.write_text(train_info)
+    metrics_path = tmp_path / "metrics.json"
+    metrics_path.write_text(json.dumps(metrics))
+    out = tmp_path / "registration.json"
+    argv = ["--train-info", str(info), "--metrics", str(metrics_path), "--out", str(out)]
+    assert register_stage.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_register_stage_bad_params(in_project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    params = in_project / "bad_params.yaml"
+    params.write_text("register:\n  metric: accuracy\n")
+    good = _metrics(in_project, "m2.json", iou=0.5)
+    assert register_stage.main(_args(good, "c.json", "--params", str(params))) == 1
+    assert "register.metric: Input should be 'iou', 'dice' or 'mean_iou'" in capsys.readouterr().err
+    assert not (in_project / "c.json").exists()
