@@ -1,0 +1,128 @@
+"""A training run killed with SIGKILL after an epoch resumes from its backup.
+
+The first run executes in a subprocess that sleeps after each epoch's backup is written;
+the test kills it as soon as the epoch-1 backup exists, checks that a run with a different
+configuration starts from scratch (and leaves that backup alone), then reruns the original
+configuration and checks that it continued from epoch 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+DRIVER = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+
+    import keras
+
+    from mitoseg.config import AugmentConfig, resolve_train_config
+    from mitoseg.train import train_model
+
+    patches, out, ck, lr, sleep = sys.argv[1:6]
+
+    class Sleep(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            time.sleep(float(sleep))
+
+    cfg = resolve_train_config({
+        "model": {"depth": 2, "base_filters": 4},
+        "crop_size": 32, "batch_size": 2, "steps_per_epoch": 2, "epochs": 3,
+        "learning_rate": float(lr), "early_stopping_patience": 10,
+    })
+    result = train_model(Path(patches), AugmentConfig(), cfg, 2, 0, Path(out), Path(ck),
+                         progress=False, callbacks=[Sleep()])
+    print("RESULT " + json.dumps({"resumed": result.resumed, "epochs_run": result.epochs_run,
+                                  "history": result.history, "best_epoch": result.best_epoch}))
+    """
+)
+
+
+def _make_patches(d: Path, n: int = 4, size: int = 32) -> Path:
+    rng = np.random.default_rng(0)
+    d.mkdir(parents=True)
+    yy, xx = np.mgrid[:size, :size]
+    for split in ("train", "val"):
+        masks = np.stack(
+            [
+                (((yy - rng.uniform(8, 24)) / 6) ** 2 + ((xx - rng.uniform(8, 24)) / 5) ** 2 < 1)
+                for _ in range(n)
+            ]
+        ).astype(np.uint8)
+        images = np.clip(rng.normal(0.3, 0.1, masks.shape) + 0.4 * masks, 0, 1)
+        np.save(d / f"{split}_images.npy", (images * 255).astype(np.uint8))
+        np.save(d / f"{split}_masks.npy", masks)
+    return d
+
+
+def _run(script: Path, args: list[str], timeout: float = 120) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+def test_killed_training_resumes(tmp_path):
+    patches = _make_patches(tmp_path / "patches")
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    out, ck = tmp_path / "out", tmp_path / "ck"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(patches), str(out), str(ck), "0.001", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    deadline = time.monotonic() + 90
+    backup: Path | None = None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            metas = list(ck.glob("*/training_metadata.json"))
+            if metas and json.loads(metas[0].read_text() or "{}").get("epoch") == 1:
+                backup = metas[0].parent
+                break
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert backup is not None, proc.stderr.read().decode()[-3000:] if proc.stderr else ""
+    assert proc.returncode == -signal.SIGKILL
+    with (out / "history.csv").open() as f:
+        killed_rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in killed_rows] == ["1"]
+    assert not (out / "model.keras").exists()  # the best model is kept in the backup
+
+    # A different configuration must not pick up that backup.
+    other = _run(script, [str(patches), str(tmp_path / "other"), str(ck), "0.002", "0"])
+    assert other["resumed"] is False and other["epochs_run"] == 3
+    assert backup.is_dir()  # the interrupted run's backup is untouched
+
+    resumed = _run(script, [str(patches), str(out), str(ck), "0.001", "0"])
+    assert resumed["resumed"] is True
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
+    assert resumed["epochs_run"] == 3
+    first = resumed["history"][0]
+    assert first["loss"] == pytest.approx(float(killed_rows[0]["loss"]), rel=1e-12)
+    assert first["val_loss"] == pytest.approx(float(killed_rows[0]["val_loss"]), rel=1e-12)
+    assert not backup.exists() and list(ck.iterdir()) == []
+    assert (out / "model.keras").is_file()
+    with (out / "history.csv").open() as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3"]

@@ -1,0 +1,151 @@
+"""Losses and foreground metrics on tiny hand-computed tensors."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from mitoseg.model.losses import (
+    ForegroundDice,
+    ForegroundIoU,
+    SegmentationLoss,
+    get_loss,
+    get_metrics,
+)
+
+# Binary: 4 pixels, truth [1, 0, 1, 0], probabilities [0.9, 0.2, 0.4, 0.1].
+B_TRUE = np.array([1, 0, 1, 0], np.float32).reshape(1, 2, 2, 1)
+B_PRED = np.array([0.9, 0.2, 0.4, 0.1], np.float32).reshape(1, 2, 2, 1)
+B_BCE = -(math.log(0.9) + math.log(0.8) + math.log(0.4) + math.log(0.9)) / 4
+B_WBCE2 = -(2 * math.log(0.9) + math.log(0.8) + 2 * math.log(0.4) + math.log(0.9)) / 4
+B_DICE = 1 - (2 * 1.3 + 1) / (2 + 1.6 + 1)  # intersection 1.3, |T| 2, |P| 1.6, smooth 1
+
+# 3 classes: truth [0, 1, 2, 1]; argmax of the rows is [0, 1, 1, 2].
+M_TRUE = np.array([0, 1, 2, 1], np.uint8).reshape(1, 2, 2, 1)
+M_PRED = np.array(
+    [[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.5, 0.3], [0.3, 0.3, 0.4]], np.float32
+).reshape(1, 2, 2, 3)
+M_CE = -(math.log(0.7) + math.log(0.6) + math.log(0.3) + math.log(0.3)) / 4
+M_WCE3 = -(math.log(0.7) + 3 * math.log(0.6) + 3 * math.log(0.3) + 3 * math.log(0.3)) / 4
+M_DICE = 1 - ((2 * 0.9 + 1) / (2 + 1.6 + 1) + (2 * 0.3 + 1) / (1 + 1.1 + 1)) / 2
+
+
+def _loss(name: str, n_classes: int, y_true, y_pred, weight: float = 1.0) -> float:
+    return float(keras.ops.convert_to_numpy(get_loss(name, n_classes, weight)(y_true, y_pred)))
+
+
+@pytest.mark.parametrize(
+    ("name", "weight", "expected"),
+    [
+        ("bce", 1.0, B_BCE),
+        ("bce", 5.0, B_BCE),  # weight only affects weighted_bce
+        ("weighted_bce", 2.0, B_WBCE2),
+        ("dice", 1.0, B_DICE),
+        ("bce_dice", 1.0, B_BCE + B_DICE),
+    ],
+)
+def test_binary_losses(name, weight, expected):
+    assert _loss(name, 2, B_TRUE, B_PRED, weight) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "weight", "expected"),
+    [
+        ("bce", 1.0, M_CE),
+        ("weighted_bce", 3.0, M_WCE3),
+        ("dice", 1.0, M_DICE),
+        ("bce_dice", 1.0, M_CE + M_DICE),
+    ],
+)
+def test_multiclass_losses(name, weight, expected):
+    assert _loss(name, 3, M_TRUE, M_PRED, weight) == pytest.approx(expected, rel=1e-5)
+
+
+def test_perfect_prediction_has_near_zero_loss():
+    y = np.array([1, 0, 0, 1], np.float32).reshape(1, 2, 2, 1)
+    assert _loss("bce_dice", 2, y, y) == pytest.approx(0.0, abs=1e-5)
+
+
+def _metric(metric, batches) -> float:
+    for y_true, y_pred in batches:
+        metric.update_state(y_true, y_pred)
+    return float(keras.ops.convert_to_numpy(metric.result()))
+
+
+def test_binary_metrics():
+    # Thresholded prediction [1, 0, 0, 0] vs truth [1, 0, 1, 0]: I=1, P=1, T=2.
+    iou, dice = get_metrics(2)
+    assert (iou.name, dice.name) == ("iou", "dice")
+    assert _metric(iou, [(B_TRUE, B_PRED)]) == pytest.approx(1 / 2)
+    assert _metric(dice, [(B_TRUE, B_PRED)]) == pytest.approx(2 / 3)
+    # Threshold is inclusive at 0.5.
+    half = np.full((1, 2, 2, 1), 0.5, np.float32)
+    assert _metric(ForegroundIoU(2), [(B_TRUE, half)]) == pytest.approx(2 / 4)
+
+
+def test_multiclass_metrics():
+    # class 1: truth {1, 3}, pred {1, 2} -> IoU 1/3, Dice 1/2; class 2: truth {2}, pred {3} -> 0.
+    assert _metric(ForegroundIoU(3), [(M_TRUE, M_PRED)]) == pytest.approx((1 / 3 + 0) / 2)
+    assert _metric(ForegroundDice(3), [(M_TRUE, M_PRED)]) == pytest.approx((1 / 2 + 0) / 2)
+
+
+def test_metrics_accumulate_over_batches_and_reset():
+    metric = ForegroundIoU(2)
+    halves = [(B_TRUE[:, :1], B_PRED[:, :1]), (B_TRUE[:, 1:], B_PRED[:, 1:])]
+    # batch 1 alone: truth [1, 0], pred [1, 0] -> IoU 1; batch 2: truth [1, 0], pred [0, 0] -> 0.
+    assert _metric(metric, halves) == pytest.approx(1 / 2)  # pooled, not the batch mean
+    metric.reset_state()
+    assert _metric(metric, halves[1:]) == pytest.approx(0.0)
+
+
+def test_metrics_empty_foreground_is_perfect_and_absent_class_ignored():
+    zeros = np.zeros((1, 2, 2, 1), np.float32)
+    assert _metric(ForegroundIoU(2), [(zeros, zeros + 0.1)]) == 1.0
+    assert _metric(ForegroundDice(2), [(zeros, zeros + 0.1)]) == 1.0
+    # 3 classes, class 2 absent from truth and prediction: mean over class 1 only.
+    y_true = np.array([0, 1, 1, 0], np.uint8).reshape(1, 2, 2, 1)
+    y_pred = np.eye(3, dtype=np.float32)[[0, 1, 0, 0]].reshape(1, 2, 2, 3)
+    assert _metric(ForegroundIoU(3), [(y_true, y_pred)]) == pytest.approx(1 / 2)
+
+
+def test_compiled_model_reports_named_metrics():
+    x = np.random.default_rng(0).random((2, 8, 8, 1), dtype=np.float32)
+    y = (x > 0.5).astype(np.uint8)
+    inputs = keras.Input((None, None, 1))
+    model = keras.Model(inputs, keras.layers.Conv2D(1, 1, activation="sigmoid")(inputs))
+    model.compile("adam", loss=get_loss("bce_dice", 2), metrics=get_metrics(2))
+    logs = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert set(logs) == {"loss", "iou", "dice"}
+
+
+def test_serialization_roundtrip():
+    loss = get_loss("weighted_bce", 4, 2.5)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+    assert isinstance(restored, SegmentationLoss)
+    assert (restored.kind, restored.n_classes, restored.foreground_weight) == (
+        "weighted_bce",
+        4,
+        2.5,
+    )
+    metric = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(ForegroundDice(5))
+    )
+    assert isinstance(metric, ForegroundDice) and metric.n_classes == 5 and metric.name == "dice"
+
+
+def test_errors():
+    with pytest.raises(
+        ValueError,
+        match=r"get_loss: unknown loss 'focal'; choose one of "
+        r"\['bce', 'bce_dice', 'dice', 'weighted_bce'\]",
+    ):
+        get_loss("focal", 2)
+    with pytest.raises(ValueError, match="get_loss: n_classes must be >= 2, got 1"):
+        get_loss("bce", 1)
+    with pytest.raises(ValueError, match="get_loss: foreground_weight must be > 0, got 0"):
+        get_loss("weighted_bce", 2, 0)
+    with pytest.raises(ValueError, match="ForegroundIoU: n_classes must be >= 2, got 1"):
+        ForegroundIoU(1)

@@ -1,0 +1,277 @@
+"""Training: patch loading, crop sampler, run key, and a tiny end-to-end train_model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mitoseg.config import AugmentConfig, resolve_train_config
+from mitoseg.io import DataError
+from mitoseg.train import HISTORY_COLUMNS, CropSampler, load_patches, run_key, train_model
+
+
+def make_patches(
+    d: Path, n_train: int = 6, n_val: int = 2, size: int = 64, n_classes: int = 2, seed: int = 0
+) -> Path:
+    """Bright ellipses (classes 1..C-1) on noise: ``{train,val}_{images,masks}.npy``."""
+    rng = np.random.default_rng(seed)
+    d.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[:size, :size]
+    for split, n in (("train", n_train), ("val", n_val)):
+        images, masks = [], []
+        for _ in range(n):
+            m = np.zeros((size, size), np.uint8)
+            for c in range(1, n_classes):
+                cy, cx = rng.uniform(10, size - 10, 2)
+                ry, rx = rng.uniform(4, 10, 2)
+                m[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1] = c
+            img = np.clip(rng.normal(0.3, 0.08, (size, size)) + 0.2 * m, 0, 1)
+            images.append((img * 255).round().astype(np.uint8))
+            masks.append(m)
+        np.save(d / f"{split}_images.npy", np.array(images, np.uint8).reshape(n, size, size))
+        np.save(d / f"{split}_masks.npy", np.array(masks, np.uint8).reshape(n, size, size))
+    names = ["background"] + [f"class{c}" for c in range(1, n_classes)]
+    (d / "meta.json").write_text(
+        json.dumps({"n_classes": n_classes, "class_names": names, "patch_size": size})
+    )
+    return d
+
+
+TINY = {
+    "model": {"depth": 2, "base_filters": 4, "dropout": 0.0},
+    "crop_size": 32,
+    "batch_size": 2,
+    "steps_per_epoch": 2,
+    "epochs": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def patches(tmp_path_factory) -> Path:
+    return make_patches(tmp_path_factory.mktemp("patches"))
+
+
+def test_load_patches_ok(patches):
+    data = load_patches(patches, 2)
+    assert data.train_images.shape == (6, 64, 64) and data.val_masks.shape == (2, 64, 64)
+    assert data.patch_size == 64
+
+
+def test_load_patches_errors(tmp_path):
+    with pytest.raises(DataError, match=r"nope: patches directory not found"):
+        load_patches(tmp_path / "nope", 2)
+    d = make_patches(tmp_path / "p")
+    (d / "val_masks.npy").unlink()
+    with pytest.raises(DataError, match=r"val_masks\.npy: file not found \(run the patchify"):
+        load_patches(d, 2)
+    np.save(d / "val_masks.npy", np.zeros((2, 64, 64), np.int32))
+    with pytest.raises(
+        DataError,
+        match=r"val_masks\.npy: expected \(N, P, P\) uint8 patches, got shape "
+        r"\(2, 64, 64\) dtype int32",
+    ):
+        load_patches(d, 2)
+    np.save(d / "val_masks.npy", np.zeros((3, 64, 64), np.uint8))
+    with pytest.raises(
+        DataError, match=r"val_masks\.npy: shape \(3, 64, 64\) differs from val_images\.npy"
+    ):
+        load_patches(d, 2)
+    np.save(d / "val_masks.npy", np.full((2, 64, 64), 2, np.uint8))
+    with pytest.raises(DataError, match=r"val_masks\.npy: mask class index 2 >= n_classes \(2\)"):
+        load_patches(d, 2)
+    np.save(d / "val_images.npy", np.zeros((2, 32, 32), np.uint8))
+    np.save(d / "val_masks.npy", np.zeros((2, 32, 32), np.uint8))
+    with pytest.raises(
+        DataError, match=r"val_images\.npy: patch size 32 differs from train patch size 64"
+    ):
+        load_patches(d, 2)
+    np.save(d / "train_images.npy", np.zeros((0, 64, 64), np.uint8))
+    np.save(d / "train_masks.npy", np.zeros((0, 64, 64), np.uint8))
+    with pytest.raises(DataError, match=r"train_images\.npy: no training patches"):
+        load_patches(d, 2)
+    (d / "train_images.npy").write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"train_images\.npy: cannot read \.npy array"):
+        load_patches(d, 2)
+
+
+def _sampler(patches: Path, **kw) -> CropSampler:
+    data = load_patches(patches, 2)
+    args = {
+        "crop_size": 32,
+        "foreground_crop_prob": 0.0,
+        "augment": AugmentConfig(),
+        "seed": 1,
+        "samples_per_epoch": 6,
+    }
+    args.update(kw)
+    return CropSampler(data.train_images, data.train_masks, **args)
+
+
+def test_sampler_deterministic_and_shapes(patches):
+    a, b = _sampler(patches), _sampler(patches)
+    img, mask = a.sample(3)
+    assert img.shape == (32, 32, 1) and img.dtype == np.float32
+    assert mask.shape == (32, 32, 1) and mask.dtype == np.uint8
+    for k in (0, 5, 6, 17):
+        np.testing.assert_array_equal(a.sample(k)[0], b.sample(k)[0])
+    # Same position in another epoch: a different sample.
+    assert not np.array_equal(a.sample(0)[0], a.sample(6)[0])
+    full = _sampler(patches, crop_size=None, augment=None)
+    assert full.sample(0)[0].shape == (64, 64, 1)
+
+
+def test_sampler_visits_every_patch_once_per_epoch(patches):
+    data = load_patches(patches, 2)
+    s = _sampler(patches, augment=None, crop_size=None, samples_per_epoch=6)
+    for epoch in range(2):
+        seen = sorted(
+            int(
+                np.flatnonzero(
+                    (data.train_images == s.sample(epoch * 6 + i)[0][..., 0] * 255)
+                    .reshape(6, -1)
+                    .all(axis=1)
+                )[0]
+            )
+            for i in range(6)
+        )
+        assert seen == list(range(6))
+
+
+def test_sampler_foreground_crops(patches):
+    centred = _sampler(patches, foreground_crop_prob=1.0, augment=None, crop_size=16)
+    assert all(centred.sample(k)[1].any() for k in range(24))
+    uniform = _sampler(patches, foreground_crop_prob=0.0, augment=None, crop_size=16)
+    assert sum(uniform.sample(k)[1].any() for k in range(24)) < 24
+
+
+def test_sampler_errors(patches):
+    with pytest.raises(ValueError, match=r"train\.crop_size \(128\) exceeds the patch size \(64\)"):
+        _sampler(patches, crop_size=128)
+    with pytest.raises(ValueError, match="samples_per_epoch must be >= 1, got 0"):
+        _sampler(patches, samples_per_epoch=0)
+
+
+def test_run_key_depends_on_config_and_data(tmp_path, patches):
+    cfg = resolve_train_config(TINY)
+    key = run_key(patches, AugmentConfig(), cfg, 2, 0)
+    assert len(key) == 16 and key == run_key(patches, AugmentConfig(), cfg, 2, 0)
+    assert key != run_key(patches, AugmentConfig(), cfg, 2, 1)
+    assert key != run_key(patches, AugmentConfig(rotation_deg=5), cfg, 2, 0)
+    other_cfg = resolve_train_config({**TINY, "learning_rate": 0.01})
+    assert key != run_key(patches, AugmentConfig(), other_cfg, 2, 0)
+    other_data = make_patches(tmp_path / "other", seed=9)
+    assert key != run_key(other_data, AugmentConfig(), cfg, 2, 0)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames or ()) == HISTORY_COLUMNS
+        return list(reader)
+
+
+def test_train_model_end_to_end(tmp_path, patches):
+    import keras
+
+    cfg = resolve_train_config(TINY)
+    out, ck = tmp_path / "out", tmp_path / "ck"
+    result = train_model(patches, AugmentConfig(), cfg, 2, 0, out, ck, progress=False)
+    assert result.model_path == out / "model.keras" and result.model_path.is_file()
+    assert result.epochs_run == 2 and not result.resumed
+    assert result.stop_reason == "completed"
+    assert 1 <= result.best_epoch <= 2
+    assert result.patches_per_second > 0 and result.train_seconds > 0
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert all(set(r) == set(HISTORY_COLUMNS) for r in result.history)
+    rows = _read_csv(out / "history.csv")
+    assert len(rows) == 2 and all(rows[0][c] != "" for c in HISTORY_COLUMNS)
+    val_losses = [r["val_loss"] for r in result.history]
+    assert result.history[result.best_epoch - 1]["val_loss"] == min(val_losses)
+    # cosine schedule: the learning rate decreases from the configured value
+    assert result.history[0]["lr"] == pytest.approx(cfg.learning_rate)
+    assert result.history[1]["lr"] < result.history[0]["lr"]
+    assert list(ck.iterdir()) == []  # backup removed after success
+    model = keras.saving.load_model(result.model_path)  # no custom objects needed
+    assert model.predict(np.zeros((1, 64, 64, 1), np.float32), verbose=0).shape == (1, 64, 64, 1)
+
+
+def test_train_model_multiclass_plateau_budget_no_val(tmp_path):
+    d = make_patches(tmp_path / "p", n_val=0, n_classes=3)
+    cfg = resolve_train_config(
+        {**TINY, "epochs": 5, "lr_schedule": "plateau", "max_train_seconds": 1e-3, "augment": False}
+    )
+    out = tmp_path / "out"
+    result = train_model(d, AugmentConfig(), cfg, 3, 0, out, tmp_path / "ck", progress=False)
+    assert result.epochs_run == 1 and result.stop_reason == "time_budget"
+    assert result.best_epoch == 1
+    assert result.history[0]["val_loss"] is None and result.history[0]["lr"] == pytest.approx(1e-3)
+    assert _read_csv(out / "history.csv")[0]["val_loss"] == ""
+    import keras
+
+    model = keras.saving.load_model(out / "model.keras")
+    assert model.output_shape == (None, None, None, 3)
+
+
+def test_train_model_early_stopping_and_extra_callbacks(tmp_path, patches):
+    import keras
+
+    seen: list[dict] = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append(dict(logs or {}))
+
+    # ~zero learning rate, no batch norm -> val_loss never improves after epoch 1 -> stop
+    # after 1 + patience epochs
+    cfg = resolve_train_config(
+        {
+            **TINY,
+            "epochs": 6,
+            "model": {**TINY["model"], "batch_norm": False},
+            "learning_rate": 1e-12,
+            "early_stopping_patience": 1,
+            "lr_schedule": "plateau",
+            "min_lr": 0.0,
+        }
+    )
+    result = train_model(
+        patches,
+        AugmentConfig(),
+        cfg,
+        2,
+        0,
+        tmp_path / "o",
+        tmp_path / "ck",
+        progress=False,
+        callbacks=[Spy()],
+    )
+    assert result.stop_reason == "early_stopping"
+    assert result.epochs_run == 2 and result.best_epoch == 1
+    assert len(seen) == result.epochs_run and "lr" in seen[0] and "val_iou" in seen[0]
+
+
+def test_train_model_errors(tmp_path, patches):
+    cfg = resolve_train_config(TINY)
+    args = (AugmentConfig(),)
+    with pytest.raises(ValueError, match="train_model: n_classes must be >= 2, got 1"):
+        train_model(patches, *args, cfg, 1, 0, tmp_path / "o", tmp_path / "c")
+    bad = resolve_train_config({**TINY, "crop_size": 34})
+    with pytest.raises(
+        ValueError, match=r"train\.crop_size \(34\) must be a multiple of 2\*\*model\.depth \(4\)"
+    ):
+        train_model(patches, *args, bad, 2, 0, tmp_path / "o", tmp_path / "c")
+    big = resolve_train_config({**TINY, "crop_size": 128})
+    with pytest.raises(ValueError, match=r"train\.crop_size \(128\) exceeds the patch size \(64\)"):
+        train_model(patches, *args, big, 2, 0, tmp_path / "o", tmp_path / "c")
+    deeper = resolve_train_config({**TINY, "crop_size": None, "model": {"depth": 6}})
+    d = make_patches(tmp_path / "p48", size=48)
+    with pytest.raises(
+        ValueError, match=r"patch size \(48\) must be a multiple of 2\*\*model\.depth \(64\)"
+    ):
+        train_model(d, *args, deeper, 2, 0, tmp_path / "o", tmp_path / "c")
+    with pytest.raises(DataError, match=r"missing: patches directory not found"):
+        train_model(tmp_path / "missing", *args, cfg, 2, 0, tmp_path / "o", tmp_path / "c")
