@@ -1,0 +1,107 @@
+"""``mitoseg bento build``: model hand-over into the BentoML store and the GPU Bento."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+MITOSEG = Path(sys.executable).with_name("mitoseg")
+BENTOML = Path(sys.executable).with_name("bentoml")
+
+
+def run(cmd: list[str], home: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "BENTOML_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env["BENTOML_DO_NOT_TRACK"] = "True"
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import keras
+
+    from mitoseg.config import ModelConfig
+    from mitoseg.model.unet import build_unet
+
+    keras.utils.set_random_seed(1)
+    model = build_unet(ModelConfig(depth=2, base_filters=4, batch_norm=False, dropout=0.0), 2)
+    path = tmp_path_factory.mktemp("model") / "tiny.keras"
+    model.save(path)
+    return path
+
+
+def test_bento_build_packs_model_and_targets_gpu(tiny_model: Path, tmp_path: Path) -> None:
+    home = tmp_path / "bentoml"
+    res = run([str(MITOSEG), "bento", "build", "--model", str(tiny_model), "--version", "t1"], home)
+    assert res.stdout.strip().splitlines()[-1] == "mitoseg:t1"
+    model_tag = res.stderr.split("model ", 1)[1].split()[0]
+    assert model_tag.startswith("mitoseg-unet:")
+
+    out = run([str(BENTOML), "get", "mitoseg:t1", "-o", "path"], home).stdout
+    bento_dir = Path("".join(out.split()))  # rich may wrap a long path
+    dockerfile = (bento_dir / "env" / "docker" / "Dockerfile").read_text()
+    requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text().split()
+    assert "tensorflow[and-cuda]==2.21.0" in requirements
+    assert not any(r.startswith("tensorflow-cpu") for r in requirements)
+    assert "uv --directory $INSTALL_ROOT pip install -r" in dockerfile
+    assert (bento_dir / "src" / "mitoseg" / "serving" / "service.py").is_file()
+    assert not (bento_dir / "src" / "mitoseg" / "sample_data").exists()
+
+    info = yaml.safe_load((bento_dir / "bento.yaml").read_text())
+    assert info["service"] == "mitoseg.serving.service:MitoSeg"
+    assert info["args"] == {"model_tag": model_tag}
+    services = {s["name"]: s for s in info["services"]}
+    runner = services["mitoseg-unet-runner"]
+    assert runner["config"]["resources"] == {"gpu": 1}
+    assert [m["tag"] for m in runner["models"]] == [model_tag]
+    assert services["mitoseg"]["dependencies"] == [{"service": "mitoseg-unet-runner"}]
+    routes = {r["route"] for r in info["schema"]["routes"]}
+    assert {"/segment", "/segment_stack", "/stats", "/metadata"} <= routes
+
+    # the exported Bento (what containerize builds from) carries the model file
+    archive = tmp_path / "mitoseg.bento"
+    run([str(BENTOML), "export", "mitoseg:t1", str(archive)], home)
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    version = model_tag.split(":")[1]
+    assert f"./models/mitoseg-unet/{version}/model.keras" in names
+
+    # importing the same weights with the same settings again reuses the stored model
+    res = run([str(MITOSEG), "bento", "build", "--model", str(tiny_model), "--version", "t2"], home)
+    assert res.stderr.split("model ", 1)[1].split()[0] == model_tag
+
+
+def test_bento_build_errors(tmp_path: Path, tiny_model: Path) -> None:
+    home = tmp_path / "bentoml"
+    missing = tmp_path / "nope.keras"
+    res = run([str(MITOSEG), "bento", "build", "--model", str(missing)], home, check=False)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1] == f"error: {missing}: model file not found"
+    res = run(
+        [str(MITOSEG), "bento", "build", "--model", str(tiny_model), "--bentofile", "no.yaml"],
+        home,
+        check=False,
+    )
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1] == "error: no.yaml: bentofile not found"
+
+
+def test_cli_start_imports_neither_bentoml_nor_tensorflow() -> None:
+    code = (
+        "import sys, mitoseg.cli; "
+        "print(sorted(m for m in ('bentoml', 'tensorflow', 'keras') if m in sys.modules))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
