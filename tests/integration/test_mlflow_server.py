@@ -1,6 +1,7 @@
 """mitoseg.tracking against a real ``mlflow server`` with S3 artifacts (SeaweedFS).
 
-The server runs on a free loopback port with a sqlite backend and
+The server (the library's launcher :func:`mitoseg.stack.run_mlflow_server`, also behind
+``mitoseg stack up``) runs on a free loopback port with a sqlite backend and
 ``--artifacts-destination s3://<bucket>/mlartifacts`` (proxied artifact serving) on the
 session ``s3_server``. A run with a tiny Keras model is logged, registered, loaded back
 via ``models:/<name>@champion`` through the server, and the artifact objects are checked
@@ -9,15 +10,7 @@ in the bucket with boto3.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,37 +19,12 @@ import pytest
 
 from mitoseg import tracking
 from mitoseg.config import RegisterConfig
-from servers import S3Server, free_port
+from mitoseg.stack import MlflowServer, run_mlflow_server
+from servers import S3Server
 
 pytestmark = pytest.mark.integration
 
 BUCKET = "mitoseg-mlflow"
-
-
-@dataclass
-class MlflowServer:
-    """A running tracking server."""
-
-    url: str
-    bucket: str
-    log: Path
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"mlflow server exited with code {proc.returncode}:\n{log.read_text()[-3000:]}"
-            )
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
-    tail = log.read_text()[-3000:]
-    raise RuntimeError(f"mlflow server not healthy after {timeout:.0f}s:\n{tail}")
 
 
 @pytest.fixture(scope="module")
@@ -64,48 +32,8 @@ def mlflow_server(
     s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[MlflowServer]:
     """``mlflow server`` (1 worker, job execution off) with S3 artifacts; stopped afterwards."""
-    bucket = s3_server.make_bucket(BUCKET)
-    workdir = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    env = {
-        **os.environ,
-        **s3_server.env(),
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    cmd = [
-        str(mlflow_bin),
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{workdir / 'server.db'}",
-        "--artifacts-destination",
-        f"s3://{bucket}/mlartifacts",
-        "--serve-artifacts",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    log = workdir / "server.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=workdir, env=env, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc, log, timeout=60)
-        yield MlflowServer(url=url, bucket=bucket, log=log)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=15)
+    with run_mlflow_server(tmp_path_factory.mktemp("mlflow_server"), s3_server, BUCKET) as server:
+        yield server
 
 
 @pytest.fixture
