@@ -11,8 +11,8 @@ import argparse
 import time
 
 import numpy as np
-from common import machine, save
 
+from common import machine, save
 from mitoseg.config import resolve_train_config
 from mitoseg.inference import segment_stack
 

@@ -359,7 +359,9 @@ def load_section(name: str, path: str | Path = "params.yaml") -> Any:
     if name == "train":
         return resolve_train_config(section)
     if name not in _SECTIONS:
-        raise ConfigError(f"unknown params section {name!r}; known: {sorted([*_SECTIONS, 'train'])}")
+        raise ConfigError(
+            f"unknown params section {name!r}; known: {sorted([*_SECTIONS, 'train'])}"
+        )
     try:
         return _SECTIONS[name].model_validate(section)
     except ValidationError as exc:

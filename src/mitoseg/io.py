@@ -191,9 +191,7 @@ def write_stack(path: str | Path, stack: np.ndarray) -> None:
         tifffile.imwrite(tmp, arr, compression="zlib", photometric="minisblack")
 
 
-def normalize_slice(
-    image: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5
-) -> np.ndarray:
+def normalize_slice(image: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
     """Scale one slice to ``float32`` in ``[0, 1]`` by robust percentiles.
 
     The same rule is used for training patches, evaluation, ``mitoseg predict`` and the
@@ -211,7 +209,9 @@ def normalize_slice(
         ValueError: non-finite values, or percentiles out of order.
     """
     if not 0 <= low_pct < high_pct <= 100:
-        raise ValueError(f"normalize_slice: need 0 <= low_pct < high_pct <= 100, got {low_pct}, {high_pct}")
+        raise ValueError(
+            f"normalize_slice: need 0 <= low_pct < high_pct <= 100, got {low_pct}, {high_pct}"
+        )
     x = np.asarray(image, dtype=np.float32)
     if not np.isfinite(x).all():
         raise ValueError("normalize_slice: image contains NaN or infinite values")

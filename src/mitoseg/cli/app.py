@@ -18,7 +18,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(help="Fetch raw EM data into the canonical layout.", no_args_is_help=True)
-bento_app = typer.Typer(help="Package the registered model as a BentoML Bento.", no_args_is_help=True)
+bento_app = typer.Typer(
+    help="Package the registered model as a BentoML Bento.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 app.add_typer(bento_app, name="bento")
 

@@ -1,0 +1,397 @@
+"""Whole-slice evaluation: threshold choice, test metrics, per-slice table and figures.
+
+Slices are segmented with the same tiled inference as ``mitoseg predict`` and the service
+(:func:`mitoseg.inference.segment_stack`); scores come from :mod:`mitoseg.metrics`.
+
+Figure colours (overlay panel, drawn over the grey input at 50 % opacity):
+
+* green: true positive, foreground predicted with the right class;
+* red: false positive, foreground predicted where the truth is background or another
+  class;
+* blue: false negative, truth foreground predicted as background.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mitoseg.config import EvaluateConfig
+from mitoseg.inference import iter_stack_probabilities, probabilities_to_mask
+from mitoseg.io import DataError, atomic_dir, atomic_path, normalize_slice, write_json
+from mitoseg.metrics import confusion_matrix, evaluate_masks, scores_from_confusion
+
+__all__ = [
+    "OVERLAY_COLORS",
+    "PER_SLICE_COLUMNS",
+    "EvaluationResult",
+    "choose_threshold",
+    "evaluate_stack",
+    "masks_to_indices",
+    "write_figures",
+    "write_outputs",
+]
+
+#: Columns of ``per_slice.csv``.
+PER_SLICE_COLUMNS: tuple[str, ...] = (
+    "slice",
+    "iou",
+    "dice",
+    "accuracy",
+    "precision",
+    "recall",
+    "fg_true",
+    "fg_pred",
+)
+
+#: RGB colours of the overlay panel.
+OVERLAY_COLORS: dict[str, tuple[float, float, float]] = {
+    "tp": (0.0, 0.8, 0.0),
+    "fp": (1.0, 0.0, 0.0),
+    "fn": (0.0, 0.3, 1.0),
+}
+
+
+@dataclass
+class EvaluationResult:
+    """Outcome of :func:`evaluate_stack`.
+
+    Attributes:
+        metrics: the ``metrics.json`` content (see :func:`evaluate_stack`).
+        rows: one dict per slice (``PER_SLICE_COLUMNS`` plus object counts).
+        predictions: ``(Z, H, W)`` uint8 predicted class indexes.
+        images: ``(Z, H, W)`` the evaluated raw images (a reference, not a copy).
+        masks: ``(Z, H, W)`` ground-truth class indexes.
+    """
+
+    metrics: dict[str, Any]
+    rows: list[dict[str, Any]]
+    predictions: np.ndarray
+    images: np.ndarray
+    masks: np.ndarray
+
+
+def masks_to_indices(
+    masks: np.ndarray, value_to_index: Mapping[int, int], source: str
+) -> np.ndarray:
+    """Map raw mask values to class indexes with a class table.
+
+    Args:
+        masks: ``(Z, H, W)`` or ``(H, W)`` integer raw mask values (e.g. 0/255).
+        value_to_index: raw value -> class index (``BaseConfig.value_to_index()``).
+        source: file name used in error messages.
+
+    Returns:
+        uint8 class indexes, same shape.
+
+    Raises:
+        DataError: non-integer masks, or a value missing from the table (the message names
+            ``source``, the first slice holding it and the known values).
+    """
+    masks = np.asarray(masks)
+    if not np.issubdtype(masks.dtype, np.integer):
+        raise DataError(f"{source}: masks must be integer values, got dtype {masks.dtype}")
+    values = np.unique(masks)
+    unknown = [int(v) for v in values if int(v) not in value_to_index]
+    if unknown:
+        stack = masks[None] if masks.ndim == 2 else masks
+        z = next(i for i in range(stack.shape[0]) if np.isin(stack[i], unknown).any())
+        raise DataError(
+            f"{source}: slice {z}: mask values {unknown[:10]} are not in the class table "
+            f"(known values: {sorted(value_to_index)}); set base.classes"
+        )
+    lut = np.zeros(int(values.max()) + 1 if values.size else 1, dtype=np.uint8)
+    for v, idx in value_to_index.items():
+        if v < lut.size:
+            lut[v] = idx
+    return lut[masks]
+
+
+def _check_pair(images: np.ndarray, masks: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    images, masks = np.asarray(images), np.asarray(masks)
+    if images.ndim == 2:
+        images = images[None]
+    if masks.ndim == 2:
+        masks = masks[None]
+    if images.ndim != 3 or images.shape[0] == 0:
+        raise ValueError(f"{what}: expected (Z, H, W) images, got shape {images.shape}")
+    if images.shape != masks.shape:
+        raise ValueError(f"{what}: images shape {images.shape} != masks shape {masks.shape}")
+    return images, masks
+
+
+def _check_classes(channels: int, n_classes: int) -> None:
+    expected = 1 if n_classes == 2 else n_classes
+    if channels != expected:
+        raise ValueError(
+            f"model outputs {channels} channel(s) but the class table has {n_classes} classes "
+            f"(expected {expected} output channel(s))"
+        )
+
+
+def choose_threshold(
+    model: Any,
+    val_images: np.ndarray,
+    val_masks: np.ndarray,
+    grid: Sequence[float],
+    *,
+    tile_size: int = 256,
+    overlap: float = 0.5,
+    batch_size: int = 8,
+    tta: bool = False,
+    progress: bool = False,
+) -> tuple[float, dict[float, float]]:
+    """Pick the foreground threshold that maximises IoU on whole validation slices.
+
+    The IoU for each grid value is computed from the confusion matrix summed over all
+    validation pixels. Ties are broken towards 0.5, then towards the lower threshold.
+    Binary (sigmoid) models only: softmax models use argmax and need no threshold.
+
+    Args:
+        model: Keras model or batch-predict callable with one output channel.
+        val_images: ``(Z, H, W)`` raw validation slices (uint8/uint16).
+        val_masks: ``(Z, H, W)`` class indexes 0/1.
+        grid: candidate thresholds in ``[0, 1]``.
+        tile_size, overlap, batch_size, tta: tiled inference settings.
+        progress: show a progress bar.
+
+    Returns:
+        ``(threshold, {threshold: iou})``.
+
+    Raises:
+        ValueError: empty grid or values outside ``[0, 1]``, shape mismatch, a model with
+            more than one output channel.
+    """
+    grid = [float(g) for g in grid]
+    if not grid:
+        raise ValueError("choose_threshold: threshold grid is empty")
+    bad = [g for g in grid if not 0.0 <= g <= 1.0]
+    if bad:
+        raise ValueError(f"choose_threshold: thresholds must be in [0, 1], got {bad}")
+    images, masks = _check_pair(val_images, val_masks, "choose_threshold")
+    cms = {g: np.zeros((2, 2), dtype=np.int64) for g in grid}
+    probs_iter = iter_stack_probabilities(
+        model,
+        images,
+        tile_size=tile_size,
+        overlap=overlap,
+        batch_size=batch_size,
+        tta=tta,
+        progress=progress,
+        description="validation slices",
+    )
+    for z, probs in enumerate(probs_iter):
+        if probs.shape[-1] != 1:
+            raise ValueError(
+                f"choose_threshold: the model has {probs.shape[-1]} output channels; thresholds "
+                "apply only to binary (sigmoid) models, multiclass uses argmax"
+            )
+        for g in grid:
+            cms[g] += confusion_matrix(masks[z], probabilities_to_mask(probs, g), 2)
+    scores = {g: scores_from_confusion(cm)["iou"] for g, cm in cms.items()}
+    best = max(scores.values())
+    ties = [g for g, s in scores.items() if s >= best - 1e-12]
+    threshold = min(ties, key=lambda g: (abs(g - 0.5), g))
+    return threshold, scores
+
+
+def evaluate_stack(
+    model: Any,
+    images: np.ndarray,
+    masks: np.ndarray,
+    cfg: EvaluateConfig,
+    threshold: float,
+    n_classes: int,
+    class_names: Sequence[str],
+    progress: bool = False,
+) -> EvaluationResult:
+    """Segment a labelled stack and score it.
+
+    Args:
+        model: Keras model or batch-predict callable (``C = 1`` sigmoid for 2 classes,
+            ``C = n_classes`` softmax otherwise).
+        images: ``(Z, H, W)`` (or ``(H, W)``) raw uint8/uint16 slices.
+        masks: same shape, ground-truth class indexes ``0 .. n_classes-1``.
+        cfg: tiling (``tile_size``, ``overlap``, ``batch_size``, ``tta``) and
+            ``min_object_size``.
+        threshold: foreground threshold (binary models; ignored for multiclass).
+        n_classes: number of classes, background included.
+        class_names: ``n_classes`` names, background first.
+        progress: show a progress bar.
+
+    Returns:
+        :class:`EvaluationResult` whose ``metrics`` has ``iou, mean_iou, dice, accuracy,
+        precision, recall`` (aggregated over all pixels; foreground scores are the macro
+        mean over foreground classes for multiclass), ``threshold`` (None for multiclass),
+        ``n_test_slices``, ``objects``, ``per_class``, ``slice_mean``, ``confusion``,
+        ``class_names``, ``tile_size``, ``overlap``, ``tta``, ``inference_seconds`` and
+        ``pixels_per_second``.
+
+    Raises:
+        ValueError: shape mismatch, wrong number of class names, threshold outside
+            ``[0, 1]``, or model outputs not matching ``n_classes``.
+    """
+    images, masks = _check_pair(images, masks, "evaluate_stack")
+    if len(class_names) != n_classes:
+        raise ValueError(f"evaluate_stack: {len(class_names)} class names for {n_classes} classes")
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"evaluate_stack: threshold must be in [0, 1], got {threshold}")
+    preds = np.zeros(images.shape, dtype=np.uint8)
+    start = time.perf_counter()
+    probs_iter = iter_stack_probabilities(
+        model,
+        images,
+        tile_size=cfg.tile_size,
+        overlap=cfg.overlap,
+        batch_size=cfg.batch_size,
+        tta=cfg.tta,
+        progress=progress,
+        description="test slices",
+    )
+    for z, probs in enumerate(probs_iter):
+        _check_classes(probs.shape[-1], n_classes)
+        preds[z] = probabilities_to_mask(probs, threshold)
+    seconds = time.perf_counter() - start
+    summary, rows = evaluate_masks(masks, preds, n_classes, class_names, cfg.min_object_size)
+    metrics: dict[str, Any] = {
+        key: summary[key] for key in ("iou", "mean_iou", "dice", "accuracy", "precision", "recall")
+    }
+    metrics["threshold"] = float(threshold) if n_classes == 2 else None
+    metrics["n_test_slices"] = int(images.shape[0])
+    metrics["objects"] = summary["objects"]
+    metrics["per_class"] = summary["per_class"]
+    metrics["slice_mean"] = summary["slice_mean"]
+    metrics["confusion"] = summary["confusion"]
+    metrics["class_names"] = list(class_names)
+    metrics["tile_size"] = cfg.tile_size
+    metrics["overlap"] = cfg.overlap
+    metrics["tta"] = cfg.tta
+    metrics["inference_seconds"] = round(seconds, 3)
+    metrics["pixels_per_second"] = round(images.size / seconds, 1) if seconds > 0 else None
+    return EvaluationResult(
+        metrics=metrics, rows=rows, predictions=preds, images=images, masks=masks
+    )
+
+
+def _overlay(gray: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` float RGB: grey input with TP/FP/FN coloured (see module docstring)."""
+    rgb = np.repeat(gray[..., None], 3, axis=-1).astype(np.float32)
+    tp = (pred != 0) & (pred == truth)
+    fp = (pred != 0) & (pred != truth)
+    fn = (truth != 0) & (pred == 0)
+    for sel, key in ((tp, "tp"), (fp, "fp"), (fn, "fn")):
+        rgb[sel] = 0.5 * rgb[sel] + 0.5 * np.asarray(OVERLAY_COLORS[key], dtype=np.float32)
+    return rgb
+
+
+def write_figures(
+    images: np.ndarray,
+    masks: np.ndarray,
+    preds: np.ndarray,
+    out_dir: str | Path,
+    n: int,
+    n_classes: int = 2,
+) -> list[Path]:
+    """Save ``n`` evenly spaced slices as 4-panel PNGs (input, truth, prediction, overlay).
+
+    Args:
+        images: ``(Z, H, W)`` raw slices.
+        masks: ``(Z, H, W)`` ground-truth class indexes.
+        preds: ``(Z, H, W)`` predicted class indexes.
+        out_dir: directory for ``slice_XXX.png`` files (created).
+        n: number of slices to draw (capped at Z; 0 draws none).
+        n_classes: classes including background (colour scale of the mask panels).
+
+    Returns:
+        The written PNG paths, in slice order.
+
+    Raises:
+        ValueError: shapes differ or ``n < 0``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if n < 0:
+        raise ValueError(f"write_figures: n must be >= 0, got {n}")
+    images, masks = _check_pair(images, masks, "write_figures")
+    preds = np.asarray(preds)
+    if preds.ndim == 2:
+        preds = preds[None]
+    if preds.shape != masks.shape:
+        raise ValueError(
+            f"write_figures: predictions shape {preds.shape} != masks shape {masks.shape}"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    z_count = images.shape[0]
+    picks = (
+        sorted({round(float(v)) for v in np.linspace(0, z_count - 1, min(n, z_count))}) if n else []
+    )
+    cmap = "gray" if n_classes == 2 else "tab10"
+    paths: list[Path] = []
+    for z in picks:
+        gray = normalize_slice(images[z])
+        height, width = images.shape[1:]
+        fig = Figure(figsize=(16, 4 * height / width + 0.6), dpi=80)
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, 4)
+        panels = (
+            ("input", gray, "gray", 0, 1),
+            ("ground truth", masks[z], cmap, 0, n_classes - 1),
+            ("prediction", preds[z], cmap, 0, n_classes - 1),
+        )
+        for ax, (title, arr, cm, lo, hi) in zip(axes[:3], panels, strict=True):
+            ax.imshow(arr, cmap=cm, vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_title(f"slice {z}: {title}")
+        axes[3].imshow(_overlay(gray, masks[z], preds[z]), interpolation="nearest")
+        axes[3].set_title("overlay: TP green, FP red, FN blue")
+        for ax in axes:
+            ax.set_axis_off()
+        fig.tight_layout()
+        path = out / f"slice_{z:03d}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+        paths.append(path)
+    return paths
+
+
+def write_outputs(
+    result: EvaluationResult, out_dir: str | Path, n_figures: int = 3
+) -> dict[str, Any]:
+    """Write ``metrics.json``, ``per_slice.csv`` and ``figures/`` into ``out_dir``.
+
+    Each output is replaced atomically (the figures directory as a whole).
+
+    Args:
+        result: from :func:`evaluate_stack`.
+        out_dir: output directory (created).
+        n_figures: slices drawn into ``figures/``.
+
+    Returns:
+        ``{"metrics": Path, "per_slice": Path, "figures": [Path, ...]}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.json"
+    write_json(metrics_path, result.metrics)
+    csv_path = out / "per_slice.csv"
+    with atomic_path(csv_path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(PER_SLICE_COLUMNS), extrasaction="ignore")
+        writer.writeheader()
+        for row in result.rows:
+            writer.writerow(
+                {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+            )
+    n_classes = len(result.metrics.get("class_names") or [0, 1])
+    with atomic_dir(out / "figures") as tmp_dir:
+        written = write_figures(
+            result.images, result.masks, result.predictions, tmp_dir, n_figures, n_classes
+        )
+    figures = [out / "figures" / p.name for p in written]
+    return {"metrics": metrics_path, "per_slice": csv_path, "figures": figures}

@@ -1,0 +1,416 @@
+"""Tiled whole-image inference: one implementation for evaluate, ``mitoseg predict`` and the
+BentoML service.
+
+:func:`predict_tiled` is a *pure* function of an image array and a batch-predict callable:
+no model object, file or global state is touched, so it can be mapped over chunks with
+Dask or Ray. It cuts the (reflect-padded) image into overlapping square tiles, predicts
+them in batches and blends the tile outputs with a separable squared-sine window (floored
+at :data:`WINDOW_FLOOR` so that every pixel has a positive weight), normalised by the sum of
+weights. Optional test-time augmentation (TTA) averages the 8 dihedral transforms
+(4 rotations x optional horizontal flip), each inverse-transformed back.
+
+Tile size constraint: the UNet halves H and W ``depth`` times, so a tile side must be a
+multiple of ``2**depth``. :func:`predict_tiled` checks ``tile_size % divisor == 0`` with
+``divisor = 16`` by default (depth 4, the shipped models); pass ``divisor=2**depth`` for
+deeper models.
+
+This module imports no tensorflow: a Keras model is only *called* through its
+``predict_on_batch`` method (see :func:`as_predict_batch`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from mitoseg.io import normalize_slice
+
+__all__ = [
+    "WINDOW_FLOOR",
+    "PredictBatch",
+    "as_predict_batch",
+    "check_tiling",
+    "iter_stack_probabilities",
+    "mask_to_image",
+    "predict_tiled",
+    "probabilities_to_mask",
+    "segment_stack",
+    "tile_positions",
+    "window_2d",
+]
+
+#: ``(B, T, T, 1) float32 -> (B, T, T, C) float32`` probabilities.
+PredictBatch = Callable[[np.ndarray], np.ndarray]
+
+#: Minimum blending weight: tile borders still count a little, so the image border (which
+#: only tile borders may cover) always has a defined, positive weight.
+WINDOW_FLOOR = 1e-3
+
+
+def window_2d(tile_size: int, floor: float = WINDOW_FLOOR) -> np.ndarray:
+    """Separable squared-sine blending window.
+
+    Args:
+        tile_size: side ``T`` of the square tile.
+        floor: minimum weight (``> 0``).
+
+    Returns:
+        ``(T, T)`` float32 weights in ``[floor, 1]``, symmetric, peaking at the centre.
+    """
+    i = np.arange(tile_size, dtype=np.float64)
+    w1 = np.sin(np.pi * (i + 0.5) / tile_size) ** 2
+    return np.maximum(np.outer(w1, w1), floor).astype(np.float32)
+
+
+def tile_positions(length: int, tile_size: int, step: int) -> list[int]:
+    """Start offsets of tiles covering ``[0, length)`` (``length >= tile_size``).
+
+    Tiles start every ``step`` pixels; the last one is snapped to ``length - tile_size``.
+
+    Returns:
+        Sorted distinct start offsets; the first is 0 and the last ``length - tile_size``.
+    """
+    if length < tile_size:
+        raise ValueError(f"tile_positions: length {length} is smaller than tile_size {tile_size}")
+    last = length - tile_size
+    starts = list(range(0, last + 1, step))
+    if starts[-1] != last:
+        starts.append(last)
+    return starts
+
+
+def check_tiling(tile_size: int, overlap: float, batch_size: int, divisor: int = 16) -> None:
+    """Validate tiling arguments (see :func:`predict_tiled`).
+
+    Raises:
+        ValueError: ``divisor`` not a positive integer, ``tile_size`` not a multiple of
+            ``divisor``, ``overlap`` outside ``[0, 1)`` or ``batch_size < 1``.
+    """
+    if not isinstance(divisor, (int, np.integer)) or divisor < 1:
+        raise ValueError(f"divisor must be a positive integer, got {divisor!r}")
+    if (
+        not isinstance(tile_size, (int, np.integer))
+        or isinstance(tile_size, bool)
+        or tile_size < divisor
+    ):
+        raise ValueError(f"tile_size must be an integer >= {divisor}, got {tile_size!r}")
+    if tile_size % divisor:
+        raise ValueError(
+            f"tile_size must be a multiple of {divisor} (the UNet halves H and W depth times, "
+            f"so tiles need a side divisible by 2**depth), got {tile_size}"
+        )
+    if not 0.0 <= float(overlap) < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if (
+        not isinstance(batch_size, (int, np.integer))
+        or isinstance(batch_size, bool)
+        or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
+def _pad(image: np.ndarray, before: tuple[int, int], after: tuple[int, int]) -> np.ndarray:
+    # numpy's reflect mode repeats the reflection for pads longer than the axis, but needs
+    # at least 2 samples along a padded axis; a 1-pixel axis is edge-padded instead.
+    for axis in (0, 1):
+        if before[axis] or after[axis]:
+            pads = [(0, 0), (0, 0)]
+            pads[axis] = (before[axis], after[axis])
+            mode = "reflect" if image.shape[axis] >= 2 else "edge"
+            image = np.pad(image, pads, mode=mode)
+    return image
+
+
+def _dihedral(x: np.ndarray, k: int) -> np.ndarray:
+    """Transform ``k`` (0..7) of the dihedral group on axes (1, 2) of ``(B, T, T, C)``."""
+    if k >= 4:
+        x = x[:, :, ::-1]
+    return np.rot90(x, k % 4, axes=(1, 2))
+
+
+def _inverse_dihedral(x: np.ndarray, k: int) -> np.ndarray:
+    x = np.rot90(x, -(k % 4), axes=(1, 2))
+    if k >= 4:
+        x = x[:, :, ::-1]
+    return x
+
+
+def _call(predict_batch: PredictBatch, batch: np.ndarray) -> np.ndarray:
+    out = np.asarray(predict_batch(np.ascontiguousarray(batch, dtype=np.float32)))
+    b, t = batch.shape[0], batch.shape[1]
+    if out.ndim != 4 or out.shape[:3] != (b, t, t):
+        raise ValueError(
+            f"predict_batch returned shape {tuple(out.shape)} for an input batch of shape "
+            f"{tuple(batch.shape)}; expected ({b}, {t}, {t}, C)"
+        )
+    return out.astype(np.float32, copy=False)
+
+
+def predict_tiled(
+    image: np.ndarray,
+    predict_batch: PredictBatch,
+    *,
+    tile_size: int = 256,
+    overlap: float = 0.5,
+    batch_size: int = 8,
+    tta: bool = False,
+    divisor: int = 16,
+) -> np.ndarray:
+    """Predict class probabilities of a whole 2D image with overlapping, blended tiles.
+
+    The image is reflect-padded by ``(tile_size - step) // 2`` on every side (so image
+    borders sit away from the tile borders), and further to at least one tile; tiles of
+    ``tile_size`` start every ``step = max(1, round(tile_size * (1 - overlap)))`` pixels
+    with the last one snapped to the end. Each output pixel is the window-weighted mean of
+    the tile predictions covering it.
+
+    Args:
+        image: ``(H, W)`` float32 in ``[0, 1]`` (already normalised), any ``H, W >= 1``.
+        predict_batch: maps ``(B, T, T, 1)`` float32 to ``(B, T, T, C)`` float32
+            probabilities (``B <= batch_size``, ``T = tile_size``).
+        tile_size: tile side ``T``; a multiple of ``divisor``.
+        overlap: fraction of a tile shared with its neighbour, in ``[0, 1)``.
+        batch_size: tiles per ``predict_batch`` call.
+        tta: average over the 8 flips/rotations of every tile (8x the compute).
+        divisor: ``2**depth`` of the network; ``tile_size`` must be a multiple of it.
+
+    Returns:
+        ``(H, W, C)`` float32 blended probabilities. Deterministic for a deterministic
+        ``predict_batch``.
+
+    Raises:
+        ValueError: image not 2D, empty or non-finite; invalid ``tile_size``, ``overlap``,
+            ``batch_size`` or ``divisor``; ``predict_batch`` returned a wrong shape.
+    """
+    check_tiling(tile_size, overlap, batch_size, divisor)
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError(f"predict_tiled: expected a 2D (H, W) image, got shape {image.shape}")
+    if image.size == 0:
+        raise ValueError(f"predict_tiled: image is empty (shape {image.shape})")
+    image = image.astype(np.float32, copy=False)
+    if not np.isfinite(image).all():
+        raise ValueError("predict_tiled: image contains NaN or infinite values")
+    h, w = image.shape
+    t = int(tile_size)
+    step = max(1, round(t * (1.0 - float(overlap))))
+    margin = (t - step) // 2
+    extra_h, extra_w = max(0, t - (h + 2 * margin)), max(0, t - (w + 2 * margin))
+    before = (margin + extra_h // 2, margin + extra_w // 2)
+    after = (margin + extra_h - extra_h // 2, margin + extra_w - extra_w // 2)
+    padded = _pad(image, before, after)
+    ph, pw = padded.shape
+    starts = [(y, x) for y in tile_positions(ph, t, step) for x in tile_positions(pw, t, step)]
+    weights = window_2d(t)
+    acc: np.ndarray | None = None
+    norm = np.zeros((ph, pw), dtype=np.float32)
+    transforms = range(8) if tta else range(1)
+    for b0 in range(0, len(starts), batch_size):
+        chunk = starts[b0 : b0 + batch_size]
+        batch = np.stack([padded[y : y + t, x : x + t] for y, x in chunk])[..., None]
+        pred: np.ndarray | None = None
+        for k in transforms:
+            out = _call(predict_batch, _dihedral(batch, k) if k else batch)
+            out = _inverse_dihedral(out, k) if k else out
+            pred = out.astype(np.float32) if pred is None else pred + out
+        assert pred is not None
+        if tta:
+            pred /= 8.0
+        if acc is None:
+            acc = np.zeros((ph, pw, pred.shape[-1]), dtype=np.float32)
+        elif pred.shape[-1] != acc.shape[-1]:
+            raise ValueError(
+                f"predict_batch returned {pred.shape[-1]} channels after {acc.shape[-1]} "
+                "for earlier tiles"
+            )
+        for (y, x), p in zip(chunk, pred, strict=True):
+            acc[y : y + t, x : x + t] += p * weights[..., None]
+            norm[y : y + t, x : x + t] += weights
+    assert acc is not None
+    out = acc / norm[..., None]
+    return np.ascontiguousarray(out[before[0] : before[0] + h, before[1] : before[1] + w])
+
+
+def probabilities_to_mask(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Turn probabilities into a class-index mask.
+
+    Args:
+        probs: ``(..., C)`` float probabilities; ``C == 1`` is a sigmoid foreground
+            probability, ``C > 1`` a softmax over classes.
+        threshold: foreground threshold for ``C == 1`` (``probs >= threshold`` is class 1);
+            ignored for ``C > 1`` (argmax).
+
+    Returns:
+        ``(...)`` uint8 class indexes (shape of ``probs`` without the last axis).
+
+    Raises:
+        ValueError: ``probs`` has fewer than 2 dims, more than 256 channels, or the
+            threshold is outside ``[0, 1]``.
+    """
+    probs = np.asarray(probs)
+    if probs.ndim < 2:
+        raise ValueError(
+            f"probabilities_to_mask: expected (..., C) probabilities, got shape {probs.shape}"
+        )
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"probabilities_to_mask: threshold must be in [0, 1], got {threshold}")
+    c = probs.shape[-1]
+    if c == 1:
+        return (probs[..., 0] >= threshold).astype(np.uint8)
+    if c > 256:
+        raise ValueError(f"probabilities_to_mask: {c} classes do not fit a uint8 mask")
+    return np.argmax(probs, axis=-1).astype(np.uint8)
+
+
+def mask_to_image(mask: np.ndarray, n_classes: int) -> np.ndarray:
+    """Class-index mask -> image to save: binary ``0/255``, multiclass class index.
+
+    Args:
+        mask: ``(...)`` integer class indexes in ``0 .. n_classes-1``.
+        n_classes: classes including background (2 = binary).
+
+    Returns:
+        uint8 array of the same shape.
+
+    Raises:
+        ValueError: ``n_classes`` outside ``2 .. 256`` or mask values out of range.
+    """
+    mask = np.asarray(mask)
+    if not 2 <= n_classes <= 256:
+        raise ValueError(f"mask_to_image: n_classes must be in 2..256, got {n_classes}")
+    if mask.size and (int(mask.min()) < 0 or int(mask.max()) >= n_classes):
+        raise ValueError(
+            f"mask_to_image: mask values [{int(mask.min())}, {int(mask.max())}] outside "
+            f"0..{n_classes - 1}"
+        )
+    if n_classes == 2:
+        return (mask != 0).astype(np.uint8) * np.uint8(255)
+    return mask.astype(np.uint8)
+
+
+def as_predict_batch(model_or_fn: Any) -> PredictBatch:
+    """Wrap a Keras model (anything with ``predict_on_batch``) as a :data:`PredictBatch`.
+
+    A plain callable is returned unchanged.
+
+    Raises:
+        TypeError: neither a model with ``predict_on_batch`` nor a callable.
+    """
+    if hasattr(model_or_fn, "predict_on_batch"):
+        model = model_or_fn
+
+        def predict_batch(batch: np.ndarray) -> np.ndarray:
+            return np.asarray(model.predict_on_batch(batch), dtype=np.float32)
+
+        return predict_batch
+    if callable(model_or_fn):
+        return model_or_fn
+    raise TypeError(
+        f"expected a Keras model or a callable batch predictor, got {type(model_or_fn).__name__}"
+    )
+
+
+def _as_stack(stack: np.ndarray) -> np.ndarray:
+    stack = np.asarray(stack)
+    if stack.ndim == 2:
+        stack = stack[None]
+    if stack.ndim != 3:
+        raise ValueError(f"expected a (Z, H, W) stack or an (H, W) image, got shape {stack.shape}")
+    if stack.size == 0:
+        raise ValueError(f"stack is empty (shape {stack.shape})")
+    if not (np.issubdtype(stack.dtype, np.integer) or np.issubdtype(stack.dtype, np.floating)):
+        raise ValueError(f"expected an integer or float image stack, got dtype {stack.dtype}")
+    return stack
+
+
+def iter_stack_probabilities(
+    model_or_fn: Any,
+    stack: np.ndarray,
+    *,
+    tile_size: int = 256,
+    overlap: float = 0.5,
+    batch_size: int = 8,
+    tta: bool = False,
+    divisor: int = 16,
+    progress: bool = False,
+    description: str = "predicting",
+) -> Iterator[np.ndarray]:
+    """Yield the ``(H, W, C)`` float32 probabilities of each slice of a stack.
+
+    Each slice is normalised with :func:`mitoseg.io.normalize_slice` and passed through
+    :func:`predict_tiled`.
+
+    Args:
+        model_or_fn: Keras model or :data:`PredictBatch` callable.
+        stack: ``(Z, H, W)`` or ``(H, W)`` raw intensities (uint8, uint16 or float).
+        tile_size, overlap, batch_size, tta, divisor: see :func:`predict_tiled`.
+        progress: show a progress bar over slices.
+        description: progress bar label.
+
+    Raises:
+        ValueError: bad stack shape/dtype or tiling arguments.
+    """
+    from mitoseg.progress import progress_iter
+
+    check_tiling(tile_size, overlap, batch_size, divisor)
+    stack = _as_stack(stack)
+    predict_batch = as_predict_batch(model_or_fn)
+    for z in progress_iter(range(stack.shape[0]), stack.shape[0], description, progress):
+        yield predict_tiled(
+            normalize_slice(stack[z]),
+            predict_batch,
+            tile_size=tile_size,
+            overlap=overlap,
+            batch_size=batch_size,
+            tta=tta,
+            divisor=divisor,
+        )
+
+
+def segment_stack(
+    model_or_fn: Any,
+    stack: np.ndarray,
+    *,
+    tile_size: int = 256,
+    overlap: float = 0.5,
+    batch_size: int = 8,
+    tta: bool = False,
+    threshold: float = 0.5,
+    divisor: int = 16,
+    progress: bool = False,
+) -> np.ndarray:
+    """Segment every slice of a stack (normalise, tile, blend, threshold/argmax).
+
+    Args:
+        model_or_fn: Keras model (input ``(N, T, T, 1)``, output ``(N, T, T, C)``) or a
+            :data:`PredictBatch` callable.
+        stack: ``(Z, H, W)`` or ``(H, W)`` uint8/uint16 (or float) raw intensities.
+        tile_size, overlap, batch_size, tta, divisor: see :func:`predict_tiled`.
+        threshold: foreground threshold for sigmoid (``C == 1``) outputs.
+        progress: show a progress bar over slices.
+
+    Returns:
+        ``(Z, H, W)`` uint8 class indexes (``Z = 1`` for a 2D input).
+
+    Raises:
+        ValueError: bad stack, tiling arguments or threshold.
+    """
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    stack = _as_stack(stack)
+    out = np.zeros(stack.shape, dtype=np.uint8)
+    probs = iter_stack_probabilities(
+        model_or_fn,
+        stack,
+        tile_size=tile_size,
+        overlap=overlap,
+        batch_size=batch_size,
+        tta=tta,
+        divisor=divisor,
+        progress=progress,
+    )
+    for z, p in enumerate(probs):
+        out[z] = probabilities_to_mask(p, threshold)
+    return out

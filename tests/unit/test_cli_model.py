@@ -1,0 +1,258 @@
+"""``mitoseg predict`` / ``mitoseg evaluate`` with tiny Keras models built here (no training).
+
+The binary model is one 1x1 convolution ``sigmoid(8 x - 4)``: normalised intensity 1 ->
+0.98, 0 -> 0.02. The multiclass model is a 1x1 convolution to 3 softmax channels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from typer.testing import CliRunner
+
+from mitoseg.cli import app
+from mitoseg.io import write_stack
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    import keras
+
+    root = tmp_path_factory.mktemp("models")
+    inp = keras.Input((None, None, 1))
+    out = keras.layers.Conv2D(
+        1,
+        1,
+        activation="sigmoid",
+        kernel_initializer=keras.initializers.Constant(8.0),
+        bias_initializer=keras.initializers.Constant(-4.0),
+    )(inp)
+    binary = root / "binary.keras"
+    keras.Model(inp, out).save(binary)
+    inp3 = keras.Input((None, None, 1))
+    out3 = keras.layers.Conv2D(3, 1, activation="softmax", kernel_initializer="ones")(inp3)
+    multi = root / "multi.keras"
+    keras.Model(inp3, out3).save(multi)
+    return {"binary": binary, "multi": multi}
+
+
+def _disc_stack(z: int, h: int, w: int, dtype=np.uint8, high: int = 200) -> np.ndarray:
+    """Bright discs (value ``high``) on a dark background (10)."""
+    yy, xx = np.mgrid[:h, :w]
+    stack = np.full((z, h, w), 10, dtype=dtype)
+    for i in range(z):
+        disc = (yy - h // 2) ** 2 + (xx - w // 3 - i) ** 2 < (min(h, w) // 4) ** 2
+        stack[i][disc] = high
+    return stack
+
+
+def _run(*args: str):
+    return runner.invoke(app, ["--no-progress", *args])
+
+
+def test_predict_stack_2d_16bit_and_rgb(models: dict[str, Path], tmp_path: Path) -> None:
+    stack = _disc_stack(2, 40, 50)
+    write_stack(tmp_path / "stack.tif", stack)
+    img16 = _disc_stack(1, 37, 70, dtype=np.uint16, high=60000)[0]
+    tifffile.imwrite(tmp_path / "deep.tif", img16)
+    rgb = np.repeat(_disc_stack(1, 33, 45)[0][..., None], 3, axis=-1)
+    Image.fromarray(rgb, mode="RGB").save(tmp_path / "colour.png")
+    out = tmp_path / "masks"
+    result = _run(
+        "predict", "--model", str(models["binary"]), str(tmp_path / "stack.tif"),
+        str(tmp_path / "deep.tif"), str(tmp_path / "colour.png"), "--out", str(out),
+        "--tile-size", "32", "--batch-size", "4",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "colour_mask.tif",
+        "deep_mask.tif",
+        "stack_mask.tif",
+    ]
+    m = tifffile.imread(out / "stack_mask.tif")
+    assert m.shape == (2, 40, 50) and m.dtype == np.uint8
+    assert np.array_equal(m, np.where(stack == 200, 255, 0))
+    deep = tifffile.imread(out / "deep_mask.tif")
+    assert deep.shape == (37, 70) and np.array_equal(deep, np.where(img16 == 60000, 255, 0))
+    colour = tifffile.imread(out / "colour_mask.tif")
+    assert colour.shape == (33, 45) and set(np.unique(colour)) == {0, 255}
+    assert f"-> {out / 'stack_mask.tif'} (foreground" in result.output
+
+
+def test_predict_threshold_tta_and_multiclass(models: dict[str, Path], tmp_path: Path) -> None:
+    write_stack(tmp_path / "a.tif", _disc_stack(1, 32, 32))
+    # threshold 0.99 is above sigmoid(4) = 0.982: nothing is foreground
+    result = _run(
+        "predict", "--model", str(models["binary"]), str(tmp_path / "a.tif"),
+        "--out", str(tmp_path / "o"), "--tile-size", "16", "--tta", "--threshold", "0.99",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert not tifffile.imread(tmp_path / "o" / "a_mask.tif").any()
+    result = _run(
+        "predict", "--model", str(models["multi"]), str(tmp_path / "a.tif"),
+        "--out", str(tmp_path / "m"), "--tile-size", "16",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    mask = tifffile.imread(tmp_path / "m" / "a_mask.tif")
+    assert mask.shape == (32, 32) and mask.dtype == np.uint8 and mask.max() <= 2
+
+
+def test_predict_errors(models: dict[str, Path], tmp_path: Path) -> None:
+    write_stack(tmp_path / "a.tif", _disc_stack(1, 20, 20))
+    (tmp_path / "sub").mkdir()
+    write_stack(tmp_path / "sub" / "a.tif", _disc_stack(1, 20, 20))
+    model = str(models["binary"])
+    cases = [
+        (
+            [str(tmp_path / "nope.tif")],
+            f"error: input not found: {tmp_path / 'nope.tif'}",
+        ),
+        (
+            [str(tmp_path / "a.tif"), "--tile-size", "40"],
+            "error: tile_size must be a multiple of 16 (the UNet halves H and W depth times, "
+            "so tiles need a side divisible by 2**depth), got 40",
+        ),
+        (
+            [str(tmp_path / "a.tif"), "--threshold", "1.5"],
+            "error: --threshold must be in [0, 1], got 1.5",
+        ),
+        (
+            [str(tmp_path / "a.tif"), str(tmp_path / "sub" / "a.tif")],
+            "error: two inputs have the same file name stem; their masks would overwrite each "
+            "other",
+        ),
+    ]
+    for extra, message in cases:
+        result = _run("predict", "--model", model, "--out", str(tmp_path / "o"), *extra)
+        assert result.exit_code == 1
+        assert result.stderr.strip() == message
+    missing = tmp_path / "missing.keras"
+    result = _run("predict", "--model", str(missing), str(tmp_path / "a.tif"), "--out", "o")
+    assert result.exit_code == 1
+    assert (
+        result.stderr.strip()
+        == f"error: cannot load model {missing}: model file not found: {missing}"
+    )
+    not_a_model = tmp_path / "junk.keras"
+    not_a_model.write_bytes(b"not a zip")
+    result = _run("predict", "--model", str(not_a_model), str(tmp_path / "a.tif"), "--out", "o")
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"error: cannot load model {not_a_model}: ")
+    bad_image = tmp_path / "bad.tif"
+    bad_image.write_bytes(b"garbage")
+    result = _run("predict", "--model", model, str(bad_image), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"error: {bad_image}: cannot read image")
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_json_and_table(models: dict[str, Path], tmp_path: Path) -> None:
+    images = _disc_stack(2, 40, 48)
+    write_stack(tmp_path / "x.tif", images)
+    write_stack(tmp_path / "y.tif", np.where(images == 200, 255, 0).astype(np.uint8))
+    write_stack(tmp_path / "y01.tif", (images == 200).astype(np.uint8))
+    args = ["--model", str(models["binary"]), "--images", str(tmp_path / "x.tif")]
+    result = _run("evaluate", *args, "--masks", str(tmp_path / "y.tif"), "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    for key in ("iou", "mean_iou", "dice", "accuracy", "precision", "recall", "objects"):
+        assert key in metrics
+    assert metrics["iou"] == 1.0 and metrics["threshold"] == 0.5 and metrics["n_test_slices"] == 2
+    assert metrics["objects"]["n_true"] == 2 and metrics["objects"]["n_matched"] == 2
+    # 0/1 masks are accepted for a binary table too; threshold 0.99 predicts nothing
+    result = _run(
+        "evaluate", *args, "--masks", str(tmp_path / "y01.tif"), "--json", "--threshold", "0.99"
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["iou"] == 0.0 and metrics["recall"] == 0.0 and metrics["threshold"] == 0.99
+    result = _run("evaluate", *args, "--masks", str(tmp_path / "y.tif"))
+    assert result.exit_code == 0, result.output
+    assert "mean_iou" in result.stdout and "1.0000" in result.stdout
+
+
+def test_evaluate_errors(models: dict[str, Path], tmp_path: Path) -> None:
+    images = _disc_stack(1, 32, 32)
+    write_stack(tmp_path / "x.tif", images)
+    write_stack(tmp_path / "small.tif", images[:, :16])
+    labels = np.where(images == 200, 7, 0).astype(np.uint8)
+    write_stack(tmp_path / "labels.tif", labels)
+    params = tmp_path / "params.yaml"
+    params.write_text("base:\n  classes: {background: 0, a: 7, b: 9}\nevaluate:\n  tile_size: 16\n")
+    model = ["--model", str(models["binary"]), "--images", str(tmp_path / "x.tif")]
+    cases = [
+        (
+            ["--masks", str(tmp_path / "nope.tif")],
+            f"error: {tmp_path / 'nope.tif'}: file not found",
+        ),
+        (
+            ["--masks", str(tmp_path / "small.tif")],
+            f"error: {tmp_path / 'small.tif'}: mask shape (1, 16, 32) does not match image shape "
+            f"(1, 32, 32) of {tmp_path / 'x.tif'}",
+        ),
+        (
+            ["--masks", str(tmp_path / "labels.tif")],
+            f"error: {tmp_path / 'labels.tif'}: slice 0: mask values [7] are not in the class "
+            "table (known values: [0, 1, 255]); set base.classes",
+        ),
+        (
+            ["--masks", str(tmp_path / "labels.tif"), "--params", str(params)],
+            "error: model outputs 1 channel(s) but the class table has 3 classes "
+            "(expected 3 output channel(s))",
+        ),
+        (
+            ["--masks", str(tmp_path / "labels.tif"), "--threshold", "-1"],
+            "error: --threshold must be in [0, 1], got -1.0",
+        ),
+    ]
+    for extra, message in cases:
+        result = _run("evaluate", *model, *extra)
+        assert result.exit_code == 1
+        assert result.stderr.strip() == message
+
+
+def test_predict_uses_the_logged_threshold_unless_overridden(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mitoseg import tracking
+
+    seen: list[str] = []
+
+    def logged_threshold(uri: str) -> float:
+        seen.append(uri)
+        return 0.99  # above sigmoid(4) = 0.982: nothing is foreground
+
+    monkeypatch.setattr(tracking, "find_threshold", logged_threshold)
+    write_stack(tmp_path / "a.tif", _disc_stack(1, 32, 32))
+    base = [
+        "predict",
+        "--model",
+        str(models["binary"]),
+        str(tmp_path / "a.tif"),
+        "--tile-size",
+        "16",
+    ]
+    assert _run(*base, "--out", str(tmp_path / "logged")).exit_code == 0
+    assert not tifffile.imread(tmp_path / "logged" / "a_mask.tif").any()
+    assert seen == [str(models["binary"])]
+    assert _run(*base, "--out", str(tmp_path / "given"), "--threshold", "0.5").exit_code == 0
+    assert tifffile.imread(tmp_path / "given" / "a_mask.tif").max() == 255
+
+    def broken(uri: str) -> float:
+        raise LookupError("run deleted")
+
+    monkeypatch.setattr(tracking, "find_threshold", broken)
+    result = _run(*base, "--out", str(tmp_path / "fallback"))
+    assert result.exit_code == 0
+    assert (
+        f"warning: {models['binary']}: no logged threshold (run deleted); using 0.5"
+        in result.stderr
+    )
+    assert tifffile.imread(tmp_path / "fallback" / "a_mask.tif").max() == 255

@@ -1,0 +1,276 @@
+"""Tiled inference core: seamless blending, any size, TTA, masks, error paths (no keras)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from mitoseg.inference import (
+    WINDOW_FLOOR,
+    as_predict_batch,
+    check_tiling,
+    iter_stack_probabilities,
+    mask_to_image,
+    predict_tiled,
+    probabilities_to_mask,
+    segment_stack,
+    tile_positions,
+    window_2d,
+)
+from mitoseg.io import normalize_slice
+
+
+def pixelwise(batch: np.ndarray) -> np.ndarray:
+    """A predictor that is a pure function of each pixel value: channels x and x**2."""
+    return np.concatenate([batch, batch**2], axis=-1)
+
+
+def box_blur(batch: np.ndarray) -> np.ndarray:
+    """3x3 mean filter per tile: equivariant under flips and 90-degree rotations."""
+    return ndimage.uniform_filter(batch, size=(1, 3, 3, 1), mode="reflect")
+
+
+def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((h, w)).astype(np.float32)
+
+
+class Recorder:
+    """Batch predictor that records the batch shapes it was called with."""
+
+    def __init__(self, fn=pixelwise) -> None:
+        self.fn = fn
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        assert batch.dtype == np.float32
+        self.shapes.append(batch.shape)
+        return self.fn(batch)
+
+
+def test_window_is_symmetric_floored_and_peaks_in_the_centre() -> None:
+    w = window_2d(16)
+    assert w.shape == (16, 16) and w.dtype == np.float32
+    assert w.min() >= WINDOW_FLOOR
+    np.testing.assert_allclose(w, w.T)
+    np.testing.assert_allclose(w, w[::-1, ::-1])
+    assert w[7, 7] == w[8, 8] == w.max() and w.max() > 0.98
+
+
+def test_tile_positions() -> None:
+    assert tile_positions(10, 4, 2) == [0, 2, 4, 6]
+    assert tile_positions(11, 4, 3) == [0, 3, 6, 7]
+    assert tile_positions(4, 4, 1) == [0]
+    with pytest.raises(ValueError, match=r"^tile_positions: length 3 is smaller than tile_size 4$"):
+        tile_positions(3, 4, 1)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_constant_predictor_gives_a_constant_map(tta: bool) -> None:
+    def const(batch: np.ndarray) -> np.ndarray:
+        return np.full((*batch.shape[:3], 2), (0.25, 0.75), dtype=np.float32)
+
+    out = predict_tiled(_image(37, 53), const, tile_size=16, overlap=0.5, batch_size=3, tta=tta)
+    assert out.shape == (37, 53, 2) and out.dtype == np.float32
+    np.testing.assert_allclose(out[..., 0], 0.25, atol=1e-6)
+    np.testing.assert_allclose(out[..., 1], 0.75, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "overlap"),
+    [((1, 1), 0.5), ((5, 70), 0.5), ((33, 17), 0.25), ((64, 64), 0.0), ((100, 37), 0.75)],
+)
+def test_pixelwise_predictor_is_seamless(shape: tuple[int, int], overlap: float) -> None:
+    img = _image(*shape)
+    out = predict_tiled(img, pixelwise, tile_size=16, overlap=overlap, batch_size=4)
+    assert out.shape == (*shape, 2)
+    np.testing.assert_allclose(out[..., 0], img, atol=1e-6)
+    np.testing.assert_allclose(out[..., 1], img**2, atol=1e-6)
+
+
+def test_smaller_than_tile_is_padded_to_one_tile() -> None:
+    rec = Recorder()
+    img = _image(5, 7)
+    out = predict_tiled(img, rec, tile_size=32, overlap=0.5)
+    assert rec.shapes == [(1, 32, 32, 1)]
+    np.testing.assert_allclose(out[..., 0], img, atol=1e-6)
+
+
+def test_batching_and_tile_count() -> None:
+    # 48x48, tile 16, overlap 0.5: step 8, margin 4 -> padded 56 -> 6 x 6 = 36 tiles
+    rec = Recorder()
+    predict_tiled(_image(48, 48), rec, tile_size=16, overlap=0.5, batch_size=8)
+    assert [s[0] for s in rec.shapes] == [8, 8, 8, 8, 4]
+    assert all(s[1:] == (16, 16, 1) for s in rec.shapes)
+    rec_tta = Recorder()
+    predict_tiled(_image(48, 48), rec_tta, tile_size=16, overlap=0.5, batch_size=8, tta=True)
+    assert len(rec_tta.shapes) == 5 * 8
+
+
+def test_tta_with_an_equivariant_predictor_changes_nothing() -> None:
+    img = _image(40, 29, seed=3)
+    plain = predict_tiled(img, box_blur, tile_size=16, overlap=0.5, batch_size=5)
+    tta = predict_tiled(img, box_blur, tile_size=16, overlap=0.5, batch_size=5, tta=True)
+    np.testing.assert_allclose(tta, plain, atol=1e-6)
+    # and a non-equivariant predictor (a ramp along tile columns) is averaged over the
+    # 8 transforms: col/T, row/T, (T-1-col)/T, (T-1-row)/T ... -> (T-1) / (2T) everywhere
+    ramp = np.arange(16, dtype=np.float32) / 16
+
+    def columns(batch: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(ramp[None, None, :, None], batch.shape).copy()
+
+    avg = predict_tiled(img, columns, tile_size=16, overlap=0.5, tta=True)
+    np.testing.assert_allclose(avg, 15 / 32, atol=1e-6)
+    assert not np.allclose(predict_tiled(img, columns, tile_size=16), 15 / 32, atol=1e-3)
+
+
+def test_deterministic() -> None:
+    img = _image(50, 61, seed=7)
+    a = predict_tiled(img, box_blur, tile_size=16, overlap=0.5, tta=True)
+    b = predict_tiled(img, box_blur, tile_size=16, overlap=0.5, tta=True)
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tile_size": 8}, "tile_size must be an integer >= 16, got 8"),
+        (
+            {"tile_size": 40},
+            "tile_size must be a multiple of 16 (the UNet halves H and W depth "
+            "times, so tiles need a side divisible by 2**depth), got 40",
+        ),
+        ({"tile_size": 32, "divisor": 64}, "tile_size must be an integer >= 64, got 32"),
+        ({"overlap": 1.0}, "overlap must be in [0, 1), got 1.0"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"divisor": 0}, "divisor must be a positive integer, got 0"),
+    ],
+)
+def test_tiling_argument_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError) as exc:
+        predict_tiled(_image(8, 8), pixelwise, **{"tile_size": 16, **kwargs})
+    assert str(exc.value) == message
+
+
+def test_image_and_predictor_errors() -> None:
+    with pytest.raises(
+        ValueError, match=r"^predict_tiled: expected a 2D \(H, W\) image, got shape \(2, 3, 4\)$"
+    ):
+        predict_tiled(np.zeros((2, 3, 4)), pixelwise, tile_size=16)
+    with pytest.raises(ValueError, match=r"^predict_tiled: image is empty \(shape \(0, 5\)\)$"):
+        predict_tiled(np.zeros((0, 5)), pixelwise, tile_size=16)
+    nan = _image(4, 4)
+    nan[1, 1] = np.nan
+    with pytest.raises(ValueError, match=r"^predict_tiled: image contains NaN or infinite values$"):
+        predict_tiled(nan, pixelwise, tile_size=16)
+    with pytest.raises(ValueError) as exc:
+        predict_tiled(_image(4, 4), lambda b: b[..., 0], tile_size=16)
+    assert str(exc.value) == (
+        "predict_batch returned shape (1, 16, 16) for an input batch of shape (1, 16, 16, 1); "
+        "expected (1, 16, 16, C)"
+    )
+    calls = iter(range(100))
+
+    def changing(batch: np.ndarray) -> np.ndarray:
+        return pixelwise(batch) if next(calls) == 0 else batch
+
+    with pytest.raises(
+        ValueError, match=r"^predict_batch returned 1 channels after 2 for earlier tiles$"
+    ):
+        predict_tiled(_image(40, 40), changing, tile_size=16, batch_size=2)
+
+
+def test_check_tiling_accepts_valid() -> None:
+    check_tiling(256, 0.5, 8)
+    check_tiling(64, 0.0, 1, divisor=64)
+
+
+def test_probabilities_to_mask() -> None:
+    p1 = np.array([[[0.2], [0.5]], [[0.7], [0.49]]], dtype=np.float32)
+    m = probabilities_to_mask(p1, 0.5)
+    assert m.dtype == np.uint8 and m.tolist() == [[0, 1], [1, 0]]
+    assert probabilities_to_mask(p1, 0.1).tolist() == [[1, 1], [1, 1]]
+    p3 = np.array([[[0.1, 0.8, 0.1], [0.3, 0.3, 0.4]]], dtype=np.float32)
+    assert probabilities_to_mask(p3, 0.99).tolist() == [[1, 2]]
+    with pytest.raises(
+        ValueError,
+        match=r"^probabilities_to_mask: expected \(\.\.\., C\) probabilities, got shape \(3,\)$",
+    ):
+        probabilities_to_mask(np.zeros(3))
+    with pytest.raises(
+        ValueError, match=r"^probabilities_to_mask: threshold must be in \[0, 1\], got 1.5$"
+    ):
+        probabilities_to_mask(p1, 1.5)
+    with pytest.raises(
+        ValueError, match=r"^probabilities_to_mask: 300 classes do not fit a uint8 mask$"
+    ):
+        probabilities_to_mask(np.zeros((2, 2, 300)))
+
+
+def test_mask_to_image() -> None:
+    mask = np.array([[0, 1], [1, 0]], dtype=np.uint8)
+    img = mask_to_image(mask, 2)
+    assert img.dtype == np.uint8 and img.tolist() == [[0, 255], [255, 0]]
+    multi = np.array([[0, 3], [2, 1]], dtype=np.int64)
+    out = mask_to_image(multi, 4)
+    assert out.dtype == np.uint8 and out.tolist() == [[0, 3], [2, 1]]
+    with pytest.raises(ValueError, match=r"^mask_to_image: mask values \[0, 3\] outside 0\.\.2$"):
+        mask_to_image(multi, 3)
+    with pytest.raises(ValueError, match=r"^mask_to_image: n_classes must be in 2\.\.256, got 1$"):
+        mask_to_image(mask, 1)
+
+
+class FakeModel:
+    """Anything with ``predict_on_batch`` is used like a Keras model."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        return (batch > 0.5).astype(np.float64) * 0.9
+
+
+def test_segment_stack_uint16_and_2d_input() -> None:
+    rng = np.random.default_rng(1)
+    stack = rng.integers(0, 65535, size=(2, 40, 50), dtype=np.uint16)
+    model = FakeModel()
+    out = segment_stack(model, stack, tile_size=16, overlap=0.5, batch_size=16, threshold=0.5)
+    assert out.shape == (2, 40, 50) and out.dtype == np.uint8
+    assert model.calls > 0
+    for z in range(2):
+        expected = (normalize_slice(stack[z]) > 0.5).astype(np.uint8)
+        assert np.array_equal(out[z], expected)
+    single = segment_stack(pixelwise_one, stack[0], tile_size=16, threshold=0.3)
+    assert single.shape == (1, 40, 50)
+    assert np.array_equal(single[0], (normalize_slice(stack[0]) >= 0.3).astype(np.uint8))
+
+
+def pixelwise_one(batch: np.ndarray) -> np.ndarray:
+    return batch.copy()
+
+
+def test_iter_stack_probabilities_yields_per_slice() -> None:
+    stack = np.arange(2 * 20 * 24, dtype=np.uint8).reshape(2, 20, 24)
+    probs = list(iter_stack_probabilities(pixelwise, stack, tile_size=16))
+    assert len(probs) == 2 and probs[0].shape == (20, 24, 2)
+    np.testing.assert_allclose(probs[1][..., 0], normalize_slice(stack[1]), atol=1e-6)
+
+
+def test_segment_stack_errors() -> None:
+    with pytest.raises(ValueError, match=r"^threshold must be in \[0, 1\], got -0.1$"):
+        segment_stack(pixelwise_one, np.zeros((4, 4), np.uint8), tile_size=16, threshold=-0.1)
+    with pytest.raises(
+        ValueError, match=r"^expected a \(Z, H, W\) stack or an \(H, W\) image, got shape \(4,\)$"
+    ):
+        segment_stack(pixelwise_one, np.zeros(4, np.uint8), tile_size=16)
+    with pytest.raises(
+        ValueError, match=r"^expected an integer or float image stack, got dtype complex128$"
+    ):
+        segment_stack(pixelwise_one, np.zeros((4, 4), complex), tile_size=16)
+    with pytest.raises(ValueError, match=r"^stack is empty \(shape \(0, 4, 4\)\)$"):
+        segment_stack(pixelwise_one, np.zeros((0, 4, 4), np.uint8), tile_size=16)
+    with pytest.raises(
+        TypeError, match=r"^expected a Keras model or a callable batch predictor, got int$"
+    ):
+        as_predict_batch(3)
