@@ -9,7 +9,6 @@ logs the metrics and figures into the training run (``run_id`` from ``--train-in
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,19 +21,7 @@ from mitoseg.evaluate import (
     masks_to_indices,
     write_outputs,
 )
-from mitoseg.io import DataError
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise DataError(f"{path}: {what} not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return data
+from mitoseg.io import DataError, read_json_object
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -43,8 +30,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     base = load_section("base", args.params)
     cfg = load_section("evaluate", args.params)
-    train_info = _read_json(args.train_info, "train info")
-    meta = _read_json(args.patches / "meta.json", "patch metadata")
+    train_info = read_json_object(args.train_info, "train info")
+    meta = read_json_object(args.patches / "meta.json", "patch metadata")
     if "run_id" not in train_info:
         raise DataError(f"{args.train_info}: missing 'run_id'")
     if "val_slices" not in meta:

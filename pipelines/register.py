@@ -13,7 +13,6 @@ The tracking store is ``$MLFLOW_TRACKING_URI`` or the embedded ``./mlflow.db``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -21,26 +20,14 @@ from typing import Any
 
 from mitoseg import tracking
 from mitoseg.config import ConfigError, load_section
-from mitoseg.io import DataError, write_json
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise DataError(f"{path}: {what} not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return data
+from mitoseg.io import DataError, read_json_object, write_json
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the stage; returns the registration record written to ``--out``."""
     cfg = load_section("register", args.params)
-    train_info = _read_json(args.train_info, "train info")
-    metrics = _read_json(args.metrics, "metrics")
+    train_info = read_json_object(args.train_info, "train info")
+    metrics = read_json_object(args.metrics, "metrics")
     run_id = train_info.get("run_id")
     if not isinstance(run_id, str) or not run_id:
         raise DataError(f"{args.train_info}: missing 'run_id'")

@@ -13,7 +13,6 @@ This module is pure numpy/scipy (no tensorflow): the training input pipeline cal
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pydantic import ValidationError
 from scipy import ndimage
 
 from mitoseg.config import AugmentConfig
-from mitoseg.io import DataError, atomic_path
+from mitoseg.io import DataError, atomic_path, read_json_object
 
 __all__ = [
     "augment_pair",
@@ -205,13 +204,8 @@ def read_augment_spec(path: str | Path) -> tuple[AugmentConfig, int]:
         DataError: missing file, invalid JSON, or missing/invalid fields (names the file).
     """
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: augment spec not found (run the augment stage first)")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{p}: not valid JSON: {exc}") from None
-    if not isinstance(data, dict) or "augment" not in data or "seed" not in data:
+    data = read_json_object(p, "augment spec")
+    if "augment" not in data or "seed" not in data:
         raise DataError(f"{p}: expected keys 'augment' and 'seed'")
     try:
         cfg = AugmentConfig.model_validate(data["augment"])

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from mitoseg.config import EvaluateConfig
+from mitoseg.data.patches import map_mask_to_classes
 from mitoseg.inference import iter_stack_probabilities, probabilities_to_mask
 from mitoseg.io import DataError, atomic_dir, atomic_path, normalize_slice, write_json
 from mitoseg.metrics import confusion_matrix, evaluate_masks, scores_from_confusion
@@ -92,25 +93,17 @@ def masks_to_indices(
 
     Raises:
         DataError: non-integer masks, or a value missing from the table (the message names
-            ``source``, the first slice holding it and the known values).
+            ``source``, the slice holding it and the allowed values).
     """
     masks = np.asarray(masks)
     if not np.issubdtype(masks.dtype, np.integer):
         raise DataError(f"{source}: masks must be integer values, got dtype {masks.dtype}")
-    values = np.unique(masks)
-    unknown = [int(v) for v in values if int(v) not in value_to_index]
-    if unknown:
-        stack = masks[None] if masks.ndim == 2 else masks
-        z = next(i for i in range(stack.shape[0]) if np.isin(stack[i], unknown).any())
-        raise DataError(
-            f"{source}: slice {z}: mask values {unknown[:10]} are not in the class table "
-            f"(known values: {sorted(value_to_index)}); set base.classes"
-        )
-    lut = np.zeros(int(values.max()) + 1 if values.size else 1, dtype=np.uint8)
-    for v, idx in value_to_index.items():
-        if v < lut.size:
-            lut[v] = idx
-    return lut[masks]
+    stack = masks[None] if masks.ndim == 2 else masks
+    mapped = [
+        map_mask_to_classes(s, dict(value_to_index), where=f"{source} slice {z}")
+        for z, s in enumerate(stack)
+    ]
+    return np.stack(mapped).reshape(masks.shape) if mapped else masks.astype(np.uint8)
 
 
 def _check_pair(images: np.ndarray, masks: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:

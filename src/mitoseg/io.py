@@ -24,6 +24,7 @@ __all__ = [
     "atomic_path",
     "normalize_slice",
     "read_image",
+    "read_json_object",
     "read_stack",
     "write_json",
     "write_stack",
@@ -98,6 +99,28 @@ def write_json(path: str | Path, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
+    """Read a JSON file that must hold an object.
+
+    Args:
+        path: the file.
+        what: what the file is, for messages (e.g. ``"train info"``).
+
+    Raises:
+        DataError: missing file, invalid JSON, or not an object (names the file).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: {what} not found")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{p}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{p}: expected a JSON object")
+    return data
 
 
 def _json_default(obj: Any) -> Any:

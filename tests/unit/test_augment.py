@@ -130,7 +130,7 @@ def test_augment_spec_roundtrip_and_errors(tmp_path):
     cfg = AugmentConfig(rotation_deg=45)
     path.write_text(json.dumps(augment_spec(cfg, 5)))
     assert read_augment_spec(path) == (cfg, 5)
-    with pytest.raises(DataError, match=r"augment spec not found \(run the augment stage"):
+    with pytest.raises(DataError, match=r"missing\.json: augment spec not found$"):
         read_augment_spec(tmp_path / "missing.json")
     path.write_text("{")
     with pytest.raises(DataError, match=r"augment\.json: not valid JSON"):

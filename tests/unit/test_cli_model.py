@@ -199,8 +199,8 @@ def test_evaluate_errors(models: dict[str, Path], tmp_path: Path) -> None:
         ),
         (
             ["--masks", str(tmp_path / "labels.tif")],
-            f"error: {tmp_path / 'labels.tif'}: slice 0: mask values [7] are not in the class "
-            "table (known values: [0, 1, 255]); set base.classes",
+            f"error: {tmp_path / 'labels.tif'} slice 0: mask values [7] are not in the class "
+            "table base.classes (allowed values: 0, 1, 255)",
         ),
         (
             ["--masks", str(tmp_path / "labels.tif"), "--params", str(params)],

@@ -80,8 +80,8 @@ def test_masks_to_indices() -> None:
     with pytest.raises(DataError) as exc:
         masks_to_indices(bad, {0: 0, 255: 1}, "m.tif")
     assert str(exc.value) == (
-        "m.tif: slice 2: mask values [7] are not in the class table (known values: [0, 255]); "
-        "set base.classes"
+        "m.tif slice 2: mask values [7] are not in the class table base.classes "
+        "(allowed values: 0, 255)"
     )
     with pytest.raises(
         DataError, match=r"^m\.tif: masks must be integer values, got dtype float64$"
