@@ -747,7 +747,8 @@ def register_model(
     _ensure_configured()
     client = _client()
     run = _get_run(client, run_id)
-    if _logged_model(client, run, DEFAULT_ARTIFACT_PATH) is None:
+    logged = _logged_model(client, run, DEFAULT_ARTIFACT_PATH)
+    if logged is None:
         raise ModelNotFoundError(
             f"run {run_id!r} has no logged model {DEFAULT_ARTIFACT_PATH!r} "
             f"(runs:/{run_id}/{DEFAULT_ARTIFACT_PATH}); log it with log_keras_model"
@@ -778,7 +779,9 @@ def register_model(
             "registration_reason": reason,
         }
     )
-    mv = mlflow.register_model(f"runs:/{run_id}/{DEFAULT_ARTIFACT_PATH}", cfg.model_name, tags=tags)
+    # MLflow 3 stores the model as a LoggedModel: register its models:/m-... URI directly
+    # (registering runs:/<id>/model works too, but only through a warning fallback).
+    mv = mlflow.register_model(f"models:/{logged.model_id}", cfg.model_name, tags=tags)
     client.set_registered_model_alias(cfg.model_name, alias, mv.version)
     client.update_model_version(
         cfg.model_name,
