@@ -27,6 +27,7 @@ import numpy as np
 
 from common import ROOT, cdeep3m_split_manifest, machine, save
 from mitoseg.config import (
+    VNC_CLASSES,
     AugmentConfig,
     BaseConfig,
     EvaluateConfig,
@@ -36,14 +37,6 @@ from mitoseg.config import (
 from mitoseg.data.fetch import fetch
 from mitoseg.data.layout import read_split
 from mitoseg.data.patches import make_patch_dataset
-
-VNC_CLASSES = {
-    "background": 255,
-    "membrane": [0, 32, 64, 96, 128],
-    "glia": 159,
-    "mitochondria": 191,
-    "synapse": 223,
-}
 
 
 def prepare(dataset: str, work: Path) -> tuple[Path, Path, BaseConfig]:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "VNC_CLASSES",
     "AugmentConfig",
     "BaseConfig",
     "ConfigError",
@@ -38,6 +39,18 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+#: Class table of the VNC label map (``--source sample --mask-kind labels``, and
+#: ``vnc_stack1_labels.tif``): 0/32/64/96 membranes and 128 membrane junctions form one
+#: membrane class; 255 (intracellular space) is the background.
+VNC_CLASSES: dict[str, int | list[int]] = {
+    "background": 255,
+    "membrane": [0, 32, 64, 96, 128],
+    "glia": 159,
+    "mitochondria": 191,
+    "synapse": 223,
+}
 
 
 class BaseConfig(_Strict):

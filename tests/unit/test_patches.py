@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mitoseg.config import BaseConfig, PatchifyConfig
+from mitoseg.config import VNC_CLASSES, BaseConfig, PatchifyConfig
 from mitoseg.data.patches import (
     PatchGrid,
     make_patch_dataset,
@@ -26,13 +26,6 @@ from mitoseg.data.patches import (
 from mitoseg.io import DataError, read_stack, write_stack
 
 SAMPLE = Path(str(files("mitoseg") / "sample_data" / "vnc"))
-VNC_CLASSES = {
-    "background": 255,
-    "membrane": [0, 32, 64, 96, 128],
-    "glia": 159,
-    "mitochondria": 191,
-    "synapse": 223,
-}
 FILES = ["meta.json", "train_images.npy", "train_masks.npy", "val_images.npy", "val_masks.npy"]
 
 # ---------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from mitoseg.config import BaseConfig, ValidateConfig
+from mitoseg.config import VNC_CLASSES, BaseConfig, ValidateConfig
 from mitoseg.data.validate import (
     ValidationReport,
     build_slice_suite,
@@ -26,13 +26,6 @@ from mitoseg.data.validate import (
 from mitoseg.io import DataError, write_stack
 
 SAMPLE = Path(str(files("mitoseg") / "sample_data" / "vnc"))
-VNC_CLASSES = {
-    "background": 255,
-    "membrane": [0, 32, 64, 96, 128],
-    "glia": 159,
-    "mitochondria": 191,
-    "synapse": 223,
-}
 BINARY = BaseConfig()
 CFG = ValidateConfig()
 
