@@ -307,7 +307,9 @@ class ServeConfig(_Strict):
     tile_size: int = Field(256, ge=16)
     overlap: float = Field(0.5, ge=0, lt=1)
     max_batch_size: int = Field(16, ge=1)
-    max_latency_ms: int = Field(2000, ge=1)
+    max_latency_ms: int = Field(
+        60000, ge=1, description="longest a tile may wait in the batch queue before a 503"
+    )
 
 
 _SECTIONS: dict[str, type[BaseModel]] = {
