@@ -32,15 +32,18 @@ def _imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("mitoseg")}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module.startswith("mitoseg"):
-                out.add(node.module)
-                # `from mitoseg import tracking` imports a submodule
-                out |= {
-                    f"{node.module}.{a.name}"
-                    for a in node.names
-                    if _module_file(f"{node.module}.{a.name}") is not None
-                }
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and (node.module or "").startswith("mitoseg")
+        ):
+            out.add(node.module)
+            # `from mitoseg import tracking` imports a submodule
+            out |= {
+                f"{node.module}.{a.name}"
+                for a in node.names
+                if _module_file(f"{node.module}.{a.name}") is not None
+            }
     return out
 
 
