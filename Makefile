@@ -17,7 +17,7 @@ SERVE_PORT  ?= 3000
 MODEL       ?= models:/mitoseg-unet@champion
 PYTEST_ARGS ?=
 
-.PHONY: help setup run test test-all lint format stack stack-down ui serve bento bench clean
+.PHONY: help setup lock run test test-all lint format stack stack-down ui serve bento bench clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -31,6 +31,12 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $(STAMP)
 
 setup: $(STAMP) ## Create .venv with the pinned dependencies (idempotent)
+
+lock: ## Re-pin requirements.lock from pyproject.toml (needs PyPI)
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q -e '.[dev]' && .venv-lock/bin/pip check
+	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^mitoseg' > requirements.lock
+	rm -rf .venv-lock
 
 run: setup ## Main job: fetch the bundled sample, then dvc repro (validate .. register), offline
 	$(BIN)/mitoseg --no-progress data fetch --source sample --out data/raw

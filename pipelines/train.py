@@ -10,21 +10,18 @@ configuration and data.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from mitoseg.augment import read_augment_spec
 from mitoseg.config import ConfigError, load_section
-from mitoseg.io import DataError, write_json
+from mitoseg.io import DataError, read_json_object, write_json
 
 
 def _read_meta(patches: Path, n_classes: int) -> list[str]:
     meta_path = patches / "meta.json"
-    if not meta_path.is_file():
-        raise DataError(f"{meta_path}: file not found (run the patchify stage first)")
+    meta = read_json_object(meta_path, "patch metadata")
     try:
-        meta = json.loads(meta_path.read_text())
         meta_classes, names = int(meta["n_classes"]), list(meta["class_names"])
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{meta_path}: invalid patch metadata ({exc!r})") from None
@@ -55,9 +52,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train: {exc}", file=sys.stderr)
         return 1
 
-    import keras
-    import mlflow
-
     from mitoseg import tracking
     from mitoseg.train import train_model
 
@@ -83,18 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                 progress=not args.no_progress,
                 callbacks=[tracking.make_epoch_logger()],
             )
-            mlflow.log_metrics(
-                {
-                    "best_epoch": result.best_epoch,
-                    "epochs_run": result.epochs_run,
-                    "train_seconds": result.train_seconds,
-                    "patches_per_second": result.patches_per_second,
-                }
+            tracking.log_training_outcome(
+                result, args.out / "history.csv", base.n_classes, class_names
             )
-            mlflow.set_tags({"resumed": str(result.resumed), "stop_reason": result.stop_reason})
-            mlflow.log_artifact(str(args.out / "history.csv"))
-            model = keras.models.load_model(result.model_path, compile=False)
-            tracking.log_keras_model(model, base.n_classes)
             run_id, experiment_id = run.info.run_id, run.info.experiment_id
     except (DataError, ValueError) as exc:
         print(f"train: {exc}", file=sys.stderr)

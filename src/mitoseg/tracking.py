@@ -63,6 +63,7 @@ __all__ = [
     "load_model",
     "log_evaluation",
     "log_keras_model",
+    "log_training_outcome",
     "make_epoch_logger",
     "model_info",
     "register_model",
@@ -563,6 +564,41 @@ def _get_run(client: MlflowClient, run_id: str, uri: str | None = None) -> Any:
                 f"run {run_id!r}{where} not found in tracking store {_STATE.uri}"
             ) from None
         raise
+
+
+def log_training_outcome(
+    result: Any,
+    history_csv: Path,
+    n_classes: int,
+    class_names: list[str] | None = None,
+) -> str:
+    """Log a finished training into the active run: summary metrics, stop tags, the
+    per-epoch ``history.csv`` and the best model (via :func:`log_keras_model`).
+
+    Args:
+        result: :class:`mitoseg.train.TrainResult`.
+        history_csv: the per-epoch curves written by training.
+        n_classes: classes including background.
+        class_names: class names in index order.
+
+    Returns:
+        The logged model URI ``runs:/<run_id>/model``.
+    """
+    import keras
+    import mlflow
+
+    mlflow.log_metrics(
+        {
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "train_seconds": result.train_seconds,
+            "patches_per_second": result.patches_per_second,
+        }
+    )
+    mlflow.set_tags({"resumed": str(result.resumed), "stop_reason": result.stop_reason})
+    mlflow.log_artifact(str(history_csv))
+    model = keras.models.load_model(result.model_path, compile=False)
+    return log_keras_model(model, n_classes, class_names=class_names)
 
 
 def log_evaluation(
