@@ -61,7 +61,8 @@ def run_recipe(
     name: str, budget: float, raw: Path, patches: Path, base: BaseConfig, work: Path
 ) -> dict:
     """Train ``name`` under ``budget`` seconds, then evaluate on the test split."""
-    from mitoseg.evaluate import choose_threshold, evaluate_stack, masks_to_indices
+    from mitoseg.evaluate import masks_to_indices
+    from mitoseg.planner import evaluate_split, make_plan
     from mitoseg.tracking import load_model
     from mitoseg.train import train_model
 
@@ -85,28 +86,18 @@ def run_recipe(
     images, masks = read_split(raw, "train")
     v2i = base.value_to_index()
     val_idx = meta["val_slices"]
-    ev = EvaluateConfig()
-    threshold = 0.5
-    if base.is_binary and val_idx:
-        threshold, _ = choose_threshold(
-            model,
-            images[val_idx],
-            masks_to_indices(masks[val_idx], v2i, "val"),
-            ev.threshold_grid,
-            tile_size=ev.tile_size,
-            overlap=ev.overlap,
-        )
+    # The same plan decision as the evaluate stage (threshold and engine on validation).
+    plan, _ = make_plan(
+        model,
+        EvaluateConfig(),
+        base.class_names,
+        images[val_idx] if val_idx else None,
+        masks_to_indices(masks[val_idx], v2i, "val") if val_idx else None,
+    )
+    threshold = plan.threshold
     test_images, test_masks = read_split(raw, "test")
     t1 = time.perf_counter()
-    result = evaluate_stack(
-        model,
-        test_images,
-        masks_to_indices(test_masks, v2i, "test"),
-        ev,
-        threshold,
-        base.n_classes,
-        base.class_names,
-    )
+    result = evaluate_split(model, plan, test_images, masks_to_indices(test_masks, v2i, "test"))
     eval_s = time.perf_counter() - t1
     m = result.metrics
     return {

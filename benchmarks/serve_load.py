@@ -187,27 +187,22 @@ def run_level(url: str, payload: bytes, clients: int, n_requests: int, max_s: fl
 
 
 def in_process_latency(stored_path: str, img: np.ndarray, meta: dict, repeats: int) -> dict:
-    """Latency of the same ``segment_stack`` call in-process (model loaded once)."""
+    """Latency of the same ``segment_stack`` call in-process (model and plan loaded once)."""
     import keras
 
     from mitoseg.inference import segment_stack
+    from mitoseg.plan import PLAN_FILE, InferencePlan
+    from mitoseg.runtime import predictor_for_plan
     from mitoseg.serving.bento import MODEL_FILE
-    from mitoseg.serving.settings import tile_batch
 
     model = keras.saving.load_model(os.path.join(stored_path, MODEL_FILE), compile=False)
-    serve = meta["serve"]
-    kwargs = {
-        "tile_size": serve["tile_size"],
-        "overlap": serve["overlap"],
-        "batch_size": tile_batch(serve["max_batch_size"]),
-        "threshold": meta["threshold"],
-        "divisor": meta["divisor"],
-    }
-    segment_stack(model, img, **kwargs)  # warm-up (graph tracing)
+    plan = InferencePlan.read(os.path.join(stored_path, PLAN_FILE))
+    predict = predictor_for_plan(model, plan)
+    segment_stack(predict, img, plan)  # warm-up (graph tracing / compilation)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        segment_stack(model, img, **kwargs)
+        segment_stack(predict, img, plan)
         times.append(time.perf_counter() - t)
     return {"repeats": repeats, "p50_s": percentile(times, 50), "min_s": min(times)}
 

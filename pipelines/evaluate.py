@@ -1,9 +1,12 @@
-"""DVC stage ``evaluate``: whole-slice test metrics of the trained model.
+"""DVC stage ``evaluate``: decide the model's inference plan, then score the test slices.
 
-Chooses the foreground threshold on the validation *slices* (``meta.json["val_slices"]`` of
-``<raw>/train``) when ``evaluate.threshold`` is ``auto``, segments ``<raw>/test`` with tiled
-inference, writes ``metrics.json``, ``per_slice.csv`` and ``figures/`` to ``--out`` and
-logs the metrics and figures into the training run (``run_id`` from ``--train-info``).
+The plan (:func:`mitoseg.planner.make_plan`: tile halo from the measured receptive field,
+threshold chosen on the validation *slices* ``meta.json["val_slices"]`` of
+``<raw>/train``, the fastest engine that holds validation IoU) is written to ``--plan``
+(beside ``model.keras``) and attached to the MLflow run and its logged model. The test
+split ``<raw>/test`` is then segmented with exactly that plan; ``metrics.json``,
+``per_slice.csv`` and ``figures/`` go to ``--out`` and into the training run
+(``run_id`` from ``--train-info``).
 """
 
 from __future__ import annotations
@@ -13,20 +16,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mitoseg.config import load_section
-from mitoseg.data.layout import read_split, split_paths
-from mitoseg.evaluate import (
-    choose_threshold,
-    evaluate_stack,
-    masks_to_indices,
-    write_outputs,
-)
-from mitoseg.io import DataError, read_json_object
+from mitoseg.data.layout import DATASET_FILE, read_split, split_paths
+from mitoseg.evaluate import masks_to_indices, write_outputs
+from mitoseg.io import DataError, normalize_slice, read_json_object
+
+
+def _voxel_size(raw: Path) -> list[float] | None:
+    meta = read_json_object(raw / DATASET_FILE, "dataset description")
+    value = meta.get("voxel_size_nm")
+    return [float(v) for v in value] if isinstance(value, list) and len(value) == 3 else None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the stage; returns the metrics written to ``metrics.json``."""
     from mitoseg import tracking
+    from mitoseg.planner import evaluate_split, make_plan
 
     base = load_section("base", args.params)
     cfg = load_section("evaluate", args.params)
@@ -40,57 +47,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = tracking.load_model(str(args.model))
     progress = not args.no_progress
 
-    threshold_source = "params"
-    threshold_scores: dict[str, float] = {}
-    if cfg.threshold == "auto" and base.is_binary and meta["val_slices"]:
-        images, masks = read_split(args.raw, "train")
-        val = [int(i) for i in meta["val_slices"]]
-        bad = [i for i in val if not 0 <= i < images.shape[0]]
-        if bad:
-            raise DataError(
-                f"{args.patches / 'meta.json'}: val_slices {bad} out of range for "
-                f"{images.shape[0]} training slices"
-            )
-        threshold, scores = choose_threshold(
-            model,
-            images[val],
-            masks_to_indices(masks[val], lut, str(split_paths(args.raw, "train")[1])),
-            cfg.threshold_grid,
-            tile_size=cfg.tile_size,
-            overlap=cfg.overlap,
-            batch_size=cfg.batch_size,
-            tta=cfg.tta,
-            progress=progress,
+    images, masks = read_split(args.raw, "train")
+    val = [int(i) for i in meta["val_slices"]]
+    bad = [i for i in val if not 0 <= i < images.shape[0]]
+    if bad:
+        raise DataError(
+            f"{args.patches / 'meta.json'}: val_slices {bad} out of range for "
+            f"{images.shape[0]} training slices"
         )
-        threshold_source = "validation"
-        threshold_scores = {f"{g:g}": s for g, s in scores.items()}
-    elif cfg.threshold == "auto":
-        threshold = 0.5
-        threshold_source = "default" if base.is_binary else "argmax"
-    else:
-        threshold = float(cfg.threshold)
+    train_idx = [i for i in range(images.shape[0]) if i not in set(val)]
+    calibration = (
+        np.stack([normalize_slice(images[i]) for i in train_idx[:4]]) if train_idx else None
+    )
+    val_masks = (
+        masks_to_indices(masks[val], lut, str(split_paths(args.raw, "train")[1]))
+        if val and masks is not None
+        else None
+    )
+    plan, report = make_plan(
+        model,
+        cfg,
+        base.class_names,
+        images[val] if val else None,
+        val_masks,
+        voxel_size_nm=_voxel_size(args.raw),
+        calibration_images=calibration,
+        progress=progress,
+    )
+    plan.write(args.plan)
 
     test_images, test_masks = read_split(args.raw, "test")
     assert test_masks is not None
     masks_idx = masks_to_indices(test_masks, lut, str(split_paths(args.raw, "test")[1]))
-    result = evaluate_stack(
-        model,
-        test_images,
-        masks_idx,
-        cfg,
-        threshold,
-        base.n_classes,
-        base.class_names,
-        progress=progress,
-    )
-    result.metrics["threshold_source"] = threshold_source
-    result.metrics["threshold_scores"] = threshold_scores
+    result = evaluate_split(model, plan, test_images, masks_idx, progress=progress)
+    result.metrics["threshold_source"] = plan.threshold_source
+    result.metrics["validation"] = dict(plan.validation)
+    if plan.calibration is not None:
+        result.metrics["validation_calibration"] = plan.calibration.model_dump()
+    result.metrics["plan"] = report.to_json()
     paths = write_outputs(result, args.out, cfg.figure_slices)
     tracking.log_evaluation(
         train_info["run_id"],
         result.metrics,
         [paths["metrics"], paths["per_slice"], *paths["figures"]],
     )
+    tracking.log_inference_plan(train_info["run_id"], args.plan)
     return result.metrics
 
 
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", type=Path, required=True, help="canonical raw data directory")
     p.add_argument("--patches", type=Path, required=True, help="patch dir with meta.json")
     p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument(
+        "--plan", type=Path, required=True, help="inference plan to write (beside model.keras)"
+    )
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
@@ -113,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"test iou={metrics['iou']:.4f} dice={metrics['dice']:.4f} "
         f"mean_iou={metrics['mean_iou']:.4f} threshold={metrics['threshold']} "
-        f"({metrics['n_test_slices']} slices) -> {args.out}"
+        f"engine={metrics['engine']} ({metrics['n_test_slices']} slices) -> {args.out}, "
+        f"plan {args.plan}"
     )
     return 0
 

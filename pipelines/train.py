@@ -4,7 +4,9 @@ Reads ``base`` and ``train`` from the params file, ``n_classes``/``class_names``
 ``PATCHES/meta.json`` and the augmentation spec from the augment stage; writes
 ``OUT/model.keras`` (best epoch), ``OUT/history.csv`` and ``OUT/train.json``. A killed run
 resumes from its last epoch (backups under ``--checkpoints``) when rerun with the same
-configuration and data.
+configuration and data; its MLflow run is then ended as KILLED and the new run holds the
+full history. ``train.init_from`` (a ``.keras`` file or a ``models:/``/``runs:/`` URI)
+starts from that model's weights; the run is tagged with the model it started from.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from mitoseg.augment import read_augment_spec
-from mitoseg.config import ConfigError, load_section
+from mitoseg.config import ConfigError, TrainConfig, load_section
 from mitoseg.io import DataError, read_json_object, write_json
 
 
@@ -31,6 +34,22 @@ def _read_meta(patches: Path, n_classes: int) -> list[str]:
             "rerun the patchify stage"
         )
     return names
+
+
+def _init_tags(info: dict[str, Any], digest: str) -> dict[str, str]:
+    """Run tags naming the model a fine-tuning run started from."""
+    tags = {"init_from": str(info["uri"]), "init_weights_digest": digest}
+    for key in ("name", "version", "alias", "run_id"):
+        if info.get(key) is not None:
+            tags[f"init_from_{key}"] = str(info[key])
+    return tags
+
+
+def _budget(cfg: TrainConfig) -> str:
+    """How the run is bounded, e.g. ``steps`` or ``steps+wall_clock:420s``."""
+    if cfg.max_train_seconds is None:
+        return "steps"
+    return f"steps+wall_clock:{cfg.max_train_seconds:g}s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,16 +72,27 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     from mitoseg import tracking
-    from mitoseg.train import train_model
+    from mitoseg.model.callbacks import MlflowEpochLogger
+    from mitoseg.train import initial_weights, setup_determinism, train_model, weights_digest
 
+    setup_determinism(cfg.deterministic)  # before TensorFlow starts (loading init_from)
     tracking.configure_tracking()
+    init_weights, init_tags = None, {}
+    if cfg.init_from is not None:
+        try:
+            source = tracking.load_model(cfg.init_from)
+            init_weights = initial_weights(source, cfg, base.n_classes)
+            init_tags = _init_tags(tracking.model_info(cfg.init_from), weights_digest(init_weights))
+        except (LookupError, ValueError) as exc:
+            print(f"train: {exc}", file=sys.stderr)
+            return 1
     params = {
         **cfg.model_dump(mode="json"),
         "augment": augment_cfg.model_dump(mode="json"),
         "seed": base.seed,
         "n_classes": base.n_classes,
     }
-    tags = tracking.lineage_tags(Path.cwd())
+    tags = {**tracking.lineage_tags(Path.cwd()), **init_tags, "train_budget": _budget(cfg)}
     run_name = f"{cfg.preset}-{cfg.model.variant}-d{cfg.model.depth}-f{cfg.model.base_filters}"
     try:
         with tracking.start_training_run(params, tags, run_name) as run:
@@ -75,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.out,
                 args.checkpoints,
                 progress=not args.no_progress,
-                callbacks=[tracking.make_epoch_logger()],
+                callbacks=[MlflowEpochLogger()],
+                init_weights=init_weights,
             )
             tracking.log_training_outcome(
                 result, args.out / "history.csv", base.n_classes, class_names
@@ -99,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             "class_names": class_names,
             "resumed": result.resumed,
             "stop_reason": result.stop_reason,
+            "run_key": result.run_key,
+            "init_from": cfg.init_from,
         },
     )
     print(

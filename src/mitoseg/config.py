@@ -177,7 +177,15 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """Training recipe, resolved from a preset plus overrides (``train:``)."""
+    """Training recipe, resolved from a preset plus overrides (``train:``).
+
+    A run is bounded by ``epochs * steps_per_epoch`` optimizer steps (and early stopping),
+    so with ``deterministic`` it gives the same model on every machine. ``max_train_seconds``
+    adds a wall-clock budget (benchmarks): the run then stops at a machine-dependent epoch
+    and the cosine schedule follows the clock too, so the model depends on machine speed.
+    ``init_from`` starts from a trained model's weights (fine-tuning) instead of a random
+    initialisation; its architecture must be ``model`` with the same number of classes.
+    """
 
     preset: Literal["default", "seed"] = "default"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -196,7 +204,20 @@ class TrainConfig(_Strict):
     reduce_lr_patience: int = Field(3, ge=1)
     reduce_lr_factor: float = Field(0.5, gt=0, lt=1)
     min_lr: float = Field(1e-6, ge=0)
-    max_train_seconds: float | None = Field(None, gt=0, description="wall-clock budget")
+    max_train_seconds: float | None = Field(
+        None, gt=0, description="wall-clock budget (benchmarks; not reproducible)"
+    )
+    deterministic: bool = Field(
+        True,
+        description="TensorFlow op determinism, one inter-op thread: the same model from "
+        "the same seed",
+    )
+    init_from: str | None = Field(
+        None,
+        min_length=1,
+        description="start from this model: .keras path, models:/<name>@<alias>, "
+        "models:/<name>/<version> or runs:/<run_id>/model",
+    )
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     distribute: Literal["auto", "none", "mirrored"] = "auto"
 
@@ -274,18 +295,47 @@ def resolve_train_config(section: dict[str, Any] | None) -> TrainConfig:
 
 
 class EvaluateConfig(_Strict):
-    """Whole-slice evaluation (``evaluate:``)."""
+    """Whole-slice evaluation and the inference plan it decides (``evaluate:``).
 
-    tile_size: int = Field(256, ge=16)
-    overlap: float = Field(0.5, ge=0, lt=1, description="fraction of tile_size shared")
-    batch_size: int = Field(8, ge=1)
-    tta: bool = False
-    threshold: float | Literal["auto"] = "auto"
-    threshold_grid: list[float] = Field(
-        default_factory=lambda: [round(0.1 * i, 2) for i in range(1, 10)]
+    The tiling, threshold and engine chosen here are written into the model's inference
+    plan (:mod:`mitoseg.plan`), which every later consumer reads.
+    """
+
+    tile_size: int = Field(
+        1536, ge=16, description="largest tile side; a slice whose padded size fits runs whole"
     )
+    halo: int | Literal["auto"] = Field(
+        "auto", description="context pixels per tile side; auto: from the receptive field"
+    )
+    batch_size: int = Field(4, ge=1)
+    tta: bool = False
+    threshold: float | Literal["auto"] = Field(
+        "auto", description="auto: maximise IoU on the validation slices (0.001 steps)"
+    )
+    blank_range: float = Field(
+        0.02, ge=0, lt=1, description="slices with a smaller robust range are background"
+    )
+    engines: list[str] = Field(
+        default_factory=lambda: ["keras/fp32", "openvino/fp32", "openvino/bf16"],
+        description="engines tried on the validation slices; the fastest within tolerance wins",
+    )
+    engine_tolerance: float = Field(0.005, ge=0, le=1, description="validation IoU difference")
     min_object_size: int = Field(20, ge=0, description="pixels; smaller objects not counted")
     figure_slices: int = Field(3, ge=0)
+
+    @field_validator("halo")
+    @classmethod
+    def _check_halo(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"halo must be >= 0 or 'auto', got {v}")
+        return v
+
+    @field_validator("threshold")
+    @classmethod
+    def _check_threshold(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and not 0.0 <= v <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1] or 'auto', got {v}")
+        return v
 
 
 class RegisterConfig(_Strict):
@@ -298,18 +348,48 @@ class RegisterConfig(_Strict):
 
 
 class ServeConfig(_Strict):
-    """Serving guard rails and batching (``serve:``)."""
+    """Serving guard rails, compute budget and batching (``serve:``).
+
+    How a model runs (tile size, halo, threshold, engine) is not set here: the model's
+    inference plan decides (:class:`mitoseg.plan.InferencePlan`).
+
+    A request's cost is its pixel count times ``plan.flops_per_pixel`` (x8 with TTA), in
+    GFLOP; for a plan without ``flops_per_pixel`` it is the pixel count (x8 with TTA), in
+    Mpixel, checked against the ``*_mpixel`` limits instead.
+    """
 
     max_bytes: int = Field(256 * 1024 * 1024, ge=1)
     max_pixels: int = Field(64 * 1024 * 1024, ge=1, description="per page")
     max_pages: int = Field(512, ge=1)
     max_side: int = Field(32768, ge=1)
-    tile_size: int = Field(256, ge=16)
-    overlap: float = Field(0.5, ge=0, lt=1)
-    max_batch_size: int = Field(16, ge=1)
-    max_latency_ms: int = Field(
-        60000, ge=1, description="longest a tile may wait in the batch queue before a 503"
+    max_batch_size: int = Field(
+        16, ge=1, description="most tiles in one forward pass; concurrent requests share it"
     )
+    max_request_gflop: float = Field(
+        2000.0, gt=0, description="compute one request may take (else 413)"
+    )
+    max_inflight_gflop: float = Field(
+        4000.0, gt=0, description="compute of all requests in flight together (else 429)"
+    )
+    max_request_mpixel: float = Field(
+        64.0, gt=0, description="per request, when the plan has no flops_per_pixel"
+    )
+    max_inflight_mpixel: float = Field(
+        128.0, gt=0, description="in flight, when the plan has no flops_per_pixel"
+    )
+    retry_after_s: int = Field(5, ge=1, description="Retry-After of a 429")
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> ServeConfig:
+        for unit in ("gflop", "mpixel"):
+            request = getattr(self, f"max_request_{unit}")
+            inflight = getattr(self, f"max_inflight_{unit}")
+            if request > inflight:
+                raise ValueError(
+                    f"max_request_{unit} ({request:g}) must not exceed "
+                    f"max_inflight_{unit} ({inflight:g})"
+                )
+        return self
 
 
 _SECTIONS: dict[str, type[BaseModel]] = {

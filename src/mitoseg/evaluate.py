@@ -15,23 +15,26 @@ from __future__ import annotations
 
 import csv
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mitoseg.config import EvaluateConfig
 from mitoseg.data.patches import map_mask_to_classes
 from mitoseg.inference import iter_stack_probabilities, probabilities_to_mask
 from mitoseg.io import DataError, atomic_dir, atomic_path, normalize_slice, write_json
-from mitoseg.metrics import confusion_matrix, evaluate_masks, scores_from_confusion
+from mitoseg.metrics import evaluate_masks
+from mitoseg.plan import Calibration, InferencePlan
 
 __all__ = [
     "OVERLAY_COLORS",
     "PER_SLICE_COLUMNS",
+    "THRESHOLD_BINS",
     "EvaluationResult",
+    "ProbabilityHistogram",
+    "ThresholdChoice",
     "choose_threshold",
     "evaluate_stack",
     "masks_to_indices",
@@ -128,56 +131,163 @@ def _check_classes(channels: int, n_classes: int) -> None:
         )
 
 
-def choose_threshold(
-    model: Any,
-    val_images: np.ndarray,
-    val_masks: np.ndarray,
-    grid: Sequence[float],
-    *,
-    tile_size: int = 256,
-    overlap: float = 0.5,
-    batch_size: int = 8,
-    tta: bool = False,
-    progress: bool = False,
-) -> tuple[float, dict[float, float]]:
-    """Pick the foreground threshold that maximises IoU on whole validation slices.
+#: Resolution of the threshold search: candidate thresholds are multiples of 1/BINS.
+THRESHOLD_BINS = 1000
 
-    The IoU for each grid value is computed from the confusion matrix summed over all
-    validation pixels. Ties are broken towards 0.5, then towards the lower threshold.
-    Binary (sigmoid) models only: softmax models use argmax and need no threshold.
+
+class ProbabilityHistogram:
+    """Foreground/background pixel counts per probability bin (binary models).
+
+    Accumulates, for ``bins`` equal-width bins of the foreground probability, how many
+    true-foreground and true-background pixels fall in each, and their summed
+    probabilities. From that, IoU at every threshold ``k / bins`` and calibration figures
+    are exact sums, so a fine threshold search costs one pass over the probabilities.
 
     Args:
-        model: Keras model or batch-predict callable with one output channel.
+        bins: number of bins (threshold resolution ``1 / bins``).
+    """
+
+    def __init__(self, bins: int = THRESHOLD_BINS) -> None:
+        if bins < 2:
+            raise ValueError(f"ProbabilityHistogram: bins must be >= 2, got {bins}")
+        self.bins = bins
+        self.fg = np.zeros(bins, dtype=np.int64)
+        self.bg = np.zeros(bins, dtype=np.int64)
+        self.psum = np.zeros(bins, dtype=np.float64)
+        self.sq_err = 0.0
+
+    @property
+    def pixels(self) -> int:
+        """Pixels added so far."""
+        return int(self.fg.sum() + self.bg.sum())
+
+    def add(self, probs: np.ndarray, truth: np.ndarray) -> None:
+        """Add one slice.
+
+        Args:
+            probs: ``(H, W)`` or ``(H, W, 1)`` float foreground probabilities in [0, 1].
+            truth: ``(H, W)`` class indexes 0/1.
+
+        Raises:
+            ValueError: shapes differ, or more than one probability channel.
+        """
+        p = np.asarray(probs, dtype=np.float64)
+        if p.ndim == 3:
+            if p.shape[-1] != 1:
+                raise ValueError(
+                    f"ProbabilityHistogram: expected one probability channel, got {p.shape[-1]}"
+                )
+            p = p[..., 0]
+        t = np.asarray(truth) != 0
+        if p.shape != t.shape:
+            raise ValueError(f"ProbabilityHistogram: probs {p.shape} != truth {t.shape}")
+        idx = np.clip(np.floor(p * self.bins).astype(np.int64), 0, self.bins - 1).ravel()
+        tf = t.ravel()
+        self.fg += np.bincount(idx[tf], minlength=self.bins)
+        self.bg += np.bincount(idx[~tf], minlength=self.bins)
+        self.psum += np.bincount(idx, weights=p.ravel(), minlength=self.bins)
+        self.sq_err += float(((p.ravel() - tf) ** 2).sum())
+
+    def iou_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """Foreground IoU at every threshold ``k / bins``, ``k = 1 .. bins - 1``.
+
+        Returns:
+            ``(thresholds, iou)``: two ``(bins - 1,)`` float64 arrays. IoU is 1 where
+            truth and prediction are both empty.
+        """
+        tp = np.cumsum(self.fg[::-1])[::-1][1:]  # pixels with bin >= k are predicted fg
+        fp = np.cumsum(self.bg[::-1])[::-1][1:]
+        fn = self.fg.sum() - tp
+        denom = tp + fp + fn
+        iou = np.where(denom > 0, tp / np.maximum(denom, 1), 1.0)
+        return np.arange(1, self.bins) / self.bins, iou.astype(np.float64)
+
+    def calibration(self, n_bins: int = 10) -> Calibration:
+        """Expected calibration error, Brier score and the reliability table.
+
+        Args:
+            n_bins: reliability bins (must divide ``bins``).
+
+        Raises:
+            ValueError: ``n_bins`` does not divide ``bins``, or nothing was added.
+        """
+        if n_bins < 1 or self.bins % n_bins:
+            raise ValueError(f"calibration: n_bins {n_bins} must divide bins {self.bins}")
+        total = self.pixels
+        if total == 0:
+            raise ValueError("calibration: no pixels were added")
+        group = self.bins // n_bins
+        fg = self.fg.reshape(n_bins, group).sum(1)
+        n = (self.fg + self.bg).reshape(n_bins, group).sum(1)
+        ps = self.psum.reshape(n_bins, group).sum(1)
+        rows, ece = [], 0.0
+        for b in range(n_bins):
+            if n[b] == 0:
+                continue
+            conf, freq, share = ps[b] / n[b], fg[b] / n[b], n[b] / total
+            ece += share * abs(conf - freq)
+            rows.append([round(b / n_bins, 6), round(conf, 6), round(freq, 6), round(share, 6)])
+        return Calibration(
+            ece=round(float(ece), 6),
+            brier=round(self.sq_err / total, 6),
+            bins=n_bins,
+            reliability=rows,
+            pixels=total,
+        )
+
+
+@dataclass
+class ThresholdChoice:
+    """Outcome of :func:`choose_threshold`.
+
+    Attributes:
+        threshold: the chosen foreground threshold.
+        iou: validation IoU at that threshold.
+        curve: ``{threshold: iou}`` at every 0.05 step (for reports and plots).
+        calibration: calibration of the validation probabilities.
+    """
+
+    threshold: float
+    iou: float
+    curve: dict[str, float]
+    calibration: Calibration
+
+
+def choose_threshold(
+    model_or_fn: Any,
+    val_images: np.ndarray,
+    val_masks: np.ndarray,
+    plan: InferencePlan,
+    *,
+    bins: int = THRESHOLD_BINS,
+    progress: bool = False,
+) -> ThresholdChoice:
+    """Pick the foreground threshold that maximises IoU on whole validation slices.
+
+    The validation probabilities are computed once with ``plan`` (its threshold is not
+    used); IoU is evaluated at every multiple of ``1 / bins`` from the pixel counts
+    summed over all validation slices (:class:`ProbabilityHistogram`). Ties are broken
+    towards 0.5, then towards the lower threshold. Binary (sigmoid) models only: softmax
+    models use argmax and need no threshold.
+
+    Args:
+        model_or_fn: Keras model or batch-predict callable with one output channel.
         val_images: ``(Z, H, W)`` raw validation slices (uint8/uint16).
         val_masks: ``(Z, H, W)`` class indexes 0/1.
-        grid: candidate thresholds in ``[0, 1]``.
-        tile_size, overlap, batch_size, tta: tiled inference settings.
+        plan: how to run the model (tiling, normalisation, engine).
+        bins: threshold resolution ``1 / bins``.
         progress: show a progress bar.
 
     Returns:
-        ``(threshold, {threshold: iou})``.
+        :class:`ThresholdChoice`.
 
     Raises:
-        ValueError: empty grid or values outside ``[0, 1]``, shape mismatch, a model with
-            more than one output channel.
+        ValueError: shape mismatch, a model with more than one output channel.
     """
-    grid = [float(g) for g in grid]
-    if not grid:
-        raise ValueError("choose_threshold: threshold grid is empty")
-    bad = [g for g in grid if not 0.0 <= g <= 1.0]
-    if bad:
-        raise ValueError(f"choose_threshold: thresholds must be in [0, 1], got {bad}")
     images, masks = _check_pair(val_images, val_masks, "choose_threshold")
-    cms = {g: np.zeros((2, 2), dtype=np.int64) for g in grid}
+    hist = ProbabilityHistogram(bins)
     probs_iter = iter_stack_probabilities(
-        model,
-        images,
-        tile_size=tile_size,
-        overlap=overlap,
-        batch_size=batch_size,
-        tta=tta,
-        progress=progress,
-        description="validation slices",
+        model_or_fn, images, plan, progress=progress, description="validation slices"
     )
     for z, probs in enumerate(probs_iter):
         if probs.shape[-1] != 1:
@@ -185,37 +295,35 @@ def choose_threshold(
                 f"choose_threshold: the model has {probs.shape[-1]} output channels; thresholds "
                 "apply only to binary (sigmoid) models, multiclass uses argmax"
             )
-        for g in grid:
-            cms[g] += confusion_matrix(masks[z], probabilities_to_mask(probs, g), 2)
-    scores = {g: scores_from_confusion(cm)["iou"] for g, cm in cms.items()}
-    best = max(scores.values())
-    ties = [g for g, s in scores.items() if s >= best - 1e-12]
-    threshold = min(ties, key=lambda g: (abs(g - 0.5), g))
-    return threshold, scores
+        hist.add(probs, masks[z])
+    thresholds, ious = hist.iou_curve()
+    best = float(ious.max())
+    ties = thresholds[ious >= best - 1e-12]
+    threshold = float(min(ties, key=lambda g: (abs(g - 0.5), g)))
+    step = max(1, bins // 20)
+    curve = {
+        f"{thresholds[i]:g}": round(float(ious[i]), 6) for i in range(step - 1, bins - 1, step)
+    }
+    return ThresholdChoice(
+        threshold=threshold, iou=best, curve=curve, calibration=hist.calibration()
+    )
 
 
 def evaluate_stack(
-    model: Any,
+    model_or_fn: Any,
     images: np.ndarray,
     masks: np.ndarray,
-    cfg: EvaluateConfig,
-    threshold: float,
-    n_classes: int,
-    class_names: Sequence[str],
+    plan: InferencePlan,
     progress: bool = False,
 ) -> EvaluationResult:
-    """Segment a labelled stack and score it.
+    """Segment a labelled stack exactly as ``plan`` says and score it.
 
     Args:
-        model: Keras model or batch-predict callable (``C = 1`` sigmoid for 2 classes,
-            ``C = n_classes`` softmax otherwise).
+        model_or_fn: Keras model (run on the plan's engine) or batch-predict callable
+            (``C = 1`` sigmoid for 2 classes, ``C = n_classes`` softmax otherwise).
         images: ``(Z, H, W)`` (or ``(H, W)``) raw uint8/uint16 slices.
         masks: same shape, ground-truth class indexes ``0 .. n_classes-1``.
-        cfg: tiling (``tile_size``, ``overlap``, ``batch_size``, ``tta``) and
-            ``min_object_size``.
-        threshold: foreground threshold (binary models; ignored for multiclass).
-        n_classes: number of classes, background included.
-        class_names: ``n_classes`` names, background first.
+        plan: the inference plan (class table, threshold, tiling, ``min_object_size``).
         progress: show a progress bar.
 
     Returns:
@@ -223,48 +331,43 @@ def evaluate_stack(
         precision, recall`` (aggregated over all pixels; foreground scores are the macro
         mean over foreground classes for multiclass), ``threshold`` (None for multiclass),
         ``n_test_slices``, ``objects``, ``per_class``, ``slice_mean``, ``confusion``,
-        ``class_names``, ``tile_size``, ``overlap``, ``tta``, ``inference_seconds`` and
-        ``pixels_per_second``.
+        ``class_names``, ``tile_size``, ``halo``, ``tta``, ``engine``, ``calibration``
+        (binary), ``inference_seconds`` and ``pixels_per_second``.
 
     Raises:
-        ValueError: shape mismatch, wrong number of class names, threshold outside
-            ``[0, 1]``, or model outputs not matching ``n_classes``.
+        ValueError: shape mismatch, or model outputs not matching the plan's classes.
     """
     images, masks = _check_pair(images, masks, "evaluate_stack")
-    if len(class_names) != n_classes:
-        raise ValueError(f"evaluate_stack: {len(class_names)} class names for {n_classes} classes")
-    if not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"evaluate_stack: threshold must be in [0, 1], got {threshold}")
+    n_classes = plan.n_classes
     preds = np.zeros(images.shape, dtype=np.uint8)
+    hist = ProbabilityHistogram() if n_classes == 2 else None
     start = time.perf_counter()
     probs_iter = iter_stack_probabilities(
-        model,
-        images,
-        tile_size=cfg.tile_size,
-        overlap=cfg.overlap,
-        batch_size=cfg.batch_size,
-        tta=cfg.tta,
-        progress=progress,
-        description="test slices",
+        model_or_fn, images, plan, progress=progress, description="test slices"
     )
     for z, probs in enumerate(probs_iter):
         _check_classes(probs.shape[-1], n_classes)
-        preds[z] = probabilities_to_mask(probs, threshold)
+        preds[z] = probabilities_to_mask(probs, plan.decision)
+        if hist is not None:
+            hist.add(probs, masks[z])
     seconds = time.perf_counter() - start
-    summary, rows = evaluate_masks(masks, preds, n_classes, class_names, cfg.min_object_size)
+    summary, rows = evaluate_masks(masks, preds, n_classes, plan.class_names, plan.min_object_size)
     metrics: dict[str, Any] = {
         key: summary[key] for key in ("iou", "mean_iou", "dice", "accuracy", "precision", "recall")
     }
-    metrics["threshold"] = float(threshold) if n_classes == 2 else None
+    metrics["threshold"] = plan.threshold
     metrics["n_test_slices"] = int(images.shape[0])
     metrics["objects"] = summary["objects"]
     metrics["per_class"] = summary["per_class"]
     metrics["slice_mean"] = summary["slice_mean"]
     metrics["confusion"] = summary["confusion"]
-    metrics["class_names"] = list(class_names)
-    metrics["tile_size"] = cfg.tile_size
-    metrics["overlap"] = cfg.overlap
-    metrics["tta"] = cfg.tta
+    metrics["class_names"] = list(plan.class_names)
+    metrics["tile_size"] = plan.tile_size
+    metrics["halo"] = plan.halo
+    metrics["tta"] = plan.tta
+    metrics["engine"] = f"{plan.runtime}/{plan.precision}"
+    if hist is not None and hist.pixels:
+        metrics["calibration"] = hist.calibration().model_dump()
     metrics["inference_seconds"] = round(seconds, 3)
     metrics["pixels_per_second"] = round(images.size / seconds, 1) if seconds > 0 else None
     return EvaluationResult(

@@ -1,21 +1,24 @@
-"""Tiled whole-image inference: one implementation for evaluate, ``mitoseg predict`` and the
-BentoML service.
+"""Tiled whole-image inference: one implementation for evaluate, ``mitoseg predict``, the
+BentoML service and the volume path.
 
 :func:`predict_tiled` is a *pure* function of an image array and a batch-predict callable:
 no model object, file or global state is touched, so it can be mapped over chunks with
-Dask or Ray. It cuts the (reflect-padded) image into overlapping square tiles, predicts
-them in batches and blends the tile outputs with a separable squared-sine window (floored
-at :data:`WINDOW_FLOOR` so that every pixel has a positive weight), normalised by the sum of
+Dask. The image is reflect-padded by a halo; an image whose padded size fits one tile runs
+as a single (possibly rectangular) forward pass, a larger one is cut into overlapping
+tiles whose outputs are blended with a separable squared-sine window (floored at
+:data:`WINDOW_FLOOR` so that every pixel has a positive weight), normalised by the sum of
 weights. Optional test-time augmentation (TTA) averages the 8 dihedral transforms
 (4 rotations x optional horizontal flip), each inverse-transformed back.
 
-Tile size constraint: the UNet halves H and W ``depth`` times, so a tile side must be a
-multiple of ``2**depth``. :func:`predict_tiled` checks ``tile_size % divisor == 0`` with
-``divisor = 16`` by default (depth 4, the shipped models); pass ``divisor=2**depth`` for
-deeper models.
+How a given model is run (tile size, halo, normalisation, threshold, engine) is not
+decided here: :func:`segment_stack`, :func:`iter_stack_probabilities` and
+:func:`predict_slice` take the model's :class:`~mitoseg.plan.InferencePlan`.
 
-This module imports no tensorflow: a Keras model is only *called* through its
-``predict_on_batch`` method (see :func:`as_predict_batch`).
+Tile size constraint: the UNet halves H and W ``depth`` times, so a tile side must be a
+multiple of ``2**depth`` (``divisor``, recorded in the plan).
+
+This module imports no tensorflow: a Keras model is run through
+:func:`mitoseg.runtime.predictor_for_plan`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from mitoseg.io import normalize_slice
+from mitoseg.plan import InferencePlan, normalize_for_plan
 
 __all__ = [
     "WINDOW_FLOOR",
@@ -34,9 +37,11 @@ __all__ = [
     "check_tiling",
     "iter_stack_probabilities",
     "mask_to_image",
+    "predict_slice",
     "predict_tiled",
     "probabilities_to_mask",
     "segment_stack",
+    "tile_layout",
     "tile_positions",
     "window_2d",
 ]
@@ -49,19 +54,24 @@ PredictBatch = Callable[[np.ndarray], np.ndarray]
 WINDOW_FLOOR = 1e-3
 
 
-def window_2d(tile_size: int, floor: float = WINDOW_FLOOR) -> np.ndarray:
+def window_2d(tile_size: int, floor: float = WINDOW_FLOOR, width: int | None = None) -> np.ndarray:
     """Separable squared-sine blending window.
 
     Args:
-        tile_size: side ``T`` of the square tile.
+        tile_size: tile height ``T`` (and width, unless ``width`` is given).
         floor: minimum weight (``> 0``).
+        width: tile width for rectangular tiles.
 
     Returns:
-        ``(T, T)`` float32 weights in ``[floor, 1]``, symmetric, peaking at the centre.
+        ``(T, W)`` float32 weights in ``[floor, 1]``, symmetric, peaking at the centre.
     """
-    i = np.arange(tile_size, dtype=np.float64)
-    w1 = np.sin(np.pi * (i + 0.5) / tile_size) ** 2
-    return np.maximum(np.outer(w1, w1), floor).astype(np.float32)
+
+    def sine(n: int) -> np.ndarray:
+        i = np.arange(n, dtype=np.float64)
+        return np.sin(np.pi * (i + 0.5) / n) ** 2
+
+    w = tile_size if width is None else width
+    return np.maximum(np.outer(sine(tile_size), sine(w)), floor).astype(np.float32)
 
 
 def tile_positions(length: int, tile_size: int, step: int) -> list[int]:
@@ -139,13 +149,42 @@ def _inverse_dihedral(x: np.ndarray, k: int) -> np.ndarray:
 
 def _call(predict_batch: PredictBatch, batch: np.ndarray) -> np.ndarray:
     out = np.asarray(predict_batch(np.ascontiguousarray(batch, dtype=np.float32)))
-    b, t = batch.shape[0], batch.shape[1]
-    if out.ndim != 4 or out.shape[:3] != (b, t, t):
+    b, th, tw = batch.shape[:3]
+    if out.ndim != 4 or out.shape[:3] != (b, th, tw):
         raise ValueError(
             f"predict_batch returned shape {tuple(out.shape)} for an input batch of shape "
-            f"{tuple(batch.shape)}; expected ({b}, {t}, {t}, C)"
+            f"{tuple(batch.shape)}; expected ({b}, {th}, {tw}, C)"
         )
     return out.astype(np.float32, copy=False)
+
+
+def _round_up(value: int, divisor: int) -> int:
+    return -(-value // divisor) * divisor
+
+
+def tile_layout(
+    length: int, tile_size: int, halo: int, divisor: int, border: int | None = None
+) -> tuple[int, int, int, list[int]]:
+    """Tile side, padding and tile starts along one axis (see :func:`predict_tiled`).
+
+    Args:
+        length: image length along the axis (>= 1).
+        tile_size: largest tile side (a multiple of ``divisor``).
+        halo: context pixels on each side of the kept part of a tile.
+        divisor: tile sides are multiples of it.
+        border: reflect padding at the image borders (default ``halo``).
+
+    Returns:
+        ``(side, before, after, starts)``: the tile side on this axis, the padding added
+        before and after the image, and the tile start offsets in the padded axis.
+    """
+    pad = halo if border is None else border
+    need = length + 2 * pad
+    side = min(int(tile_size), _round_up(need, divisor))
+    extra = max(0, side - need)
+    before, after = pad + extra // 2, pad + extra - extra // 2
+    starts = tile_positions(length + before + after, side, max(1, side - 2 * halo))
+    return side, before, after, starts
 
 
 def predict_tiled(
@@ -157,24 +196,34 @@ def predict_tiled(
     batch_size: int = 8,
     tta: bool = False,
     divisor: int = 16,
+    halo: int | None = None,
+    border: int | None = None,
 ) -> np.ndarray:
     """Predict class probabilities of a whole 2D image with overlapping, blended tiles.
 
-    The image is reflect-padded by ``(tile_size - step) // 2`` on every side (so image
-    borders sit away from the tile borders), and further to at least one tile; tiles of
-    ``tile_size`` start every ``step = max(1, round(tile_size * (1 - overlap)))`` pixels
-    with the last one snapped to the end. Each output pixel is the window-weighted mean of
-    the tile predictions covering it.
+    Each axis is reflect-padded by ``border`` pixels (default ``halo``: image borders sit
+    away from tile borders; 0 leaves them at the tile border, as in training crops). Along
+    an axis where the padded image fits into ``tile_size``, one tile covers it, its side
+    rounded up to a multiple of ``divisor`` (so an image that fits runs as a single,
+    possibly rectangular, forward pass); otherwise tiles of ``tile_size`` start every
+    ``tile_size - 2 * halo`` pixels, the last one snapped to the end. Each output pixel is
+    the mean of the tile predictions covering it, weighted by a separable squared-sine
+    window.
 
     Args:
         image: ``(H, W)`` float32 in ``[0, 1]`` (already normalised), any ``H, W >= 1``.
-        predict_batch: maps ``(B, T, T, 1)`` float32 to ``(B, T, T, C)`` float32
-            probabilities (``B <= batch_size``, ``T = tile_size``).
-        tile_size: tile side ``T``; a multiple of ``divisor``.
-        overlap: fraction of a tile shared with its neighbour, in ``[0, 1)``.
+        predict_batch: maps ``(B, TH, TW, 1)`` float32 to ``(B, TH, TW, C)`` float32
+            probabilities (``B <= batch_size``; ``TH, TW <= tile_size``, multiples of
+            ``divisor``; all tiles of one image have the same shape).
+        tile_size: largest tile side; a multiple of ``divisor``.
+        overlap: when ``halo`` is None, the halo is ``(tile_size - step) // 2`` with
+            ``step = max(1, round(tile_size * (1 - overlap)))``; in ``[0, 1)``.
         batch_size: tiles per ``predict_batch`` call.
         tta: average over the 8 flips/rotations of every tile (8x the compute).
-        divisor: ``2**depth`` of the network; ``tile_size`` must be a multiple of it.
+        divisor: ``2**depth`` of the network; tile sides are multiples of it.
+        halo: context pixels kept around each tile's centre part (``2 * halo <
+            tile_size``); overrides ``overlap``.
+        border: reflect padding at the image borders, pixels (default ``halo``).
 
     Returns:
         ``(H, W, C)`` float32 blended probabilities. Deterministic for a deterministic
@@ -182,9 +231,21 @@ def predict_tiled(
 
     Raises:
         ValueError: image not 2D, empty or non-finite; invalid ``tile_size``, ``overlap``,
-            ``batch_size`` or ``divisor``; ``predict_batch`` returned a wrong shape.
+            ``halo``, ``batch_size`` or ``divisor``; ``predict_batch`` returned a wrong
+            shape.
     """
     check_tiling(tile_size, overlap, batch_size, divisor)
+    t = int(tile_size)
+    if halo is None:
+        halo = (t - max(1, round(t * (1.0 - float(overlap))))) // 2
+    elif isinstance(halo, bool) or not isinstance(halo, (int, np.integer)) or halo < 0:
+        raise ValueError(f"halo must be an integer >= 0, got {halo!r}")
+    elif 2 * halo >= t:
+        raise ValueError(f"halo must be below tile_size / 2 = {t / 2:g}, got {halo}")
+    if border is not None and (
+        isinstance(border, bool) or not isinstance(border, (int, np.integer)) or border < 0
+    ):
+        raise ValueError(f"border must be an integer >= 0, got {border!r}")
     image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError(f"predict_tiled: expected a 2D (H, W) image, got shape {image.shape}")
@@ -194,22 +255,19 @@ def predict_tiled(
     if not np.isfinite(image).all():
         raise ValueError("predict_tiled: image contains NaN or infinite values")
     h, w = image.shape
-    t = int(tile_size)
-    step = max(1, round(t * (1.0 - float(overlap))))
-    margin = (t - step) // 2
-    extra_h, extra_w = max(0, t - (h + 2 * margin)), max(0, t - (w + 2 * margin))
-    before = (margin + extra_h // 2, margin + extra_w // 2)
-    after = (margin + extra_h - extra_h // 2, margin + extra_w - extra_w // 2)
-    padded = _pad(image, before, after)
+    th, top, bottom, ys = tile_layout(h, t, int(halo), divisor, border)
+    tw, left, right, xs = tile_layout(w, t, int(halo), divisor, border)
+    padded = _pad(image, (top, left), (bottom, right))
     ph, pw = padded.shape
-    starts = [(y, x) for y in tile_positions(ph, t, step) for x in tile_positions(pw, t, step)]
-    weights = window_2d(t)
+    starts = [(y, x) for y in ys for x in xs]
+    weights = window_2d(th, width=tw)
     acc: np.ndarray | None = None
     norm = np.zeros((ph, pw), dtype=np.float32)
     transforms = range(8) if tta else range(1)
+    single = len(starts) == 1
     for b0 in range(0, len(starts), batch_size):
         chunk = starts[b0 : b0 + batch_size]
-        batch = np.stack([padded[y : y + t, x : x + t] for y, x in chunk])[..., None]
+        batch = np.stack([padded[y : y + th, x : x + tw] for y, x in chunk])[..., None]
         pred: np.ndarray | None = None
         for k in transforms:
             out = _call(predict_batch, _dihedral(batch, k) if k else batch)
@@ -218,6 +276,8 @@ def predict_tiled(
         assert pred is not None
         if tta:
             pred /= 8.0
+        if single:  # one tile: no blending needed, the window cancels exactly
+            return np.ascontiguousarray(pred[0, top : top + h, left : left + w])
         if acc is None:
             acc = np.zeros((ph, pw, pred.shape[-1]), dtype=np.float32)
         elif pred.shape[-1] != acc.shape[-1]:
@@ -226,11 +286,11 @@ def predict_tiled(
                 "for earlier tiles"
             )
         for (y, x), p in zip(chunk, pred, strict=True):
-            acc[y : y + t, x : x + t] += p * weights[..., None]
-            norm[y : y + t, x : x + t] += weights
+            acc[y : y + th, x : x + tw] += p * weights[..., None]
+            norm[y : y + th, x : x + tw] += weights
     assert acc is not None
     out = acc / norm[..., None]
-    return np.ascontiguousarray(out[before[0] : before[0] + h, before[1] : before[1] + w])
+    return np.ascontiguousarray(out[top : top + h, left : left + w])
 
 
 def probabilities_to_mask(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -325,27 +385,54 @@ def _as_stack(stack: np.ndarray) -> np.ndarray:
     return stack
 
 
+def _predictor(model_or_fn: Any, plan: InferencePlan) -> PredictBatch:
+    """A model goes through the plan's engine; a callable is used as it is."""
+    if hasattr(model_or_fn, "predict_on_batch"):
+        from mitoseg.runtime import predictor_for_plan
+
+        return predictor_for_plan(model_or_fn, plan)
+    return as_predict_batch(model_or_fn)
+
+
+def predict_slice(
+    image: np.ndarray, predict_batch: PredictBatch, plan: InferencePlan
+) -> np.ndarray:
+    """Probabilities of one raw slice, run exactly as ``plan`` says.
+
+    The slice is normalised by ``plan.normalization``; a blank slice (see
+    :class:`mitoseg.plan.Normalization`) is background everywhere without a forward pass.
+
+    Args:
+        image: ``(H, W)`` raw intensities (uint8, uint16 or float).
+        predict_batch: the plan's engine (:func:`mitoseg.runtime.predictor_for_plan`).
+        plan: the model's inference plan.
+
+    Returns:
+        ``(H, W, C)`` float32 probabilities, ``C = plan.out_channels``.
+    """
+    x = normalize_for_plan(image, plan.normalization)
+    if x is None:
+        probs = np.zeros((*np.shape(image), plan.out_channels), dtype=np.float32)
+        if plan.out_channels > 1:
+            probs[..., 0] = 1.0
+        return probs
+    return predict_tiled(x, predict_batch, **plan.tiling_kwargs())
+
+
 def iter_stack_probabilities(
     model_or_fn: Any,
     stack: np.ndarray,
+    plan: InferencePlan,
     *,
-    tile_size: int = 256,
-    overlap: float = 0.5,
-    batch_size: int = 8,
-    tta: bool = False,
-    divisor: int = 16,
     progress: bool = False,
     description: str = "predicting",
 ) -> Iterator[np.ndarray]:
     """Yield the ``(H, W, C)`` float32 probabilities of each slice of a stack.
 
-    Each slice is normalised with :func:`mitoseg.io.normalize_slice` and passed through
-    :func:`predict_tiled`.
-
     Args:
-        model_or_fn: Keras model or :data:`PredictBatch` callable.
+        model_or_fn: Keras model (run on the plan's engine) or :data:`PredictBatch`.
         stack: ``(Z, H, W)`` or ``(H, W)`` raw intensities (uint8, uint16 or float).
-        tile_size, overlap, batch_size, tta, divisor: see :func:`predict_tiled`.
+        plan: tiling, normalisation and engine (:class:`mitoseg.plan.InferencePlan`).
         progress: show a progress bar over slices.
         description: progress bar label.
 
@@ -354,63 +441,42 @@ def iter_stack_probabilities(
     """
     from mitoseg.progress import progress_iter
 
-    check_tiling(tile_size, overlap, batch_size, divisor)
+    check_tiling(plan.tile_size, 0.0, plan.batch_size, plan.divisor)
     stack = _as_stack(stack)
-    predict_batch = as_predict_batch(model_or_fn)
+    predict_batch = _predictor(model_or_fn, plan)
     for z in progress_iter(range(stack.shape[0]), stack.shape[0], description, progress):
-        yield predict_tiled(
-            normalize_slice(stack[z]),
-            predict_batch,
-            tile_size=tile_size,
-            overlap=overlap,
-            batch_size=batch_size,
-            tta=tta,
-            divisor=divisor,
-        )
+        yield predict_slice(stack[z], predict_batch, plan)
 
 
 def segment_stack(
     model_or_fn: Any,
     stack: np.ndarray,
+    plan: InferencePlan,
     *,
-    tile_size: int = 256,
-    overlap: float = 0.5,
-    batch_size: int = 8,
-    tta: bool = False,
-    threshold: float = 0.5,
-    divisor: int = 16,
     progress: bool = False,
 ) -> np.ndarray:
-    """Segment every slice of a stack (normalise, tile, blend, threshold/argmax).
+    """Segment every slice of a stack as ``plan`` says (normalise, tile, blend, decide).
+
+    The single implementation behind the evaluate stage, ``mitoseg predict``, the
+    service and the volume path.
 
     Args:
-        model_or_fn: Keras model (input ``(N, T, T, 1)``, output ``(N, T, T, C)``) or a
-            :data:`PredictBatch` callable.
+        model_or_fn: Keras model (input ``(N, H, W, 1)``, output ``(N, H, W, C)``), run on
+            the plan's engine, or a :data:`PredictBatch` callable.
         stack: ``(Z, H, W)`` or ``(H, W)`` uint8/uint16 (or float) raw intensities.
-        tile_size, overlap, batch_size, tta, divisor: see :func:`predict_tiled`.
-        threshold: foreground threshold for sigmoid (``C == 1``) outputs.
+        plan: the model's :class:`~mitoseg.plan.InferencePlan` (threshold for sigmoid
+            outputs, argmax for softmax).
         progress: show a progress bar over slices.
 
     Returns:
         ``(Z, H, W)`` uint8 class indexes (``Z = 1`` for a 2D input).
 
     Raises:
-        ValueError: bad stack, tiling arguments or threshold.
+        ValueError: bad stack or tiling arguments.
     """
-    if not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     stack = _as_stack(stack)
     out = np.zeros(stack.shape, dtype=np.uint8)
-    probs = iter_stack_probabilities(
-        model_or_fn,
-        stack,
-        tile_size=tile_size,
-        overlap=overlap,
-        batch_size=batch_size,
-        tta=tta,
-        divisor=divisor,
-        progress=progress,
-    )
+    probs = iter_stack_probabilities(model_or_fn, stack, plan, progress=progress)
     for z, p in enumerate(probs):
-        out[z] = probabilities_to_mask(p, threshold)
+        out[z] = probabilities_to_mask(p, plan.decision)
     return out

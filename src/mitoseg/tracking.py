@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from mlflow import ActiveRun, MlflowClient
 
     from mitoseg.config import RegisterConfig
+    from mitoseg.plan import InferencePlan
 
 __all__ = [
     "DEFAULT_ARTIFACT_PATH",
@@ -57,14 +58,15 @@ __all__ = [
     "ModelNotFoundError",
     "compute_test_data_id",
     "configure_tracking",
-    "find_threshold",
     "flatten_dict",
     "lineage_tags",
+    "load_inference_plan",
     "load_model",
+    "load_model_and_plan",
     "log_evaluation",
+    "log_inference_plan",
     "log_keras_model",
     "log_training_outcome",
-    "make_epoch_logger",
     "model_info",
     "register_model",
     "start_training_run",
@@ -361,109 +363,6 @@ def _to_float(value: Any) -> float | None:
         return float(arr.reshape(()))
     except (TypeError, ValueError):
         return None
-
-
-def _build_epoch_logger_class() -> type:
-    import keras
-
-    class MlflowEpochLogger(keras.callbacks.Callback):
-        """Keras callback that logs every epoch's logs to an MLflow run with ``step=epoch``.
-
-        Logs every numeric entry of Keras' epoch ``logs`` (``loss``, ``val_loss``,
-        ``iou``, ``val_iou``, ...) plus ``lr``, the optimizer's current learning rate
-        (Keras' own ``learning_rate`` log entry is renamed to ``lr``).
-
-        Args:
-            run_id: run to log into; the active run at ``on_train_begin`` when None.
-        """
-
-        def __init__(self, run_id: str | None = None) -> None:
-            super().__init__()
-            self.run_id = run_id
-            self._bound_run_id: str | None = run_id
-
-        def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-            import mlflow
-
-            _ensure_configured()
-            if self.run_id is None:
-                active = mlflow.active_run()
-                if active is None:
-                    raise RuntimeError(
-                        "MlflowEpochLogger: no active MLflow run; train inside "
-                        "start_training_run(...) or pass run_id"
-                    )
-                self._bound_run_id = active.info.run_id
-
-        def _current_lr(self) -> float | None:
-            optimizer = getattr(self.model, "optimizer", None)
-            if optimizer is None:
-                return None
-            try:
-                return _to_float(keras.ops.convert_to_numpy(optimizer.learning_rate))
-            except (AttributeError, TypeError, ValueError):
-                return None
-
-        def epoch_metrics(self, logs: Mapping[str, Any] | None) -> dict[str, float]:
-            """Numeric metrics of one epoch, ``lr`` included."""
-            values: dict[str, float] = {}
-            for key, value in (logs or {}).items():
-                number = _to_float(value)
-                if number is None:
-                    continue
-                name = "lr" if key == "learning_rate" else str(key)
-                values[_METRIC_KEY_BAD.sub("_", name)] = number
-            if "lr" not in values:
-                lr = self._current_lr()
-                if lr is not None:
-                    values["lr"] = lr
-            return values
-
-        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-            import time
-
-            from mlflow.entities import Metric
-
-            if self._bound_run_id is None:
-                self.on_train_begin()
-            stamp = int(time.time() * 1000)
-            metrics = [
-                Metric(key, value, stamp, int(epoch))
-                for key, value in self.epoch_metrics(logs).items()
-            ]
-            if metrics:
-                _client().log_batch(str(self._bound_run_id), metrics=metrics)
-
-    return MlflowEpochLogger
-
-
-_EPOCH_LOGGER_CLASS: list[type] = []
-
-
-def _epoch_logger_class() -> type:
-    if not _EPOCH_LOGGER_CLASS:
-        _EPOCH_LOGGER_CLASS.append(_build_epoch_logger_class())
-    return _EPOCH_LOGGER_CLASS[0]
-
-
-def __getattr__(name: str) -> Any:
-    """Lazy ``MlflowEpochLogger`` attribute (keeps keras out of module import)."""
-    if name == "MlflowEpochLogger":
-        return _epoch_logger_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def make_epoch_logger(run_id: str | None = None) -> keras.callbacks.Callback:
-    """Create an ``MlflowEpochLogger`` callback (see its docstring).
-
-    Args:
-        run_id: run to log into; the active MLflow run at training start when None.
-
-    Returns:
-        A ``keras.callbacks.Callback``.
-    """
-    _ensure_configured()
-    return _epoch_logger_class()(run_id=run_id)
 
 
 def _model_signature(out_channels: int) -> Any:
@@ -998,7 +897,6 @@ def model_info(uri: str) -> dict[str, Any]:
         version = int(resolved.version.version)
         aliases = list(resolved.version.aliases or [])
     alias = resolved.alias or (aliases[0] if aliases else None)
-    threshold = metrics.get("test_threshold", metrics.get("threshold"))
     class_names: list[str] | None = None
     if "class_names" in tags:
         with contextlib.suppress(ValueError):
@@ -1019,10 +917,115 @@ def model_info(uri: str) -> dict[str, Any]:
         "class_names": class_names,
         "tags": tags,
         "metrics": metrics,
-        "threshold": threshold,
     }
 
 
-def find_threshold(uri: str) -> float | None:
-    """The decision threshold chosen by evaluation for this model, or None if not logged."""
-    return model_info(uri)["threshold"]
+# ---------------------------------------------------------------- inference plan
+
+
+def _logged_model_of(client: MlflowClient, resolved: _Resolved) -> Any | None:
+    """The MLflow logged model behind a run or registry URI (None if it has none)."""
+    if resolved.kind == "registry" and getattr(resolved.version, "model_id", None):
+        return client.get_logged_model(resolved.version.model_id)
+    if resolved.run is None:
+        return None
+    path = DEFAULT_ARTIFACT_PATH
+    m = _RUNS_RE.match(resolved.uri)
+    if m:
+        path = m["path"]
+    return _logged_model(client, resolved.run, path)
+
+
+def log_inference_plan(run_id: str, plan_path: Path) -> None:
+    """Attach an inference plan to a training run and to the model logged in it.
+
+    The file goes into the run's artifacts (``inference_plan.json``, seen in the MLflow
+    UI) and into the logged model's own artifacts, so every registry version of that
+    model (``models:/mitoseg-unet@champion``) carries it.
+
+    Args:
+        run_id: the training run (its model is logged as ``model``).
+        plan_path: the plan file written by the evaluate stage.
+
+    Raises:
+        FileNotFoundError: ``plan_path`` does not exist.
+        ModelNotFoundError: unknown run, or the run has no logged model.
+    """
+    from mitoseg.plan import PLAN_FILE
+
+    plan_path = Path(plan_path)
+    if not plan_path.is_file():
+        raise FileNotFoundError(f"log_inference_plan: {plan_path} not found")
+    _ensure_configured()
+    client = _client()
+    run = _get_run(client, run_id)
+    model = _logged_model(client, run, DEFAULT_ARTIFACT_PATH)
+    if model is None:
+        raise ModelNotFoundError(f"run {run_id!r} has no logged model {DEFAULT_ARTIFACT_PATH!r}")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / PLAN_FILE  # the artifact keeps the canonical name
+        staged.write_bytes(plan_path.read_bytes())
+        client.log_artifact(run_id, str(staged))
+        client.log_model_artifact(model.model_id, str(staged))
+
+
+def load_inference_plan(uri: str) -> InferencePlan | None:
+    """The inference plan stored with a model, or None when it has none.
+
+    Args:
+        uri: a ``.keras`` file (plan beside it, see :func:`mitoseg.plan.plan_path_for`),
+            an MLflow model directory (``inference_plan.json`` inside), or a
+            ``models:/`` / ``runs:/`` URI (the logged model's ``inference_plan.json``).
+
+    Raises:
+        ModelNotFoundError, ValueError: as :func:`load_model`.
+        mitoseg.io.DataError: a plan that exists but is invalid (named).
+    """
+    import tempfile
+
+    from mitoseg.plan import PLAN_FILE, InferencePlan, plan_path_for
+
+    resolved = _resolve(uri)
+    if resolved.kind == "path" and resolved.path is not None:
+        path = resolved.path
+        found = path / PLAN_FILE if path.is_dir() else plan_path_for(path)
+        return InferencePlan.read(found) if found is not None and found.is_file() else None
+    client = _client()
+    model = _logged_model_of(client, resolved)
+    if model is None:
+        return None
+    names = {Path(f.path).name for f in client.list_logged_model_artifacts(model.model_id)}
+    if PLAN_FILE not in names:
+        return None
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{model.artifact_location.rstrip('/')}/{PLAN_FILE}", dst_path=tmp
+        )
+        return InferencePlan.read(local).model_copy()
+
+
+def load_model_and_plan(uri: str) -> tuple[keras.Model, InferencePlan]:
+    """Load a model and the plan to run it with.
+
+    A model without a stored plan gets :func:`mitoseg.model.analysis.default_plan`
+    (``plan.source == "default"``: derived from the network, threshold 0.5).
+
+    Returns:
+        ``(keras model, plan)``.
+
+    Raises:
+        ModelNotFoundError, ValueError, mitoseg.io.DataError: as :func:`load_model` and
+            :func:`load_inference_plan`; a plan that does not match the network's output.
+    """
+    from mitoseg.model.analysis import check_plan_matches, default_plan
+
+    model = load_model(uri)
+    plan = load_inference_plan(uri)
+    if plan is None:
+        return model, default_plan(model)
+    check_plan_matches(model, plan, str(uri))
+    return model, plan

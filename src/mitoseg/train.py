@@ -6,54 +6,95 @@ Every training element ``k`` of the (infinite) stream belongs to ``epoch = k //
 samples_per_epoch`` and uses a generator seeded from ``(seed, epoch, index)``, so the data
 seen in an epoch is reproducible and does not depend on where a resumed run restarted.
 
-Fault tolerance: ``keras.callbacks.BackupAndRestore`` backs the model and optimizer up to
-``checkpoint_dir/<run key>`` after every epoch, where the run key hashes the resolved
-configuration and the patch files; a killed run with the same key resumes from its last
-epoch, a different configuration never sees that backup. The backup (with the per-epoch
-history and the best model so far, kept beside it) is deleted after a successful run.
+Reproducibility. A run is bounded by ``epochs * steps_per_epoch`` optimizer steps (early
+stopping may end it sooner). The seed fixes the initial weights and dropout
+(``keras.utils.set_random_seed``) and the data (above; the tf.data pipeline keeps element
+order), and ``TrainConfig.deterministic`` turns on TensorFlow's op determinism with one
+inter-op thread (:func:`setup_determinism`), so the same inputs give the same model, bit
+for bit, on a given software stack. ``TrainConfig.max_train_seconds`` adds a wall-clock
+budget for benchmarks: the stopping epoch and the cosine schedule then follow the clock.
 
-The numpy parts (:func:`load_patches`, :class:`CropSampler`, :func:`run_key`) do not import
-tensorflow; :func:`train_model` does.
+Callbacks: Keras' ``ModelCheckpoint`` (best weights by the monitored loss),
+``EarlyStopping``, ``CSVLogger``, ``ReduceLROnPlateau`` and ``BackupAndRestore``, composed
+with the small ones of :mod:`mitoseg.model.callbacks`; the cosine schedule is Keras'
+``CosineDecay`` (:class:`~mitoseg.model.callbacks.BudgetCosineDecay` under a time budget).
+
+Fault tolerance: ``BackupAndRestore`` backs the model and optimizer up to
+``checkpoint_dir/<run key>`` after every epoch, where the run key hashes the resolved
+configuration, the patch files and the initial weights of a fine-tuning run. Beside the
+backup live the per-epoch history (the CSV logger writes it there, so it survives the
+stage's outputs being removed), the best weights so far and the elapsed seconds. A killed
+run with the same key resumes from its last epoch (rows past it are dropped; early
+stopping and LR-on-plateau replay the restored rows), a different configuration never
+sees that backup. The backup is deleted after a successful run.
+
+The numpy parts (:func:`load_patches`, :class:`CropSampler`, :func:`run_key`,
+:func:`weights_digest`, :func:`backup_id`) do not import tensorflow; the others do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+import socket
 import threading
-import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mitoseg.augment import augment_pair, is_identity
 from mitoseg.config import AugmentConfig, TrainConfig
-from mitoseg.io import DataError, atomic_path, write_json
+from mitoseg.io import DataError, atomic_path
+
+if TYPE_CHECKING:
+    import keras
 
 __all__ = [
     "HISTORY_COLUMNS",
     "CropSampler",
     "PatchData",
     "TrainResult",
+    "backup_id",
+    "initial_weights",
     "load_patches",
     "run_key",
+    "setup_determinism",
     "train_model",
+    "weights_digest",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Columns of ``history.csv`` (DVC plot). ``epoch`` is 1-based; ``lr`` is the learning rate
-#: used during that epoch. Validation columns are empty when there are no val patches.
-HISTORY_COLUMNS = ("epoch", "loss", "val_loss", "iou", "val_iou", "dice", "val_dice", "lr")
-_STATE_FILE = "mitoseg_state.json"
-_BEST_FILE = "best.keras"
+#: Columns of ``history.csv`` (DVC plots, MLflow artifact). ``epoch`` is 1-based; ``lr`` is
+#: the learning rate of the epoch's first step; ``accuracy`` is the pixel accuracy (binary:
+#: probability >= 0.5; multiclass: argmax). Validation columns are empty when there are no
+#: val patches.
+HISTORY_COLUMNS = (
+    "epoch",
+    "loss",
+    "val_loss",
+    "accuracy",
+    "val_accuracy",
+    "iou",
+    "val_iou",
+    "dice",
+    "val_dice",
+    "lr",
+)
+_HISTORY_FILE = "history.csv"
+_BEST_FILE = "best.weights.h5"
+_TIME_FILE = "elapsed.json"
 _KERAS_META = "training_metadata.json"
+_KERAS_WEIGHTS = "latest.weights.h5"
 
 
 @dataclass(frozen=True)
@@ -93,6 +134,8 @@ class TrainResult:
             excluding validation and, when more than one epoch ran, the first epoch of
             this process, which includes graph tracing).
         resumed: True when this call continued from a backup of an interrupted run.
+        stop_reason: ``completed`` (all epochs), ``early_stopping`` or ``time_budget``.
+        run_key: the run's key (:func:`run_key`), the name of its backup directory.
     """
 
     model_path: Path
@@ -103,6 +146,7 @@ class TrainResult:
     patches_per_second: float
     resumed: bool
     stop_reason: str = field(default="completed")
+    run_key: str = field(default="")
 
 
 def _read_array(path: Path) -> np.ndarray:
@@ -161,33 +205,75 @@ def load_patches(patches_dir: str | Path, n_classes: int) -> PatchData:
     return PatchData(**arrays)
 
 
+def weights_digest(weights: Sequence[np.ndarray]) -> str:
+    """Hash of a model's weights (shapes, dtypes and values, in order).
+
+    Args:
+        weights: e.g. ``model.get_weights()``.
+
+    Returns:
+        16 hex characters.
+    """
+    h = hashlib.sha256()
+    for w in weights:
+        arr = np.ascontiguousarray(w)
+        h.update(f"{arr.shape}{arr.dtype.str}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()[:16]
+
+
 def run_key(
     patches_dir: str | Path,
     augment_spec: AugmentConfig,
     cfg: TrainConfig,
     n_classes: int,
     seed: int,
+    init_digest: str | None = None,
 ) -> str:
     """Hash of everything that defines a training run: config, augmentation, seed, data.
 
+    Args:
+        patches_dir: the patch directory (its four ``.npy`` files are hashed).
+        augment_spec: augmentation strengths.
+        cfg: resolved training recipe.
+        n_classes: classes including background.
+        seed: base seed.
+        init_digest: :func:`weights_digest` of the initial weights of a fine-tuning run
+            (``cfg.init_from`` names a URI whose target can change, e.g. an alias).
+
     Returns:
         16 hex characters; the name of the run's backup directory.
+
+    Raises:
+        DataError: a patch file is missing.
     """
     h = hashlib.sha256()
-    spec = {
+    spec: dict[str, Any] = {
         "train": cfg.model_dump(mode="json"),
         "augment": augment_spec.model_dump(mode="json"),
         "n_classes": int(n_classes),
         "seed": int(seed),
     }
+    if init_digest is not None:
+        spec["init_digest"] = init_digest
     h.update(json.dumps(spec, sort_keys=True).encode())
     for name in ("train_images", "train_masks", "val_images", "val_masks"):
         path = Path(patches_dir) / f"{name}.npy"
+        if not path.is_file():
+            raise DataError(f"{path}: file not found (run the patchify stage first)")
         h.update(name.encode())
         with path.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def backup_id(backup_dir: str | Path) -> str:
+    """Identity of one backup directory on one machine: ``<hostname>:<absolute path>``.
+
+    Runs that trained the same backup share it (MLflow uses it to find a killed run).
+    """
+    return f"{socket.gethostname()}:{Path(backup_dir).resolve()}"
 
 
 class CropSampler:
@@ -293,197 +379,213 @@ def _check_sizes(data: PatchData, cfg: TrainConfig) -> None:
         raise ValueError(f"patch size ({size}) must be a multiple of 2**model.depth ({mult})")
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, nan: str) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
-        return "" if math.isnan(v) else repr(v)
+        return nan if math.isnan(v) else repr(v)
     return str(v)
 
 
-def _write_history_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def _write_history_csv(path: Path, rows: Sequence[dict[str, Any]], nan: str = "") -> None:
+    """Write ``rows`` with :data:`HISTORY_COLUMNS`; NaN as ``nan`` (empty for plots)."""
     with atomic_path(path, suffix=".csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(HISTORY_COLUMNS)
         for row in rows:
-            writer.writerow([_fmt(row.get(c)) for c in HISTORY_COLUMNS])
+            writer.writerow([_fmt(row.get(c), nan) for c in HISTORY_COLUMNS])
 
 
-def _is_better(value: float | None, best: float | None) -> bool:
-    if value is None or math.isnan(value):
-        return False
-    return best is None or value < best
+def _read_history_csv(path: Path) -> list[dict[str, Any]] | None:
+    """Rows of a history file written by the CSV logger; None when unreadable."""
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) != HISTORY_COLUMNS:
+                return None
+            rows = []
+            for raw in reader:
+                row: dict[str, Any] = {"epoch": int(raw["epoch"])}
+                for col in HISTORY_COLUMNS[1:]:
+                    text = raw[col]
+                    row[col] = float(text) if text not in ("", None) else None
+                rows.append(row)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return rows
 
 
-def _make_monitor(**kwargs: Any) -> Any:
-    """Build the :class:`keras.callbacks.Callback` that records, saves and stops training."""
-    import keras
-
-    class TrainingMonitor(keras.callbacks.Callback):
-        """History + best model + early stopping + wall-clock budget, resumable.
-
-        Runs first in the callback list: it adds ``lr`` to the epoch logs (so later
-        callbacks such as the MLflow logger see it), writes ``history.csv`` and the resume
-        state before ``BackupAndRestore`` writes its backup, and saves the best model
-        (uncompiled float32 twin) into the backup directory.
-        """
-
-        def __init__(
-            self,
-            *,
-            export_model: Any,
-            backup_dir: Path,
-            out_dir: Path,
-            monitor: str,
-            patience: int,
-            max_seconds: float | None,
-            samples_per_epoch: int,
-            prior: dict[str, Any],
-            cosine: tuple[float, float, int] | None = None,
-            steps_per_epoch: int = 1,
-        ) -> None:
-            super().__init__()
-            self.cosine = cosine
-            self.steps_per_epoch = steps_per_epoch
-            self._epoch = 0
-            self.export_model = export_model
-            self.backup_dir = backup_dir
-            self.out_dir = out_dir
-            self.monitor = monitor
-            self.patience = patience
-            self.max_seconds = max_seconds
-            self.samples_per_epoch = samples_per_epoch
-            self.rows: list[dict[str, Any]] = list(prior.get("rows", []))
-            self.best: float | None = prior.get("best")
-            self.best_epoch: int | None = prior.get("best_epoch")
-            self.wait = int(prior.get("wait", 0))
-            self.prior_seconds = float(prior.get("elapsed", 0.0))
-            self.stop_reason = "completed"
-            self.session_epochs: list[tuple[float, int]] = []  # (train-phase s, samples)
-            self._t0 = self._epoch_t0 = 0.0
-            self._train_phase: float | None = None
-            self._epoch_lr = float("nan")
-
-        @property
-        def elapsed(self) -> float:
-            return self.prior_seconds + (time.perf_counter() - self._t0)
-
-        def on_train_begin(self, logs: dict | None = None) -> None:
-            self._t0 = time.perf_counter()
-
-        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            self._epoch_t0 = time.perf_counter()
-            self._train_phase = None
-            self._epoch = epoch
-            self._set_cosine_lr(0)
-            self._epoch_lr = self._current_lr()
-
-        def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-            if batch:
-                self._set_cosine_lr(batch)
-
-        def _set_cosine_lr(self, batch: int) -> None:
-            """Budget-aware cosine decay: progress is the larger of the step fraction and
-            the fraction of the wall-clock budget used, so the schedule ends on time
-            however fast the machine is."""
-            if self.cosine is None:
-                return
-            lr0, lr_min, total = self.cosine
-            progress = (self._epoch * self.steps_per_epoch + batch) / max(total, 1)
-            if self.max_seconds:
-                progress = max(progress, self.elapsed / self.max_seconds)
-            progress = min(progress, 1.0)
-            lr = lr_min + 0.5 * (lr0 - lr_min) * (1.0 + math.cos(math.pi * progress))
-            self.model.optimizer.learning_rate.assign(lr)
-
-        def on_test_begin(self, logs: dict | None = None) -> None:
-            if self._train_phase is None:
-                self._train_phase = time.perf_counter() - self._epoch_t0
-
-        def _current_lr(self) -> float:
-            lr = self.model.optimizer.learning_rate
-            return float(keras.ops.convert_to_numpy(lr))
-
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            logs = logs if logs is not None else {}
-            now = time.perf_counter()
-            train_phase = self._train_phase
-            if train_phase is None:
-                train_phase = now - self._epoch_t0
-            self.session_epochs.append((train_phase, self.samples_per_epoch))
-            logs["lr"] = self._epoch_lr
-            row: dict[str, Any] = {"epoch": epoch + 1}
-            for col in HISTORY_COLUMNS[1:]:
-                v = logs.get(col)
-                row[col] = None if v is None else float(v)
-            self.rows = [r for r in self.rows if r["epoch"] <= epoch] + [row]
-            value = row.get(self.monitor)
-            if _is_better(value, self.best):
-                self.best, self.best_epoch, self.wait = value, epoch + 1, 0
-                self.export_model.set_weights(self.model.get_weights())
-                self.backup_dir.mkdir(parents=True, exist_ok=True)
-                with atomic_path(self.backup_dir / _BEST_FILE, suffix=".keras") as tmp:
-                    self.export_model.save(tmp)
-            else:
-                self.wait += 1
-                if self.wait >= self.patience:
-                    self.model.stop_training = True
-                    self.stop_reason = "early_stopping"
-            if self.max_seconds is not None and self.elapsed >= self.max_seconds:
-                self.model.stop_training = True
-                self.stop_reason = "time_budget"
-            _write_history_csv(self.out_dir / "history.csv", self.rows)
-            write_json(
-                self.backup_dir / _STATE_FILE,
-                {
-                    "rows": self.rows,
-                    "best": self.best,
-                    "best_epoch": self.best_epoch,
-                    "wait": self.wait,
-                    "elapsed": self.elapsed,
-                },
-            )
-
-        def on_train_end(self, logs: dict | None = None) -> None:
-            target = self.out_dir / "model.keras"
-            best = self.backup_dir / _BEST_FILE
-            if best.is_file():
-                with atomic_path(target, suffix=".keras") as tmp:
-                    shutil.copyfile(best, tmp)
-            else:  # no finite monitored value ever: keep the final weights
-                self.export_model.set_weights(self.model.get_weights())
-                with atomic_path(target, suffix=".keras") as tmp:
-                    self.export_model.save(tmp)
-                self.best_epoch = self.rows[-1]["epoch"] if self.rows else 0
-            self.prior_seconds = self.elapsed
-            self._t0 = time.perf_counter()
-
-    return TrainingMonitor(**kwargs)
+@dataclass
+class _Resume:
+    epoch: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    elapsed: float = 0.0
 
 
-def _read_resume_state(backup_dir: Path) -> tuple[int, dict[str, Any]]:
-    """Epoch to resume from (0 = fresh) and the monitor state saved with that backup."""
+def _read_resume_state(backup_dir: Path) -> _Resume:
+    """Epoch to resume from (0 = fresh), the history up to it and the elapsed seconds.
+
+    A backup without Keras' metadata and weights, or whose history does not cover its
+    epoch, is removed (the run starts from scratch). History rows past the backed-up
+    epoch (killed between the CSV row and the backup) are dropped from the file.
+    """
+    from mitoseg.model.callbacks import read_elapsed
+
     meta = backup_dir / _KERAS_META
-    state_path = backup_dir / _STATE_FILE
-    weights = backup_dir / "latest.weights.h5"
-    if not (meta.is_file() and state_path.is_file() and weights.is_file()):
+    history_path = backup_dir / _HISTORY_FILE
+    if not (meta.is_file() and (backup_dir / _KERAS_WEIGHTS).is_file()):
         if backup_dir.exists():
             shutil.rmtree(backup_dir)
-        return 0, {}
+        return _Resume()
     try:
         epoch = int(json.loads(meta.read_text())["epoch"])
-        state = json.loads(state_path.read_text())
     except (ValueError, KeyError, TypeError):
+        epoch = -1
+    rows = _read_history_csv(history_path) if epoch > 0 else None
+    if rows is None:
         log.warning("%s: unreadable backup, starting from scratch", backup_dir)
         shutil.rmtree(backup_dir)
-        return 0, {}
-    rows = [r for r in state.get("rows", []) if r["epoch"] <= epoch]
-    if len(rows) != epoch:
+        return _Resume()
+    rows = [r for r in rows if r["epoch"] <= epoch]
+    if [r["epoch"] for r in rows] != list(range(1, epoch + 1)):
         log.warning("%s: backup history incomplete, starting from scratch", backup_dir)
         shutil.rmtree(backup_dir)
-        return 0, {}
-    state["rows"] = rows
-    return epoch, state
+        return _Resume()
+    _write_history_csv(history_path, rows, nan="nan")  # NaN stays NaN for the replay
+    return _Resume(epoch, rows, read_elapsed(backup_dir / _TIME_FILE))
+
+
+def _best(rows: Sequence[dict[str, Any]], monitor: str) -> tuple[int | None, float | None]:
+    """1-based epoch and value of the lowest finite ``monitor`` (first one on ties)."""
+    best_epoch, best = None, None
+    for row in rows:
+        value = row.get(monitor)
+        if value is None or not math.isfinite(value):
+            continue
+        if best is None or value < best:
+            best_epoch, best = int(row["epoch"]), float(value)
+    return best_epoch, best
+
+
+def _init_error(uri: str | None, detail: str) -> ValueError:
+    return ValueError(f"train.init_from {uri}: {detail}")
+
+
+def _check_weights(model: keras.Model, weights: Sequence[np.ndarray], uri: str | None) -> None:
+    """Raise when ``weights`` do not fit ``model`` (count, then each shape)."""
+    ref = model.weights
+    if len(weights) != len(ref):
+        raise _init_error(
+            uri,
+            f"architecture differs from train.model: {len(weights)} weight arrays, "
+            f"expected {len(ref)}",
+        )
+    for var, w in zip(ref, weights, strict=True):
+        if tuple(w.shape) != tuple(var.shape):
+            raise _init_error(
+                uri,
+                f"architecture differs from train.model: {var.path} has shape "
+                f"{tuple(w.shape)}, expected {tuple(var.shape)}",
+            )
+
+
+def initial_weights(source: keras.Model, cfg: TrainConfig, n_classes: int) -> list[np.ndarray]:
+    """Check a model to fine-tune from (``cfg.init_from``) and return its weights.
+
+    Args:
+        source: the model ``cfg.init_from`` names (``mitoseg.tracking.load_model``).
+        cfg: the training recipe; ``cfg.model`` must be the source's architecture.
+        n_classes: classes including background of this training.
+
+    Returns:
+        ``source.get_weights()``, in the order of ``build_unet(cfg.model, n_classes)``.
+
+    Raises:
+        ValueError: ``cfg.init_from`` is not set; the source's output channels differ
+            from ``n_classes`` (1 for 2 classes, else ``n_classes``); or its weights do not
+            match ``cfg.model`` (messages start ``train.init_from <uri>:``).
+    """
+    from mitoseg.model.unet import build_unet, output_channels
+
+    uri = cfg.init_from
+    if uri is None:
+        raise ValueError("initial_weights: cfg.init_from is not set")
+    shape = source.output_shape
+    channels = shape[-1] if isinstance(shape, tuple) else None
+    expected = output_channels(n_classes)
+    if channels != expected:
+        raise _init_error(
+            uri, f"the model has {channels} output channel(s), {n_classes} classes need {expected}"
+        )
+    weights = [np.asarray(w) for w in source.get_weights()]
+    _check_weights(build_unet(cfg.model, n_classes), weights, uri)
+    return weights
+
+
+def setup_determinism(deterministic: bool) -> bool:
+    """Make TensorFlow training reproducible in this process (call before any TF op).
+
+    Turns on op determinism and runs one graph op at a time (one inter-op thread; each op
+    still uses every core). Both are needed on CPU: with several inter-op threads, the
+    Adam update races with itself and two runs of the same seed drift apart within a few
+    steps. The inter-op setting is process-wide and can only be made before TensorFlow
+    starts (the first op); :func:`train_model` calls this too, but a stage that touches
+    TensorFlow earlier (loading ``train.init_from``) must call it first.
+
+    Args:
+        deterministic: ``TrainConfig.deterministic``; False does nothing.
+
+    Returns:
+        True when training will be reproducible; False when not requested or when
+        TensorFlow already started with other inter-op threads (a warning is logged).
+    """
+    if not deterministic:
+        return False
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        log.warning(
+            "TensorFlow started before setup_determinism with %d inter-op threads: "
+            "training may not be reproducible (call it earlier, or set "
+            "TF_NUM_INTEROP_THREADS=1)",
+            tf.config.threading.get_inter_op_parallelism_threads(),
+        )
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _op_determinism(enabled: bool) -> Iterator[None]:
+    """Op determinism (and one inter-op thread) inside the block; op determinism is
+    switched off again afterwards when it was off before."""
+    if not enabled:
+        yield
+        return
+    try:
+        from tensorflow.python.framework import config as tf_config
+
+        was = bool(tf_config.is_op_determinism_enabled())
+        disable = tf_config.disable_op_determinism
+    except (ImportError, AttributeError):  # private API moved: leave it on
+        was, disable = True, None
+    setup_determinism(True)
+    try:
+        yield
+    finally:
+        if not was and disable is not None:
+            disable()
+
+
+def _accuracy(n_classes: int) -> Any:
+    """Pixel accuracy metric named ``accuracy`` (binary: p >= 0.5; multiclass: argmax)."""
+    import keras
+
+    if n_classes == 2:
+        return keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.5)
+    return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
 
 
 def _setup_devices(cfg: TrainConfig) -> tuple[Any, bool]:
@@ -509,13 +611,17 @@ def _datasets(
     c = sampler.crop
 
     def load(k: Any) -> tuple[Any, Any]:
-        image, mask = tf.numpy_function(sampler.sample, [k], [tf.float32, tf.uint8])
+        # stateless: the sample is a pure function of k, so tf.data may run it in parallel
+        # (and keep the order) even with op determinism on
+        image, mask = tf.numpy_function(sampler.sample, [k], [tf.float32, tf.uint8], stateful=False)
         image.set_shape((c, c, 1))
         mask.set_shape((c, c, 1))
         return image, mask
 
     options = tf.data.Options()
     options.deterministic = True
+    # its own threads: the crop/augment map stays parallel with one inter-op thread
+    options.threading.private_threadpool_size = max(2, os.cpu_count() or 1)
     train = (
         tf.data.Dataset.range(start, np.iinfo(np.int64).max)
         .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -535,6 +641,7 @@ def _datasets(
         .map(to_float)
         .cache()
         .prefetch(tf.data.AUTOTUNE)
+        .with_options(options)
     )
     return train, val
 
@@ -549,6 +656,7 @@ def train_model(
     checkpoint_dir: Path,
     progress: bool = True,
     callbacks: list | None = None,
+    init_weights: Sequence[np.ndarray] | None = None,
 ) -> TrainResult:
     """Train a UNet on the patches and save the best model.
 
@@ -559,36 +667,54 @@ def train_model(
         n_classes: classes including background (2 = binary, sigmoid output).
         seed: seeds keras/numpy/python and the input pipeline.
         out_dir: receives ``model.keras`` (best epoch, uncompiled, float32) and
-            ``history.csv`` (:data:`HISTORY_COLUMNS`, rewritten after every epoch).
+            ``history.csv`` (:data:`HISTORY_COLUMNS`) when training ends.
         checkpoint_dir: parent of the per-run backup directory ``<run_key>``.
         progress: print one line per epoch (Keras ``verbose=2``).
-        callbacks: extra Keras callbacks appended after the built-in ones (they see
-            ``lr`` in the epoch logs).
+        callbacks: extra Keras callbacks, run after the built-in ones (they see ``lr`` in
+            the epoch logs, and the epoch's backup is written before them). A callback
+            with a ``set_backup(backup_id: str, history: list[dict])`` method is called
+            before training with :func:`backup_id` of the run's backup directory and the
+            epochs restored from it (:data:`HISTORY_COLUMNS` dicts; empty when fresh), as
+            :class:`mitoseg.model.callbacks.MlflowEpochLogger` does.
+        init_weights: initial weights when ``cfg.init_from`` is set (from
+            :func:`initial_weights`); ignored when resuming (the backup has newer ones).
 
     Returns:
         :class:`TrainResult`.
 
     Raises:
         DataError: missing or invalid patch files (see :func:`load_patches`).
-        ValueError: ``n_classes < 2``, or crop/patch sizes not compatible with the model.
+        ValueError: ``n_classes < 2``; crop/patch sizes not compatible with the model;
+            ``init_weights`` given without ``cfg.init_from`` or missing with it, or not
+            matching ``cfg.model`` (``train.init_from <uri>: ...``).
     """
     if n_classes < 2:
         raise ValueError(f"train_model: n_classes must be >= 2, got {n_classes}")
+    if (init_weights is None) != (cfg.init_from is None):
+        raise ValueError(
+            "train_model: pass init_weights exactly when cfg.init_from is set "
+            f"(init_from={cfg.init_from!r}, init_weights "
+            f"{'missing' if init_weights is None else 'given'}); see initial_weights"
+        )
     patches_dir, out_dir, checkpoint_dir = Path(patches_dir), Path(out_dir), Path(checkpoint_dir)
     data = load_patches(patches_dir, n_classes)
     _check_sizes(data, cfg)
 
     import keras
 
+    from mitoseg.model import callbacks as mcb
     from mitoseg.model.losses import get_loss, get_metrics
     from mitoseg.model.unet import build_unet
 
-    key = run_key(patches_dir, augment_spec, cfg, n_classes, seed)
+    init = None if init_weights is None else [np.asarray(w) for w in init_weights]
+    key = run_key(
+        patches_dir, augment_spec, cfg, n_classes, seed, weights_digest(init) if init else None
+    )
     backup_dir = checkpoint_dir / key
-    initial_epoch, prior = _read_resume_state(backup_dir)
-    resumed = initial_epoch > 0
+    prior = _read_resume_state(backup_dir)
+    resumed = prior.epoch > 0
     if resumed:
-        log.info("resuming run %s from epoch %d", key, initial_epoch)
+        log.info("resuming run %s from epoch %d", key, prior.epoch)
 
     steps = cfg.steps_per_epoch or math.ceil(len(data.train_images) / cfg.batch_size)
     samples_per_epoch = steps * cfg.batch_size
@@ -601,83 +727,131 @@ def train_model(
         seed,
         samples_per_epoch,
     )
-    keras.utils.set_random_seed(seed)
-    train_ds, val_ds = _datasets(data, sampler, initial_epoch * samples_per_epoch, cfg.batch_size)
-    monitor_key = "val_loss" if val_ds is not None else "loss"
+    lr_min = min(cfg.min_lr, cfg.learning_rate)
+    extra = list(callbacks or [])
 
-    strategy, mixed = _setup_devices(cfg)
-    previous_policy = keras.config.dtype_policy()
-    try:
-        if mixed:
-            keras.config.set_dtype_policy("mixed_float16")
-        with strategy.scope():
-            model = build_unet(cfg.model, n_classes)
-            # cosine: the learning rate is set per batch by the monitor (budget-aware)
-            model.compile(
-                optimizer=keras.optimizers.Adam(learning_rate=cfg.learning_rate),
-                loss=get_loss(cfg.loss, n_classes, cfg.foreground_weight),
-                metrics=get_metrics(n_classes),
+    with _op_determinism(cfg.deterministic):
+        keras.utils.set_random_seed(seed)
+        train_ds, val_ds = _datasets(data, sampler, prior.epoch * samples_per_epoch, cfg.batch_size)
+        monitor = "val_loss" if val_ds is not None else "loss"
+
+        learning_rate: Any = cfg.learning_rate
+        if cfg.lr_schedule == "cosine" and cfg.max_train_seconds is None:
+            learning_rate = keras.optimizers.schedules.CosineDecay(
+                cfg.learning_rate, cfg.epochs * steps, alpha=lr_min / cfg.learning_rate
             )
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
-    export_model = build_unet(cfg.model, n_classes)  # float32 twin: what is saved
+        strategy, mixed = _setup_devices(cfg)
+        previous_policy = keras.config.dtype_policy()
+        try:
+            if mixed:
+                keras.config.set_dtype_policy("mixed_float16")
+            with strategy.scope():
+                model = build_unet(cfg.model, n_classes)
+                model.compile(
+                    optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+                    loss=get_loss(cfg.loss, n_classes, cfg.foreground_weight),
+                    metrics=[*get_metrics(n_classes), _accuracy(n_classes)],
+                )
+        finally:
+            keras.config.set_dtype_policy(previous_policy)
+        if init is not None:
+            _check_weights(model, init, cfg.init_from)
+            if not resumed:
+                model.set_weights(init)
 
-    monitor = _make_monitor(
-        export_model=export_model,
-        backup_dir=backup_dir,
-        out_dir=out_dir,
-        monitor=monitor_key,
-        patience=cfg.early_stopping_patience,
-        max_seconds=cfg.max_train_seconds,
-        samples_per_epoch=samples_per_epoch,
-        prior=prior,
-        cosine=(
-            (cfg.learning_rate, min(cfg.min_lr, cfg.learning_rate), cfg.epochs * steps)
-            if cfg.lr_schedule == "cosine"
-            else None
-        ),
-        steps_per_epoch=steps,
-    )
-    cbs: list[Any] = [monitor]
-    if cfg.lr_schedule == "plateau":
-        cbs.append(
-            keras.callbacks.ReduceLROnPlateau(
-                monitor=monitor_key,
+        prior_best = _best(prior.rows, monitor)[1]
+        timer = mcb.TimeBudget(cfg.max_train_seconds, prior.elapsed, backup_dir / _TIME_FILE)
+        early = mcb.ResumableEarlyStopping(
+            monitor=monitor, mode="min", patience=cfg.early_stopping_patience
+        )
+        cbs: list[Any] = []
+        if cfg.lr_schedule == "cosine" and cfg.max_train_seconds is not None:
+            cbs.append(
+                mcb.BudgetCosineDecay(
+                    cfg.learning_rate, lr_min, cfg.epochs * steps, cfg.max_train_seconds, timer
+                )
+            )
+        cbs += [
+            mcb.EpochSeeds(),
+            mcb.LearningRateLogger(),
+            timer,
+            mcb.HistoryCSVLogger(backup_dir / _HISTORY_FILE, HISTORY_COLUMNS),
+            keras.callbacks.ModelCheckpoint(
+                str(backup_dir / _BEST_FILE),
+                monitor=monitor,
+                mode="min",
+                save_best_only=True,
+                save_weights_only=True,
+                initial_value_threshold=math.inf if prior_best is None else prior_best,
+            ),
+            early,
+        ]
+        if cfg.lr_schedule == "plateau":
+            plateau = mcb.ResumableReduceLROnPlateau(
+                monitor=monitor,
+                mode="min",
                 factor=cfg.reduce_lr_factor,
                 patience=cfg.reduce_lr_patience,
                 min_lr=cfg.min_lr,
-                verbose=0,
             )
+            plateau.restore(prior.rows, cfg.learning_rate)
+            cbs.append(plateau)
+        cbs.append(keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False))
+        cbs.extend(extra)
+
+        # An interrupted run may already have met its stopping condition: run no epoch.
+        stopped_early_before = early.restore(prior.rows)
+        budget_spent_before = resumed and timer.exhausted
+        done = stopped_early_before or budget_spent_before or prior.epoch >= cfg.epochs
+        for cb in extra:
+            if callable(getattr(cb, "set_backup", None)):
+                cb.set_backup(backup_id(backup_dir), [dict(r) for r in prior.rows])
+
+        backup_dir.mkdir(parents=True, exist_ok=True)
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=prior.epoch if done else cfg.epochs,
+            steps_per_epoch=steps,
+            callbacks=cbs,
+            shuffle=False,
+            verbose=2 if progress else 0,
         )
-    cbs.append(keras.callbacks.BackupAndRestore(str(backup_dir)))
-    cbs.extend(callbacks or [])
+
+        rows = _read_history_csv(backup_dir / _HISTORY_FILE) or []
+        best_epoch, _ = _best(rows, monitor)
+        if best_epoch is not None and (backup_dir / _BEST_FILE).is_file():
+            model.load_weights(backup_dir / _BEST_FILE)
+        else:  # no finite monitored value ever: keep the final weights
+            best_epoch = rows[-1]["epoch"] if rows else 0
+        export_model = build_unet(cfg.model, n_classes)  # float32, uncompiled: what is saved
+        export_model.set_weights(model.get_weights())
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=cfg.epochs,
-        steps_per_epoch=steps,
-        callbacks=cbs,
-        shuffle=False,
-        verbose=2 if progress else 0,
-    )
-    if backup_dir.exists():  # BackupAndRestore removes it; be sure nothing stale remains
-        shutil.rmtree(backup_dir, ignore_errors=True)
+    with atomic_path(out_dir / "model.keras", suffix=".keras") as tmp:
+        export_model.save(tmp)
+    _write_history_csv(out_dir / "history.csv", rows)
+    shutil.rmtree(backup_dir, ignore_errors=True)
 
-    timed = monitor.session_epochs
+    if timer.stopped or budget_spent_before:
+        stop_reason = "time_budget"
+    elif early.stopped_epoch > 0:
+        stop_reason = "early_stopping"
+    else:
+        stop_reason = "completed"
+    timed = timer.epoch_train_seconds
     if len(timed) > 1:  # the first epoch of a process includes tracing/compilation
         timed = timed[1:]
-    seconds = sum(t for t, _ in timed)
-    pps = sum(n for _, n in timed) / seconds if seconds > 0 else 0.0
-    history = [{c: r.get(c) for c in HISTORY_COLUMNS} for r in monitor.rows]
+    seconds = sum(timed)
+    pps = len(timed) * samples_per_epoch / seconds if seconds > 0 else 0.0
     return TrainResult(
         model_path=out_dir / "model.keras",
-        history=history,
-        best_epoch=int(monitor.best_epoch or 0),
-        epochs_run=len(history),
-        train_seconds=float(monitor.prior_seconds),
+        history=[{c: r.get(c) for c in HISTORY_COLUMNS} for r in rows],
+        best_epoch=int(best_epoch),
+        epochs_run=len(rows),
+        train_seconds=float(timer.prior_seconds),
         patches_per_second=float(pps),
         resumed=resumed,
-        stop_reason=monitor.stop_reason,
+        stop_reason=stop_reason,
+        run_key=key,
     )

@@ -65,7 +65,10 @@ def main() -> None:
     import keras
 
     model = keras.models.load_model(HERE / "model.keras", compile=False)
-    pred = segment_stack(model, crop, threshold=0.5)[0]
+    from mitoseg.model.analysis import default_plan
+
+    plan = default_plan(model).with_overrides(tile_size=256, halo=64, threshold=0.5)
+    pred = segment_stack(model, crop, plan)[0]
     dice = evaluate_masks(truth[None], pred[None], 2)[0]["dice"]
     write_stack(HERE / "crop.tif", crop)
     write_stack(HERE / "expected_mask.tif", truth * 255)
@@ -78,7 +81,7 @@ def main() -> None:
             f"{res.epochs_run} epochs in {res.train_seconds:.0f} s",
             "threshold": 0.5,
             "tile_size": 256,
-            "overlap": 0.5,
+            "halo": 64,
             "dice_vs_expected": round(float(dice), 4),
         },
     )

@@ -60,7 +60,10 @@ def test_bento_build_packs_model_and_targets_gpu(tiny_model: Path, tmp_path: Pat
 
     info = yaml.safe_load((bento_dir / "bento.yaml").read_text())
     assert info["service"] == "mitoseg.serving.service:MitoSeg"
-    assert info["args"] == {"model_tag": model_tag}
+    from mitoseg.config import load_section
+
+    serve = load_section("serve", REPO / "params.yaml").model_dump()
+    assert info["args"] == {"model_tag": model_tag, **serve}  # limits readable at import
     services = {s["name"]: s for s in info["services"]}
     runner = services["mitoseg-unet-runner"]
     assert runner["config"]["resources"] == {"gpu": 1}
@@ -76,6 +79,7 @@ def test_bento_build_packs_model_and_targets_gpu(tiny_model: Path, tmp_path: Pat
         names = tar.getnames()
     version = model_tag.split(":")[1]
     assert f"./models/mitoseg-unet/{version}/model.keras" in names
+    assert f"./models/mitoseg-unet/{version}/inference_plan.json" in names
 
     # importing the same weights with the same settings again reuses the stored model
     res = run([str(MITOSEG), "bento", "build", "--model", str(tiny_model), "--version", "t2"], home)

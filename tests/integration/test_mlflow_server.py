@@ -85,6 +85,10 @@ def test_log_register_and_load_through_server(
     figure = tmp_path / "figure.png"
     figure.write_bytes(b"not really a png")
     tracking.log_evaluation(run_id, {"iou": 0.6, "threshold": 0.45}, [figure])
+    from mitoseg.plan import InferencePlan
+
+    plan = InferencePlan.default_for(1, 2, tile_size=64, halo=8, threshold=0.45)
+    tracking.log_inference_plan(run_id, plan.write(tmp_path / "plan.json"))
 
     cfg = RegisterConfig(model_name="server-unet")
     first = tracking.register_model(run_id, "iou", 0.6, cfg, "test:abc")
@@ -99,7 +103,7 @@ def test_log_register_and_load_through_server(
     info = tracking.model_info("models:/server-unet@champion")
     assert (info["name"], info["version"], info["run_id"]) == ("server-unet", 1, run_id)
     assert info["git_commit"] == "feedbeef"
-    assert info["threshold"] == pytest.approx(0.45)
+    assert tracking.load_inference_plan("models:/server-unet@champion") == plan  # via S3
     assert info["class_names"] == ["background", "mitochondria"]
 
     keys = [

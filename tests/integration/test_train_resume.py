@@ -3,7 +3,10 @@
 The first run executes in a subprocess that sleeps after each epoch's backup is written;
 the test kills it as soon as the epoch-1 backup exists, checks that a run with a different
 configuration starts from scratch (and leaves that backup alone), then reruns the original
-configuration and checks that it continued from epoch 2.
+configuration and checks that it continued from epoch 2. Every run is tracked in a real
+sqlite MLflow store: the killed run stays RUNNING until the resumed one ends it as KILLED
+and logs the full history (all three epochs) into its own run. Finally an uninterrupted run
+of the same configuration must give the same history and weights, bit for bit.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ DRIVER = textwrap.dedent(
 
     import keras
 
+    from mitoseg import tracking
     from mitoseg.config import AugmentConfig, resolve_train_config
+    from mitoseg.model.callbacks import MlflowEpochLogger
     from mitoseg.train import train_model
 
     patches, out, ck, lr, sleep = sys.argv[1:6]
@@ -44,10 +49,14 @@ DRIVER = textwrap.dedent(
         "crop_size": 32, "batch_size": 2, "steps_per_epoch": 2, "epochs": 3,
         "learning_rate": float(lr), "early_stopping_patience": 10,
     })
-    result = train_model(Path(patches), AugmentConfig(), cfg, 2, 0, Path(out), Path(ck),
-                         progress=False, callbacks=[Sleep()])
+    tracking.configure_tracking()  # MLFLOW_TRACKING_URI
+    with tracking.start_training_run(cfg.model_dump(mode="json"), {}, "resume-test") as run:
+        print("RUN " + run.info.run_id, flush=True)
+        result = train_model(Path(patches), AugmentConfig(), cfg, 2, 0, Path(out), Path(ck),
+                             progress=False, callbacks=[MlflowEpochLogger(), Sleep()])
     print("RESULT " + json.dumps({"resumed": result.resumed, "epochs_run": result.epochs_run,
-                                  "history": result.history, "best_epoch": result.best_epoch}))
+                                  "history": result.history, "best_epoch": result.best_epoch,
+                                  "run_id": run.info.run_id}))
     """
 )
 
@@ -69,9 +78,13 @@ def _make_patches(d: Path, n: int = 4, size: int = 32) -> Path:
     return d
 
 
-def _run(script: Path, args: list[str], timeout: float = 120) -> dict:
+def _run(script: Path, args: list[str], env: dict[str, str], timeout: float = 120) -> dict:
     proc = subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
@@ -79,11 +92,14 @@ def _run(script: Path, args: list[str], timeout: float = 120) -> dict:
 
 
 def test_killed_training_resumes(tmp_path):
+    from mlflow import MlflowClient
+
     patches = _make_patches(tmp_path / "patches")
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     out, ck = tmp_path / "out", tmp_path / "ck"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "MLFLOW_TRACKING_URI": uri}
 
     proc = subprocess.Popen(
         [sys.executable, str(script), str(patches), str(out), str(ck), "0.001", "60"],
@@ -105,17 +121,22 @@ def test_killed_training_resumes(tmp_path):
         proc.wait(timeout=30)
     assert backup is not None, proc.stderr.read().decode()[-3000:] if proc.stderr else ""
     assert proc.returncode == -signal.SIGKILL
-    with (out / "history.csv").open() as f:
+    stdout = proc.stdout.read().decode() if proc.stdout else ""
+    killed_run = next(x for x in stdout.splitlines() if x.startswith("RUN ")).split()[1]
+    with (backup / "history.csv").open() as f:  # the history lives beside the backup
         killed_rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in killed_rows] == ["1"]
-    assert not (out / "model.keras").exists()  # the best model is kept in the backup
+    assert not (out / "model.keras").exists()  # the best weights are kept in the backup
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(killed_run).info.status == "RUNNING"  # what SIGKILL leaves
 
-    # A different configuration must not pick up that backup.
-    other = _run(script, [str(patches), str(tmp_path / "other"), str(ck), "0.002", "0"])
+    # A different configuration must not pick up that backup (nor close that run).
+    other = _run(script, [str(patches), str(tmp_path / "other"), str(ck), "0.002", "0"], env)
     assert other["resumed"] is False and other["epochs_run"] == 3
     assert backup.is_dir()  # the interrupted run's backup is untouched
+    assert client.get_run(killed_run).info.status == "RUNNING"
 
-    resumed = _run(script, [str(patches), str(out), str(ck), "0.001", "0"])
+    resumed = _run(script, [str(patches), str(out), str(ck), "0.001", "0"], env)
     assert resumed["resumed"] is True
     assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
     assert resumed["epochs_run"] == 3
@@ -126,3 +147,26 @@ def test_killed_training_resumes(tmp_path):
     assert (out / "model.keras").is_file()
     with (out / "history.csv").open() as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3"]
+
+    # MLflow: the killed run is closed, the new one holds every epoch.
+    killed, new = client.get_run(killed_run), client.get_run(resumed["run_id"])
+    assert killed.info.status == "KILLED"
+    assert killed.data.tags["superseded_by"] == new.info.run_id
+    assert new.info.status == "FINISHED" and new.data.tags["supersedes"] == killed_run
+    for key in ("loss", "val_loss", "accuracy", "val_iou", "lr"):
+        steps = sorted(m.step for m in client.get_metric_history(new.info.run_id, key))
+        assert steps == [0, 1, 2], key
+    val_loss = {m.step: m.value for m in client.get_metric_history(new.info.run_id, "val_loss")}
+    assert val_loss[0] == pytest.approx(float(killed_rows[0]["val_loss"]), rel=1e-12)
+    assert val_loss[2] == pytest.approx(resumed["history"][2]["val_loss"], rel=1e-12)
+
+    # Bit for bit what an uninterrupted run of the same configuration gives.
+    ref = _run(script, [str(patches), str(tmp_path / "ref"), str(tmp_path / "ck_ref"),
+                        "0.001", "0"], env)  # fmt: skip
+    assert ref["resumed"] is False and ref["history"] == resumed["history"]
+    import keras
+
+    want = keras.saving.load_model(tmp_path / "ref" / "model.keras").get_weights()
+    got = keras.saving.load_model(out / "model.keras").get_weights()
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -1,7 +1,8 @@
 """``mitoseg predict`` / ``mitoseg evaluate`` with tiny Keras models built here (no training).
 
 The binary model is one 1x1 convolution ``sigmoid(8 x - 4)``: normalised intensity 1 ->
-0.98, 0 -> 0.02. The multiclass model is a 1x1 convolution to 3 softmax channels.
+0.98, 0 -> 0.02; its inference plan (32-pixel tiles, halo 4, threshold 0.5) lies beside
+it. The multiclass model is a 1x1 convolution to 3 softmax channels without a plan.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 
 from mitoseg.cli import app
 from mitoseg.io import write_stack
+from mitoseg.plan import InferencePlan
 
 runner = CliRunner()
 
@@ -36,6 +38,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )(inp)
     binary = root / "binary.keras"
     keras.Model(inp, out).save(binary)
+    InferencePlan.default_for(1, 1, tile_size=32, halo=4, source="evaluate").write(
+        root / "binary.inference_plan.json"
+    )
     inp3 = keras.Input((None, None, 1))
     out3 = keras.layers.Conv2D(3, 1, activation="softmax", kernel_initializer="ones")(inp3)
     multi = root / "multi.keras"
@@ -91,13 +96,14 @@ def test_predict_threshold_tta_and_multiclass(models: dict[str, Path], tmp_path:
     # threshold 0.99 is above sigmoid(4) = 0.982: nothing is foreground
     result = _run(
         "predict", "--model", str(models["binary"]), str(tmp_path / "a.tif"),
-        "--out", str(tmp_path / "o"), "--tile-size", "16", "--tta", "--threshold", "0.99",
+        "--out", str(tmp_path / "o"), "--tile-size", "16", "--halo", "2", "--tta",
+        "--threshold", "0.99",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert not tifffile.imread(tmp_path / "o" / "a_mask.tif").any()
     result = _run(
         "predict", "--model", str(models["multi"]), str(tmp_path / "a.tif"),
-        "--out", str(tmp_path / "m"), "--tile-size", "16",
+        "--out", str(tmp_path / "m"), "--tile-size", "16", "--halo", "2",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     mask = tifffile.imread(tmp_path / "m" / "a_mask.tif")
@@ -115,9 +121,9 @@ def test_predict_errors(models: dict[str, Path], tmp_path: Path) -> None:
             f"error: input not found: {tmp_path / 'nope.tif'}",
         ),
         (
-            [str(tmp_path / "a.tif"), "--tile-size", "40"],
-            "error: tile_size must be a multiple of 16 (the UNet halves H and W depth times, "
-            "so tiles need a side divisible by 2**depth), got 40",
+            [str(tmp_path / "a.tif"), "--halo", "16"],
+            "error: invalid override: halo 16 leaves nothing of a 32-pixel tile "
+            "(need 2 * halo < tile_size)",
         ),
         (
             [str(tmp_path / "a.tif"), "--threshold", "1.5"],
@@ -204,8 +210,8 @@ def test_evaluate_errors(models: dict[str, Path], tmp_path: Path) -> None:
         ),
         (
             ["--masks", str(tmp_path / "labels.tif"), "--params", str(params)],
-            "error: model outputs 1 channel(s) but the class table has 3 classes "
-            "(expected 3 output channel(s))",
+            "error: the model's plan has 2 classes (background, mitochondria) but the class "
+            "table has 3 (background, a, b)",
         ),
         (
             ["--masks", str(tmp_path / "labels.tif"), "--threshold", "-1"],
@@ -218,41 +224,26 @@ def test_evaluate_errors(models: dict[str, Path], tmp_path: Path) -> None:
         assert result.stderr.strip() == message
 
 
-def test_predict_uses_the_logged_threshold_unless_overridden(
-    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from mitoseg import tracking
+def test_the_plan_decides_and_flags_override(models: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
 
-    seen: list[str] = []
-
-    def logged_threshold(uri: str) -> float:
-        seen.append(uri)
-        return 0.99  # above sigmoid(4) = 0.982: nothing is foreground
-
-    monkeypatch.setattr(tracking, "find_threshold", logged_threshold)
+    model = tmp_path / "m.keras"
+    shutil.copy(models["binary"], model)
+    InferencePlan.default_for(1, 1, tile_size=16, halo=2, threshold=0.99, source="evaluate").write(
+        tmp_path / "inference_plan.json"
+    )  # 0.99 is above sigmoid(4) = 0.982: nothing is foreground
     write_stack(tmp_path / "a.tif", _disc_stack(1, 32, 32))
-    base = [
-        "predict",
-        "--model",
-        str(models["binary"]),
-        str(tmp_path / "a.tif"),
-        "--tile-size",
-        "16",
-    ]
-    assert _run(*base, "--out", str(tmp_path / "logged")).exit_code == 0
-    assert not tifffile.imread(tmp_path / "logged" / "a_mask.tif").any()
-    assert seen == [str(models["binary"])]
+    base = ["predict", "--model", str(model), str(tmp_path / "a.tif")]
+    result = _run(*base, "--out", str(tmp_path / "planned"))
+    assert result.exit_code == 0 and "warning" not in result.stderr
+    assert not tifffile.imread(tmp_path / "planned" / "a_mask.tif").any()
     assert _run(*base, "--out", str(tmp_path / "given"), "--threshold", "0.5").exit_code == 0
     assert tifffile.imread(tmp_path / "given" / "a_mask.tif").max() == 255
-
-    def broken(uri: str) -> float:
-        raise LookupError("run deleted")
-
-    monkeypatch.setattr(tracking, "find_threshold", broken)
-    result = _run(*base, "--out", str(tmp_path / "fallback"))
+    (tmp_path / "inference_plan.json").unlink()
+    result = _run(*base, "--out", str(tmp_path / "default"), "--tile-size", "16", "--halo", "2")
     assert result.exit_code == 0
     assert (
-        f"warning: {models['binary']}: no logged threshold (run deleted); using 0.5"
-        in result.stderr
+        f"warning: {model} has no inference plan; using defaults derived from the network "
+        "(threshold 0.5)" in result.stderr
     )
-    assert tifffile.imread(tmp_path / "fallback" / "a_mask.tif").max() == 255
+    assert tifffile.imread(tmp_path / "default" / "a_mask.tif").max() == 255

@@ -1,4 +1,4 @@
-"""Evaluation: threshold choice, metrics, outputs and the DVC stage script (no keras).
+"""Evaluation: threshold choice, calibration, metrics and outputs (no keras).
 
 Images hold three grey levels 0 / 100 / 200 in equal shares, so ``normalize_slice`` maps
 them exactly to 0 / 0.5 / 1; the "model" predicts ``0.8 * x`` per pixel, i.e. 0 / 0.4 / 0.8,
@@ -9,20 +9,16 @@ perfect and thresholds in (0.4, 0.8] find only the 200-pixels.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from mitoseg.config import EvaluateConfig
 from mitoseg.evaluate import (
     OVERLAY_COLORS,
     PER_SLICE_COLUMNS,
+    ProbabilityHistogram,
     _overlay,
     choose_threshold,
     evaluate_stack,
@@ -30,9 +26,21 @@ from mitoseg.evaluate import (
     write_figures,
     write_outputs,
 )
-from mitoseg.io import DataError, write_stack
+from mitoseg.io import DataError
+from mitoseg.plan import InferencePlan
 
-CFG = EvaluateConfig(tile_size=16, overlap=0.5, batch_size=16, min_object_size=0, figure_slices=2)
+PLAN = InferencePlan(
+    n_classes=2,
+    class_names=["background", "mito"],
+    tile_size=16,
+    halo=4,
+    batch_size=16,
+    threshold=0.5,
+    min_object_size=0,
+)
+PLAN3 = InferencePlan.model_validate(
+    {**PLAN.model_dump(), "n_classes": 3, "class_names": ["bg", "a", "b"], "threshold": None}
+)
 METRIC_KEYS = {
     "iou",
     "mean_iou",
@@ -48,8 +56,10 @@ METRIC_KEYS = {
     "confusion",
     "class_names",
     "tile_size",
-    "overlap",
+    "halo",
     "tta",
+    "engine",
+    "calibration",
     "inference_seconds",
     "pixels_per_second",
 }
@@ -89,34 +99,77 @@ def test_masks_to_indices() -> None:
         masks_to_indices(np.zeros((2, 2)), {0: 0}, "m.tif")
 
 
-def test_choose_threshold_picks_the_best_and_breaks_ties_towards_half() -> None:
+def test_histogram_iou_curve_and_calibration_by_hand() -> None:
+    hist = ProbabilityHistogram(bins=10)
+    probs = np.array([[0.05, 0.35], [0.75, 0.95]])
+    truth = np.array([[0, 1], [0, 1]])
+    hist.add(probs[..., None], truth)
+    thresholds, iou = hist.iou_curve()
+    assert thresholds.tolist() == pytest.approx([k / 10 for k in range(1, 10)])
+    # t <= 0.3: fg = {0.35, 0.75, 0.95}: TP 2, FP 1 -> 2/3; t in (0.3, 0.7]: TP 1, FP 1, FN 1
+    # -> 1/3; t in (0.7, 0.9]: fg = {0.95}: TP 1, FN 1 -> 1/2
+    assert iou.tolist() == pytest.approx([2 / 3] * 3 + [1 / 3] * 4 + [1 / 2] * 2)
+    cal = hist.calibration(n_bins=2)
+    # bin [0, 0.5): mean p 0.2, freq 0.5; bin [0.5, 1): mean p 0.85, freq 0.5
+    assert cal.ece == pytest.approx(0.5 * 0.3 + 0.5 * 0.35)
+    assert cal.brier == pytest.approx((0.05**2 + 0.65**2 + 0.75**2 + 0.05**2) / 4)
+    assert np.allclose(cal.reliability, [[0.0, 0.2, 0.5, 0.5], [0.5, 0.85, 0.5, 0.5]])
+    assert cal.pixels == 4 and cal.bins == 2
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: ProbabilityHistogram(bins=1), "ProbabilityHistogram: bins must be >= 2, got 1"),
+        (
+            lambda: ProbabilityHistogram().add(np.zeros((2, 2, 2)), np.zeros((2, 2))),
+            "ProbabilityHistogram: expected one probability channel, got 2",
+        ),
+        (
+            lambda: ProbabilityHistogram().add(np.zeros((2, 2)), np.zeros((2, 3))),
+            "ProbabilityHistogram: probs (2, 2) != truth (2, 3)",
+        ),
+        (
+            lambda: ProbabilityHistogram(bins=10).calibration(n_bins=3),
+            "calibration: n_bins 3 must divide bins 10",
+        ),
+        (lambda: ProbabilityHistogram().calibration(), "calibration: no pixels were added"),
+    ],
+)
+def test_histogram_errors(call, message: str) -> None:
+    with pytest.raises(ValueError) as exc:
+        call()
+    assert str(exc.value) == message
+
+
+def test_choose_threshold_finds_the_optimum_on_a_fine_grid() -> None:
     images = three_level_stack(2)
     masks = (images >= 100).astype(np.uint8)
-    thr, scores = choose_threshold(sigmoid_model, images, masks, [0.3, 0.5, 0.7], tile_size=16)
-    # 0.3 -> perfect; 0.5 and 0.7 -> only the 200-pixels: IoU = 240 / 480 per slice
-    assert thr == 0.3
-    assert scores == pytest.approx({0.3: 1.0, 0.5: 0.5, 0.7: 0.5})
-    thr, scores = choose_threshold(sigmoid_model, images, masks, [0.1, 0.2, 0.3], tile_size=16)
-    assert scores == pytest.approx({0.1: 1.0, 0.2: 1.0, 0.3: 1.0})
-    assert thr == 0.3  # tie -> closest to 0.5
+    choice = choose_threshold(sigmoid_model, images, masks, PLAN)
+    # predictions 0 / 0.4 / 0.8 (0.4 up to float32 rounding of the blending): thresholds up
+    # to ~0.4 are perfect; ties go to the one nearest 0.5
+    assert 0.399 <= choice.threshold <= 0.4
+    scored = evaluate_stack(
+        sigmoid_model, images, masks, PLAN.with_overrides(threshold=choice.threshold)
+    )
+    assert scored.metrics["iou"] == 1.0  # the histogram agrees with real thresholding
+    assert choice.iou == 1.0
+    assert choice.curve["0.5"] == pytest.approx(0.5) and choice.curve["0.35"] == 1.0
+    assert choice.calibration.pixels == images.size
+    strict = (images == 200).astype(np.uint8)  # only 0.8 is foreground: (0.4, 0.8] perfect
+    assert choose_threshold(sigmoid_model, images, strict, PLAN).threshold == pytest.approx(0.5)
 
 
 def test_choose_threshold_errors() -> None:
     images = three_level_stack(1)
     masks = (images >= 100).astype(np.uint8)
-    with pytest.raises(ValueError, match=r"^choose_threshold: threshold grid is empty$"):
-        choose_threshold(sigmoid_model, images, masks, [])
-    with pytest.raises(
-        ValueError, match=r"^choose_threshold: thresholds must be in \[0, 1\], got \[1\.5\]$"
-    ):
-        choose_threshold(sigmoid_model, images, masks, [0.5, 1.5])
     with pytest.raises(
         ValueError,
         match=r"^choose_threshold: images shape \(1, 24, 30\) != masks shape \(1, 24, 29\)$",
     ):
-        choose_threshold(sigmoid_model, images, masks[..., :29], [0.5])
+        choose_threshold(sigmoid_model, images, masks[..., :29], PLAN)
     with pytest.raises(ValueError) as exc:
-        choose_threshold(softmax_model, images, masks, [0.5], tile_size=16)
+        choose_threshold(softmax_model, images, masks, PLAN3)
     assert str(exc.value) == (
         "choose_threshold: the model has 3 output channels; thresholds apply only to binary "
         "(sigmoid) models, multiclass uses argmax"
@@ -126,7 +179,7 @@ def test_choose_threshold_errors() -> None:
 def test_evaluate_stack_binary() -> None:
     images = three_level_stack(3, seed=1)
     masks = (images >= 100).astype(np.uint8)
-    result = evaluate_stack(sigmoid_model, images, masks, CFG, 0.5, 2, ["background", "mito"])
+    result = evaluate_stack(sigmoid_model, images, masks, PLAN)
     m = result.metrics
     assert set(m) == METRIC_KEYS
     # 0.5 finds the 200-pixels only: TP = 240, FN = 240, FP = 0 per slice
@@ -135,13 +188,14 @@ def test_evaluate_stack_binary() -> None:
     assert m["precision"] == 1.0 and m["recall"] == pytest.approx(0.5)
     assert m["accuracy"] == pytest.approx(2 / 3)
     assert m["threshold"] == 0.5 and m["n_test_slices"] == 3
+    assert m["engine"] == "keras/fp32" and m["halo"] == 4
     assert set(m["per_class"]) == {"background", "mito"}
     assert m["slice_mean"]["iou"] == pytest.approx(0.5)
     assert result.predictions.shape == (3, 24, 30) and result.predictions.dtype == np.uint8
     assert np.array_equal(result.predictions, (images == 200).astype(np.uint8))
     assert [r["slice"] for r in result.rows] == [0, 1, 2]
     assert result.rows[0]["fg_true"] == 480 and result.rows[0]["fg_pred"] == 240
-    perfect = evaluate_stack(sigmoid_model, images, masks, CFG, 0.3, 2, ["background", "mito"])
+    perfect = evaluate_stack(sigmoid_model, images, masks, PLAN.with_overrides(threshold=0.3))
     assert perfect.metrics["iou"] == 1.0 and perfect.metrics["mean_iou"] == 1.0
     json.dumps(perfect.metrics)  # JSON-serialisable as is
 
@@ -149,8 +203,8 @@ def test_evaluate_stack_binary() -> None:
 def test_evaluate_stack_multiclass() -> None:
     images = three_level_stack(2, seed=2)
     masks = (images // 100).astype(np.uint8)
-    result = evaluate_stack(softmax_model, images, masks, CFG, 0.5, 3, ["bg", "a", "b"])
-    assert result.metrics["threshold"] is None
+    result = evaluate_stack(softmax_model, images, masks, PLAN3)
+    assert result.metrics["threshold"] is None and "calibration" not in result.metrics
     assert result.metrics["iou"] == 1.0 and result.metrics["mean_iou"] == 1.0
     assert set(result.metrics["per_class"]) == {"bg", "a", "b"}
     assert np.array_equal(result.predictions, masks)
@@ -159,16 +213,14 @@ def test_evaluate_stack_multiclass() -> None:
 def test_evaluate_stack_errors() -> None:
     images = three_level_stack(1)
     masks = (images >= 100).astype(np.uint8)
-    with pytest.raises(ValueError, match=r"^evaluate_stack: 1 class names for 2 classes$"):
-        evaluate_stack(sigmoid_model, images, masks, CFG, 0.5, 2, ["bg"])
-    with pytest.raises(ValueError, match=r"^evaluate_stack: threshold must be in \[0, 1\], got 2$"):
-        evaluate_stack(sigmoid_model, images, masks, CFG, 2, 2, ["bg", "fg"])
     with pytest.raises(ValueError) as exc:
-        evaluate_stack(sigmoid_model, images, masks, CFG, 0.5, 3, ["bg", "a", "b"])
+        evaluate_stack(sigmoid_model, images, masks, PLAN3)
     assert str(exc.value) == (
         "model outputs 1 channel(s) but the class table has 3 classes "
         "(expected 3 output channel(s))"
     )
+    with pytest.raises(ValueError, match=r"^evaluate_stack: images shape"):
+        evaluate_stack(sigmoid_model, images, masks[..., :3], PLAN)
 
 
 def test_overlay_colours() -> None:
@@ -206,7 +258,7 @@ def test_write_figures(tmp_path: Path) -> None:
 def test_write_outputs(tmp_path: Path) -> None:
     images = three_level_stack(3)
     masks = (images >= 100).astype(np.uint8)
-    result = evaluate_stack(sigmoid_model, images, masks, CFG, 0.5, 2, ["background", "mito"])
+    result = evaluate_stack(sigmoid_model, images, masks, PLAN)
     out = tmp_path / "evaluate"
     (out / "figures").mkdir(parents=True)
     (out / "figures" / "stale.png").write_bytes(b"old")
@@ -224,110 +276,3 @@ def test_write_outputs(tmp_path: Path) -> None:
     ]
     assert paths["metrics"] == out / "metrics.json" and paths["per_slice"] == out / "per_slice.csv"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp leftovers
-
-
-# ------------------------------------------------------------------ pipelines/evaluate.py
-
-
-def _load_stage():
-    path = Path(__file__).resolve().parents[2] / "pipelines" / "evaluate.py"
-    spec = importlib.util.spec_from_file_location("stage_evaluate", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def stage_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Raw data, patch meta, train.json, params and a recording fake ``mitoseg.tracking``."""
-    import mitoseg
-
-    raw = tmp_path / "raw"
-    train = three_level_stack(4, seed=3)
-    test = three_level_stack(2, seed=4)
-    write_stack(raw / "train" / "images.tif", train)
-    write_stack(raw / "train" / "masks.tif", np.where(train >= 100, 255, 0).astype(np.uint8))
-    write_stack(raw / "test" / "images.tif", test)
-    write_stack(raw / "test" / "masks.tif", np.where(test >= 100, 255, 0).astype(np.uint8))
-    patches = tmp_path / "patches"
-    patches.mkdir()
-    (patches / "meta.json").write_text(json.dumps({"val_slices": [1, 3]}))
-    info = tmp_path / "train.json"
-    info.write_text(json.dumps({"run_id": "abc123", "model_path": "model.keras"}))
-    params = tmp_path / "params.yaml"
-    params.write_text(
-        yaml.safe_dump(
-            {
-                "base": {"classes": {"background": 0, "mitochondria": 255}},
-                "evaluate": {
-                    "tile_size": 16,
-                    "threshold": "auto",
-                    "threshold_grid": [0.3, 0.5, 0.7],
-                    "figure_slices": 1,
-                },
-            }
-        )
-    )
-    calls: dict = {}
-    fake = types.ModuleType("mitoseg.tracking")
-
-    def load_model(uri: str):
-        calls["load"] = uri
-        return sigmoid_model
-
-    def log_evaluation(run_id: str, metrics: dict, artifacts: list[Path]) -> None:
-        calls["log"] = (run_id, metrics, artifacts)
-
-    fake.load_model = load_model
-    fake.log_evaluation = log_evaluation
-    monkeypatch.setitem(sys.modules, "mitoseg.tracking", fake)
-    monkeypatch.setattr(mitoseg, "tracking", fake, raising=False)
-    args = [
-        "--model", str(tmp_path / "model.keras"), "--train-info", str(info), "--raw", str(raw),
-        "--patches", str(patches), "--out", str(tmp_path / "out"), "--params", str(params),
-        "--no-progress",
-    ]  # fmt: skip
-    return types.SimpleNamespace(tmp=tmp_path, args=args, calls=calls, patches=patches)
-
-
-def test_stage_chooses_threshold_evaluates_and_logs(stage_env, capsys) -> None:
-    stage = _load_stage()
-    assert stage.main(stage_env.args) == 0
-    out = stage_env.tmp / "out"
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["threshold"] == 0.3 and metrics["threshold_source"] == "validation"
-    assert metrics["threshold_scores"] == pytest.approx({"0.3": 1.0, "0.5": 0.5, "0.7": 0.5})
-    assert metrics["iou"] == 1.0 and metrics["n_test_slices"] == 2
-    assert (out / "per_slice.csv").is_file()
-    assert [p.name for p in (out / "figures").iterdir()] == ["slice_000.png"]
-    assert stage_env.calls["load"] == str(stage_env.tmp / "model.keras")
-    run_id, logged, artifacts = stage_env.calls["log"]
-    assert run_id == "abc123" and logged["iou"] == 1.0
-    assert artifacts == [
-        out / "metrics.json",
-        out / "per_slice.csv",
-        out / "figures" / "slice_000.png",
-    ]
-    assert "test iou=1.0000" in capsys.readouterr().out
-
-
-def test_stage_errors(stage_env, capsys) -> None:
-    stage = _load_stage()
-    (stage_env.patches / "meta.json").write_text(json.dumps({"val_slices": [1, 9]}))
-    assert stage.main(stage_env.args) == 1
-    err = capsys.readouterr().err
-    assert err.strip() == (
-        f"error: {stage_env.patches / 'meta.json'}: val_slices [9] out of range for 4 training "
-        "slices"
-    )
-    (stage_env.patches / "meta.json").write_text(json.dumps({"slices": []}))
-    assert stage.main(stage_env.args) == 1
-    assert capsys.readouterr().err.strip() == (
-        f"error: {stage_env.patches / 'meta.json'}: missing 'val_slices'"
-    )
-    (stage_env.patches / "meta.json").unlink()
-    assert stage.main(stage_env.args) == 1
-    assert capsys.readouterr().err.strip() == (
-        f"error: {stage_env.patches / 'meta.json'}: patch metadata not found"
-    )
-    assert "log" not in stage_env.calls

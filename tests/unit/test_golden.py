@@ -25,17 +25,15 @@ def prediction() -> tuple[np.ndarray, dict]:
     import keras
 
     from mitoseg.inference import segment_stack
+    from mitoseg.model.analysis import default_plan
 
     spec = json.loads((GOLDEN / "golden.json").read_text())
     model = keras.models.load_model(GOLDEN / "model.keras", compile=False)
     crop = read_image(GOLDEN / "crop.tif")
-    pred = segment_stack(
-        model,
-        crop,
-        tile_size=spec["tile_size"],
-        overlap=spec["overlap"],
-        threshold=spec["threshold"],
-    )[0]
+    plan = default_plan(model).with_overrides(
+        tile_size=spec["tile_size"], halo=spec["halo"], threshold=spec["threshold"]
+    )
+    pred = segment_stack(model, crop, plan)[0]
     return pred, spec
 
 

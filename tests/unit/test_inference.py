@@ -12,6 +12,7 @@ from mitoseg.inference import (
     check_tiling,
     iter_stack_probabilities,
     mask_to_image,
+    predict_slice,
     predict_tiled,
     probabilities_to_mask,
     segment_stack,
@@ -19,6 +20,7 @@ from mitoseg.inference import (
     window_2d,
 )
 from mitoseg.io import normalize_slice
+from mitoseg.plan import InferencePlan
 
 
 def pixelwise(batch: np.ndarray) -> np.ndarray:
@@ -220,57 +222,111 @@ def test_mask_to_image() -> None:
         mask_to_image(mask, 1)
 
 
-class FakeModel:
-    """Anything with ``predict_on_batch`` is used like a Keras model."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
-        self.calls += 1
-        return (batch > 0.5).astype(np.float64) * 0.9
-
-
-def test_segment_stack_uint16_and_2d_input() -> None:
-    rng = np.random.default_rng(1)
-    stack = rng.integers(0, 65535, size=(2, 40, 50), dtype=np.uint16)
-    model = FakeModel()
-    out = segment_stack(model, stack, tile_size=16, overlap=0.5, batch_size=16, threshold=0.5)
-    assert out.shape == (2, 40, 50) and out.dtype == np.uint8
-    assert model.calls > 0
-    for z in range(2):
-        expected = (normalize_slice(stack[z]) > 0.5).astype(np.uint8)
-        assert np.array_equal(out[z], expected)
-    single = segment_stack(pixelwise_one, stack[0], tile_size=16, threshold=0.3)
-    assert single.shape == (1, 40, 50)
-    assert np.array_equal(single[0], (normalize_slice(stack[0]) >= 0.3).astype(np.uint8))
-
-
 def pixelwise_one(batch: np.ndarray) -> np.ndarray:
     return batch.copy()
 
 
+def _plan(**fields) -> InferencePlan:
+    base = {
+        "n_classes": 2,
+        "class_names": ["background", "mito"],
+        "tile_size": 16,
+        "halo": 4,
+        "batch_size": 16,
+        "threshold": 0.5,
+    }
+    return InferencePlan.model_validate({**base, **fields})
+
+
+def test_segment_stack_follows_the_plan_uint16_and_2d_input() -> None:
+    rng = np.random.default_rng(1)
+    stack = rng.integers(0, 65535, size=(2, 40, 50), dtype=np.uint16)
+    out = segment_stack(pixelwise_one, stack, _plan())
+    assert out.shape == (2, 40, 50) and out.dtype == np.uint8
+    for z in range(2):
+        expected = (normalize_slice(stack[z]) >= 0.5).astype(np.uint8)
+        assert np.array_equal(out[z], expected)
+    single = segment_stack(pixelwise_one, stack[0], _plan(threshold=0.3))
+    assert single.shape == (1, 40, 50)
+    assert np.array_equal(single[0], (normalize_slice(stack[0]) >= 0.3).astype(np.uint8))
+
+
+def test_a_slice_that_fits_runs_as_one_rectangular_tile() -> None:
+    rec = Recorder(pixelwise_one)
+    img = _image(40, 70)
+    out = predict_tiled(img, rec, tile_size=96, halo=8)
+    # 40 + 2 * 8 = 56 -> 64 rows; 70 + 16 = 86 -> 96 columns: one forward pass
+    assert rec.shapes == [(1, 64, 96, 1)]
+    np.testing.assert_array_equal(out[..., 0], img)
+
+
+def test_halo_sets_the_tile_step() -> None:
+    rec = Recorder()
+    # 16 rows + 2 * 8 fit one tile row; 64 columns, tile 32, halo 8: padded 80, step 16
+    # -> starts 0, 16, 32, 48
+    predict_tiled(_image(16, 64), rec, tile_size=32, halo=8, batch_size=64)
+    assert rec.shapes == [(4, 32, 32, 1)]
+    with pytest.raises(ValueError, match=r"^halo must be below tile_size / 2 = 16, got 16$"):
+        predict_tiled(_image(8, 8), rec, tile_size=32, halo=16)
+    with pytest.raises(ValueError, match=r"^halo must be an integer >= 0, got -1$"):
+        predict_tiled(_image(8, 8), rec, tile_size=32, halo=-1)
+
+
+@pytest.mark.parametrize(
+    ("image", "blank"),
+    [
+        (np.zeros((30, 30), np.uint8), True),
+        (np.full((30, 30), 40000, np.uint16), True),
+        (np.where(np.arange(900).reshape(30, 30) % 97 == 0, 3, 0).astype(np.uint8), True),
+        (np.tile(np.arange(30, dtype=np.uint8) * 8, (30, 1)), False),
+    ],
+)
+def test_blank_slices_are_background_without_a_forward_pass(image, blank: bool) -> None:
+    rec = Recorder(lambda b: np.ones_like(b))  # a model that calls everything foreground
+    mask = segment_stack(rec, image, _plan())
+    assert (rec.shapes == []) == blank
+    assert (mask.max() == 0) == blank
+    probs = predict_slice(
+        image, rec, _plan(n_classes=3, class_names=["a", "b", "c"], threshold=None)
+    )
+    if blank:
+        assert (
+            probs.shape == (30, 30, 3) and (probs[..., 0] == 1).all() and probs[..., 1:].max() == 0
+        )
+
+
 def test_iter_stack_probabilities_yields_per_slice() -> None:
     stack = np.arange(2 * 20 * 24, dtype=np.uint8).reshape(2, 20, 24)
-    probs = list(iter_stack_probabilities(pixelwise, stack, tile_size=16))
+    probs = list(iter_stack_probabilities(pixelwise, stack, _plan()))
     assert len(probs) == 2 and probs[0].shape == (20, 24, 2)
     np.testing.assert_allclose(probs[1][..., 0], normalize_slice(stack[1]), atol=1e-6)
 
 
 def test_segment_stack_errors() -> None:
-    with pytest.raises(ValueError, match=r"^threshold must be in \[0, 1\], got -0.1$"):
-        segment_stack(pixelwise_one, np.zeros((4, 4), np.uint8), tile_size=16, threshold=-0.1)
     with pytest.raises(
         ValueError, match=r"^expected a \(Z, H, W\) stack or an \(H, W\) image, got shape \(4,\)$"
     ):
-        segment_stack(pixelwise_one, np.zeros(4, np.uint8), tile_size=16)
+        segment_stack(pixelwise_one, np.zeros(4, np.uint8), _plan())
     with pytest.raises(
         ValueError, match=r"^expected an integer or float image stack, got dtype complex128$"
     ):
-        segment_stack(pixelwise_one, np.zeros((4, 4), complex), tile_size=16)
+        segment_stack(pixelwise_one, np.zeros((4, 4), complex), _plan())
     with pytest.raises(ValueError, match=r"^stack is empty \(shape \(0, 4, 4\)\)$"):
-        segment_stack(pixelwise_one, np.zeros((0, 4, 4), np.uint8), tile_size=16)
+        segment_stack(pixelwise_one, np.zeros((0, 4, 4), np.uint8), _plan())
     with pytest.raises(
         TypeError, match=r"^expected a Keras model or a callable batch predictor, got int$"
     ):
         as_predict_batch(3)
+
+
+def test_border_zero_puts_the_image_border_at_the_tile_border() -> None:
+    rec = Recorder(pixelwise_one)
+    img = _image(40, 64)
+    out = predict_tiled(img, rec, tile_size=96, halo=8, border=0)
+    assert rec.shapes == [(1, 48, 64, 1)]  # 40 -> 48 (divisor), 64 fits exactly
+    np.testing.assert_array_equal(out[..., 0], img)
+    seen: list[np.ndarray] = []
+    predict_tiled(img, lambda b: seen.append(b) or b, tile_size=96, halo=8, border=0)
+    np.testing.assert_array_equal(seen[0][0, 4:44, :, 0], img)  # only the rounding is padded
+    with pytest.raises(ValueError, match=r"^border must be an integer >= 0, got -2$"):
+        predict_tiled(img, rec, tile_size=96, halo=8, border=-2)

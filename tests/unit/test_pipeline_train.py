@@ -63,7 +63,31 @@ def test_train_stage_writes_outputs_and_logs_run(stage_dir: Path) -> None:
     assert run.data.tags["stop_reason"] == info["stop_reason"]
     assert run.data.metrics["epochs_run"] == 2
     assert [a.path for a in client.list_artifacts(info["run_id"])] == ["history.csv"]
-    assert len(client.get_metric_history(info["run_id"], "val_loss")) == 2
+    for key in ("val_loss", "accuracy", "val_accuracy", "val_iou", "lr"):
+        assert sorted(m.step for m in client.get_metric_history(info["run_id"], key)) == [0, 1]
+    assert run.data.tags["train_budget"] == "steps" and len(run.data.tags["resume_key"]) == 16
+    assert run.data.params["max_train_seconds"] == "None"
+    assert run.data.params["deterministic"] == "True"
+    assert info["run_key"] and info["init_from"] is None
+    with (stage_dir / "out" / "history.csv").open() as f:
+        header = f.readline().strip().split(",")
+    assert header[:5] == ["epoch", "loss", "val_loss", "accuracy", "val_accuracy"]
+
+
+def test_train_stage_records_a_time_budget(stage_dir: Path) -> None:
+    params = yaml.safe_load((stage_dir / "params.yaml").read_text())
+    params["train"]["max_train_seconds"] = 3600
+    (stage_dir / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = _run(stage_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((stage_dir / "out" / "train.json").read_text())
+    assert info["params"]["max_train_seconds"] == 3600
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{stage_dir / 'mlflow.db'}")
+    run = client.get_run(info["run_id"])
+    assert run.data.tags["train_budget"] == "steps+wall_clock:3600s"
+    assert run.data.params["max_train_seconds"] == "3600.0"
 
 
 def test_train_stage_rejects_mismatched_patches(stage_dir: Path) -> None:

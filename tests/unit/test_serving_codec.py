@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import warnings
 
 import numpy as np
@@ -17,13 +18,20 @@ from mitoseg.serving.analysis import foreground_index, mask_stats
 from mitoseg.serving.codec import (
     Limits,
     UploadError,
+    UploadInfo,
     decode_upload,
     encode_png,
     encode_tiff,
+    probe_upload,
     sniff_format,
 )
-from mitoseg.serving.middleware import GuardMiddleware, json_error
-from mitoseg.serving.settings import tile_batch
+from mitoseg.serving.middleware import (
+    FRAMEWORK_ERROR_LOGGER,
+    GuardMiddleware,
+    install_client_error_filter,
+    json_error,
+    normalize_client_error,
+)
 
 LIMITS = Limits()
 
@@ -233,6 +241,42 @@ def test_limits_from_serve_config() -> None:
     assert Limits.from_config(cfg) == Limits(max_bytes=5, max_pixels=6, max_pages=7, max_side=8)
 
 
+@pytest.mark.parametrize(
+    ("data", "kwargs", "expected"),
+    [
+        (tiff_bytes(IMG16), {}, UploadInfo("tiff", (1, 40, 50), "uint16")),
+        (pages_tiff(*np.zeros((3, 8, 9), np.uint8)), {}, UploadInfo("tiff", (3, 8, 9), "uint8")),
+        (tiff_bytes(np.zeros((3, 8, 9), np.float32)), {}, UploadInfo("tiff", (3, 8, 9), "float32")),
+        (
+            tiff_bytes(np.zeros((8, 9, 3), np.uint8), photometric="rgb"),
+            {"max_pages": 1},
+            UploadInfo("tiff", (1, 8, 9), "uint8"),
+        ),
+        (png_bytes(Image.fromarray(IMG8)), {}, UploadInfo("png", (1, 40, 50), "uint8")),
+        (png_bytes(Image.fromarray(IMG16)), {}, UploadInfo("png", (1, 40, 50), "uint16")),
+    ],
+    ids=["tiff16", "pages", "planar", "rgb", "png8", "png16"],
+)
+def test_probe_reads_the_shape_from_headers(
+    data: bytes, kwargs: dict, expected: UploadInfo
+) -> None:
+    assert probe_upload(data, LIMITS, **kwargs) == expected
+    assert decode_upload(data, LIMITS, **kwargs).shape == expected.shape
+
+
+def test_probe_does_not_decode_pixels_but_checks_every_header() -> None:
+    truncated = UNCOMPRESSED[: len(UNCOMPRESSED) // 2]
+    assert probe_upload(truncated, LIMITS) == UploadInfo("tiff", (1, 40, 50), "uint8")
+    with pytest.raises(UploadError, match=r"^page 0: cannot decode the pixel data"):
+        decode_upload(truncated, LIMITS)
+    with pytest.raises(UploadError, match=r"^page 1: 8x9 differs from page 0"):
+        probe_upload(two_shapes_tiff(), LIMITS)
+    with pytest.raises(UploadError, match=r"^page 0: 100000x100000 pixels exceeds the side"):
+        probe_upload(patched_tiff(100_000, 100_000), LIMITS)
+    with pytest.raises(UploadError, match=r"^the upload is not a TIFF or PNG image"):
+        probe_upload(b"GIF89a....", LIMITS)
+
+
 def test_sniff_format() -> None:
     assert sniff_format(b"MM\x00*rest") == "tiff"
     assert sniff_format(b"II+\x00bigtiff") == "tiff"
@@ -325,7 +369,11 @@ def test_foreground_index() -> None:
 
 
 def run_asgi(
-    mw: GuardMiddleware, path: str, headers: dict[str, str], body_chunks: list[bytes]
+    mw: GuardMiddleware,
+    path: str,
+    headers: dict[str, str],
+    body_chunks: list[bytes],
+    method: str = "POST",
 ) -> tuple[int, dict[str, str], bytes, list[bytes]]:
     """Drive one HTTP request through the middleware; returns status, headers, body and
     the body chunks the inner app received."""
@@ -342,7 +390,7 @@ def run_asgi(
 
     scope = {
         "type": "http",
-        "method": "POST",
+        "method": method,
         "path": path,
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
     }
@@ -456,7 +504,169 @@ def test_middleware_argument_and_json_error() -> None:
     assert json.loads(body) == {"error": "teapot", "message": "short and stout", "status": 418}
 
 
-def test_tile_batch() -> None:
-    assert [tile_batch(n) for n in (1, 3, 4, 16, 17)] == [1, 1, 1, 4, 4]
-    with pytest.raises(ValueError, match=r"^max_batch_size must be >= 1, got 0$"):
-        tile_batch(0)
+def form(*parts: tuple[str, str | None, bytes]) -> bytes:
+    """A multipart body with boundary ``x``: ``(name, filename or None, content)``."""
+    out = b""
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"'
+        if filename is not None:
+            disposition += f'; filename="{filename}"'
+        out += f"--x\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + content + b"\r\n"
+    return out + b"--x--\r\n"
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "message"),
+    [
+        (
+            form(("format", None, b"png")),
+            "missing_image",
+            "the form has no file field named 'image'; send the image as a "
+            "multipart/form-data file field named 'image'",
+        ),
+        (
+            form(("image", None, b"http://169.254.169.254/latest")),
+            "image_not_a_file",
+            "the 'image' field is a text value, not a file: upload the image bytes as a file "
+            "part (the server does not fetch URLs)",
+        ),
+        (
+            form(("image", "a.tif", b"II*\x00"), ("image", "b.tif", b"II*\x00")),
+            "too_many_images",
+            "the form has 2 fields named 'image'; send exactly one image",
+        ),
+    ],
+    ids=["missing", "text_value", "two_files"],
+)
+def test_upload_needs_one_file_field(body: bytes, code: str, message: str) -> None:
+    received: list[bytes] = []
+    mw = GuardMiddleware(make_inner(received), upload_paths=("/segment",))
+    status, _, out, _ = run_asgi(mw, "/segment", MP, [body])
+    assert (status, json.loads(out)) == (400, {"error": code, "message": message, "status": 400})
+    assert received == []
+    # any declared part content type is fine: the service sniffs the bytes
+    for ctype in (b"application/octet-stream", b"image/tif", b"image/png", b""):
+        part = b"Content-Type: " + ctype + b"\r\n" if ctype else b""
+        ok = (
+            b'--x\r\nContent-Disposition: form-data; name="image"; filename="s.tif"\r\n'
+            + part
+            + b"\r\nII*\x00\r\n--x--\r\n"
+        )
+        assert run_asgi(mw, "/segment", MP, [ok])[0] == 200, ctype
+    # other paths do not need an image
+    assert run_asgi(mw, "/metadata", MP, [form(("format", None, b"png"))])[0] == 200
+
+
+def test_docs_serves_the_openapi_page() -> None:
+    seen: list[str] = []
+
+    async def inner(scope, receive, send) -> None:
+        seen.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"<html>"})
+
+    mw = GuardMiddleware(inner)
+    assert run_asgi(mw, "/docs", {}, [b""], method="GET")[0] == 200
+    assert run_asgi(mw, "/docs.json", {}, [b""], method="GET")[0] == 200
+    assert run_asgi(mw, "/docs", {}, [b""], method="POST")[0] == 200
+    assert seen == ["/", "/docs.json", "/docs"]
+
+
+def responder(status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None):
+    """An inner ASGI app answering every request with ``status`` and ``body``."""
+
+    async def inner(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers or []})
+        await send({"type": "http.response.body", "body": body[:3], "more_body": True})
+        await send({"type": "http.response.body", "body": body[3:]})
+
+    return inner
+
+
+PYDANTIC_BODY = json.dumps(
+    {
+        "error": "1 validation error for Input",
+        "detail": [{"type": "literal_error", "loc": ["format"], "msg": "Input should be 'png'"}],
+    }
+).encode()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "code", "message"),
+    [
+        (400, PYDANTIC_BODY, "invalid_request", "format: Input should be 'png'"),
+        (
+            422,
+            json.dumps({"error": "c", "message": "m", "status": 422}).encode(),
+            "c",
+            "m",
+        ),
+        (404, b"Not Found", "not_found", "Not Found"),
+        (413, json.dumps([{"error": "too big"}]).encode(), "too_large", "too big"),
+        (405, b"", "method_not_allowed", "Method Not Allowed"),
+        (429, json.dumps({"detail": "slow down"}).encode(), "busy", "slow down"),
+        (418, b"{}", "client_error", "I'm a Teapot"),
+    ],
+    ids=["pydantic", "ours", "text", "bentoml_list", "empty", "detail_str", "unknown"],
+)
+def test_client_errors_get_the_json_body_and_one_warning_line(
+    status: int, body: bytes, code: str, message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert normalize_client_error(status, body) == (code, message)
+    mw = GuardMiddleware(responder(status, body, [(b"retry-after", b"3")]))
+    with caplog.at_level(logging.INFO, logger="mitoseg.serving"):
+        got, headers, out, _ = run_asgi(mw, "/segment", {}, [b""])
+    assert got == status
+    assert json.loads(out) == {"error": code, "message": message, "status": status}
+    assert headers["content-type"] == "application/json"
+    assert headers["content-length"] == str(len(out))
+    assert headers["retry-after"] == "3"
+    records = [r for r in caplog.records if r.name == "mitoseg.serving"]
+    assert [(r.levelno, r.getMessage(), r.exc_info) for r in records] == [
+        (logging.WARNING, f"POST /segment -> {status} {code}: {message}", None)
+    ]
+
+
+def test_success_and_server_errors_pass_through(caplog: pytest.LogCaptureFixture) -> None:
+    for status, body in ((200, b"fine"), (500, b"boom")):
+        with caplog.at_level(logging.INFO, logger="mitoseg.serving"):
+            got, _, out, _ = run_asgi(GuardMiddleware(responder(status, body)), "/x", {}, [b""])
+        assert (got, out) == (status, body)
+    assert not [r for r in caplog.records if r.name == "mitoseg.serving"]
+
+
+def test_framework_client_error_tracebacks_are_filtered(caplog: pytest.LogCaptureFixture) -> None:
+    from http import HTTPStatus
+
+    from bentoml.exceptions import BentoMLException
+    from pydantic import BaseModel, ValidationError
+
+    class Form(BaseModel):
+        n: int
+
+    framework = logging.getLogger(FRAMEWORK_ERROR_LOGGER)
+    before = list(framework.filters)
+    install_client_error_filter()
+    install_client_error_filter()  # idempotent
+
+    def log(exc: BaseException) -> None:
+        try:
+            raise exc
+        except BaseException:
+            framework.error("Exception on /segment [POST]", exc_info=True)
+
+    try:
+        Form(n="x")  # type: ignore[arg-type]
+    except ValidationError as exc:
+        invalid = exc
+    try:
+        assert len(framework.filters) == len(before) + 1
+        with caplog.at_level(logging.INFO, logger=FRAMEWORK_ERROR_LOGGER):
+            log(invalid)
+            log(BentoMLException("bad", error_code=HTTPStatus.UNSUPPORTED_MEDIA_TYPE))
+            log(BentoMLException("down", error_code=HTTPStatus.SERVICE_UNAVAILABLE))
+            log(RuntimeError("bug"))
+    finally:
+        framework.filters[:] = before
+    kept = [r.exc_info[1] for r in caplog.records if r.name == FRAMEWORK_ERROR_LOGGER]
+    assert [str(e) for e in kept] == ["down", "bug"]

@@ -237,42 +237,6 @@ def test_start_training_run_logs_params_and_tags(store: Path) -> None:
     assert MlflowClient().get_run(failed_id).info.status == "FAILED"
 
 
-def test_epoch_logger_logs_each_epoch_with_lr(store: Path) -> None:
-    import keras
-    from mlflow import MlflowClient
-
-    model = _tiny_model()
-    model.compile(
-        optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy", run_eagerly=True
-    )
-    rng = np.random.default_rng(0)
-    x = rng.random((4, 8, 8, 1), dtype=np.float32)
-    y = (x > 0.5).astype(np.float32)
-    with tracking.start_training_run({}, {}) as run:
-        logger = tracking.make_epoch_logger()
-        assert isinstance(logger, tracking.MlflowEpochLogger)
-        model.fit(x, y, validation_data=(x, y), epochs=3, batch_size=4, verbose=0,
-                  callbacks=[logger])  # fmt: skip
-    client = MlflowClient()
-    for key in ("loss", "val_loss", "lr"):
-        history = client.get_metric_history(run.info.run_id, key)
-        assert sorted(m.step for m in history) == [0, 1, 2], key
-    lrs = client.get_metric_history(run.info.run_id, "lr")
-    assert all(m.value == pytest.approx(0.01) for m in lrs)
-
-
-def test_epoch_logger_metrics_and_errors(store: Path) -> None:
-    logger = tracking.make_epoch_logger(run_id="r")
-    values = logger.epoch_metrics(
-        {"loss": np.float32(0.5), "learning_rate": 0.1, "note": "x", "flag": True}
-    )
-    assert values == {"loss": 0.5, "lr": pytest.approx(0.1)}
-    with pytest.raises(RuntimeError, match=r"MlflowEpochLogger: no active MLflow run"):
-        tracking.make_epoch_logger().on_train_begin()
-    with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
-        _ = tracking.Nope
-
-
 def test_log_keras_model_and_load_via_run(logged: dict[str, Any]) -> None:
     import mlflow
 
@@ -498,12 +462,37 @@ def test_load_model_by_alias_version_and_info(logged: dict[str, Any]) -> None:
     assert info["n_classes"] == 2
     assert info["class_names"] == ["background", "mitochondria"]
     assert info["metrics"]["test_iou"] == pytest.approx(0.77)
-    assert info["threshold"] == pytest.approx(0.35)
+    assert "threshold" not in info  # the threshold lives in the inference plan only
     assert info["tags"]["eval_value"] == "0.77"
-    assert tracking.find_threshold("models:/loadme/1") == pytest.approx(0.35)
 
     run_info = tracking.model_info(logged["uri"])
     assert (run_info["name"], run_info["version"], run_info["run_id"]) == (None, None, run_id)
+
+
+def test_inference_plan_travels_with_the_registered_model(
+    logged: dict[str, Any], tmp_path: Path
+) -> None:
+    from mitoseg.plan import InferencePlan
+
+    run_id = logged["run_id"]
+    assert tracking.load_inference_plan(logged["uri"]) is None
+    _, default = tracking.load_model_and_plan(logged["uri"])
+    assert default.source == "default" and default.threshold == 0.5
+    plan = InferencePlan.default_for(1, 1, tile_size=64, halo=8, threshold=0.35)
+    plan = plan.with_overrides(source="evaluate", threshold_source="validation")
+    path = plan.write(tmp_path / "elsewhere.json")
+    tracking.log_inference_plan(run_id, path)
+    tracking.register_model(run_id, "iou", 0.7, _cfg("planned"), "test:p")
+    for uri in ("models:/planned@champion", "models:/planned/1", logged["uri"]):
+        assert tracking.load_inference_plan(uri) == plan
+        _, loaded = tracking.load_model_and_plan(uri)
+        assert loaded == plan
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    assert "inference_plan.json" in [a.path for a in client.list_artifacts(run_id)]
+    with pytest.raises(FileNotFoundError, match=r"^log_inference_plan: .*nope.json not found$"):
+        tracking.log_inference_plan(run_id, tmp_path / "nope.json")
 
 
 def test_load_model_from_keras_file(tmp_path: Path) -> None:
@@ -514,8 +503,7 @@ def test_load_model_from_keras_file(tmp_path: Path) -> None:
     loaded = tracking.load_model(str(path))
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
     info = tracking.model_info(str(path))
-    assert (info["name"], info["run_id"], info["threshold"], info["metrics"]) == (
-        None,
+    assert (info["name"], info["run_id"], info["metrics"]) == (
         None,
         None,
         {},

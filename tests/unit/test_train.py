@@ -1,9 +1,12 @@
-"""Training: patch loading, crop sampler, run key, and a tiny end-to-end train_model."""
+"""Training: patch loading, crop sampler, run key, tiny end-to-end runs, in-process resume."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,16 @@ import pytest
 
 from mitoseg.config import AugmentConfig, resolve_train_config
 from mitoseg.io import DataError
-from mitoseg.train import HISTORY_COLUMNS, CropSampler, load_patches, run_key, train_model
+from mitoseg.train import (
+    HISTORY_COLUMNS,
+    CropSampler,
+    backup_id,
+    load_patches,
+    run_key,
+    setup_determinism,
+    train_model,
+    weights_digest,
+)
 
 
 def make_patches(
@@ -165,6 +177,18 @@ def test_run_key_depends_on_config_and_data(tmp_path, patches):
     assert key != run_key(patches, AugmentConfig(), other_cfg, 2, 0)
     other_data = make_patches(tmp_path / "other", seed=9)
     assert key != run_key(other_data, AugmentConfig(), cfg, 2, 0)
+    assert key != run_key(patches, AugmentConfig(), cfg, 2, 0, init_digest="0" * 16)
+    (other_data / "val_masks.npy").unlink()
+    with pytest.raises(DataError, match=r"val_masks\.npy: file not found \(run the patchify"):
+        run_key(other_data, AugmentConfig(), cfg, 2, 0)
+
+
+def test_weights_digest_and_backup_id(tmp_path):
+    a = [np.zeros((2, 3), np.float32), np.ones(3, np.float32)]
+    assert len(weights_digest(a)) == 16 and weights_digest(a) == weights_digest(list(a))
+    assert weights_digest(a) != weights_digest([a[0], a[1] * 2])
+    assert weights_digest(a) != weights_digest([a[0].reshape(3, 2), a[1]])
+    assert backup_id(tmp_path / "ck" / "k").endswith(f":{(tmp_path / 'ck' / 'k').resolve()}")
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -189,6 +213,7 @@ def test_train_model_end_to_end(tmp_path, patches):
     assert all(set(r) == set(HISTORY_COLUMNS) for r in result.history)
     rows = _read_csv(out / "history.csv")
     assert len(rows) == 2 and all(rows[0][c] != "" for c in HISTORY_COLUMNS)
+    assert all(0.0 <= r[c] <= 1.0 for r in result.history for c in ("accuracy", "val_accuracy"))
     val_losses = [r["val_loss"] for r in result.history]
     assert result.history[result.best_epoch - 1]["val_loss"] == min(val_losses)
     # cosine schedule: the learning rate decreases from the configured value
@@ -210,6 +235,7 @@ def test_train_model_multiclass_plateau_budget_no_val(tmp_path):
     assert result.best_epoch == 1
     assert result.history[0]["val_loss"] is None and result.history[0]["lr"] == pytest.approx(1e-3)
     assert _read_csv(out / "history.csv")[0]["val_loss"] == ""
+    assert 0.0 <= result.history[0]["accuracy"] <= 1.0  # sparse categorical accuracy
     import keras
 
     model = keras.saving.load_model(out / "model.keras")
@@ -275,3 +301,113 @@ def test_train_model_errors(tmp_path, patches):
         train_model(d, *args, deeper, 2, 0, tmp_path / "o", tmp_path / "c")
     with pytest.raises(DataError, match=r"missing: patches directory not found"):
         train_model(tmp_path / "missing", *args, cfg, 2, 0, tmp_path / "o", tmp_path / "c")
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_after(epoch: int):
+    """A callback that raises after the 1-based ``epoch`` (its backup is written)."""
+    import keras
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, e, logs=None):
+            if e + 1 == epoch:
+                raise _Interrupt
+
+    return Interrupt()
+
+
+def _weights(path: Path) -> list[np.ndarray]:
+    import keras
+
+    return keras.saving.load_model(path).get_weights()
+
+
+def test_train_model_resume_equals_uninterrupted(tmp_path, patches):
+    # dropout on: the per-epoch re-seeding makes the resumed epochs draw the same masks
+    cfg = resolve_train_config(
+        {**TINY, "model": {**TINY["model"], "dropout": 0.2}, "epochs": 3, "steps_per_epoch": 3}
+    )
+    args = (patches, AugmentConfig(), cfg, 2, 0)
+    full = train_model(*args, tmp_path / "full", tmp_path / "ck_full", progress=False)
+    ck = tmp_path / "ck"
+    with pytest.raises(_Interrupt):
+        train_model(*args, tmp_path / "o", ck, progress=False, callbacks=[_interrupt_after(2)])
+    (backup,) = ck.iterdir()
+    assert (backup / "history.csv").is_file() and not (tmp_path / "o" / "model.keras").exists()
+    resumed = train_model(*args, tmp_path / "o", ck, progress=False)
+    assert resumed.resumed and not full.resumed and resumed.run_key == backup.name
+    # Bit for bit in a fresh process (tests/integration/test_train_resume.py); here
+    # TensorFlow may have started with several inter-op threads before this test, which
+    # allows last-bit differences.
+    for got, want in zip(resumed.history, full.history, strict=True):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert resumed.best_epoch == full.best_epoch and resumed.stop_reason == "completed"
+    for a, b in zip(_weights(full.model_path), _weights(resumed.model_path), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    assert [r["epoch"] for r in _read_csv(tmp_path / "o" / "history.csv")] == ["1", "2", "3"]
+    assert list(ck.iterdir()) == []
+
+
+def test_train_model_resume_after_stop_runs_no_epoch(tmp_path, patches):
+    # ~zero learning rate: epoch 2 does not improve -> patience 1 stops there; the process
+    # dies after that epoch's backup: the rerun trains no further epoch
+    cfg = resolve_train_config(
+        {
+            **TINY,
+            "epochs": 6,
+            "model": {**TINY["model"], "batch_norm": False},
+            "learning_rate": 1e-12,
+            "early_stopping_patience": 1,
+            "lr_schedule": "plateau",
+            "min_lr": 0.0,
+        }
+    )
+    args = (patches, AugmentConfig(), cfg, 2, 0, tmp_path / "o", tmp_path / "ck")
+    with pytest.raises(_Interrupt):
+        train_model(*args, progress=False, callbacks=[_interrupt_after(2)])
+    result = train_model(*args, progress=False)
+    assert result.resumed and result.epochs_run == 2
+    assert result.stop_reason == "early_stopping" and result.best_epoch == 1
+
+
+def test_train_model_discards_unusable_backup(tmp_path, patches, caplog):
+    cfg = resolve_train_config({**TINY, "epochs": 1})
+    key = run_key(patches, AugmentConfig(), cfg, 2, 0)
+    backup = tmp_path / "ck" / key
+    backup.mkdir(parents=True)
+    (backup / "training_metadata.json").write_text('{"epoch": 1, "batch": 0}')
+    (backup / "latest.weights.h5").write_bytes(b"not weights")
+    (backup / "history.csv").write_text("epoch,loss\n1,0.5\n")  # old columns
+    result = train_model(
+        patches, AugmentConfig(), cfg, 2, 0, tmp_path / "o", tmp_path / "ck", progress=False
+    )
+    assert not result.resumed and result.epochs_run == 1
+    assert "unreadable backup, starting from scratch" in caplog.text
+
+
+def test_setup_determinism_before_and_after_tensorflow_starts(caplog):
+    code = (
+        "import tensorflow as tf; from mitoseg.train import setup_determinism as s; "
+        "print(s(True), tf.config.threading.get_inter_op_parallelism_threads())"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.stdout.split() == ["True", "1"], proc.stderr[-2000:]
+    assert setup_determinism(False) is False
+    import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config
+
+    tf.constant(0.0)  # TensorFlow has started in this process
+    if tf.config.threading.get_inter_op_parallelism_threads() != 1:
+        was = tf_config.is_op_determinism_enabled()
+        try:
+            assert setup_determinism(True) is False
+        finally:
+            if not was:
+                tf_config.disable_op_determinism()
+        assert "training may not be reproducible" in caplog.text

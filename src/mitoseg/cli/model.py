@@ -1,9 +1,9 @@
 """``mitoseg predict`` and ``mitoseg evaluate``: tiled inference with a saved or registered model.
 
 MODEL is a ``.keras`` file or an MLflow URI (``models:/mitoseg-unet@champion``,
-``models:/mitoseg-unet/1``, ``runs:/<id>/model``), loaded with
-:func:`mitoseg.tracking.load_model`. The foreground threshold is ``--threshold`` when given,
-else the ``threshold`` metric logged on the model's run (MLflow URIs), else 0.5.
+``models:/mitoseg-unet/1``, ``runs:/<id>/model``), loaded with its inference plan by
+:func:`mitoseg.tracking.load_model_and_plan`. The plan decides tiling, normalisation,
+threshold and engine; the flags override single fields of it, nothing else decides.
 """
 
 from __future__ import annotations
@@ -20,39 +20,75 @@ from mitoseg.cli.app import STATE, app, fail
 MASK_SUFFIX = "_mask.tif"
 
 
-def load_model_and_threshold(model: str) -> tuple[Any, float | None]:
-    """Load MODEL and the threshold logged with it.
+def load_model_and_plan(model: str, **overrides: Any) -> tuple[Any, Any]:
+    """Load MODEL and its inference plan, with command-line overrides applied.
 
     Returns:
-        ``(keras model, threshold or None)``; the threshold is the one logged by
-        evaluation on the model's run (MLflow URIs), None for ``.keras`` files.
+        ``(keras model, InferencePlan)``. A model without a stored plan runs with the
+        default plan derived from the network (a warning says so).
 
     Raises:
-        typer.Exit: (through :func:`fail`) a model that cannot be found or loaded.
+        typer.Exit: (through :func:`fail`) a model or plan that cannot be loaded, or an
+            override the plan rejects.
     """
     from mitoseg import tracking
 
     try:
-        loaded = tracking.load_model(model)
+        net, plan = tracking.load_model_and_plan(model)
     except Exception as exc:  # keras / mlflow raise many types for bad models and URIs
         fail(f"cannot load model {model}: {exc}")
+    if plan.source == "default":
+        typer.echo(
+            f"warning: {model} has no inference plan; using defaults derived from the network "
+            f"(threshold {plan.threshold})",
+            err=True,
+        )
     try:
-        threshold = tracking.find_threshold(model)
-    except Exception as exc:  # the model loaded; a missing run record only costs the threshold
-        typer.echo(f"warning: {model}: no logged threshold ({exc}); using 0.5", err=True)
-        threshold = None
-    return loaded, None if threshold is None else float(threshold)
+        plan = plan.with_overrides(**overrides)
+    except ValueError as exc:
+        fail(str(exc))
+    return net, plan
 
 
-def model_classes(model: Any) -> int:
-    """Number of classes of a Keras model: 2 for one sigmoid channel, else the channels."""
-    channels = int(model.output_shape[-1])
-    return 2 if channels == 1 else channels
-
-
-def _check_threshold(threshold: float | None) -> None:
+def _overrides(
+    tile_size: int | None,
+    halo: int | None,
+    batch_size: int | None,
+    tta: bool | None,
+    threshold: float | None,
+    engine: str | None,
+) -> dict[str, Any]:
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         fail(f"--threshold must be in [0, 1], got {threshold}")
+    runtime = precision = None
+    if engine is not None:
+        runtime, _, precision = engine.partition("/")
+        if not precision:
+            fail(f"--engine must be RUNTIME/PRECISION, e.g. keras/fp32, got {engine!r}")
+    out = {
+        "tile_size": tile_size,
+        "halo": halo,
+        "batch_size": batch_size,
+        "tta": tta,
+        "threshold": threshold,
+        "runtime": runtime,
+        "precision": precision,
+    }
+    if threshold is not None:
+        out["threshold_source"] = "params"
+    return out
+
+
+_TILE_OPT = typer.Option(None, "--tile-size", help="largest tile side (default: the plan's)")
+_HALO_OPT = typer.Option(None, "--halo", help="context pixels per tile side (default: plan's)")
+_BATCH_OPT = typer.Option(None, "--batch-size", help="tiles per model call (default: plan's)")
+_TTA_OPT = typer.Option(None, "--tta/--no-tta", help="average the 8 flips/rotations")
+_THRESHOLD_OPT = typer.Option(
+    None, "--threshold", help="foreground threshold (default: the plan's, chosen on validation)"
+)
+_ENGINE_OPT = typer.Option(
+    None, "--engine", help="inference engine RUNTIME/PRECISION (default: the plan's)"
+)
 
 
 @app.command("predict")
@@ -62,51 +98,40 @@ def predict(
     ),
     model: str = typer.Option(..., "--model", help=".keras file or models:/, runs:/ URI"),
     out: Path = typer.Option(..., "--out", help="output directory for the mask TIFFs"),
-    tile_size: int = typer.Option(256, "--tile-size", help="tile side, a multiple of 16"),
-    overlap: float = typer.Option(0.5, "--overlap", help="tile overlap fraction in [0, 1)"),
-    batch_size: int = typer.Option(8, "--batch-size", help="tiles per model call"),
-    tta: bool = typer.Option(False, "--tta", help="average the 8 flips/rotations"),
-    threshold: float | None = typer.Option(
-        None, "--threshold", help="foreground threshold (default: the model's, else 0.5)"
-    ),
+    tile_size: int | None = _TILE_OPT,
+    halo: int | None = _HALO_OPT,
+    batch_size: int | None = _BATCH_OPT,
+    tta: bool | None = _TTA_OPT,
+    threshold: float | None = _THRESHOLD_OPT,
+    engine: str | None = _ENGINE_OPT,
 ) -> None:
-    """Segment images; write one mask TIFF per input as OUT/<name>_mask.tif.
+    """Segment images with the model's inference plan; write OUT/<name>_mask.tif each.
 
     Masks keep the input's (Z,) H, W shape; binary: 0/255, multiclass: class index.
     """
-    from mitoseg.inference import check_tiling, mask_to_image, segment_stack
+    from mitoseg.inference import mask_to_image, segment_stack
     from mitoseg.io import DataError, read_stack, write_stack
+    from mitoseg.runtime import predictor_for_plan
 
-    try:
-        check_tiling(tile_size, overlap, batch_size)
-    except ValueError as exc:
-        fail(str(exc))
-    _check_threshold(threshold)
+    overrides = _overrides(tile_size, halo, batch_size, tta, threshold, engine)
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         fail(f"input not found: {', '.join(missing)}")
     targets = [out / f"{p.stem}{MASK_SUFFIX}" for p in images]
     if len(set(targets)) != len(targets):
         fail("two inputs have the same file name stem; their masks would overwrite each other")
-    net, logged = load_model_and_threshold(model)
-    thr = threshold if threshold is not None else (logged if logged is not None else 0.5)
-    n_classes = model_classes(net)
+    net, plan = load_model_and_plan(model, **overrides)
+    try:
+        predict_batch = predictor_for_plan(net, plan)
+    except ValueError as exc:
+        fail(str(exc))
     for path, target in zip(images, targets, strict=True):
         try:
             stack = read_stack(path)
-            mask = segment_stack(
-                net,
-                stack,
-                tile_size=tile_size,
-                overlap=overlap,
-                batch_size=batch_size,
-                tta=tta,
-                threshold=thr,
-                progress=STATE.progress,
-            )
+            mask = segment_stack(predict_batch, stack, plan, progress=STATE.progress)
         except (DataError, ValueError) as exc:
             fail(str(exc))
-        image = mask_to_image(mask, n_classes)
+        image = mask_to_image(mask, plan.n_classes)
         write_stack(target, image[0] if image.shape[0] == 1 else image)
         fg = float((mask != 0).mean())
         typer.echo(f"{path} {tuple(stack.shape)} -> {target} (foreground {fg:.1%})")
@@ -118,25 +143,27 @@ def evaluate(
     images: Path = typer.Option(..., "--images", help="image stack (TIFF) or 2D image"),
     masks: Path = typer.Option(..., "--masks", help="mask stack: 0/255 or 0/1, or label map"),
     as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON"),
-    threshold: float | None = typer.Option(
-        None, "--threshold", help="foreground threshold (default: the model's, else 0.5)"
-    ),
+    tile_size: int | None = _TILE_OPT,
+    halo: int | None = _HALO_OPT,
+    batch_size: int | None = _BATCH_OPT,
+    tta: bool | None = _TTA_OPT,
+    threshold: float | None = _THRESHOLD_OPT,
+    engine: str | None = _ENGINE_OPT,
     params: Path | None = typer.Option(
-        None, "--params", help="params.yaml with base.classes and evaluate settings"
+        None, "--params", help="params.yaml whose base.classes maps the mask values"
     ),
 ) -> None:
-    """Score MODEL on a labelled stack (whole-slice tiled inference)."""
-    from mitoseg.config import BaseConfig, ConfigError, EvaluateConfig, load_section
-    from mitoseg.evaluate import evaluate_stack, masks_to_indices
+    """Score MODEL on a labelled stack with its inference plan (whole-slice inference)."""
+    from mitoseg.config import BaseConfig, ConfigError, load_section
     from mitoseg.io import DataError, read_stack
+    from mitoseg.planner import evaluate_split
 
-    _check_threshold(threshold)
+    overrides = _overrides(tile_size, halo, batch_size, tta, threshold, engine)
     for path in (images, masks):
         if not path.is_file():
             fail(f"{path}: file not found")
     try:
         base = load_section("base", params) if params else BaseConfig()
-        cfg = load_section("evaluate", params) if params else EvaluateConfig()
         image_stack = read_stack(images)
         mask_stack = read_stack(masks)
         if image_stack.shape != mask_stack.shape:
@@ -144,29 +171,19 @@ def evaluate(
                 f"{masks}: mask shape {mask_stack.shape} does not match image shape "
                 f"{image_stack.shape} of {images}"
             )
+        from mitoseg.evaluate import masks_to_indices
+
         truth = masks_to_indices(mask_stack, base.value_to_index(), str(masks))
     except (ConfigError, DataError) as exc:
         fail(str(exc))
-    net, logged = load_model_and_threshold(model)
-    if threshold is not None:
-        thr = threshold
-    elif logged is not None:
-        thr = logged
-    elif isinstance(cfg.threshold, float):
-        thr = cfg.threshold
-    else:
-        thr = 0.5
-    try:
-        result = evaluate_stack(
-            net,
-            image_stack,
-            truth,
-            cfg,
-            thr,
-            base.n_classes,
-            base.class_names,
-            progress=STATE.progress,
+    net, plan = load_model_and_plan(model, **overrides)
+    if plan.n_classes != base.n_classes:
+        fail(
+            f"the model's plan has {plan.n_classes} classes ({', '.join(plan.class_names)}) "
+            f"but the class table has {base.n_classes} ({', '.join(base.class_names)})"
         )
+    try:
+        result = evaluate_split(net, plan, image_stack, truth, progress=STATE.progress)
     except ValueError as exc:
         fail(str(exc))
     metrics = result.metrics

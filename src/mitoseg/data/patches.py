@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from patchify import patchify, unpatchify
 
 from mitoseg.config import BaseConfig, PatchifyConfig
 from mitoseg.data.layout import read_split, split_paths
 from mitoseg.io import DataError, atomic_dir, normalize_slice, write_json
 from mitoseg.progress import progress_iter
-from patchify import patchify, unpatchify
 
 __all__ = [
     "PatchGrid",

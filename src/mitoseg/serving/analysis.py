@@ -1,4 +1,4 @@
-"""Object statistics and mask value mapping returned by the service (pure numpy/scipy)."""
+"""Object statistics returned by the service's ``/stats`` (pure numpy/scipy)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,7 @@ import numpy as np
 
 from mitoseg.metrics import label_objects
 
-__all__ = ["class_values", "foreground_index", "mask_stats", "to_mask_values"]
-
-
-def class_values(classes: dict[str, int | list[int]]) -> list[int]:
-    """Raw mask value written for each class index (the first value of each class).
-
-    Args:
-        classes: the ``base.classes`` table, name -> value(s), background first.
-
-    Returns:
-        ``[value of class 0, value of class 1, ...]``, e.g. ``[0, 255]`` for binary.
-    """
-    return [int(v[0] if isinstance(v, list) else v) for v in classes.values()]
+__all__ = ["foreground_index", "mask_stats"]
 
 
 def foreground_index(class_names: list[str]) -> int:
@@ -30,27 +18,6 @@ def foreground_index(class_names: list[str]) -> int:
         if name.lower() in ("mitochondria", "mitochondrion", "mito"):
             return i
     return 1
-
-
-def to_mask_values(class_mask: np.ndarray, values: list[int]) -> np.ndarray:
-    """Map a class-index mask to the dataset's raw mask values.
-
-    Args:
-        class_mask: ``(...)`` uint8 class indices ``0 .. C-1``.
-        values: raw value of each class index (see :func:`class_values`).
-
-    Returns:
-        Same shape, uint8 when every value fits in 8 bits, else uint16.
-
-    Raises:
-        ValueError: a class index has no value.
-    """
-    lut_dtype = np.uint8 if max(values) <= 255 else np.uint16
-    top = int(class_mask.max()) if class_mask.size else 0
-    if top >= len(values):
-        raise ValueError(f"to_mask_values: class index {top} has no mask value ({values})")
-    lut = np.asarray(values, dtype=lut_dtype)
-    return lut[class_mask]
 
 
 def mask_stats(

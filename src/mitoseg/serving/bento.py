@@ -1,9 +1,10 @@
 """Model hand-over from the MLflow registry to the BentoML model store, and Bento build.
 
-:func:`import_model` loads a model by URI (``models:/name@alias``, ``models:/name/1``,
-``runs:/id/model`` through :func:`mitoseg.tracking.load_model`, or a local ``.keras``
-file), saves it as ``model.keras`` inside a BentoML model ``mitoseg-unet`` and records
-its lineage and serving settings in the model's metadata. The service
+:func:`import_model` loads a model and its inference plan by URI (``models:/name@alias``,
+``models:/name/1``, ``runs:/id/model`` or a local ``.keras`` file, through
+:func:`mitoseg.tracking.load_model_and_plan`), saves them as ``model.keras`` and
+``inference_plan.json`` inside a BentoML model ``mitoseg-unet`` and records its lineage
+and serving settings in the model's metadata. The service
 (:mod:`mitoseg.serving.service`) reads everything it needs from that metadata, so a
 Bento is self-contained. :func:`build_bento` runs ``bentoml build`` with the repository's
 ``bentofile.yaml``.
@@ -20,7 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mitoseg.config import BaseConfig, ServeConfig
+from mitoseg.config import ServeConfig
+from mitoseg.plan import PLAN_FILE, InferencePlan
 
 __all__ = [
     "BENTO_MODEL_NAME",
@@ -30,7 +32,6 @@ __all__ = [
     "build_metadata",
     "find_imported",
     "import_model",
-    "model_divisor",
 ]
 
 #: Name of the model in the BentoML model store.
@@ -53,86 +54,47 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _load(uri: str) -> tuple[Any, dict[str, Any]]:
-    """Load the Keras model and its registry info (empty info for a local file)."""
+def _load(uri: str) -> tuple[Any, Any, dict[str, Any]]:
+    """Load the Keras model, its inference plan and registry info (file hash for a file)."""
+    from mitoseg.tracking import load_model_and_plan, model_info
+
     if _is_local_file(uri):
         path = Path(uri)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: model file not found")
         if path.suffix != ".keras":
             raise ValueError(f"{path}: expected a .keras model file")
-        import keras
-
-        model = keras.saving.load_model(path, compile=False)
-        info: dict[str, Any] = {"source_sha256": _file_sha256(path)}
-        return model, info
-    from mitoseg.tracking import load_model, model_info
-
-    return load_model(uri), dict(model_info(uri))
-
-
-def model_divisor(model: Any) -> int:
-    """``2**depth`` of a UNet-like Keras model: 2 to the number of 2x down-sampling layers.
-
-    Tiles fed to the model must have a side divisible by this.
-    """
-    import keras
-
-    pools = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
-
-    def count(m: Any) -> int:
-        n = 0
-        for layer in getattr(m, "layers", []):
-            n += 1 if isinstance(layer, pools) else count(layer)
-        return n
-
-    return 2 ** count(model)
+        model, plan = load_model_and_plan(str(path))
+        return model, plan, {"source_sha256": _file_sha256(path)}
+    model, plan = load_model_and_plan(uri)
+    return model, plan, dict(model_info(uri))
 
 
 def build_metadata(
-    info: dict[str, Any],
-    *,
-    uri: str,
-    n_channels: int,
-    divisor: int,
-    base: BaseConfig,
-    serve: ServeConfig,
-    threshold: float | None = None,
-    min_object_size: int = 0,
+    info: dict[str, Any], *, uri: str, plan: InferencePlan, serve: ServeConfig
 ) -> dict[str, Any]:
     """Metadata stored with the BentoML model (and returned by ``/metadata``).
 
+    The plan itself travels as the file :data:`mitoseg.plan.PLAN_FILE` in the model
+    directory; the metadata repeats its decisions for display and its hash for identity.
+
     Args:
         info: :func:`mitoseg.tracking.model_info` output (``name``, ``version``,
-            ``alias``, ``run_id``, ``tags``, ``metrics``); may be empty for a local file.
+            ``alias``, ``run_id``, ``tags``, ``metrics``); may be just
+            ``{"source_sha256"}`` for a local file.
         uri: the model URI it was loaded from.
-        n_channels: output channels of the model (1 = sigmoid binary).
-        divisor: tile side divisor (:func:`model_divisor`).
-        base: class table used to name the classes.
+        plan: the inference plan the service will run.
         serve: serving limits and batching settings.
-        threshold: foreground threshold; ``None`` takes the registered model's
-            ``threshold`` metric, else 0.5.
-        min_object_size: smallest object counted by ``/stats``, pixels.
 
     Returns:
         A JSON-able dict; unknown lineage fields (``None``) are left out.
-
-    Raises:
-        ValueError: threshold outside [0, 1] or the class table does not match the model.
     """
+    import json
+
     metrics = {k: float(v) for k, v in (info.get("metrics") or {}).items()}
     tags = {str(k): str(v) for k, v in (info.get("tags") or {}).items()}
-    if threshold is None:
-        threshold = metrics.get("threshold", 0.5)
-    if not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    n_classes = 2 if n_channels == 1 else n_channels
-    if base.n_classes != n_classes:
-        raise ValueError(
-            f"the model predicts {n_classes} classes but base.classes lists "
-            f"{base.n_classes} ({', '.join(base.class_names)})"
-        )
     version = info.get("version")
+    plan_json = json.dumps(plan.model_dump(mode="json"), sort_keys=True)
     meta = {
         "name": info.get("name") or BENTO_MODEL_NAME,
         "version": str(version) if version is not None else None,
@@ -143,11 +105,13 @@ def build_metadata(
         "git_commit": tags.get("git_commit"),
         "data_hash": tags.get("data_dvc_md5"),
         "metrics": metrics,
-        "threshold": float(threshold),
-        "n_classes": n_classes,
-        "class_names": base.class_names,
-        "divisor": int(divisor),
-        "min_object_size": int(min_object_size),
+        "threshold": plan.threshold,
+        "threshold_source": plan.threshold_source,
+        "plan_source": plan.source,
+        "engine": f"{plan.runtime}/{plan.precision}",
+        "n_classes": plan.n_classes,
+        "class_names": list(plan.class_names),
+        "plan_sha256": hashlib.sha256(plan_json.encode()).hexdigest(),
         "serve": serve.model_dump(),
     }
     # BentoML metadata cannot hold None: unknown fields are left out.
@@ -162,7 +126,7 @@ def _labels(meta: dict[str, Any]) -> dict[str, str]:
 def _with_serve_hash(meta: dict[str, Any]) -> dict[str, Any]:
     import json
 
-    settings = {k: meta[k] for k in ("serve", "threshold", "class_names", "min_object_size")}
+    settings = {k: meta[k] for k in ("serve", "plan_sha256")}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return {**meta, "serve_hash": digest}
 
@@ -170,7 +134,8 @@ def _with_serve_hash(meta: dict[str, Any]) -> dict[str, Any]:
 def find_imported(labels: dict[str, str]) -> str | None:
     """Tag of a stored ``mitoseg-unet`` model whose labels match, or ``None``.
 
-    Only used for a registry version or a file hash, which identify the weights exactly.
+    Only used for a registry version or a file hash, which identify the weights exactly
+    (the labels also hold the hash of the plan and serving settings).
     """
     import bentoml
 
@@ -189,51 +154,40 @@ def find_imported(labels: dict[str, str]) -> str | None:
 def import_model(
     uri: str,
     *,
-    base: BaseConfig | None = None,
     serve: ServeConfig | None = None,
-    threshold: float | None = None,
-    min_object_size: int = 0,
+    overrides: dict[str, Any] | None = None,
     reuse: bool = True,
 ) -> tuple[str, dict[str, Any]]:
-    """Copy a model into the BentoML model store with its lineage metadata.
+    """Copy a model and its inference plan into the BentoML model store.
+
+    The model directory holds ``model.keras`` and ``inference_plan.json`` (the plan the
+    evaluate stage stored with the model, with ``overrides`` applied); the metadata holds
+    the lineage. The service reads both from there and decides nothing itself.
 
     Args:
         uri: ``models:/name@alias``, ``models:/name/<version>``, ``runs:/<id>/model``
-            or a local ``.keras`` file.
-        base: class table (default :class:`BaseConfig` defaults).
+            or a local ``.keras`` file (plan beside it).
         serve: serving settings stored with the model (default :class:`ServeConfig`).
-        threshold: foreground threshold (default: the model's ``threshold`` metric, else
-            0.5).
-        min_object_size: smallest object counted by ``/stats``, pixels.
-        reuse: return an already imported model with the same weights and settings
-            instead of importing again.
+        overrides: plan fields to replace, e.g. ``{"threshold": 0.7}`` from
+            ``--threshold`` (None values are ignored).
+        reuse: return an already imported model with the same weights, plan and
+            settings instead of importing again.
 
     Returns:
         ``(tag, metadata)``: the BentoML model tag, e.g. ``mitoseg-unet:abc123``.
 
     Raises:
         FileNotFoundError: a local model file is missing.
-        ValueError: bad threshold or class table, or the model output is not 4D.
+        ValueError: an invalid override, or a plan that does not fit the model.
     """
     import bentoml
 
-    base = base or BaseConfig()
     serve = serve or ServeConfig()
-    model, info = _load(uri)
-    shape = tuple(model.output_shape)
-    if len(shape) != 4:
-        raise ValueError(f"{uri}: expected a (N, H, W, C) model output, got {shape}")
-    meta = build_metadata(
-        info,
-        uri=uri,
-        n_channels=int(shape[-1]),
-        divisor=model_divisor(model),
-        base=base,
-        serve=serve,
-        threshold=threshold,
-        min_object_size=min_object_size,
-    )
-    meta = _with_serve_hash(meta)
+    model, plan, info = _load(uri)
+    if overrides and overrides.get("threshold") is not None:
+        overrides = {**overrides, "threshold_source": "params"}
+    plan = plan.with_overrides(**(overrides or {}))
+    meta = _with_serve_hash(build_metadata(info, uri=uri, plan=plan, serve=serve))
     labels = _labels(meta)
     if reuse:
         found = find_imported(labels)
@@ -241,6 +195,7 @@ def import_model(
             return found, bentoml.models.get(found).info.metadata
     with bentoml.models.create(name=BENTO_MODEL_NAME, labels=labels, metadata=meta) as bm:
         model.save(os.path.join(bm.path, MODEL_FILE))
+        plan.write(os.path.join(bm.path, PLAN_FILE))
     return str(bm.tag), meta
 
 
@@ -258,12 +213,18 @@ def _env(name: str, value: str) -> Iterator[None]:
 
 
 def build_bento(
-    model_tag: str, bentofile: Path, build_ctx: Path, version: str | None = None
+    model_tag: str,
+    bentofile: Path,
+    build_ctx: Path,
+    version: str | None = None,
+    serve: ServeConfig | None = None,
 ) -> str:
     """Build the Bento (``bentoml build``) around one stored model.
 
     Args:
         model_tag: BentoML model tag from :func:`import_model`; the Bento packs it.
+        serve: serving limits baked into the Bento as arguments (read by the service at
+            import, before any store access); default :class:`ServeConfig`.
         bentofile: path of ``bentofile.yaml``.
         build_ctx: directory the ``include`` patterns are relative to (the repo's
             ``src``, so ``mitoseg`` is importable inside the Bento).
@@ -289,6 +250,6 @@ def build_bento(
             build_ctx=str(build_ctx),
             version=version,
             reload=True,
-            args={"model_tag": model_tag},
+            args={"model_tag": model_tag, **(serve or ServeConfig()).model_dump()},
         )
     return str(bento.tag)

@@ -5,18 +5,21 @@ TensorFlow, so the guard rails can be unit-tested without a server. Every reject
 an :class:`UploadError` carrying the HTTP status, a stable machine-readable ``code`` and
 a human message naming what was wrong; the service turns it into a JSON 4xx body.
 
-Accepted uploads: TIFF (single or multi-page, classic or BigTIFF) and PNG, 8/16-bit
+Accepted uploads: TIFF (single or multi-page, classic or BigTIFF) and PNG, recognised by
+their magic bytes whatever content type the client declared, 8/16-bit
 unsigned integers or finite float32, grayscale or RGB(A) (converted to luma with
 :func:`mitoseg.io.to_gray`). Every size limit is checked on the *header* (page count,
 shape) before any pixel data is decompressed, so a small compressed file that claims a
-huge image never allocates it.
+huge image never allocates it; :func:`probe_upload` runs those checks alone, so the
+service can price a request (:func:`mitoseg.serving.settings.request_cost`) before
+decoding it.
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -27,9 +30,11 @@ __all__ = [
     "ACCEPTED_DTYPES",
     "Limits",
     "UploadError",
+    "UploadInfo",
     "decode_upload",
     "encode_png",
     "encode_tiff",
+    "probe_upload",
     "sniff_format",
 ]
 
@@ -107,6 +112,50 @@ def sniff_format(data: bytes) -> Literal["tiff", "png"]:
     )
 
 
+@dataclass(frozen=True)
+class UploadInfo:
+    """What an upload holds, read from its headers only (no pixel data decoded).
+
+    Attributes:
+        format: ``"tiff"`` or ``"png"``.
+        shape: ``(Z, H, W)`` of the decoded stack (RGB(A) pages count once).
+        dtype: pixel type name of the first page (``uint8``, ``uint16`` or ``float32``).
+    """
+
+    format: Literal["tiff", "png"]
+    shape: tuple[int, int, int]
+    dtype: str
+
+
+def probe_upload(data: bytes, limits: Limits, *, max_pages: int | None = None) -> UploadInfo:
+    """Check an upload's headers against the limits without decoding its pixels.
+
+    Cheap for any upload, so a request's cost can be checked before the (possibly huge)
+    pixel data is decompressed. Same arguments and header checks as
+    :func:`decode_upload`, which calls it.
+
+    Raises:
+        UploadError: empty, too large, not TIFF/PNG, unreadable header, zero-size,
+            unsupported pixel type or layout, too many pages or pixels, or pages of
+            different shapes.
+    """
+    if len(data) > limits.max_bytes:
+        raise UploadError(
+            413,
+            "too_large",
+            f"the upload is {len(data)} bytes; the limit is {limits.max_bytes} bytes",
+        )
+    kind = sniff_format(data)
+    if kind == "png":
+        h, w, dtype = _png_header(data, limits)
+        return UploadInfo("png", (1, h, w), dtype)
+    page_limit = limits.max_pages if max_pages is None else min(max_pages, limits.max_pages)
+    with _open_tiff(data) as tif:
+        pages = _scan_tiff(tif, limits, page_limit)
+    h, w = pages[0].hw
+    return UploadInfo("tiff", (sum(p.n_planes for p in pages), h, w), pages[0].dtype.name)
+
+
 def decode_upload(data: bytes, limits: Limits, *, max_pages: int | None = None) -> np.ndarray:
     """Decode and validate an uploaded image or stack.
 
@@ -125,15 +174,13 @@ def decode_upload(data: bytes, limits: Limits, *, max_pages: int | None = None) 
             unsupported pixel type or layout, non-finite values, too many pages or
             pixels, or pages of different shapes.
     """
-    if len(data) > limits.max_bytes:
-        raise UploadError(
-            413,
-            "too_large",
-            f"the upload is {len(data)} bytes; the limit is {limits.max_bytes} bytes",
-        )
-    kind = sniff_format(data)
-    page_limit = limits.max_pages if max_pages is None else min(max_pages, limits.max_pages)
-    stack = _decode_tiff(data, limits, page_limit) if kind == "tiff" else _decode_png(data, limits)
+    info = probe_upload(data, limits, max_pages=max_pages)
+    if info.format == "tiff":
+        page_limit = limits.max_pages if max_pages is None else min(max_pages, limits.max_pages)
+        with _open_tiff(data) as tif:
+            stack = _decode_tiff(_scan_tiff(tif, limits, page_limit))
+    else:
+        stack = _decode_png(data)
     if stack.dtype == np.float32 and not np.isfinite(stack).all():
         raise UploadError(422, "non_finite", "the image contains NaN or infinite values")
     return stack
@@ -183,105 +230,143 @@ def _to_gray_page(page: np.ndarray) -> np.ndarray:
     return to_gray(page) if page.ndim == 3 else page
 
 
-def _decode_tiff(data: bytes, limits: Limits, page_limit: int) -> np.ndarray:
+def _open_tiff(data: bytes) -> Any:
     import tifffile
 
     try:
-        tif = tifffile.TiffFile(io.BytesIO(data))
+        return tifffile.TiffFile(io.BytesIO(data))
     except Exception as exc:  # tifffile raises many types for corrupt headers
         raise UploadError(
             400, "corrupt_image", f"cannot read the TIFF header ({type(exc).__name__}: {exc})"
         ) from None
-    with tif:
+
+
+@dataclass(frozen=True)
+class _Page:
+    page: Any
+    where: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    planar: bool
+    n_planes: int
+    hw: tuple[int, int]
+
+
+def _scan_tiff(tif: Any, limits: Limits, page_limit: int) -> list[_Page]:
+    """Validate every page header of an open TIFF (no pixel data is read)."""
+    try:
+        n_pages = len(tif.pages)
+    except Exception as exc:
+        raise UploadError(
+            400, "corrupt_image", f"cannot read the TIFF pages ({type(exc).__name__}: {exc})"
+        ) from None
+    if n_pages == 0:
+        raise UploadError(400, "empty_image", "the TIFF contains no pages")
+    hint = "; use /segment_stack for stacks" if page_limit == 1 else ""
+    status = 413 if page_limit == limits.max_pages else 422
+    if n_pages > page_limit:
+        raise UploadError(
+            status,
+            "too_many_pages",
+            f"the TIFF has {n_pages} pages; at most {page_limit} accepted here{hint}",
+        )
+    pages: list[_Page] = []
+    images = 0
+    for i in range(n_pages):
+        where = f"page {i}"
         try:
-            n_pages = len(tif.pages)
+            page = tif.pages[i]
+            shape = tuple(int(s) for s in page.shape)
+            dtype = np.dtype(page.dtype) if page.dtype is not None else None
+            planar = int(getattr(page, "planarconfig", 1)) == 2
         except Exception as exc:
             raise UploadError(
-                400, "corrupt_image", f"cannot read the TIFF pages ({type(exc).__name__}: {exc})"
+                400, "corrupt_image", f"{where}: cannot read ({type(exc).__name__}: {exc})"
             ) from None
-        if n_pages == 0:
-            raise UploadError(400, "empty_image", "the TIFF contains no pages")
-        if n_pages > page_limit:
-            hint = "; use /segment_stack for stacks" if page_limit == 1 else ""
+        if dtype is None:
+            raise UploadError(422, "unsupported_dtype", f"{where}: unknown pixel type")
+        _check_dtype(dtype, where)
+        # A separate-plane page (S, H, W) is read as S slices, as mitoseg.io.read_stack
+        # does: tifffile writes a (3, H, W) stack that way.
+        n_planes = shape[0] if planar and len(shape) == 3 else 1
+        hw_shape = shape[1:] if planar and len(shape) == 3 else shape
+        h, w = _page_hw(hw_shape, where)
+        _check_size(h, w, limits, where)
+        if images + n_planes > page_limit:
             raise UploadError(
-                413 if page_limit == limits.max_pages else 422,
+                status,
                 "too_many_pages",
-                f"the TIFF has {n_pages} pages; at most {page_limit} accepted here{hint}",
+                f"the TIFF holds more than {page_limit} images (page {i} stores "
+                f"{n_planes} planes); at most {page_limit} accepted here{hint}",
             )
-        pages: list[np.ndarray] = []
-        first_hw: tuple[int, int] | None = None
-        for i in range(n_pages):
-            where = f"page {i}"
-            try:
-                page = tif.pages[i]
-                shape = tuple(int(s) for s in page.shape)
-                dtype = np.dtype(page.dtype) if page.dtype is not None else None
-                planar = int(getattr(page, "planarconfig", 1)) == 2
-            except Exception as exc:
-                raise UploadError(
-                    400, "corrupt_image", f"{where}: cannot read ({type(exc).__name__}: {exc})"
-                ) from None
-            if dtype is None:
-                raise UploadError(422, "unsupported_dtype", f"{where}: unknown pixel type")
-            _check_dtype(dtype, where)
-            # A separate-plane page (S, H, W) is read as S slices, as mitoseg.io.read_stack
-            # does: tifffile writes a (3, H, W) stack that way.
-            n_planes = shape[0] if planar and len(shape) == 3 else 1
-            hw_shape = shape[1:] if planar and len(shape) == 3 else shape
-            h, w = _page_hw(hw_shape, where)
-            _check_size(h, w, limits, where)
-            if len(pages) + n_planes > page_limit:
-                raise UploadError(
-                    413 if page_limit == limits.max_pages else 422,
-                    "too_many_pages",
-                    f"the TIFF holds more than {page_limit} images (page {i} stores "
-                    f"{n_planes} planes); at most {page_limit} accepted here"
-                    + ("; use /segment_stack for stacks" if page_limit == 1 else ""),
-                )
-            if first_hw is None:
-                first_hw = (h, w)
-            elif (h, w) != first_hw:
-                raise UploadError(
-                    422,
-                    "inconsistent_pages",
-                    f"{where}: {h}x{w} differs from page 0 ({first_hw[0]}x{first_hw[1]}); "
-                    "all pages of a stack must have the same size",
-                )
-            try:
-                arr = np.asarray(page.asarray())
-            except Exception as exc:
-                raise UploadError(
-                    400,
-                    "corrupt_image",
-                    f"{where}: cannot decode the pixel data, the file may be truncated "
-                    f"({type(exc).__name__}: {exc})",
-                ) from None
-            if arr.shape != shape:
-                raise UploadError(
-                    400,
-                    "corrupt_image",
-                    f"{where}: decoded shape {arr.shape} does not match the header {shape}",
-                )
-            if planar and arr.ndim == 3:
-                pages.extend(arr)
-            else:
-                pages.append(_to_gray_page(arr))
-    return np.stack(pages)
+        if pages and (h, w) != pages[0].hw:
+            first = pages[0].hw
+            raise UploadError(
+                422,
+                "inconsistent_pages",
+                f"{where}: {h}x{w} differs from page 0 ({first[0]}x{first[1]}); "
+                "all pages of a stack must have the same size",
+            )
+        images += n_planes
+        pages.append(_Page(page, where, shape, dtype, planar, n_planes, (h, w)))
+    return pages
 
 
-def _decode_png(data: bytes, limits: Limits) -> np.ndarray:
+def _decode_tiff(pages: list[_Page]) -> np.ndarray:
+    out: list[np.ndarray] = []
+    for p in pages:
+        try:
+            arr = np.asarray(p.page.asarray())
+        except Exception as exc:
+            raise UploadError(
+                400,
+                "corrupt_image",
+                f"{p.where}: cannot decode the pixel data, the file may be truncated "
+                f"({type(exc).__name__}: {exc})",
+            ) from None
+        if arr.shape != p.shape:
+            raise UploadError(
+                400,
+                "corrupt_image",
+                f"{p.where}: decoded shape {arr.shape} does not match the header {p.shape}",
+            )
+        if p.planar and arr.ndim == 3:
+            out.extend(arr)
+        else:
+            out.append(_to_gray_page(arr))
+    return np.stack(out)
+
+
+_PNG_MODE_DTYPES = {"1": "uint8", "L": "uint8", "P": "uint8", "LA": "uint8", "PA": "uint8"}
+_PNG_MODE_DTYPES.update({"RGB": "uint8", "RGBA": "uint8", "I;16": "uint16", "I": "uint16"})
+
+
+def _png_header(data: bytes, limits: Limits) -> tuple[int, int, str]:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            mode = im.mode
+    except Exception as exc:
+        raise UploadError(
+            400, "corrupt_image", f"cannot read the PNG header ({type(exc).__name__}: {exc})"
+        ) from None
+    _page_hw((h, w), "PNG")
+    _check_size(h, w, limits, "PNG")
+    return h, w, _PNG_MODE_DTYPES.get(mode, mode)
+
+
+def _decode_png(data: bytes) -> np.ndarray:
     from PIL import Image
 
     try:
         im = Image.open(io.BytesIO(data))
-        w, h = im.size
     except Exception as exc:
         raise UploadError(
             400, "corrupt_image", f"cannot read the PNG header ({type(exc).__name__}: {exc})"
         ) from None
     with im:
-        _page_hw((h, w), "PNG")
-        _check_size(h, w, limits, "PNG")
         mode = im.mode
         try:
             if mode in ("1", "P", "PA", "LA"):

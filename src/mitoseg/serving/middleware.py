@@ -1,4 +1,4 @@
-"""ASGI guard-rail middleware: bearer-token auth and request-body size limit.
+"""ASGI guard-rail middleware: auth, upload checks, body limit, uniform client errors.
 
 Pure ASGI (no BentoML import): the service installs it with
 ``Service.add_asgi_middleware(GuardMiddleware, token_env=..., max_bytes=...)``.
@@ -8,26 +8,45 @@ Pure ASGI (no BentoML import): the service installs it with
   ``Authorization: Bearer <token>``; otherwise it gets ``401`` with a JSON body. The
   token is compared in constant time (:func:`hmac.compare_digest`) and never logged.
 * Uploads: ``POST`` requests to ``upload_paths`` must be ``multipart/form-data``
-  (``415`` otherwise). This also turns off BentoML's "fetch the file from a URL in a
-  JSON body" convenience, so the server never downloads on a client's behalf.
+  (``415`` otherwise) with a *file* part named ``upload_field`` (``400`` when it is
+  missing, repeated or a text value: BentoML would otherwise download a URL given as
+  text, so the server never fetches on a client's behalf). The part's declared content
+  type is not checked: the service recognises TIFF and PNG by their bytes.
 * Multipart: a ``multipart/form-data`` body is checked with Starlette's own form parser
   before the app sees it (spooled to a temporary file, then replayed), so a malformed
   body or a missing boundary is a ``400`` instead of an error inside the framework.
 * Size: a request whose ``Content-Length`` exceeds ``max_bytes`` is refused with
   ``413`` before its body is read; a body without ``Content-Length`` (chunked) is cut
   off with ``413`` as soon as it grows past the limit.
+* Client errors: every 4xx response, the framework's own included (e.g. a pydantic
+  validation error of a form field, a 404), leaves with the JSON body
+  ``{"error": code, "message": ..., "status": ...}`` and is logged as one line at
+  WARNING on ``mitoseg.serving`` (method, path, status, code, message; no traceback).
+  :func:`install_client_error_filter` silences the framework's own ERROR log with
+  traceback for those.
+* Docs: ``GET /docs`` serves the OpenAPI page (BentoML's ``/``).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Awaitable, Callable, MutableMapping
+from http import HTTPStatus
 from typing import Any
 
-__all__ = ["OPEN_PATHS", "GuardMiddleware", "json_error"]
+__all__ = [
+    "OPEN_PATHS",
+    "GuardMiddleware",
+    "install_client_error_filter",
+    "json_error",
+    "normalize_client_error",
+]
+
+logger = logging.getLogger("mitoseg.serving")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -38,6 +57,23 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: Paths served without a token: liveness/readiness probes and the OpenAPI docs.
 OPEN_PATHS = frozenset({"/", "/docs", "/docs.json", "/livez", "/readyz", "/healthz"})
 _OPEN_PREFIXES = ("/static_content/",)
+#: Paths answered with the OpenAPI page (BentoML serves it at ``/``).
+_DOCS_ALIASES = frozenset({"/docs", "/docs/"})
+#: Machine-readable code of a 4xx whose body did not carry one.
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "timeout",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "busy",
+}
+#: Framework logger whose tracebacks for client errors are silenced.
+FRAMEWORK_ERROR_LOGGER = "bentoml._internal.server.http_app"
 
 
 def json_error(
@@ -50,6 +86,77 @@ def json_error(
         (b"content-length", str(len(body)).encode()),
     ]
     return status, headers, body
+
+
+def normalize_client_error(status: int, body: bytes) -> tuple[str, str]:
+    """The ``(code, message)`` of a 4xx response body in whatever shape it came.
+
+    Our own ``{"error", "message", "status"}`` bodies keep their code and message; a
+    pydantic validation body (``{"error": "1 validation error ...", "detail": [...]}``)
+    becomes ``invalid_request`` with ``field: problem`` messages; BentoML's
+    ``[{"error": ...}]`` and plain-text bodies keep their text with a code from the
+    status (``bad_request``, ``not_found``, ...).
+    """
+    default_code = _STATUS_CODES.get(status, "client_error")
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "client error"
+    try:
+        data: Any = json.loads(body) if body else None
+    except ValueError:
+        text = body.decode("utf-8", errors="replace").strip()
+        return default_code, (text[:500] or phrase)
+    if isinstance(data, list) and len(data) == 1:
+        data = data[0]
+    if isinstance(data, dict):
+        if isinstance(data.get("error"), str) and isinstance(data.get("message"), str):
+            return data["error"], data["message"]
+        detail = data.get("detail")
+        if isinstance(detail, list) and detail and all(isinstance(d, dict) for d in detail):
+            parts = []
+            for d in detail:
+                loc = ".".join(str(x) for x in d.get("loc") or [])
+                msg = str(d.get("msg", "invalid value"))
+                parts.append(f"{loc}: {msg}" if loc else msg)
+            return "invalid_request", "; ".join(parts)
+        for key in ("message", "error", "detail"):
+            if isinstance(data.get(key), str) and data[key]:
+                return default_code, data[key]
+    if isinstance(data, str) and data:
+        return default_code, data
+    return default_code, phrase
+
+
+class _ClientErrorFilter(logging.Filter):
+    """Drops framework log records whose exception is a client error (a 4xx)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or not _is_client_error(exc)
+
+
+def _is_client_error(exc: BaseException) -> bool:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return True
+    code = getattr(exc, "error_code", None)
+    value = getattr(code, "value", code)
+    return isinstance(value, int) and 400 <= value < 500
+
+
+def install_client_error_filter(name: str = FRAMEWORK_ERROR_LOGGER) -> None:
+    """Stop logger ``name`` from logging client errors at ERROR with a traceback.
+
+    BentoML logs every exception of an API call, a pydantic validation error of the
+    input included, with ``logger.error(..., exc_info=True)``; the
+    :class:`GuardMiddleware` logs those responses as one WARNING line instead.
+    Idempotent; call it in the serving process (the service's ``__init__``).
+    """
+    target = logging.getLogger(name)
+    if not any(isinstance(f, _ClientErrorFilter) for f in target.filters):
+        target.addFilter(_ClientErrorFilter())
 
 
 def _body_too_large(message: str) -> Exception:
@@ -85,7 +192,9 @@ class GuardMiddleware:
         token_env: name of the environment variable holding the API token; read on each
             request so a restart is not needed to rotate it in tests.
         max_bytes: largest accepted request body, bytes (0: no limit).
-        upload_paths: paths whose requests must be ``multipart/form-data``.
+        upload_paths: paths whose requests must be ``multipart/form-data`` with a file
+            part named ``upload_field``.
+        upload_field: name of the file part of an upload.
     """
 
     def __init__(
@@ -94,6 +203,7 @@ class GuardMiddleware:
         token_env: str = "MITOSEG_API_TOKEN",
         max_bytes: int = 0,
         upload_paths: tuple[str, ...] = (),
+        upload_field: str = "image",
     ):
         if max_bytes < 0:
             raise ValueError(f"GuardMiddleware: max_bytes must be >= 0, got {max_bytes}")
@@ -101,6 +211,7 @@ class GuardMiddleware:
         self.token_env = token_env
         self.max_bytes = max_bytes
         self.upload_paths = frozenset(upload_paths)
+        self.upload_field = upload_field
 
     @staticmethod
     def is_open(path: str) -> bool:
@@ -124,6 +235,10 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
+        send = _ClientErrorSend(send, scope)
+        if path in _DOCS_ALIASES and scope.get("method") in ("GET", "HEAD"):
+            scope = {**scope, "path": "/", "raw_path": b"/"}
+            path = "/"
         if not self.is_open(path) and not self.authorized(scope):
             await _respond(
                 send,
@@ -131,7 +246,8 @@ class GuardMiddleware:
                 extra=[(b"www-authenticate", b'Bearer realm="mitoseg"')],
             )
             return
-        if path in self.upload_paths and scope.get("method") == "POST":
+        upload = path in self.upload_paths and scope.get("method") == "POST"
+        if upload:
             ctype = _header(scope, b"content-type").split(b";")[0].strip().lower()
             if ctype != b"multipart/form-data":
                 await _respond(
@@ -139,7 +255,8 @@ class GuardMiddleware:
                     *json_error(
                         415,
                         "unsupported_media_type",
-                        "send the image as a multipart/form-data file field named 'image' "
+                        f"send the image as a multipart/form-data file field named "
+                        f"{self.upload_field!r} "
                         f"(got content-type {ctype.decode('latin-1') or 'none'!r})",
                     ),
                 )
@@ -152,16 +269,18 @@ class GuardMiddleware:
             receive = self._limited(receive)
         if _header(scope, b"content-type").lower().startswith(b"multipart/"):
             try:
-                replay = await _checked_multipart(scope, receive)
+                checked = await _checked_multipart(
+                    scope, receive, self.upload_field if upload else None
+                )
             except _BodyTooLarge:
                 await _respond(send, *self._too_large(None))
                 return
             except _BadMultipart as exc:
-                await _respond(send, *json_error(400, "malformed_multipart", str(exc)))
+                await _respond(send, *json_error(400, exc.code, str(exc)))
                 return
-            if replay is None:  # the client went away
+            if checked is None:  # the client went away
                 return
-            receive = replay
+            receive = checked
         started = False
 
         async def tracking_send(message: Message) -> None:
@@ -202,19 +321,81 @@ class GuardMiddleware:
 
 
 class _BadMultipart(Exception):
-    """A ``multipart/form-data`` body the form parser rejects."""
+    """A ``multipart/form-data`` body the form parser rejects, or a bad upload field."""
+
+    def __init__(self, message: str, code: str = "malformed_multipart") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _ClientErrorSend:
+    """``send`` wrapper: every 4xx response gets the JSON error body and one log line."""
+
+    def __init__(self, send: Send, scope: Scope) -> None:
+        self._send = send
+        self._method = str(scope.get("method", ""))
+        self._path = str(scope.get("path", ""))
+        self._start: Message | None = None
+        self._chunks: list[bytes] = []
+
+    async def __call__(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start" and 400 <= int(message["status"]) < 500:
+            self._start = message
+            self._chunks = []
+            return
+        if kind == "http.response.body" and self._start is not None:
+            self._chunks.append(bytes(message.get("body", b"")))
+            if message.get("more_body", False):
+                return
+            await self._flush()
+            return
+        await self._send(message)
+
+    async def _flush(self) -> None:
+        assert self._start is not None
+        start, self._start = self._start, None
+        status = int(start["status"])
+        code, message = normalize_client_error(status, b"".join(self._chunks))
+        self._chunks = []
+        _, headers, body = json_error(status, code, message)
+        keep = [
+            (k, v)
+            for k, v in start.get("headers") or []
+            if k.lower() not in (b"content-type", b"content-length")
+        ]
+        logger.warning(
+            "%s %s -> %d %s: %s",
+            self._method,
+            self._path,
+            status,
+            code,
+            " ".join(message.split()),
+        )
+        await self._send(
+            {"type": "http.response.start", "status": status, "headers": keep + headers}
+        )
+        await self._send({"type": "http.response.body", "body": body})
 
 
 _SPOOL_BYTES = 8 * 1024 * 1024
 _CHUNK = 1024 * 1024
 
 
-async def _checked_multipart(scope: Scope, receive: Receive) -> Receive | None:
+async def _checked_multipart(
+    scope: Scope, receive: Receive, file_field: str | None = None
+) -> Receive | None:
     """Read the whole body into a spool, parse it with Starlette's multipart parser,
     and return a ``receive`` that replays it (``None`` if the client disconnected).
 
+    Args:
+        scope: the request scope.
+        receive: the request's ``receive``.
+        file_field: when set, the form must hold exactly one file part of this name.
+
     Raises:
-        _BadMultipart: no boundary, or the parser rejects the body.
+        _BadMultipart: no boundary, the parser rejects the body, or ``file_field`` is
+            missing, repeated or not a file.
     """
     from python_multipart.multipart import parse_options_header
     from starlette.datastructures import Headers
@@ -247,7 +428,14 @@ async def _checked_multipart(scope: Scope, receive: Receive) -> Receive | None:
     except Exception as exc:  # python-multipart raises its own errors on garbage
         spool.close()
         raise _BadMultipart(f"malformed multipart body: {type(exc).__name__}: {exc}") from None
-    await form.close()
+    try:
+        if file_field is not None:
+            _check_file_field(form.getlist(file_field), file_field)
+    except _BadMultipart:
+        spool.close()
+        raise
+    finally:
+        await form.close()
     spool.seek(0)
 
     async def replay() -> Message:
@@ -262,6 +450,27 @@ async def _checked_multipart(scope: Scope, receive: Receive) -> Receive | None:
     size = spool.seek(0, os.SEEK_END)
     spool.seek(0)
     return replay
+
+
+def _check_file_field(values: list[Any], name: str) -> None:
+    """Exactly one value, and a file (Starlette ``UploadFile``), not a text value."""
+    if not values:
+        raise _BadMultipart(
+            f"the form has no file field named {name!r}; send the image as a "
+            f"multipart/form-data file field named {name!r}",
+            "missing_image",
+        )
+    if len(values) > 1:
+        raise _BadMultipart(
+            f"the form has {len(values)} fields named {name!r}; send exactly one image",
+            "too_many_images",
+        )
+    if isinstance(values[0], str):
+        raise _BadMultipart(
+            f"the {name!r} field is a text value, not a file: upload the image bytes as a "
+            "file part (the server does not fetch URLs)",
+            "image_not_a_file",
+        )
 
 
 def _header(scope: Scope, wanted: bytes) -> bytes:

@@ -2,48 +2,79 @@
 
 Two services, one process each under ``bentoml serve``:
 
-* :class:`UNetRunner` holds the Keras model (``resources={"gpu": 1}``: TensorFlow
-  uses the GPU when the machine has one, the CPU otherwise) and exposes one batchable
-  API, ``predict_tiles`` ``(B, T, T, 1) float32 -> (B, T, T, C) float32``. BentoML's
-  adaptive batcher merges the tile batches of concurrent requests up to
-  ``serve.max_batch_size`` tiles, waiting at most ``serve.max_latency_ms``.
+* :class:`UNetRunner` holds the model on the engine its inference plan names
+  (:func:`mitoseg.runtime.predictor_for_plan`, built once; ``resources={"gpu": 1}``:
+  TensorFlow uses the GPU when the machine has one, the CPU otherwise) and exposes
+  ``predict_tiles``: a list of ``(TH, TW, 1)`` float32 tiles -> a list of
+  ``(TH, TW, C)`` float32 probabilities. Its :class:`~mitoseg.serving.settings.TileBatcher`
+  merges the tiles of concurrent requests into forward passes of up to
+  ``serve.max_batch_size`` tiles, one pass per tile shape (tiles of different images
+  may differ), and never waits for a batch to fill: an idle engine runs a request at
+  once. (BentoML's own adaptive batcher, ``bentoml/_internal/marshal/dispatcher.py``,
+  concatenates inputs into one array, and its cork delays lone requests while it
+  trains its latency model and whenever its measured queue wait is high; it has no
+  setting to dispatch an idle queue at once.)
 * :class:`MitoSeg` is the public API. It decodes and validates uploads
-  (:mod:`mitoseg.serving.codec`) and runs the one tiled-inference implementation,
-  :func:`mitoseg.inference.segment_stack`, with the runner as its batch predictor.
+  (:mod:`mitoseg.serving.codec`; TIFF and PNG are recognised by their bytes, whatever
+  content type the client sent), prices each request against the compute budget
+  (:class:`~mitoseg.serving.settings.ComputeBudget`: 413 above ``serve.max_request_*``,
+  429 with ``Retry-After`` above ``serve.max_inflight_*``) and runs the one inference
+  implementation, :func:`mitoseg.inference.segment_stack`, with the model's plan and
+  the runner as its batch predictor.
 
-Endpoints (all ``POST``; uploads are multipart ``image`` fields):
+Endpoints (all ``POST``; uploads are multipart ``image`` file fields):
 ``/segment`` (one TIFF/PNG -> PNG or TIFF mask, ``format`` field), ``/segment_stack``
 (multi-page TIFF -> multi-page TIFF), ``/stats`` (object count, area fraction,
-per-object area and centroid), ``/metadata`` (model lineage). BentoML adds ``/livez``,
-``/readyz``, ``/metrics`` and the OpenAPI page ``/docs.json``. Bad input gets a JSON
-4xx ``{"error": code, "message": ..., "status": ...}``. With ``MITOSEG_API_TOKEN`` set,
-everything but health, readiness and docs needs ``Authorization: Bearer <token>``.
+per-object area and centroid), ``/metadata`` (model lineage, plan, limits). BentoML adds
+``/livez``, ``/readyz``, ``/metrics`` and the OpenAPI page (``/``, also ``/docs``) with
+``/docs.json``. Every client error is a JSON 4xx ``{"error": code, "message": ...,
+"status": ...}`` logged as one WARNING line (:mod:`mitoseg.serving.middleware`). With
+``MITOSEG_API_TOKEN`` set, everything but health, readiness and docs needs
+``Authorization: Bearer <token>``.
 
 The model comes from the BentoML model store: Bento argument ``model_tag``, else
 ``$MITOSEG_BENTO_MODEL``, else ``mitoseg-unet:latest``; imported by
-:func:`mitoseg.serving.bento.import_model`, whose metadata carries the threshold,
-classes and the ``serve:`` settings.
+:func:`mitoseg.serving.bento.import_model` with its inference plan
+(``inference_plan.json``) beside ``model.keras``. The plan decides how the model runs
+(tiles, halo, threshold, normalisation, engine); the ``serve:`` limits are those stored
+with the model, overridden by Bento arguments of the same names
+(:func:`~mitoseg.serving.settings.resolve_serve_config`). Nothing is read from the store
+at import time: both services resolve the model in ``__init__``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import bentoml
 import numpy as np
-from bentoml.validators import ContentType
 from starlette.responses import JSONResponse, Response
 
 from mitoseg.config import ServeConfig
 from mitoseg.inference import mask_to_image, segment_stack
+from mitoseg.plan import PLAN_FILE, InferencePlan
 from mitoseg.serving.analysis import foreground_index, mask_stats
 from mitoseg.serving.bento import BENTO_MODEL_NAME, MODEL_FILE, MODEL_TAG_ENV
-from mitoseg.serving.codec import Limits, UploadError, decode_upload, encode_png, encode_tiff
-from mitoseg.serving.middleware import GuardMiddleware
-from mitoseg.serving.settings import tile_batch
+from mitoseg.serving.codec import (
+    Limits,
+    UploadError,
+    decode_upload,
+    encode_png,
+    encode_tiff,
+    probe_upload,
+)
+from mitoseg.serving.middleware import GuardMiddleware, install_client_error_filter
+from mitoseg.serving.settings import (
+    ComputeBudget,
+    OverBudget,
+    TileBatcher,
+    request_cost,
+    resolve_serve_config,
+)
 
 logger = logging.getLogger("mitoseg.serving")
 
@@ -53,49 +84,89 @@ TOKEN_ENV = "MITOSEG_API_TOKEN"
 RUNNER_RETRIES = 2
 #: Slack for multipart framing on top of ``serve.max_bytes`` for the whole request body.
 MULTIPART_SLACK = 1024 * 1024
+#: Threads of each service: concurrent requests in the API, concurrent calls in the runner.
+THREADS = 32
+
+
+def _arguments() -> dict[str, Any]:
+    """The Bento arguments (``bentoml serve --arg k=v``, or stored in a built Bento)."""
+    return dict(vars(bentoml.use_arguments()))
 
 
 def _model_tag() -> str:
     """The model to serve: Bento argument ``model_tag`` (baked in by ``mitoseg bento
-    build``), else ``$MITOSEG_BENTO_MODEL`` (set by ``mitoseg serve``), else the latest
+    build``, passed by ``mitoseg serve``), else ``$MITOSEG_BENTO_MODEL``, else the latest
     ``mitoseg-unet``."""
-    args = bentoml.use_arguments()
     return (
-        getattr(args, "model_tag", None)
+        _arguments().get("model_tag")
         or os.environ.get(MODEL_TAG_ENV)
         or f"{BENTO_MODEL_NAME}:latest"
     )
 
 
+#: Lazy reference: resolved against the store only when a service starts.
 MODEL_REF = bentoml.models.BentoModel(_model_tag())
 
 
-def _stored_metadata() -> dict[str, Any]:
-    stored = MODEL_REF.stored
+@dataclass(frozen=True)
+class Deployment:
+    """The model a service process runs, read from the BentoML model store.
+
+    Attributes:
+        tag: the resolved model tag, e.g. ``mitoseg-unet:abc123``.
+        path: the model directory (``model.keras``, ``inference_plan.json``).
+        metadata: lineage metadata recorded by ``import_model``.
+        plan: the model's inference plan.
+        serve: effective ``serve:`` settings.
+    """
+
+    tag: str
+    path: Path
+    metadata: dict[str, Any]
+    plan: InferencePlan
+    serve: ServeConfig
+
+
+def load_deployment(model_ref: Any) -> Deployment:
+    """Resolve ``model_ref`` (a ``bentoml.models.BentoModel`` reference; on an instance,
+    ``self.model_ref`` is already the resolved model, so pass ``type(self).model_ref``)
+    in the local model store and read its metadata and plan.
+
+    Raises:
+        bentoml.exceptions.NotFound: the model is not in the store.
+        mitoseg.io.DataError: the model has no valid ``inference_plan.json``.
+        ValueError: invalid ``serve`` settings (stored or Bento arguments).
+    """
+    from mitoseg.io import DataError
+
+    stored = model_ref.stored
     if stored is None:
         raise bentoml.exceptions.NotFound(
-            f"model {MODEL_REF.tag} is not in the BentoML model store; import one with "
+            f"model {model_ref.tag} is not in the BentoML model store; import one with "
             "`mitoseg bento build` or `mitoseg serve`"
         )
-    return dict(stored.info.metadata)
-
-
-META: dict[str, Any] = _stored_metadata()
-BENTO_TAG = str(MODEL_REF.stored.tag) if MODEL_REF.stored is not None else str(MODEL_REF.tag)
-CFG = ServeConfig.model_validate(META["serve"])
-LIMITS = Limits.from_config(CFG)
-#: Tiles per call to the runner: small enough that concurrent requests share batches.
-TILE_BATCH = tile_batch(CFG.max_batch_size)
+    path = Path(stored.path)
+    try:
+        plan = InferencePlan.read(Path(stored.path_of(PLAN_FILE)))
+    except DataError as exc:
+        raise DataError(
+            f"{exc}; model {stored.tag} was imported without a valid inference plan: "
+            "import it again with `mitoseg serve` or `mitoseg bento build`"
+        ) from None
+    metadata = dict(stored.info.metadata)
+    serve = resolve_serve_config(metadata.get("serve"), _arguments())
+    return Deployment(str(stored.tag), path, metadata, plan, serve)
 
 
 @bentoml.service(
     name="mitoseg-unet-runner",
     resources={"gpu": 1},
     workers=1,
+    threads=THREADS,
     traffic={"timeout": 600},
 )
 class UNetRunner:
-    """Keras UNet behind an adaptively batched tile API."""
+    """The model on its plan's engine, behind a cross-request tile batcher."""
 
     model_ref = MODEL_REF
 
@@ -103,147 +174,175 @@ class UNetRunner:
         import keras
 
         import mitoseg.model.unet  # noqa: F401  (registers custom objects, if any)
+        from mitoseg.runtime import predictor_for_plan
 
-        self.model = keras.saving.load_model(self.model_ref.path_of(MODEL_FILE), compile=False)
+        self.deployment = load_deployment(type(self).model_ref)
+        model = keras.saving.load_model(self.deployment.path / MODEL_FILE, compile=False)
+        predict = predictor_for_plan(model, self.deployment.plan)
+        self._tiles_hist = bentoml.metrics.Histogram(
+            name="mitoseg_batch_tiles",
+            documentation="Tiles per forward pass of the model",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        )
+        self._requests_hist = bentoml.metrics.Histogram(
+            name="mitoseg_batch_requests",
+            documentation="Runner calls (request tile batches) sharing one forward pass",
+            buckets=(1, 2, 3, 4, 6, 8, 16, 32),
+        )
+        self.batcher = TileBatcher(
+            predict, self.deployment.serve.max_batch_size, on_pass=self._observe
+        )
+        logger.info(
+            "runner: %s on %s/%s, up to %d tiles per forward pass",
+            self.deployment.tag,
+            self.deployment.plan.runtime,
+            self.deployment.plan.precision,
+            self.batcher.max_batch_size,
+        )
 
-    @bentoml.api(
-        batchable=True,
-        batch_dim=0,
-        max_batch_size=CFG.max_batch_size,
-        max_latency_ms=CFG.max_latency_ms,
-    )
-    def predict_tiles(self, tiles: np.ndarray) -> np.ndarray:
-        """Predict a batch of tiles.
+    def _observe(self, tiles: int, requests: int) -> None:
+        self._tiles_hist.observe(tiles)
+        self._requests_hist.observe(requests)
+
+    @bentoml.api
+    def predict_tiles(self, tiles: list[np.ndarray]) -> list[np.ndarray]:
+        """Predict tiles, batched with those of concurrent calls.
 
         Args:
-            tiles: ``(B, T, T, 1)`` float32 in ``[0, 1]``.
+            tiles: ``(TH, TW, 1)`` float32 in ``[0, 1]``; shapes may differ.
 
         Returns:
-            ``(B, T, T, C)`` float32 probabilities.
+            One ``(TH, TW, C)`` float32 probability array per tile, in order.
         """
-        batch = np.ascontiguousarray(tiles, dtype=np.float32)
-        return np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
+        return self.batcher(tiles)
 
 
 def _error(exc: UploadError) -> JSONResponse:
-    return JSONResponse(exc.to_json(), status_code=exc.status)
-
-
-def _read_upload(image: Path, max_pages: int | None) -> np.ndarray:
-    size = image.stat().st_size
-    if size > LIMITS.max_bytes:
-        raise UploadError(
-            413, "too_large", f"the upload is {size} bytes; the limit is {LIMITS.max_bytes} bytes"
-        )
-    return decode_upload(image.read_bytes(), LIMITS, max_pages=max_pages)
-
-
-TiffOrPng = Annotated[Path, ContentType("image/tiff")]
+    headers = exc.headers() if isinstance(exc, OverBudget) else None
+    return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
 
 
 @bentoml.service(
     name="mitoseg",
     workers=1,
-    threads=32,
+    threads=THREADS,
     traffic={"timeout": 600, "max_concurrency": 64},
 )
 class MitoSeg:
     """Public segmentation API (see the module docstring)."""
 
+    model_ref = MODEL_REF
     runner = bentoml.depends(UNetRunner)
 
-    def _predict_tiles(self, tiles: np.ndarray) -> np.ndarray:
-        """Call the batched runner; retry a dropped keep-alive connection (the call is
-        idempotent), which the runner's HTTP server may close between requests."""
+    def __init__(self) -> None:
+        install_client_error_filter()
+        self.deployment = load_deployment(type(self).model_ref)
+        self.plan = self.deployment.plan
+        self.limits = Limits.from_config(self.deployment.serve)
+        self.budget = ComputeBudget(self.deployment.serve)
+
+    def _predict_tiles(self, batch: np.ndarray) -> np.ndarray:
+        """``(B, TH, TW, 1)`` -> ``(B, TH, TW, C)`` through the runner; a dropped
+        keep-alive connection is retried (the call is idempotent)."""
         import aiohttp
 
+        tiles = list(np.ascontiguousarray(batch, dtype=np.float32))
         for attempt in range(RUNNER_RETRIES + 1):
             try:
-                return self.runner.predict_tiles(tiles)
+                return np.stack(self.runner.predict_tiles(tiles))
             except aiohttp.ClientConnectionError:
                 if attempt == RUNNER_RETRIES:
                     raise
                 logger.warning("runner connection dropped; retrying (%d)", attempt + 1)
         raise AssertionError("unreachable")
 
-    def _segment(self, stack: np.ndarray) -> np.ndarray:
-        """``(Z, H, W)`` raw intensities -> ``(Z, H, W)`` uint8 class indexes."""
-        return segment_stack(
-            self._predict_tiles,
-            stack,
-            tile_size=CFG.tile_size,
-            overlap=CFG.overlap,
-            batch_size=TILE_BATCH,
-            threshold=META["threshold"],
-            divisor=META["divisor"],
-        )
+    def _classes(self, image: Path, max_pages: int | None) -> np.ndarray:
+        """Read, validate, price and segment an upload.
+
+        Returns:
+            ``(Z, H, W)`` uint8 class indexes.
+
+        Raises:
+            UploadError: a bad upload, or one over the compute budget (``OverBudget``).
+        """
+        size = image.stat().st_size
+        if size > self.limits.max_bytes:
+            raise UploadError(
+                413,
+                "too_large",
+                f"the upload is {size} bytes; the limit is {self.limits.max_bytes} bytes",
+            )
+        data = image.read_bytes()
+        info = probe_upload(data, self.limits, max_pages=max_pages)
+        with self.budget.admit(request_cost(info.shape, self.plan)):
+            stack = decode_upload(data, self.limits, max_pages=max_pages)
+            return segment_stack(self._predict_tiles, stack, self.plan)
 
     @bentoml.api(route="/segment")
-    def segment(self, image: TiffOrPng, format: Literal["png", "tiff"] = "png") -> Path:
+    def segment(self, image: Path, format: Literal["png", "tiff"] = "png") -> Path:
         """Segment one image (TIFF or PNG, 8/16-bit or float32, grayscale or RGB).
 
         Returns the mask as PNG (default) or TIFF: 0/255 for binary models, class
         indexes for multiclass ones.
         """
         try:
-            stack = _read_upload(image, max_pages=1)
+            classes = self._classes(image, max_pages=1)
         except UploadError as exc:
             return _error(exc)  # type: ignore[return-value]
-        mask = mask_to_image(self._segment(stack), META["n_classes"])
+        mask = mask_to_image(classes, self.plan.n_classes)[0]
         if format == "tiff":
-            return Response(encode_tiff(mask[0]), media_type="image/tiff")  # type: ignore[return-value]
-        return Response(encode_png(mask[0]), media_type="image/png")  # type: ignore[return-value]
+            return Response(encode_tiff(mask), media_type="image/tiff")  # type: ignore[return-value]
+        return Response(encode_png(mask), media_type="image/png")  # type: ignore[return-value]
 
     @bentoml.api(route="/segment_stack")
-    def segment_stack(self, image: TiffOrPng) -> Path:
+    def segment_stack(self, image: Path) -> Path:
         """Segment every page of a (multi-page) TIFF; returns a multi-page TIFF mask."""
         try:
-            stack = _read_upload(image, max_pages=None)
+            classes = self._classes(image, max_pages=None)
         except UploadError as exc:
             return _error(exc)  # type: ignore[return-value]
-        mask = mask_to_image(self._segment(stack), META["n_classes"])
+        mask = mask_to_image(classes, self.plan.n_classes)
         return Response(encode_tiff(mask), media_type="image/tiff")  # type: ignore[return-value]
 
     @bentoml.api(route="/stats")
-    def stats(self, image: TiffOrPng) -> dict[str, Any]:
+    def stats(self, image: Path) -> dict[str, Any]:
         """Segment one image and measure its mitochondria.
 
         Returns ``count``, ``area_fraction``, ``foreground_pixels`` and ``objects``
         (``id``, ``area`` in pixels, ``centroid`` ``[y, x]``, ``bbox``).
         """
         try:
-            stack = _read_upload(image, max_pages=1)
+            classes = self._classes(image, max_pages=1)[0]
         except UploadError as exc:
             return _error(exc)  # type: ignore[return-value]
-        classes = self._segment(stack)[0]
-        fg = foreground_index(META["class_names"])
-        out = mask_stats(classes, fg, META["min_object_size"])
-        return {"class": META["class_names"][fg], "min_object_size": META["min_object_size"], **out}
+        plan = self.plan
+        fg = foreground_index(plan.class_names)
+        out = mask_stats(classes, fg, plan.min_object_size)
+        return {"class": plan.class_names[fg], "min_object_size": plan.min_object_size, **out}
 
     @bentoml.api(route="/metadata")
     def metadata(self) -> dict[str, Any]:
-        """Model lineage: name, version, alias, run id, git commit, data hash, metrics,
-        threshold, classes and serving limits."""
-        keys = (
-            "name",
-            "version",
-            "alias",
-            "run_id",
-            "git_commit",
-            "data_hash",
-            "metrics",
-            "threshold",
-            "n_classes",
-            "class_names",
-            "source_uri",
-            "serve",
-        )
-        return {"bento_model": BENTO_TAG, **{k: META.get(k) for k in keys}}
+        """Model lineage (name, version, alias, run id, git commit, data hash, metrics,
+        source), its inference plan (threshold, classes, tiling, engine) and the serving
+        limits."""
+        meta = self.deployment.metadata
+        keys = ("name", "version", "alias", "run_id", "git_commit", "data_hash", "metrics")
+        plan = self.plan
+        return {
+            "bento_model": self.deployment.tag,
+            **{k: meta.get(k) for k in (*keys, "source_uri")},
+            "threshold": plan.threshold,
+            "n_classes": plan.n_classes,
+            "class_names": plan.class_names,
+            "plan": plan.model_dump(mode="json"),
+            "serve": self.deployment.serve.model_dump(),
+        }
 
 
 MitoSeg.add_asgi_middleware(
     GuardMiddleware,
     token_env=TOKEN_ENV,
-    max_bytes=CFG.max_bytes + MULTIPART_SLACK,
+    # From Bento arguments or defaults: the store is not read at import.
+    max_bytes=resolve_serve_config(None, _arguments()).max_bytes + MULTIPART_SLACK,
     upload_paths=("/segment", "/segment_stack", "/stats"),
 )

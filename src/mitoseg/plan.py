@@ -1,0 +1,363 @@
+"""The inference plan: how a trained model is run, decided once and stored beside it.
+
+Every consumer of a model (the evaluate stage, ``mitoseg predict`` / ``mitoseg
+evaluate``, the volume path, ``mitoseg bento build`` and the BentoML service) reads the
+same :class:`InferencePlan` instead of deciding tile size, halo, threshold, class table,
+intensity normalisation or runtime on its own; command-line flags may override single
+fields (:meth:`InferencePlan.with_overrides`), nothing else decides. This follows
+nnU-Net's ``plans.json`` stored next to the weights.
+
+Where it lives:
+
+* written by the evaluate stage as ``inference_plan.json`` beside ``model.keras``
+  (``artifacts/train/``) and into the MLflow logged model's artifacts, so
+  ``models:/mitoseg-unet@champion`` carries it (:func:`mitoseg.tracking.load_inference_plan`);
+* copied into the BentoML model directory by :func:`mitoseg.serving.bento.import_model`.
+
+A model without a plan (e.g. a ``.keras`` file from elsewhere) runs with
+:meth:`InferencePlan.default_for`, which derives the model-dependent fields from the
+network itself and says so in ``source``.
+
+This module is pure (pydantic + numpy): no TensorFlow, MLflow or BentoML import.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mitoseg.io import DataError, robust_range, scale_unit, write_json
+
+__all__ = [
+    "PLAN_FILE",
+    "PLAN_VERSION",
+    "Calibration",
+    "InferencePlan",
+    "Normalization",
+    "normalize_for_plan",
+    "plan_path_for",
+]
+
+#: File name of the plan beside the weights (``model.keras``) and in model artifacts.
+PLAN_FILE = "inference_plan.json"
+#: Schema version written into every plan; bumped on incompatible changes.
+PLAN_VERSION = 1
+
+Runtime = Literal["keras", "openvino"]
+Precision = Literal["fp32", "bf16", "int8"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Normalization(_Strict):
+    """Intensity normalisation of one 2D slice before the network.
+
+    Robust percentile scaling: ``low_pct`` maps to 0, ``high_pct`` to 1, clipped. A slice
+    whose robust range ``hi - lo`` is below ``blank_range`` times the dtype's full range
+    (255 for uint8, 65535 for uint16, 1.0 for float input) carries no structure: it is
+    *blank* and is segmented as background without running the network (a constant or
+    near-constant image gives an empty mask).
+    """
+
+    method: Literal["percentile"] = "percentile"
+    low_pct: float = Field(0.5, ge=0, lt=100)
+    high_pct: float = Field(99.5, gt=0, le=100)
+    blank_range: float = Field(0.02, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check_order(self) -> Normalization:
+        if self.low_pct >= self.high_pct:
+            raise ValueError(
+                f"normalization: low_pct {self.low_pct} must be below high_pct {self.high_pct}"
+            )
+        return self
+
+
+class Calibration(_Strict):
+    """How well the validation probabilities match observed frequencies (binary models).
+
+    Attributes:
+        ece: expected calibration error over ``bins`` equal-width bins (0 is perfect).
+        brier: mean squared error of the foreground probability.
+        bins: number of reliability bins.
+        reliability: per bin ``[lower edge, mean predicted probability, observed
+            foreground frequency, pixel fraction]``; empty bins are left out.
+        pixels: validation pixels the figures are computed on.
+    """
+
+    ece: float = Field(ge=0, le=1)
+    brier: float = Field(ge=0, le=1)
+    bins: int = Field(ge=1)
+    reliability: list[list[float]] = Field(default_factory=list)
+    pixels: int = Field(ge=0)
+
+
+class InferencePlan(_Strict):
+    """Everything needed to run a model exactly as it was evaluated.
+
+    Attributes:
+        version: schema version (:data:`PLAN_VERSION`).
+        source: who decided it: ``evaluate`` (the evaluate stage) or ``default`` (derived
+            from the network alone, see :meth:`default_for`).
+        n_classes: classes, background included (2 = one sigmoid channel).
+        class_names: ``n_classes`` names in index order, background first.
+        divisor: ``2**depth`` of the UNet: every tile side is a multiple of it.
+        receptive_field: measured receptive field of the network, pixels (odd), or None.
+        normalization: intensity normalisation of each slice.
+        tile_size: largest tile side, a multiple of ``divisor``; images whose padded size
+            fits run as a single tile.
+        halo: context pixels around the part of a tile that is kept (half the tile
+            overlap); at least half the receptive field by default.
+        border: reflect padding at the image borders, pixels; None means ``halo``. 0 puts
+            the image border at the tile border, as the training crops had it (the
+            evaluate stage keeps whichever scores better on validation).
+        batch_size: tiles per forward pass.
+        tta: average over the 8 flips/rotations (8x the compute).
+        threshold: foreground probability threshold (binary); None for multiclass argmax.
+        threshold_source: ``validation`` (chosen on validation slices), ``params``,
+            ``default`` (0.5, nothing chosen) or ``argmax``.
+        min_object_size: objects smaller than this (pixels) are not counted as objects.
+        voxel_size_nm: ``[z, y, x]`` voxel size of the training data in nm, if known.
+        runtime: inference engine the plan was validated with.
+        precision: arithmetic of that engine.
+        flops_per_pixel: forward-pass floating-point operations per input pixel (for
+            request cost budgets), or None.
+        validation: figures measured with this plan on the validation slices, e.g.
+            ``{"iou": ..., "dice": ...}``.
+        calibration: calibration of the validation probabilities (binary models).
+    """
+
+    version: int = PLAN_VERSION
+    source: Literal["evaluate", "default"] = "evaluate"
+    n_classes: int = Field(ge=2, le=256)
+    class_names: list[str]
+    divisor: int = Field(16, ge=1)
+    receptive_field: int | None = Field(None, ge=1)
+    normalization: Normalization = Field(default_factory=Normalization)
+    tile_size: int = Field(1024, ge=16)
+    halo: int = Field(64, ge=0)
+    border: int | None = Field(None, ge=0)
+    batch_size: int = Field(4, ge=1)
+    tta: bool = False
+    threshold: float | None = Field(0.5, ge=0, le=1)
+    threshold_source: Literal["validation", "params", "default", "argmax"] = "default"
+    min_object_size: int = Field(20, ge=0)
+    voxel_size_nm: list[float] | None = None
+    runtime: Runtime = "keras"
+    precision: Precision = "fp32"
+    flops_per_pixel: float | None = Field(None, gt=0)
+    validation: dict[str, float] = Field(default_factory=dict)
+    calibration: Calibration | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> InferencePlan:
+        if self.version != PLAN_VERSION:
+            raise ValueError(
+                f"plan version {self.version} is not supported (this mitoseg reads "
+                f"version {PLAN_VERSION})"
+            )
+        if len(self.class_names) != self.n_classes:
+            raise ValueError(
+                f"class_names lists {len(self.class_names)} names for n_classes={self.n_classes}"
+            )
+        if self.tile_size % self.divisor:
+            raise ValueError(
+                f"tile_size {self.tile_size} is not a multiple of divisor {self.divisor}"
+            )
+        if 2 * self.halo >= self.tile_size:
+            raise ValueError(
+                f"halo {self.halo} leaves nothing of a {self.tile_size}-pixel tile "
+                "(need 2 * halo < tile_size)"
+            )
+        if self.n_classes == 2 and self.threshold is None:
+            raise ValueError("a binary plan needs a threshold")
+        if self.n_classes > 2 and self.threshold is not None:
+            raise ValueError("a multiclass plan uses argmax: threshold must be null")
+        if self.voxel_size_nm is not None and (
+            len(self.voxel_size_nm) != 3 or any(v <= 0 for v in self.voxel_size_nm)
+        ):
+            raise ValueError(
+                f"voxel_size_nm must be 3 positive numbers [z, y, x], got {self.voxel_size_nm}"
+            )
+        return self
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def out_channels(self) -> int:
+        """Output channels of the network: 1 (sigmoid) for binary, else ``n_classes``."""
+        return 1 if self.n_classes == 2 else self.n_classes
+
+    @property
+    def decision(self) -> float:
+        """Threshold passed to :func:`mitoseg.inference.probabilities_to_mask` (0.5 is
+        ignored there for multiclass argmax)."""
+        return 0.5 if self.threshold is None else float(self.threshold)
+
+    def tiling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`mitoseg.inference.predict_tiled` for this plan."""
+        return {
+            "tile_size": self.tile_size,
+            "halo": self.halo,
+            "border": self.border,
+            "batch_size": self.batch_size,
+            "tta": self.tta,
+            "divisor": self.divisor,
+        }
+
+    def with_overrides(self, **overrides: Any) -> InferencePlan:
+        """A copy with the given fields replaced (``None`` values are ignored), validated.
+
+        Used for command-line flags: ``plan.with_overrides(threshold=args.threshold)``.
+
+        Raises:
+            ValueError: an unknown field, or a combination the plan rejects.
+        """
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        unknown = sorted(set(changes) - set(type(self).model_fields))
+        if unknown:
+            raise ValueError(f"unknown inference plan field(s): {', '.join(unknown)}")
+        if not changes:
+            return self
+        data = self.model_dump()
+        data.update(changes)
+        try:
+            return type(self).model_validate(data)
+        except ValidationError as exc:
+            raise ValueError(_format(exc, "override")) from None
+
+    # ---------------------------------------------------------------- factories
+
+    @classmethod
+    def default_for(
+        cls,
+        n_channels: int,
+        divisor: int,
+        class_names: list[str] | None = None,
+        **fields: Any,
+    ) -> InferencePlan:
+        """A plan derived from the network alone (``source="default"``).
+
+        Args:
+            n_channels: output channels of the model (1 = sigmoid binary).
+            divisor: ``2**depth`` of the model.
+            class_names: names in index order; ``["background", "mitochondria"]`` for
+                binary, ``class_0..`` otherwise, when None.
+            **fields: further fields to set (e.g. ``receptive_field``, ``halo``).
+        """
+        n_classes = 2 if n_channels == 1 else int(n_channels)
+        if class_names is None:
+            class_names = (
+                ["background", "mitochondria"]
+                if n_classes == 2
+                else [f"class_{i}" for i in range(n_classes)]
+            )
+        tile = max(int(divisor), 1024 - 1024 % int(divisor))
+        data: dict[str, Any] = {
+            "source": "default",
+            "n_classes": n_classes,
+            "class_names": list(class_names),
+            "divisor": int(divisor),
+            "tile_size": tile,
+            "threshold": 0.5 if n_classes == 2 else None,
+            "threshold_source": "default" if n_classes == 2 else "argmax",
+        }
+        data.update(fields)
+        return cls.model_validate(data)
+
+    # ---------------------------------------------------------------------- I/O
+
+    def write(self, path: str | Path) -> Path:
+        """Write the plan as JSON, atomically. Returns the path."""
+        path = Path(path)
+        write_json(path, self.model_dump(mode="json"))
+        return path
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> InferencePlan:
+        """Validate parsed JSON; ``where`` (a path or URI) is named in errors.
+
+        Raises:
+            DataError: not an object, or invalid fields (each named).
+        """
+        if not isinstance(data, dict):
+            raise DataError(f"{where}: an inference plan must be a JSON object")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise DataError(f"{where}: {_format(exc, 'inference plan')}") from None
+
+    @classmethod
+    def read(cls, path: str | Path) -> InferencePlan:
+        """Read and validate a plan file.
+
+        Raises:
+            DataError: missing, unreadable or invalid file (the message names it).
+        """
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DataError(f"{path}: inference plan not found") from None
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: cannot read the inference plan ({exc})") from None
+        return cls.from_json(data, str(path))
+
+
+def _format(exc: ValidationError, what: str) -> str:
+    parts = []
+    for err in exc.errors():
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        loc = ".".join(str(x) for x in err["loc"])
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"invalid {what}: " + "; ".join(parts)
+
+
+def plan_path_for(model_path: str | Path) -> Path | None:
+    """The plan file beside a ``.keras`` model, or None when there is none.
+
+    ``<stem>.inference_plan.json`` is preferred (several models in one folder), then
+    ``inference_plan.json`` in the same folder.
+    """
+    model_path = Path(model_path)
+    for candidate in (
+        model_path.with_name(f"{model_path.stem}.{PLAN_FILE}"),
+        model_path.with_name(PLAN_FILE),
+    ):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _dtype_range(dtype: np.dtype) -> float:
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return float(info.max) - float(min(info.min, 0))
+    return 1.0
+
+
+def normalize_for_plan(image: np.ndarray, norm: Normalization) -> np.ndarray | None:
+    """Normalise one slice by the plan's rule, or None when the slice is blank.
+
+    Args:
+        image: ``(H, W)`` raw intensities (uint8, uint16 or float), finite.
+        norm: the plan's :class:`Normalization`.
+
+    Returns:
+        ``(H, W)`` float32 in ``[0, 1]``, or ``None`` when the robust intensity range is
+        below ``norm.blank_range`` of the dtype range (segment as background).
+
+    Raises:
+        ValueError: non-finite values.
+    """
+    x = np.asarray(image)
+    xf, lo, hi = robust_range(x, norm.low_pct, norm.high_pct)
+    if hi - lo <= norm.blank_range * _dtype_range(x.dtype):
+        return None
+    return scale_unit(xf, lo, hi)

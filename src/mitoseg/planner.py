@@ -1,0 +1,270 @@
+"""Decide a model's inference plan (the evaluate stage) and evaluate with it.
+
+:func:`make_plan` is the one place where how a trained model is run gets decided:
+
+1. from the network: output classes, divisor, FLOPs per pixel and the measured
+   receptive field (:mod:`mitoseg.model.analysis`), which gives the tile halo;
+2. from the ``evaluate:`` settings: largest tile, batch, TTA, blank-slice rule;
+3. on the validation slices: the threshold (:func:`mitoseg.evaluate.choose_threshold`,
+   fine search, with calibration) and the inference engine: every engine this build
+   runs (:data:`mitoseg.runtime.ENGINES`) is timed on the validation slices and the
+   fastest one whose validation score stays within ``engine_tolerance`` of Keras FP32
+   is kept.
+
+:func:`evaluate_split` then scores the test slices with exactly that plan. The evaluate
+stage, ``benchmarks/accuracy.py`` and tests call these; ``mitoseg predict``/``evaluate``
+and the service only *read* the plan.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mitoseg.config import EvaluateConfig
+from mitoseg.evaluate import EvaluationResult, choose_threshold, evaluate_stack
+from mitoseg.metrics import confusion_matrix, scores_from_confusion
+from mitoseg.plan import InferencePlan, Normalization
+
+__all__ = ["EngineTrial", "PlanReport", "draft_plan", "evaluate_split", "make_plan"]
+
+
+@dataclass
+class EngineTrial:
+    """One engine timed and scored on the validation slices."""
+
+    engine: str
+    seconds: float
+    score: float
+    eligible: bool
+    error: str | None = None
+
+
+@dataclass
+class PlanReport:
+    """How :func:`make_plan` decided (written into ``metrics.json``)."""
+
+    receptive_field: dict[str, int] = field(default_factory=dict)
+    threshold_curve: dict[str, float] = field(default_factory=dict)
+    border: dict[str, float] = field(default_factory=dict)
+    engines: list[EngineTrial] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict."""
+        return {
+            "receptive_field": dict(self.receptive_field),
+            "threshold_curve": dict(self.threshold_curve),
+            "border": dict(self.border),
+            "engines": [vars(t) for t in self.engines],
+        }
+
+
+def draft_plan(
+    model: Any,
+    cfg: EvaluateConfig,
+    class_names: Sequence[str],
+    voxel_size_nm: Sequence[float] | None = None,
+) -> tuple[InferencePlan, dict[str, int]]:
+    """The plan before anything is chosen on data (threshold 0.5, Keras FP32).
+
+    Args:
+        model: the trained Keras model.
+        cfg: ``evaluate:`` settings.
+        class_names: class names in index order (``base.class_names``).
+        voxel_size_nm: ``[z, y, x]`` of the training data, if known.
+
+    Returns:
+        ``(plan, receptive_field)``.
+
+    Raises:
+        ValueError: the class table does not match the model's outputs, or invalid
+            tiling settings.
+    """
+    from mitoseg.model.analysis import flops_per_pixel, halo_for, model_divisor, receptive_field
+    from mitoseg.runtime import compile_predictor
+
+    channels = int(model.output_shape[-1])
+    n_classes = 2 if channels == 1 else channels
+    if n_classes != len(class_names):
+        raise ValueError(
+            f"the model predicts {n_classes} classes but base.classes lists "
+            f"{len(class_names)} ({', '.join(class_names)})"
+        )
+    divisor = model_divisor(model)
+    probe = max(512, divisor * 4)
+    field_ = receptive_field(compile_predictor(model), probe=probe)
+    halo = halo_for(field_["effective"]) if cfg.halo == "auto" else int(cfg.halo)
+    plan = InferencePlan(
+        source="evaluate",
+        n_classes=n_classes,
+        class_names=list(class_names),
+        divisor=divisor,
+        receptive_field=field_["full"],
+        normalization=Normalization(blank_range=cfg.blank_range),
+        tile_size=cfg.tile_size,
+        halo=halo,
+        batch_size=cfg.batch_size,
+        tta=cfg.tta,
+        threshold=0.5 if n_classes == 2 else None,
+        threshold_source="default" if n_classes == 2 else "argmax",
+        min_object_size=cfg.min_object_size,
+        voxel_size_nm=list(voxel_size_nm) if voxel_size_nm is not None else None,
+        flops_per_pixel=flops_per_pixel(model, probe=max(256, divisor)) or None,
+    )
+    return plan, dict(field_)
+
+
+def _score(predict: Any, images: np.ndarray, masks: np.ndarray, plan: InferencePlan) -> float:
+    """Foreground IoU (binary) or mean IoU (multiclass) of ``plan`` on labelled slices."""
+    from mitoseg.inference import segment_stack
+
+    pred = segment_stack(predict, images, plan)
+    cm = confusion_matrix(masks, pred, plan.n_classes)
+    scores = scores_from_confusion(cm)
+    return float(scores["iou"] if plan.n_classes == 2 else scores["mean_iou"])
+
+
+def _choose_border(
+    model: Any, plan: InferencePlan, images: Any, masks: Any, progress: bool
+) -> tuple[InferencePlan, dict[str, float]]:
+    """Keep reflect padding of ``halo`` at image borders, or none (as in training crops),
+    whichever scores better on the validation slices (re-choosing the threshold for each;
+    ties keep the halo)."""
+    from mitoseg.runtime import compile_predictor
+
+    predict = compile_predictor(model)
+    zero = plan.with_overrides(border=0)
+    if plan.n_classes == 2 and plan.threshold_source == "validation":
+        choice = choose_threshold(predict, images, masks, zero, progress=progress)
+        zero = zero.with_overrides(
+            threshold=choice.threshold,
+            calibration=choice.calibration,
+            validation={"iou": round(choice.iou, 6)},
+        )
+    plans = {"halo": plan, "none": zero}
+    scores = {name: round(_score(predict, images, masks, p), 6) for name, p in plans.items()}
+    best = "none" if scores["none"] > scores["halo"] else "halo"
+    return plans[best], scores
+
+
+def _select_engine(
+    model: Any,
+    plan: InferencePlan,
+    images: np.ndarray,
+    masks: np.ndarray,
+    candidates: Sequence[tuple[str, str]],
+    tolerance: float,
+    calibration: np.ndarray | None,
+) -> tuple[InferencePlan, list[EngineTrial]]:
+    from mitoseg.runtime import compile_predictor
+
+    trials: list[EngineTrial] = []
+    reference: float | None = None
+    for runtime, precision in [
+        ("keras", "fp32"),
+        *[c for c in candidates if c != ("keras", "fp32")],
+    ]:
+        name = f"{runtime}/{precision}"
+        try:
+            predict = compile_predictor(model, runtime, precision, calibration=calibration)
+            _score(predict, images[:1], masks[:1], plan)  # warm-up: compile, trace shapes
+            start = time.perf_counter()
+            score = _score(predict, images, masks, plan)
+            seconds = time.perf_counter() - start
+        except Exception as exc:  # an engine that fails here is simply not chosen
+            trials.append(EngineTrial(name, 0.0, 0.0, False, f"{type(exc).__name__}: {exc}"))
+            continue
+        if reference is None:
+            reference = score
+        ok = abs(score - reference) <= tolerance
+        trials.append(EngineTrial(name, round(seconds, 4), round(score, 6), ok))
+    eligible = [t for t in trials if t.eligible]
+    best = min(eligible, key=lambda t: t.seconds)
+    runtime, precision = best.engine.split("/")
+    return plan.with_overrides(runtime=runtime, precision=precision), trials
+
+
+def make_plan(
+    model: Any,
+    cfg: EvaluateConfig,
+    class_names: Sequence[str],
+    val_images: np.ndarray | None,
+    val_masks: np.ndarray | None,
+    *,
+    voxel_size_nm: Sequence[float] | None = None,
+    calibration_images: np.ndarray | None = None,
+    progress: bool = False,
+) -> tuple[InferencePlan, PlanReport]:
+    """Decide the inference plan of a trained model (see the module docstring).
+
+    Args:
+        model: the trained Keras model.
+        cfg: ``evaluate:`` settings (``threshold: auto`` chooses it on validation).
+        class_names: class names in index order.
+        val_images: ``(Z, H, W)`` raw validation slices, or None (then the threshold is
+            ``cfg.threshold`` or 0.5 and the engine Keras FP32).
+        val_masks: ``(Z, H, W)`` validation class indexes, or None.
+        voxel_size_nm: ``[z, y, x]`` of the training data, if known.
+        calibration_images: ``(N, H, W)`` float32 in [0, 1] network inputs for engines
+            that quantise (int8), or None.
+        progress: show progress bars.
+
+    Returns:
+        ``(plan, report)``.
+    """
+    plan, field_ = draft_plan(model, cfg, class_names, voxel_size_nm)
+    report = PlanReport(receptive_field=field_)
+    has_val = val_images is not None and val_masks is not None and len(val_images) > 0
+    if plan.n_classes == 2:
+        if cfg.threshold != "auto":
+            plan = plan.with_overrides(threshold=float(cfg.threshold), threshold_source="params")
+        elif has_val:
+            choice = choose_threshold(model, val_images, val_masks, plan, progress=progress)
+            plan = plan.with_overrides(
+                threshold=choice.threshold,
+                threshold_source="validation",
+                calibration=choice.calibration,
+                validation={"iou": round(choice.iou, 6)},
+            )
+            report.threshold_curve = choice.curve
+    if has_val:
+        plan, report.border = _choose_border(model, plan, val_images, val_masks, progress)
+        from mitoseg.runtime import available_engines
+
+        candidates = [e for e in available_engines() if f"{e[0]}/{e[1]}" in cfg.engines]
+        plan, report.engines = _select_engine(
+            model,
+            plan,
+            np.asarray(val_images),
+            np.asarray(val_masks),
+            candidates,
+            cfg.engine_tolerance,
+            calibration_images,
+        )
+    return plan, report
+
+
+def evaluate_split(
+    model: Any,
+    plan: InferencePlan,
+    images: np.ndarray,
+    masks: np.ndarray,
+    *,
+    progress: bool = False,
+) -> EvaluationResult:
+    """Score labelled slices with exactly ``plan`` (its engine, tiling and threshold).
+
+    Args:
+        model: the Keras model the plan belongs to.
+        plan: from :func:`make_plan` or :func:`mitoseg.tracking.load_model_and_plan`.
+        images: ``(Z, H, W)`` raw slices.
+        masks: ``(Z, H, W)`` class indexes.
+        progress: show a progress bar.
+    """
+    from mitoseg.runtime import predictor_for_plan
+
+    return evaluate_stack(predictor_for_plan(model, plan), images, masks, plan, progress)

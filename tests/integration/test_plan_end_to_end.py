@@ -1,0 +1,169 @@
+"""One inference plan from the evaluate stage to the endpoint (real sqlite MLflow store).
+
+A small UNet is logged into a real embedded MLflow store, the DVC stage scripts
+``evaluate`` and ``register`` run on a real EM crop (the bundled VNC sample), and then
+
+* the plan the evaluate stage wrote beside ``model.keras`` is the one the registry
+  returns for ``models:/mitoseg-unet@champion``, with the threshold chosen on validation;
+* ``mitoseg predict`` on the champion writes the mask the evaluate stage scored;
+* ``mitoseg serve`` of the champion answers ``/segment`` with the identical mask, and
+  ``/metadata`` reports the validated threshold.
+
+Nothing is mocked: every step is the shipped command in a child process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import tifffile
+import yaml
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "src" / "mitoseg" / "sample_data" / "vnc"
+MITOSEG = (str(Path(sys.executable).parent / "mitoseg"),)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("e2e")
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "BENTOML_HOME": str(root / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "True",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+    raw = root / "data" / "raw"
+    for split in ("train", "test"):
+        for name in ("images", "masks"):
+            stack = tifffile.imread(SAMPLE / split / f"{name}.tif")[:4, :256, :320]
+            (raw / split).mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(raw / split / f"{name}.tif", stack)
+    (raw / "dataset.json").write_text(json.dumps({"source": "test", "mask_kind": "binary"}))
+    patches = root / "artifacts" / "patches"
+    patches.mkdir(parents=True)
+    (patches / "meta.json").write_text(json.dumps({"val_slices": [1, 3]}))
+    params = root / "params.yaml"
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "base": {"classes": {"background": 0, "mitochondria": 255}},
+                "evaluate": {"tile_size": 256, "figure_slices": 1, "engines": ["keras/fp32"]},
+                "register": {"model_name": "mitoseg-unet"},
+            }
+        )
+    )
+    train = root / "artifacts" / "train"
+    train.mkdir(parents=True)
+    code = (
+        "import json, sys, keras\n"
+        "from mitoseg import tracking\n"
+        "from mitoseg.config import ModelConfig\n"
+        "from mitoseg.model.unet import build_unet\n"
+        "keras.utils.set_random_seed(3)\n"
+        "m = build_unet(ModelConfig(depth=2, base_filters=4, batch_norm=False, dropout=0.0), 2)\n"
+        "m.save(sys.argv[1])\n"
+        "tracking.configure_tracking()\n"
+        "with tracking.start_training_run({'preset': 'test'}, {}, 'e2e') as run:\n"
+        "    tracking.log_keras_model(m, 2, class_names=['background', 'mitochondria'])\n"
+        "json.dump({'run_id': run.info.run_id}, open(sys.argv[2], 'w'))\n"
+    )
+    _run([sys.executable, "-c", code, str(train / "model.keras"), str(train / "train.json")],
+         root, env)  # fmt: skip
+    _run([sys.executable, str(REPO / "pipelines" / "evaluate.py"),
+          "--model", "artifacts/train/model.keras", "--train-info", "artifacts/train/train.json",
+          "--raw", "data/raw", "--patches", "artifacts/patches", "--out", "artifacts/evaluate",
+          "--plan", "artifacts/train/inference_plan.json", "--no-progress"], root, env)  # fmt: skip
+    _run([sys.executable, str(REPO / "pipelines" / "register.py"),
+          "--train-info", "artifacts/train/train.json",
+          "--metrics", "artifacts/evaluate/metrics.json",
+          "--out", "artifacts/register/registration.json"], root, env)  # fmt: skip
+    return {"root": root, "env": env, "raw": raw}
+
+
+def test_the_registry_returns_the_plan_the_stage_wrote(project: dict) -> None:
+    root = project["root"]
+    written = json.loads((root / "artifacts" / "train" / "inference_plan.json").read_text())
+    assert written["source"] == "evaluate" and written["threshold_source"] == "validation"
+    assert written["receptive_field"] > 1 and written["halo"] > 0
+    code = (
+        "import json; from mitoseg import tracking; "
+        "print(json.dumps(tracking.load_inference_plan('models:/mitoseg-unet@champion')"
+        ".model_dump(mode='json')))"
+    )
+    out = _run([sys.executable, "-c", code], root, project["env"])
+    assert json.loads(out.strip().splitlines()[-1]) == written
+    metrics = json.loads((root / "artifacts" / "evaluate" / "metrics.json").read_text())
+    assert metrics["threshold"] == written["threshold"]
+    assert 0 <= metrics["validation_calibration"]["ece"] <= 1
+
+
+def test_serve_returns_the_mask_predict_writes(project: dict) -> None:
+    root, env = project["root"], project["env"]
+    image = tifffile.imread(project["raw"] / "test" / "images.tif")[0]
+    tifffile.imwrite(root / "slice.tif", image)
+    champion = "models:/mitoseg-unet@champion"
+    _run([*MITOSEG, "--no-progress", "predict", "--model", champion, str(root / "slice.tif"),
+          "--out", str(root / "masks")], root, env)  # fmt: skip
+    expected = tifffile.imread(root / "masks" / "slice_mask.tif")
+    assert expected.shape == image.shape and 0 < (expected > 0).mean() < 1  # not trivial
+    port = _free_port()
+    log = (root / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [*MITOSEG, "serve", "--model", champion, "--port", str(port), "--params",
+         str(root / "params.yaml")],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (root / "serve.log").read_text()[-4000:]
+            try:
+                if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, (root / "serve.log").read_text()[-4000:]
+            time.sleep(0.5)
+        with (root / "slice.tif").open("rb") as fh:
+            r = requests.post(f"{url}/segment", files={"image": fh}, data={"format": "tiff"})
+        assert r.status_code == 200, r.text
+        served = tifffile.imread(__import__("io").BytesIO(r.content))
+        np.testing.assert_array_equal(served, expected)
+        meta = requests.post(f"{url}/metadata", json={}, timeout=30).json()
+        plan = json.loads((root / "artifacts" / "train" / "inference_plan.json").read_text())
+        assert meta["threshold"] == plan["threshold"] and meta["version"] == "1"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
