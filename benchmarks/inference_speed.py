@@ -14,8 +14,8 @@ below today's on every set. ``border0`` variants keep the seam halo but do not r
 the image border (the evaluate stage chooses this on validation slices). Seconds per
 1024x1024 slice (normalise, predict, threshold) are timed on CDeep3M slices, variants
 interleaved round by round so that load changes on a shared machine hit all of them
-alike. ``recommended`` is the eligible variant with the fastest timed run among those the
-inference plan can carry (not int8 yet: it needs calibration images at compile time).
+alike. ``recommended`` is the eligible variant with the fastest timed run (int8 is
+quantised with training slices that the inference plan stores beside itself).
 
 Usage: python benchmarks/inference_speed.py [--repeats 3] [--timing-slices 3]
 Writes benchmarks/results/inference_speed.json (about 3 minutes on 2 quiet cores).
@@ -328,7 +328,6 @@ def main() -> None:
         r["eligible"] = v["role"] != "diagnostic" and all(
             d >= -args.tolerance for d in r["iou_delta_vs_today"].values()
         )
-        r["plannable"] = not v["engine"].endswith("/int8")
         print(
             f"{v['name']}: {median:.3f} s/slice, x{r['speedup_vs_today']}, "
             f"dIoU {r['iou_delta_vs_today']}, eligible {r['eligible']}"
@@ -338,9 +337,7 @@ def main() -> None:
         for v in variants
         if v["role"] == "candidate" and results[v["name"]]["eligible"]
     ]
-    fastest = min(eligible)[1] if eligible else "today"
-    plannable = [e for e in eligible if results[e[1]]["plannable"]]
-    recommended = min(plannable)[1] if plannable else "today"
+    recommended = min(eligible)[1] if eligible else "today"
     results[recommended]["recommended"] = True
 
     flags = cpu_flags()
@@ -352,11 +349,6 @@ def main() -> None:
         "eligibility": f"IoU at most {args.tolerance} below today's on every scored set "
         "(vnc_val and cdeep3m), diagnostic variants excluded",
         "recommended": recommended,
-        "plannable": "int8 needs calibration images at compile time, which do not yet travel "
-        "with the model's inference plan, so the evaluate stage does not pick it: "
-        "`recommended` is the fastest eligible plannable variant, `fastest_eligible` any",
-        "fastest_eligible": fastest,
-        "fastest_eligible_speedup_vs_today_min": results[fastest]["speedup_vs_today_min"],
         "recommended_by": "fastest eligible candidate by seconds_per_slice_min (the fastest "
         "timed run of each variant: other load on a shared machine only adds time)",
         "recommended_speedup_vs_today": results[recommended]["speedup_vs_today"],

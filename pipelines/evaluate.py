@@ -5,7 +5,9 @@ threshold chosen on the validation *slices* ``meta.json["val_slices"]`` of
 ``<raw>/train``, the fastest engine that holds validation IoU) is written to ``--plan``
 (beside ``model.keras``) and attached to the MLflow run and its logged model. The test
 split ``<raw>/test`` is then segmented with exactly that plan; ``metrics.json``,
-``per_slice.csv`` and ``figures/`` go to ``--out`` and into the training run
+``per_slice.csv``, ``plan_report.json`` (how the plan was decided: receptive field,
+threshold curve, border and engine trials) and ``figures/`` go to ``--out`` and into the
+training run
 (``run_id`` from ``--train-info``).
 """
 
@@ -21,7 +23,7 @@ import numpy as np
 from mitoseg.config import load_section
 from mitoseg.data.layout import DATASET_FILE, read_split, split_paths
 from mitoseg.evaluate import masks_to_indices, write_outputs
-from mitoseg.io import DataError, normalize_slice, read_json_object
+from mitoseg.io import DataError, normalize_slice, read_json_object, write_json
 
 
 def _voxel_size(raw: Path) -> list[float] | None:
@@ -56,8 +58,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{images.shape[0]} training slices"
         )
     train_idx = [i for i in range(images.shape[0]) if i not in set(val)]
+    # int8 calibration: up to 4 training slices as the network sees them (uint8 x 255)
     calibration = (
-        np.stack([normalize_slice(images[i]) for i in train_idx[:4]]) if train_idx else None
+        np.stack(
+            [np.rint(normalize_slice(images[i]) * 255).astype(np.uint8) for i in train_idx[:4]]
+        )
+        if train_idx
+        else None
     )
     val_masks = (
         masks_to_indices(masks[val], lut, str(split_paths(args.raw, "train")[1]))
@@ -84,12 +91,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result.metrics["validation"] = dict(plan.validation)
     if plan.calibration is not None:
         result.metrics["validation_calibration"] = plan.calibration.model_dump()
-    result.metrics["plan"] = report.to_json()
     paths = write_outputs(result, args.out, cfg.figure_slices)
+    report_path = args.out / "plan_report.json"
+    write_json(report_path, report.to_json())
     tracking.log_evaluation(
         train_info["run_id"],
         result.metrics,
-        [paths["metrics"], paths["per_slice"], *paths["figures"]],
+        [paths["metrics"], paths["per_slice"], report_path, *paths["figures"]],
     )
     tracking.log_inference_plan(train_info["run_id"], args.plan)
     return result.metrics

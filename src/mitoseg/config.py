@@ -316,7 +316,7 @@ class EvaluateConfig(_Strict):
         0.02, ge=0, lt=1, description="slices with a smaller robust range are background"
     )
     engines: list[str] = Field(
-        default_factory=lambda: ["keras/fp32", "openvino/fp32", "openvino/bf16"],
+        default_factory=lambda: ["keras/fp32", "openvino/fp32", "openvino/bf16", "openvino/int8"],
         description="engines tried on the validation slices; the fastest within tolerance wins",
     )
     engine_tolerance: float = Field(0.005, ge=0, le=1, description="validation IoU difference")

@@ -23,16 +23,18 @@ This module is pure (pydantic + numpy): no TensorFlow, MLflow or BentoML import.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from mitoseg.io import DataError, robust_range, scale_unit, write_json
+from mitoseg.io import DataError, atomic_path, robust_range, scale_unit, write_json
 
 __all__ = [
+    "CALIBRATION_FILE",
     "PLAN_FILE",
     "PLAN_VERSION",
     "Calibration",
@@ -44,6 +46,9 @@ __all__ = [
 
 #: File name of the plan beside the weights (``model.keras``) and in model artifacts.
 PLAN_FILE = "inference_plan.json"
+#: File beside the plan holding the int8 engine's calibration inputs (see
+#: :meth:`InferencePlan.with_calibration`).
+CALIBRATION_FILE = "inference_calibration.npy"
 #: Schema version written into every plan; bumped on incompatible changes.
 PLAN_VERSION = 1
 
@@ -131,6 +136,10 @@ class InferencePlan(_Strict):
         validation: figures measured with this plan on the validation slices, e.g.
             ``{"iou": ..., "dice": ...}``.
         calibration: calibration of the validation probabilities (binary models).
+        calibration_file: name of the file beside the plan holding the network inputs an
+            int8 engine is quantised with (``(N, H, W) uint8``, intensity x 255), so every
+            consumer compiles exactly the engine that was validated; None when absent.
+            :meth:`write` and :meth:`read` move it together with the plan.
     """
 
     version: int = PLAN_VERSION
@@ -154,6 +163,8 @@ class InferencePlan(_Strict):
     flops_per_pixel: float | None = Field(None, gt=0)
     validation: dict[str, float] = Field(default_factory=dict)
     calibration: Calibration | None = None
+    calibration_file: str | None = None
+    _calibration_npy: bytes | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _check(self) -> InferencePlan:
@@ -228,9 +239,41 @@ class InferencePlan(_Strict):
         data = self.model_dump()
         data.update(changes)
         try:
-            return type(self).model_validate(data)
+            plan = type(self).model_validate(data)
         except ValidationError as exc:
             raise ValueError(_format(exc, "override")) from None
+        plan._calibration_npy = self._calibration_npy
+        return plan
+
+    # -------------------------------------------------------------- calibration
+
+    def with_calibration(self, images: np.ndarray) -> InferencePlan:
+        """A copy carrying int8 calibration inputs (written beside the plan).
+
+        Args:
+            images: ``(N, H, W)`` uint8 network inputs x 255 (normalised slices).
+
+        Raises:
+            ValueError: not a non-empty ``(N, H, W)`` uint8 array.
+        """
+        images = np.asarray(images)
+        if images.ndim != 3 or images.dtype != np.uint8 or images.size == 0:
+            raise ValueError(
+                f"calibration images must be a non-empty (N, H, W) uint8 array, got "
+                f"{images.dtype} {images.shape}"
+            )
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(images), allow_pickle=False)
+        plan = self.model_copy(update={"calibration_file": CALIBRATION_FILE})
+        plan._calibration_npy = buf.getvalue()
+        return plan
+
+    def calibration_images(self) -> np.ndarray | None:
+        """``(N, H, W)`` float32 in [0, 1] calibration inputs, or None without them."""
+        if self._calibration_npy is None:
+            return None
+        images = np.load(io.BytesIO(self._calibration_npy), allow_pickle=False)
+        return images.astype(np.float32) / np.float32(255.0)
 
     # ---------------------------------------------------------------- factories
 
@@ -274,8 +317,22 @@ class InferencePlan(_Strict):
     # ---------------------------------------------------------------------- I/O
 
     def write(self, path: str | Path) -> Path:
-        """Write the plan as JSON, atomically. Returns the path."""
+        """Write the plan as JSON (and its calibration file beside it), atomically.
+
+        Returns:
+            The plan path.
+
+        Raises:
+            ValueError: the plan names a calibration file but holds no calibration data.
+        """
         path = Path(path)
+        if self.calibration_file is not None:
+            if self._calibration_npy is None:
+                raise ValueError(
+                    f"the plan names {self.calibration_file} but holds no calibration images"
+                )
+            with atomic_path(path.parent / self.calibration_file) as tmp:
+                tmp.write_bytes(self._calibration_npy)
         write_json(path, self.model_dump(mode="json"))
         return path
 
@@ -307,7 +364,22 @@ class InferencePlan(_Strict):
             raise DataError(f"{path}: inference plan not found") from None
         except (OSError, ValueError) as exc:
             raise DataError(f"{path}: cannot read the inference plan ({exc})") from None
-        return cls.from_json(data, str(path))
+        plan = cls.from_json(data, str(path))
+        if plan.calibration_file is not None:
+            calib = path.parent / Path(plan.calibration_file).name
+            try:
+                raw = calib.read_bytes()
+                images = np.load(io.BytesIO(raw), allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise DataError(
+                    f"{calib}: cannot read the calibration images the plan {path} names ({exc})"
+                ) from None
+            if images.ndim != 3 or images.dtype != np.uint8:
+                raise DataError(
+                    f"{calib}: expected (N, H, W) uint8, got {images.dtype} {images.shape}"
+                )
+            plan._calibration_npy = raw
+        return plan
 
 
 def _format(exc: ValidationError, what: str) -> str:

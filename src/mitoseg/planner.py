@@ -209,14 +209,18 @@ def make_plan(
             ``cfg.threshold`` or 0.5 and the engine Keras FP32).
         val_masks: ``(Z, H, W)`` validation class indexes, or None.
         voxel_size_nm: ``[z, y, x]`` of the training data, if known.
-        calibration_images: ``(N, H, W)`` float32 in [0, 1] network inputs for engines
-            that quantise (int8), or None.
+        calibration_images: ``(N, H, W)`` uint8 network inputs x 255 (normalised training
+            slices) for engines that quantise (int8); stored with the plan
+            (:meth:`InferencePlan.with_calibration`) so every consumer compiles the same
+            engine. None: int8 is not tried.
         progress: show progress bars.
 
     Returns:
         ``(plan, report)``.
     """
     plan, field_ = draft_plan(model, cfg, class_names, voxel_size_nm)
+    if calibration_images is not None:
+        plan = plan.with_calibration(calibration_images)
     report = PlanReport(receptive_field=field_)
     has_val = val_images is not None and val_masks is not None and len(val_images) > 0
     if plan.n_classes == 2:
@@ -243,7 +247,7 @@ def make_plan(
             np.asarray(val_masks),
             candidates,
             cfg.engine_tolerance,
-            calibration_images,
+            plan.calibration_images(),
         )
     return plan, report
 

@@ -207,14 +207,28 @@ def _quantize_int8(ov_model: Any, samples: list[np.ndarray]) -> Any:
         if op.get_type_name() == "Convolution"
     ]
     ignored = nncf.IgnoredScope(names=sorted({convs[0], convs[-1]})) if convs else None
-    return nncf.quantize(
-        ov_model,
-        nncf.Dataset(samples),
-        preset=nncf.QuantizationPreset.PERFORMANCE,
-        target_device=nncf.TargetDevice.CPU,
-        subset_size=len(samples),
-        ignored_scope=ignored,
-    )
+    import contextlib
+    import io
+    import logging
+
+    from nncf.common.logging import nncf_logger
+
+    # NNCF logs INFO lines and draws progress bars on stdout: the quantisation is a
+    # compile step of ours, so keep the console to mitoseg's own output.
+    level = nncf_logger.level
+    nncf.set_log_level(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return nncf.quantize(
+                ov_model,
+                nncf.Dataset(samples),
+                preset=nncf.QuantizationPreset.PERFORMANCE,
+                target_device=nncf.TargetDevice.CPU,
+                subset_size=len(samples),
+                ignored_scope=ignored,
+            )
+    finally:
+        nncf.set_log_level(level)
 
 
 def _openvino_predictor(
@@ -329,6 +343,8 @@ def predictor_for_plan(
         model: the Keras model the plan belongs to.
         plan: its inference plan.
         calibration: calibration images for an ``openvino/int8`` plan (see
-            :func:`compile_predictor`).
+            :func:`compile_predictor`); default: the ones stored with the plan.
     """
+    if calibration is None:
+        calibration = plan.calibration_images()  # stored with the plan for int8
     return compile_predictor(model, plan.runtime, plan.precision, calibration=calibration)

@@ -951,11 +951,12 @@ def log_inference_plan(run_id: str, plan_path: Path) -> None:
         FileNotFoundError: ``plan_path`` does not exist.
         ModelNotFoundError: unknown run, or the run has no logged model.
     """
-    from mitoseg.plan import PLAN_FILE
+    from mitoseg.plan import PLAN_FILE, InferencePlan
 
     plan_path = Path(plan_path)
     if not plan_path.is_file():
         raise FileNotFoundError(f"log_inference_plan: {plan_path} not found")
+    plan = InferencePlan.read(plan_path)  # validates, and loads its calibration file
     _ensure_configured()
     client = _client()
     run = _get_run(client, run_id)
@@ -965,10 +966,10 @@ def log_inference_plan(run_id: str, plan_path: Path) -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        staged = Path(tmp) / PLAN_FILE  # the artifact keeps the canonical name
-        staged.write_bytes(plan_path.read_bytes())
-        client.log_artifact(run_id, str(staged))
-        client.log_model_artifact(model.model_id, str(staged))
+        plan.write(Path(tmp) / PLAN_FILE)  # canonical names, calibration file beside it
+        for staged in sorted(Path(tmp).iterdir()):
+            client.log_artifact(run_id, str(staged))
+            client.log_model_artifact(model.model_id, str(staged))
 
 
 def load_inference_plan(uri: str) -> InferencePlan | None:
@@ -985,7 +986,7 @@ def load_inference_plan(uri: str) -> InferencePlan | None:
     """
     import tempfile
 
-    from mitoseg.plan import PLAN_FILE, InferencePlan, plan_path_for
+    from mitoseg.plan import CALIBRATION_FILE, PLAN_FILE, InferencePlan, plan_path_for
 
     resolved = _resolve(uri)
     if resolved.kind == "path" and resolved.path is not None:
@@ -1001,11 +1002,16 @@ def load_inference_plan(uri: str) -> InferencePlan | None:
         return None
     import mlflow.artifacts
 
+    base = model.artifact_location.rstrip("/")
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{model.artifact_location.rstrip('/')}/{PLAN_FILE}", dst_path=tmp
+            artifact_uri=f"{base}/{PLAN_FILE}", dst_path=tmp
         )
-        return InferencePlan.read(local).model_copy()
+        if CALIBRATION_FILE in names:
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{base}/{CALIBRATION_FILE}", dst_path=tmp
+            )
+        return InferencePlan.read(local)
 
 
 def load_model_and_plan(uri: str) -> tuple[keras.Model, InferencePlan]:

@@ -7,7 +7,8 @@ A small UNet is logged into a real embedded MLflow store, the DVC stage scripts
   returns for ``models:/mitoseg-unet@champion``, with the threshold chosen on validation;
 * ``mitoseg predict`` on the champion writes the mask the evaluate stage scored;
 * ``mitoseg serve`` of the champion answers ``/segment`` with the identical mask, and
-  ``/metadata`` reports the validated threshold.
+  ``/metadata`` reports the validated threshold and engine (an int8 engine's calibration
+  images travel with the plan through MLflow and the BentoML store).
 
 Nothing is mocked: every step is the shipped command in a child process.
 """
@@ -73,7 +74,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict:
         yaml.safe_dump(
             {
                 "base": {"classes": {"background": 0, "mitochondria": 255}},
-                "evaluate": {"tile_size": 256, "figure_slices": 1, "engines": ["keras/fp32"]},
+                "evaluate": {"tile_size": 256, "figure_slices": 1},  # every engine is tried
                 "register": {"model_name": "mitoseg-unet"},
             }
         )
@@ -121,6 +122,10 @@ def test_the_registry_returns_the_plan_the_stage_wrote(project: dict) -> None:
     metrics = json.loads((root / "artifacts" / "evaluate" / "metrics.json").read_text())
     assert metrics["threshold"] == written["threshold"]
     assert 0 <= metrics["validation_calibration"]["ece"] <= 1
+    report = json.loads((root / "artifacts" / "evaluate" / "plan_report.json").read_text())
+    assert report["receptive_field"]["full"] == written["receptive_field"]
+    chosen = [t for t in report["engines"] if t["engine"] == "keras/fp32"]
+    assert chosen and chosen[0]["eligible"]  # the reference engine is always tried
 
 
 def test_serve_returns_the_mask_predict_writes(project: dict) -> None:
@@ -159,6 +164,8 @@ def test_serve_returns_the_mask_predict_writes(project: dict) -> None:
         meta = requests.post(f"{url}/metadata", json={}, timeout=30).json()
         plan = json.loads((root / "artifacts" / "train" / "inference_plan.json").read_text())
         assert meta["threshold"] == plan["threshold"] and meta["version"] == "1"
+        assert meta["engine"] == f"{plan['runtime']}/{plan['precision']}"
+        assert meta["plan"] == plan
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

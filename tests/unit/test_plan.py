@@ -13,6 +13,7 @@ from scipy import ndimage
 from mitoseg.io import DataError
 from mitoseg.model.analysis import halo_for, receptive_field
 from mitoseg.plan import (
+    CALIBRATION_FILE,
     PLAN_FILE,
     InferencePlan,
     Normalization,
@@ -163,3 +164,36 @@ def test_receptive_field_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError) as exc:
         receptive_field(Box(1), **kwargs)
     assert str(exc.value) == message
+
+
+def test_calibration_travels_beside_the_plan(tmp_path: Path) -> None:
+    images = np.arange(2 * 4 * 6, dtype=np.uint8).reshape(2, 4, 6)
+    plan = InferencePlan.model_validate(BINARY).with_calibration(images)
+    assert plan.calibration_file == CALIBRATION_FILE
+    np.testing.assert_array_equal(plan.calibration_images(), images.astype(np.float32) / 255)
+    assert plan.with_overrides(threshold=0.7).calibration_images() is not None  # kept
+    path = plan.write(tmp_path / PLAN_FILE)
+    assert (tmp_path / CALIBRATION_FILE).is_file()
+    back = InferencePlan.read(path)
+    assert back == plan
+    np.testing.assert_array_equal(back.calibration_images(), plan.calibration_images())
+    (tmp_path / CALIBRATION_FILE).unlink()
+    with pytest.raises(DataError, match=r"inference_calibration\.npy: cannot read the calibration"):
+        InferencePlan.read(path)
+    assert InferencePlan.model_validate(BINARY).calibration_images() is None
+
+
+@pytest.mark.parametrize(
+    "images",
+    [np.zeros((4, 6), np.uint8), np.zeros((1, 4, 6), np.float32), np.zeros((0, 4, 6), np.uint8)],
+)
+def test_calibration_must_be_uint8_slices(images: np.ndarray) -> None:
+    with pytest.raises(ValueError, match=r"^calibration images must be a non-empty \(N, H, W\)"):
+        InferencePlan.model_validate(BINARY).with_calibration(images)
+
+
+def test_a_plan_naming_calibration_it_does_not_hold_is_not_written(tmp_path: Path) -> None:
+    plan = InferencePlan.model_validate({**BINARY, "calibration_file": CALIBRATION_FILE})
+    with pytest.raises(ValueError, match=r"names inference_calibration\.npy but holds no"):
+        plan.write(tmp_path / PLAN_FILE)
+    assert not list(tmp_path.iterdir())

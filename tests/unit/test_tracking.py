@@ -480,6 +480,7 @@ def test_inference_plan_travels_with_the_registered_model(
     assert default.source == "default" and default.threshold == 0.5
     plan = InferencePlan.default_for(1, 1, tile_size=64, halo=8, threshold=0.35)
     plan = plan.with_overrides(source="evaluate", threshold_source="validation")
+    plan = plan.with_calibration(np.full((1, 8, 8), 7, np.uint8))  # travels with it
     path = plan.write(tmp_path / "elsewhere.json")
     tracking.log_inference_plan(run_id, path)
     tracking.register_model(run_id, "iou", 0.7, _cfg("planned"), "test:p")
@@ -487,10 +488,12 @@ def test_inference_plan_travels_with_the_registered_model(
         assert tracking.load_inference_plan(uri) == plan
         _, loaded = tracking.load_model_and_plan(uri)
         assert loaded == plan
+        np.testing.assert_array_equal(loaded.calibration_images(), plan.calibration_images())
     import mlflow
 
     client = mlflow.MlflowClient()
-    assert "inference_plan.json" in [a.path for a in client.list_artifacts(run_id)]
+    names = [a.path for a in client.list_artifacts(run_id)]
+    assert "inference_plan.json" in names and "inference_calibration.npy" in names
     with pytest.raises(FileNotFoundError, match=r"^log_inference_plan: .*nope.json not found$"):
         tracking.log_inference_plan(run_id, tmp_path / "nope.json")
 

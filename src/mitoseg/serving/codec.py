@@ -404,7 +404,7 @@ def encode_png(mask: np.ndarray) -> bytes:
     if arr.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"encode_png: expected uint8 or uint16, got {arr.dtype}")
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)  # speed over size
     return buf.getvalue()
 
 

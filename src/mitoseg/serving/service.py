@@ -5,8 +5,10 @@ Two services, one process each under ``bentoml serve``:
 * :class:`UNetRunner` holds the model on the engine its inference plan names
   (:func:`mitoseg.runtime.predictor_for_plan`, built once; ``resources={"gpu": 1}``:
   TensorFlow uses the GPU when the machine has one, the CPU otherwise) and exposes
-  ``predict_tiles``: a list of ``(TH, TW, 1)`` float32 tiles -> a list of
-  ``(TH, TW, C)`` float32 probabilities. Its :class:`~mitoseg.serving.settings.TileBatcher`
+  ``segment_classes``: a decoded ``(Z, H, W)`` stack -> ``(Z, H, W)`` uint8 classes, by
+  the one inference implementation, :func:`mitoseg.inference.segment_stack`, with the
+  model's plan (only raw slices and uint8 classes cross the process boundary, not float
+  tiles). Its :class:`~mitoseg.serving.settings.TileBatcher`
   merges the tiles of concurrent requests into forward passes of up to
   ``serve.max_batch_size`` tiles, one pass per tile shape (tiles of different images
   may differ), and never waits for a batch to fill: an idle engine runs a request at
@@ -18,9 +20,8 @@ Two services, one process each under ``bentoml serve``:
   (:mod:`mitoseg.serving.codec`; TIFF and PNG are recognised by their bytes, whatever
   content type the client sent), prices each request against the compute budget
   (:class:`~mitoseg.serving.settings.ComputeBudget`: 413 above ``serve.max_request_*``,
-  429 with ``Retry-After`` above ``serve.max_inflight_*``) and runs the one inference
-  implementation, :func:`mitoseg.inference.segment_stack`, with the model's plan and
-  the runner as its batch predictor.
+  429 with ``Retry-After`` above ``serve.max_inflight_*``) and hands the decoded stack
+  to the runner.
 
 Endpoints (all ``POST``; uploads are multipart ``image`` file fields):
 ``/segment`` (one TIFF/PNG -> PNG or TIFF mask, ``format`` field), ``/segment_stack``
@@ -204,17 +205,23 @@ class UNetRunner:
         self._tiles_hist.observe(tiles)
         self._requests_hist.observe(requests)
 
+    def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        """``(B, TH, TW, 1)`` -> ``(B, TH, TW, C)`` through the shared batcher."""
+        return np.stack(self.batcher(list(np.ascontiguousarray(batch, dtype=np.float32))))
+
     @bentoml.api
-    def predict_tiles(self, tiles: list[np.ndarray]) -> list[np.ndarray]:
-        """Predict tiles, batched with those of concurrent calls.
+    def segment_classes(self, stack: np.ndarray) -> np.ndarray:
+        """Segment a decoded stack with the plan, here beside the model: only the raw
+        slices and the uint8 classes cross the process boundary, not float tiles. The
+        tiles of concurrent calls share forward passes through the batcher.
 
         Args:
-            tiles: ``(TH, TW, 1)`` float32 in ``[0, 1]``; shapes may differ.
+            stack: ``(Z, H, W)`` raw intensities (uint8, uint16 or float32).
 
         Returns:
-            One ``(TH, TW, C)`` float32 probability array per tile, in order.
+            ``(Z, H, W)`` uint8 class indexes.
         """
-        return self.batcher(tiles)
+        return segment_stack(self._predict_batch, stack, self.deployment.plan)
 
 
 def _error(exc: UploadError) -> JSONResponse:
@@ -241,15 +248,14 @@ class MitoSeg:
         self.limits = Limits.from_config(self.deployment.serve)
         self.budget = ComputeBudget(self.deployment.serve)
 
-    def _predict_tiles(self, batch: np.ndarray) -> np.ndarray:
-        """``(B, TH, TW, 1)`` -> ``(B, TH, TW, C)`` through the runner; a dropped
+    def _segment(self, stack: np.ndarray) -> np.ndarray:
+        """``(Z, H, W)`` raw -> ``(Z, H, W)`` uint8 classes through the runner; a dropped
         keep-alive connection is retried (the call is idempotent)."""
         import aiohttp
 
-        tiles = list(np.ascontiguousarray(batch, dtype=np.float32))
         for attempt in range(RUNNER_RETRIES + 1):
             try:
-                return np.stack(self.runner.predict_tiles(tiles))
+                return np.asarray(self.runner.segment_classes(stack), dtype=np.uint8)
             except aiohttp.ClientConnectionError:
                 if attempt == RUNNER_RETRIES:
                     raise
@@ -276,7 +282,7 @@ class MitoSeg:
         info = probe_upload(data, self.limits, max_pages=max_pages)
         with self.budget.admit(request_cost(info.shape, self.plan)):
             stack = decode_upload(data, self.limits, max_pages=max_pages)
-            return segment_stack(self._predict_tiles, stack, self.plan)
+            return self._segment(np.ascontiguousarray(stack))
 
     @bentoml.api(route="/segment")
     def segment(self, image: Path, format: Literal["png", "tiff"] = "png") -> Path:
@@ -332,6 +338,7 @@ class MitoSeg:
             "bento_model": self.deployment.tag,
             **{k: meta.get(k) for k in (*keys, "source_uri")},
             "threshold": plan.threshold,
+            "engine": f"{plan.runtime}/{plan.precision}",
             "n_classes": plan.n_classes,
             "class_names": plan.class_names,
             "plan": plan.model_dump(mode="json"),
