@@ -15,6 +15,7 @@ import pytest
 
 from mitoseg import tracking
 from mitoseg.model import callbacks as mcb
+from tracking_state import reset_tracking
 
 X = np.random.default_rng(0).random((4, 8, 8, 1), dtype=np.float32)
 Y = (X > 0.5).astype(np.float32)
@@ -185,26 +186,16 @@ def test_reduce_lr_on_plateau_restore() -> None:
 # -------------------------------------------------------------------------- MLflow
 
 
-def _reset_tracking() -> None:
-    import mlflow
-
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    tracking._STATE.uri = None
-    tracking._STATE.experiment_id = None
-    mlflow.set_tracking_uri(None)
-
-
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """A fresh embedded sqlite store; yields an MlflowClient on it."""
     from mlflow import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    _reset_tracking()
+    reset_tracking()
     uri = tracking.configure_tracking(root=tmp_path)
     yield MlflowClient(tracking_uri=uri)
-    _reset_tracking()
+    reset_tracking()
 
 
 def test_epoch_logger_logs_each_epoch_with_lr(store: Any) -> None:

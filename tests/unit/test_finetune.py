@@ -20,6 +20,7 @@ from mitoseg import tracking
 from mitoseg.config import AugmentConfig, ConfigError, ModelConfig, RegisterConfig
 from mitoseg.config import resolve_train_config as resolve
 from mitoseg.train import initial_weights, train_model
+from tracking_state import reset_tracking
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "pipelines" / "train.py"
@@ -149,16 +150,6 @@ def test_init_from_must_not_be_empty() -> None:
 # ----------------------------------------------------------------------- the stage
 
 
-def _reset_tracking() -> None:
-    import mlflow
-
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    tracking._STATE.uri = None
-    tracking._STATE.experiment_id = None
-    mlflow.set_tracking_uri(None)
-
-
 def _stage(cwd: Path, init_from: str, out: str) -> subprocess.CompletedProcess[str]:
     params = {"base": {"seed": 0}, "train": {**TINY, "epochs": 1, "init_from": init_from}}
     (cwd / f"{out}.yaml").write_text(yaml.safe_dump(params))
@@ -189,7 +180,7 @@ def stage_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     _unet(root / "other.keras", base_filters=8)
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        _reset_tracking()
+        reset_tracking()
         tracking.configure_tracking(root=root)
         model = tracking.load_model(str(_unet(root / "registered.keras")))
         with tracking.start_training_run({}, {}, "source") as run:
@@ -197,7 +188,7 @@ def stage_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         tracking.register_model(run.info.run_id, "iou", 0.5, RegisterConfig(), "test:x")
         (root / "source_run_id").write_text(run.info.run_id)
         assert mlflow.active_run() is None
-        _reset_tracking()
+        reset_tracking()
     yield root
 
 

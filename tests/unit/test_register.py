@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from mitoseg import tracking
+from tracking_state import reset_tracking
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,16 +29,6 @@ def _load_script() -> ModuleType:
 register_stage = _load_script()
 
 
-def _reset_tracking() -> None:
-    import mlflow
-
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    tracking._STATE.uri = None
-    tracking._STATE.experiment_id = None
-    mlflow.set_tracking_uri(None)
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A project dir with an embedded store, one run holding a tiny model, and params.yaml."""
@@ -46,13 +37,13 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     root = tmp_path_factory.mktemp("project")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        _reset_tracking()
+        reset_tracking()
         tracking.configure_tracking(root=root)
         inp = keras.Input((None, None, 1))
         model = keras.Model(inp, keras.layers.Conv2D(1, 1, activation="sigmoid")(inp))
         with tracking.start_training_run({}, {"data_dvc_md5": "cafe.dir"}) as run:
             tracking.log_keras_model(model, 2)
-        _reset_tracking()
+        reset_tracking()
         (root / "params.yaml").write_text(
             "register:\n  model_name: stage-model\n  metric: iou\n"
             "  champion_alias: champion\n  challenger_alias: challenger\n"
@@ -70,9 +61,9 @@ def in_project(project: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Iter
     """Run the stage like DVC does: from the project directory, default store in cwd."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(project["root"])
-    _reset_tracking()
+    reset_tracking()
     yield project["root"]
-    _reset_tracking()
+    reset_tracking()
 
 
 def _metrics(root: Path, name: str, **values: Any) -> Path:

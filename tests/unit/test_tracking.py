@@ -16,25 +16,16 @@ import pytest
 from mitoseg import tracking
 from mitoseg.config import RegisterConfig
 from mitoseg.tracking import ModelNotFoundError
-
-
-def _reset_tracking() -> None:
-    import mlflow
-
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    tracking._STATE.uri = None
-    tracking._STATE.experiment_id = None
-    mlflow.set_tracking_uri(None)
+from tracking_state import reset_tracking
 
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No MLFLOW_TRACKING_URI from the outside; tracking state reset afterwards."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    _reset_tracking()
+    reset_tracking()
     yield
-    _reset_tracking()
+    reset_tracking()
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +34,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("mlflow_store")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        _reset_tracking()
+        reset_tracking()
         tracking.configure_tracking(root=root)
         yield root
-        _reset_tracking()
+        reset_tracking()
 
 
 @pytest.fixture(autouse=True)
@@ -561,7 +552,7 @@ def test_load_model_uses_embedded_default_in_cwd(
     """`mitoseg predict --model models:/...` in the project dir resolves against ./mlflow.db."""
     monkeypatch.chdir(store)
     tracking.register_model(logged["run_id"], "iou", 0.5, _cfg("cwd-default"), "t")
-    _reset_tracking()
+    reset_tracking()
     model = tracking.load_model("models:/cwd-default@champion")
     np.testing.assert_allclose(model.predict(logged["x"], verbose=0), logged["y"], rtol=1e-6)
 
