@@ -51,6 +51,7 @@ METRIC_KEYS = {
     "threshold",
     "n_test_slices",
     "objects",
+    "instances",
     "per_class",
     "slice_mean",
     "confusion",
@@ -205,6 +206,7 @@ def test_evaluate_stack_multiclass() -> None:
     masks = (images // 100).astype(np.uint8)
     result = evaluate_stack(softmax_model, images, masks, PLAN3)
     assert result.metrics["threshold"] is None and "calibration" not in result.metrics
+    assert "instances" not in result.metrics  # no class named mitochondria
     assert result.metrics["iou"] == 1.0 and result.metrics["mean_iou"] == 1.0
     assert set(result.metrics["per_class"]) == {"bg", "a", "b"}
     assert np.array_equal(result.predictions, masks)
