@@ -22,10 +22,12 @@ __all__ = [
     "DataError",
     "atomic_dir",
     "atomic_path",
+    "check_voxel_size",
     "normalize_slice",
     "read_image",
     "read_json_object",
     "read_stack",
+    "read_voxel_size",
     "robust_range",
     "scale_unit",
     "write_json",
@@ -205,15 +207,148 @@ def to_gray(rgb: np.ndarray) -> np.ndarray:
     return gray.astype(rgb.dtype)
 
 
-def write_stack(path: str | Path, stack: np.ndarray) -> None:
-    """Write ``(Z, H, W)`` (or ``(H, W)``) as a zlib-compressed multi-page TIFF, atomically."""
+#: Length of one unit in nm, for TIFF / ImageJ / OME units (lower case).
+_UNIT_NM: dict[str, float] = {
+    "nm": 1.0,
+    "nanometer": 1.0,
+    "um": 1e3,
+    "\u00b5m": 1e3,
+    "\u03bcm": 1e3,
+    "micron": 1e3,
+    "micrometer": 1e3,
+    "mm": 1e6,
+    "millimeter": 1e6,
+    "cm": 1e7,
+    "centimeter": 1e7,
+    "m": 1e9,
+    "meter": 1e9,
+    "angstrom": 0.1,
+}
+
+#: dtypes the ImageJ hyperstack format holds (others get plain TIFF resolution tags).
+_IMAGEJ_DTYPES = (np.uint8, np.uint16, np.float32)
+
+
+def check_voxel_size(voxel_size_nm: Any, where: str = "voxel size") -> tuple[float, float, float]:
+    """Validate a ``(z, y, x)`` voxel size in nm.
+
+    Raises:
+        ValueError: not three finite positive numbers (the message names ``where``).
+    """
+    try:
+        vs = tuple(float(v) for v in voxel_size_nm)
+    except (TypeError, ValueError):
+        vs = ()
+    if len(vs) != 3 or not all(np.isfinite(v) and v > 0 for v in vs):
+        raise ValueError(f"{where}: expected 3 positive numbers Z,Y,X in nm, got {voxel_size_nm!r}")
+    return vs  # type: ignore[return-value]
+
+
+def write_stack(path: str | Path, stack: np.ndarray, voxel_size_nm: Any | None = None) -> None:
+    """Write ``(Z, H, W)`` (or ``(H, W)``) as a zlib-compressed multi-page TIFF, atomically.
+
+    Args:
+        path: target ``.tif``.
+        stack: ``(Z, H, W)`` or ``(H, W)`` array.
+        voxel_size_nm: ``(z, y, x)`` nm per voxel, or None. uint8 / uint16 / float32 stacks
+            are then written as ImageJ hyperstacks (XResolution / YResolution in pixels
+            per micron, ``unit=um`` and ``spacing`` in the description, so Fiji shows the
+            physical size); other dtypes (e.g. uint32 labels, which ImageJ files cannot
+            hold) get XResolution / YResolution in pixels per centimetre with
+            ResolutionUnit CENTIMETER and ``voxel_size_nm`` in tifffile's JSON
+            description. :func:`read_voxel_size` reads both back.
+
+    Raises:
+        ValueError: wrong rank or a bad voxel size.
+    """
     import tifffile
 
     arr = np.asarray(stack)
     if arr.ndim not in (2, 3):
         raise ValueError(f"write_stack: expected (Z, H, W) or (H, W), got shape {arr.shape}")
+    kwargs: dict[str, Any] = {}
+    if voxel_size_nm is not None:
+        z, y, x = check_voxel_size(voxel_size_nm, f"write_stack {path}")
+        axes = "ZYX" if arr.ndim == 3 else "YX"
+        if arr.dtype in _IMAGEJ_DTYPES:
+            kwargs = {
+                "imagej": True,
+                "resolution": (1e3 / x, 1e3 / y),
+                "metadata": {"spacing": z / 1e3, "unit": "um", "axes": axes},
+            }
+        else:
+            kwargs = {
+                "resolution": (1e7 / x, 1e7 / y),
+                "resolutionunit": "CENTIMETER",
+                "metadata": {"axes": axes, "voxel_size_nm": [z, y, x]},
+            }
     with atomic_path(path, suffix=".tif") as tmp:
-        tifffile.imwrite(tmp, arr, compression="zlib", photometric="minisblack")
+        tifffile.imwrite(tmp, arr, compression="zlib", photometric="minisblack", **kwargs)
+
+
+def _tag_pixel_size(page: Any, scale_nm: float) -> tuple[float, float] | None:
+    """``(y, x)`` pixel size in nm from X/YResolution (pixels per unit of ``scale_nm``)."""
+    sizes = []
+    for name in ("YResolution", "XResolution"):
+        tag = page.tags.get(name)
+        if tag is None:
+            return None
+        num, den = tag.value if isinstance(tag.value, tuple) else (tag.value, 1)
+        if not num or not den:
+            return None
+        sizes.append(scale_nm * float(den) / float(num))
+    return sizes[0], sizes[1]
+
+
+def read_voxel_size(path: str | Path) -> tuple[float, float, float] | None:
+    """The ``(z, y, x)`` voxel size in nm stored in a TIFF, or None when it has none.
+
+    Read, in this order: ``voxel_size_nm`` in tifffile's JSON description (written by
+    :func:`write_stack`); ImageJ metadata (``unit``, ``spacing``; X/YResolution in pixels
+    per unit; ImageJ's default spacing 1 unit when absent); plain X/YResolution with
+    ResolutionUnit CENTIMETER (or tifffile's MILLIMETER / MICROMETER) for a single
+    page (z set to the x size). Inch units (scanner dpi) and unitless files say nothing
+    about the specimen and give None, as do non-TIFF files.
+
+    Raises:
+        DataError: missing or unreadable file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: file not found")
+    if p.suffix.lower() not in (".tif", ".tiff"):
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(p) as tif:
+            for meta in tif.shaped_metadata or ():
+                if isinstance(meta, dict) and "voxel_size_nm" in meta:
+                    return check_voxel_size(meta["voxel_size_nm"], f"{p} voxel_size_nm")
+            page = tif.pages.first
+            ij = tif.imagej_metadata
+            if ij is not None:
+                unit = str(ij.get("unit", "")).replace("\\u00B5", "\u00b5").strip().lower()
+                scale = _UNIT_NM.get(unit)
+                yx = _tag_pixel_size(page, scale) if scale is not None else None
+                if yx is None:
+                    return None
+                z = float(ij.get("spacing", 1.0)) * scale
+                return check_voxel_size((z, *yx), f"{p} ImageJ calibration")
+            unit_code = (
+                int(page.tags["ResolutionUnit"].value) if "ResolutionUnit" in page.tags else 0
+            )
+            scale = {3: 1e7, 4: 1e6, 5: 1e3}.get(unit_code)
+            if scale is None or len(tif.pages) != 1:
+                return None
+            yx = _tag_pixel_size(page, scale)
+            return None if yx is None else check_voxel_size((yx[1], *yx), f"{p} resolution")
+    except DataError:
+        raise
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    except Exception as exc:  # tifffile raises many types for corrupt files
+        raise DataError(f"{p}: cannot read TIFF metadata ({type(exc).__name__}: {exc})") from None
 
 
 def robust_range(

@@ -37,11 +37,15 @@ from mitoseg.metrics import match_objects, safe_ratio
 
 __all__ = [
     "INSTANCE_IOUS",
+    "MOMENT_COLUMNS",
     "OBJECT_COLUMNS",
+    "combine_moments",
     "instance_labels",
     "instance_scores",
     "measure_objects",
+    "object_moments",
     "relabel_sequential",
+    "rows_from_moments",
     "write_object_table",
 ]
 
@@ -155,6 +159,119 @@ def instance_labels(
     return labels.astype(np.uint32, copy=False), int(n)
 
 
+#: Columns of :func:`object_moments` (per object): voxel count, coordinate sums, sums of
+#: coordinate products, bbox, intensity sum and the number of slices holding it.
+MOMENT_COLUMNS: tuple[str, ...] = (
+    "n", "sz", "sy", "sx", "szz", "syy", "sxx", "szy", "szx", "syx",
+    "z0", "y0", "x0", "z1", "y1", "x1", "isum", "slices",
+)  # fmt: skip
+
+
+def object_moments(
+    labels: np.ndarray, image: np.ndarray | None = None, z_offset: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Additive per-object moments of a label block.
+
+    Combined over blocks by :func:`combine_moments` and turned into table rows by
+    :func:`rows_from_moments`, so a table measured block by block equals the one of the
+    whole volume.
+
+    Args:
+        labels: ``(Z, H, W)`` non-negative integer labels.
+        image: raw intensities of the same shape, or None (intensity sums 0).
+        z_offset: global index of the block's first slice.
+
+    Returns:
+        ``(ids (N,) int64, moments (N, len(MOMENT_COLUMNS)) float64)``; bbox columns are
+        inclusive ``z0 y0 x0`` and exclusive ``z1 y1 x1`` (global voxel indexes).
+    """
+    z, y, x = np.nonzero(labels)
+    if z.size == 0:
+        return np.zeros(0, np.int64), np.zeros((0, len(MOMENT_COLUMNS)))
+    ids_all = labels[z, y, x].astype(np.int64)
+    ids, inv = np.unique(ids_all, return_inverse=True)
+    m = np.zeros((ids.size, len(MOMENT_COLUMNS)), dtype=np.float64)
+    zf = z.astype(np.float64) + z_offset
+    yf, xf = y.astype(np.float64), x.astype(np.float64)
+    cols = (np.ones_like(zf), zf, yf, xf, zf * zf, yf * yf, xf * xf, zf * yf, zf * xf, yf * xf)
+    for j, v in enumerate(cols):
+        m[:, j] = np.bincount(inv, weights=v, minlength=ids.size)
+    for j, v in enumerate((zf, yf, xf)):
+        lo = np.full(ids.size, np.inf)
+        hi = np.full(ids.size, -np.inf)
+        np.minimum.at(lo, inv, v)
+        np.maximum.at(hi, inv, v)
+        m[:, 10 + j], m[:, 13 + j] = lo, hi + 1
+    if image is not None:
+        m[:, 16] = np.bincount(inv, weights=image[z, y, x].astype(np.float64), minlength=ids.size)
+    depth = labels.shape[0] + 1
+    pairs = np.unique(inv.astype(np.int64) * depth + z)
+    m[:, 17] = np.bincount(pairs // depth, minlength=ids.size)
+    return ids, m
+
+
+def combine_moments(
+    parts: Sequence[tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge :func:`object_moments` of disjoint blocks (sums add, bboxes widen)."""
+    parts = [p for p in parts if p[0].size]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, len(MOMENT_COLUMNS)))
+    ids_all = np.concatenate([p[0] for p in parts])
+    m_all = np.concatenate([p[1] for p in parts])
+    ids, inv = np.unique(ids_all, return_inverse=True)
+    out = np.zeros((ids.size, m_all.shape[1]))
+    for j in range(m_all.shape[1]):
+        if 10 <= j < 13:
+            out[:, j] = np.inf
+            np.minimum.at(out[:, j], inv, m_all[:, j])
+        elif 13 <= j < 16:
+            out[:, j] = -np.inf
+            np.maximum.at(out[:, j], inv, m_all[:, j])
+        else:
+            out[:, j] = np.bincount(inv, weights=m_all[:, j], minlength=ids.size)
+    return ids, out
+
+
+def rows_from_moments(
+    ids: np.ndarray,
+    moments: np.ndarray,
+    voxel_size: Sequence[float] | None = None,
+    single_slice: bool = False,
+    with_intensity: bool = True,
+) -> list[dict[str, Any]]:
+    """Table rows (:data:`OBJECT_COLUMNS`) from per-object moments, sorted by id."""
+    vs = _check_voxel_size(voxel_size)
+    scale = np.asarray(vs if vs is not None else (1.0, 1.0, 1.0), dtype=np.float64)
+    rows: list[dict[str, Any]] = []
+    for obj, m in sorted(zip(ids.tolist(), moments, strict=True), key=lambda t: t[0]):
+        n = m[0]
+        mean = m[1:4] / n
+        second = np.array([[m[4], m[7], m[8]], [m[7], m[5], m[9]], [m[8], m[9], m[6]]])
+        cov = (second - n * np.outer(mean, mean)) / (n - 1) if n > 1 else None
+        rows.append(
+            {
+                "id": int(obj),
+                "voxels": int(n),
+                "volume_nm3": float(n * scale.prod()) if vs and not single_slice else None,
+                "area_nm2": float(n * scale[1] * scale[2]) if vs and single_slice else None,
+                "centroid_z": float(mean[0]),
+                "centroid_y": float(mean[1]),
+                "centroid_x": float(mean[2]),
+                "bbox_z0": int(m[10]),
+                "bbox_y0": int(m[11]),
+                "bbox_x0": int(m[12]),
+                "bbox_z1": int(m[13]),
+                "bbox_y1": int(m[14]),
+                "bbox_x1": int(m[15]),
+                "slices": int(m[17]),
+                "mean_intensity": float(m[16] / n) if with_intensity else None,
+                "elongation": _elongation(cov, scale),
+            }
+        )
+    return rows
+
+
 def measure_objects(
     labels: np.ndarray,
     image: np.ndarray | None = None,
@@ -181,7 +298,7 @@ def measure_objects(
         raise ValueError(f"measure_objects: labels must be integers, got {lab.dtype}")
     if lab.size and int(lab.min()) < 0:
         raise ValueError("measure_objects: labels must be >= 0")
-    vs = _check_voxel_size(voxel_size)
+    _check_voxel_size(voxel_size)
     img = None
     if image is not None:
         img = _as_zyx(image, "measure_objects")
@@ -189,53 +306,18 @@ def measure_objects(
             raise ValueError(
                 f"measure_objects: image shape {img.shape} != labels shape {lab.shape}"
             )
-    z, y, x = np.nonzero(lab)
-    if z.size == 0:
-        return []
-    ids = lab[z, y, x].astype(np.int64)
-    order = np.argsort(ids, kind="stable")
-    ids, z, y, x = ids[order], z[order], y[order], x[order]
-    values = img[z, y, x].astype(np.float64) if img is not None else None
-    uniq, starts, counts = np.unique(ids, return_index=True, return_counts=True)
-    scale = np.asarray(vs if vs is not None else (1.0, 1.0, 1.0), dtype=np.float64)
-    single_slice = lab.shape[0] == 1
-    rows: list[dict[str, Any]] = []
-    for obj, s, n in zip(uniq, starts, counts, strict=True):
-        sl = slice(int(s), int(s + n))
-        coords = np.stack([z[sl], y[sl], x[sl]], axis=1).astype(np.float64)
-        centroid = coords.mean(axis=0)
-        lo = coords.min(axis=0).astype(int)
-        hi = coords.max(axis=0).astype(int) + 1
-        row: dict[str, Any] = {
-            "id": int(obj),
-            "voxels": int(n),
-            "volume_nm3": float(n * np.prod(scale))
-            if vs is not None and not single_slice
-            else None,
-            "area_nm2": float(n * scale[1] * scale[2]) if vs is not None and single_slice else None,
-            "centroid_z": float(centroid[0]),
-            "centroid_y": float(centroid[1]),
-            "centroid_x": float(centroid[2]),
-            "bbox_z0": int(lo[0]),
-            "bbox_y0": int(lo[1]),
-            "bbox_x0": int(lo[2]),
-            "bbox_z1": int(hi[0]),
-            "bbox_y1": int(hi[1]),
-            "bbox_x1": int(hi[2]),
-            "slices": int(np.unique(z[sl]).size),
-            "mean_intensity": float(values[sl].mean()) if values is not None else None,
-            "elongation": _elongation(coords * scale),
-        }
-        rows.append(row)
-    return rows
+    ids, moments = object_moments(lab, img)
+    return rows_from_moments(ids, moments, voxel_size, lab.shape[0] == 1, img is not None)
 
 
-def _elongation(coords: np.ndarray) -> float:
-    """sqrt(largest / smallest non-zero covariance eigenvalue); 1.0 for <= 1 voxel."""
-    if coords.shape[0] < 2:
+def _elongation(cov: np.ndarray | None, scale: np.ndarray) -> float:
+    """sqrt(largest / smallest non-zero eigenvalue of the scaled covariance); 1.0 for a
+    single voxel or a degenerate object."""
+    if cov is None:
         return 1.0
-    eig = np.linalg.eigvalsh(np.cov(coords, rowvar=False))
-    eig = eig[eig > 1e-12 * max(float(eig.max()), 1e-300)]
+    eig = np.linalg.eigvalsh(cov * np.outer(scale, scale))
+    top = float(eig.max())
+    eig = eig[eig > 1e-9 * max(top, 1e-300)]
     if eig.size == 0:
         return 1.0
     return float(np.sqrt(eig.max() / eig.min()))

@@ -190,3 +190,18 @@ def test_evaluate_instance_metrics_binary_and_multiclass() -> None:
     three = instance_metrics(truth * 2, pred * 2, ["bg", "membrane", "mitochondria"])
     assert three is not None and three["class"] == "mitochondria" and three["n_true"] == 2
     assert instance_metrics(truth, pred, ["bg", "a", "b"]) is None
+
+
+def test_moments_of_blocks_combine_to_the_whole_volume() -> None:
+    from mitoseg.objects import combine_moments, object_moments, rows_from_moments
+
+    rng = np.random.default_rng(3)
+    labels, _ = instance_labels(rng.random((7, 12, 11)) > 0.6)
+    image = rng.integers(0, 255, labels.shape).astype(np.uint8)
+    whole = measure_objects(labels, image, (40.0, 5.0, 5.0))
+    parts = [object_moments(labels[z : z + 3], image[z : z + 3], z) for z in range(0, 7, 3)]
+    ids, moments = combine_moments(parts)
+    rows = rows_from_moments(ids, moments, (40.0, 5.0, 5.0))
+    assert [r["id"] for r in rows] == [r["id"] for r in whole]
+    for a, b in zip(rows, whole, strict=True):
+        assert a == pytest.approx(b)

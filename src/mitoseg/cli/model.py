@@ -91,29 +91,133 @@ _ENGINE_OPT = typer.Option(
 )
 
 
+def _parse_voxel_size(text: str | None) -> tuple[float, float, float] | None:
+    if text is None:
+        return None
+    from mitoseg.io import check_voxel_size
+
+    try:
+        return check_voxel_size([v for v in text.split(",")], "--voxel-size")
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def _is_volume(path: Path) -> bool:
+    from mitoseg.volume.store import is_volume_uri
+
+    return is_volume_uri(str(path))
+
+
 @app.command("predict")
 def predict(
     images: list[Path] = typer.Argument(
-        ..., help="TIFF stacks or 2D PNG/TIFF/JPEG images (8/16-bit, RGB converted to grey)."
+        ...,
+        help="TIFF stacks or 2D PNG/TIFF/JPEG images (8/16-bit, RGB converted to grey), or "
+        "one Zarr / OME-Zarr volume (local or s3://) for blockwise prediction on Dask.",
     ),
     model: str = typer.Option(..., "--model", help=".keras file or models:/, runs:/ URI"),
-    out: Path = typer.Option(..., "--out", help="output directory for the mask TIFFs"),
+    out: Path = typer.Option(
+        ..., "--out", help="output directory for the mask TIFFs, or an OUT.zarr volume"
+    ),
     tile_size: int | None = _TILE_OPT,
     halo: int | None = _HALO_OPT,
     batch_size: int | None = _BATCH_OPT,
     tta: bool | None = _TTA_OPT,
     threshold: float | None = _THRESHOLD_OPT,
     engine: str | None = _ENGINE_OPT,
+    voxel_size: str | None = typer.Option(
+        None,
+        "--voxel-size",
+        help="Z,Y,X voxel size in nm (default: from the input's TIFF/ImageJ/OME metadata)",
+    ),
+    instances: bool = typer.Option(
+        False,
+        "--instances",
+        help="TIFF input: also write <name>_instances.tif (uint32, one id per "
+        "mitochondrion, 3D connected components) and <name>_objects.csv",
+    ),
+    workers: int = typer.Option(2, "--workers", min=1, help="volume: LocalCluster workers"),
+    scheduler: str | None = typer.Option(
+        None, "--scheduler", help="volume: attach to a running Dask scheduler tcp://HOST:PORT"
+    ),
+    block_z: int = typer.Option(8, "--block-z", min=1, help="volume: slices per block"),
+    probabilities: bool = typer.Option(
+        False, "--probabilities", help="volume: also store uint8 probabilities"
+    ),
+    force: bool = typer.Option(False, "--force", help="volume: replace an existing output"),
 ) -> None:
     """Segment images with the model's inference plan; write OUT/<name>_mask.tif each.
 
-    Masks keep the input's (Z,) H, W shape; binary: 0/255, multiclass: class index.
+    Masks keep the input's (Z,) H, W shape; binary: 0/255, multiclass: class index. The
+    input's voxel size (or --voxel-size) is written into every output TIFF. A Zarr /
+    OME-Zarr input, or an --out ending in .zarr, runs blockwise on Dask (see
+    :mod:`mitoseg.volume`): OME-Zarr image + pyramid, labels/mask, labels/instances and
+    objects.csv; resumable after a kill.
     """
+    overrides = _overrides(tile_size, halo, batch_size, tta, threshold, engine)
+    vs = _parse_voxel_size(voxel_size)
+    if any(_is_volume(p) for p in images) or str(out).rstrip("/").endswith(".zarr"):
+        if len(images) != 1:
+            fail("a volume job takes exactly one input")
+        _predict_volume(
+            str(images[0]), str(out), model, overrides, vs, workers, scheduler, block_z,
+            probabilities, force,
+        )  # fmt: skip
+        return
+    _predict_files(images, model, out, overrides, vs, instances)
+
+
+def _predict_volume(
+    source: str,
+    target: str,
+    model: str,
+    overrides: dict[str, Any],
+    voxel_size: tuple[float, float, float] | None,
+    workers: int,
+    scheduler: str | None,
+    block_z: int,
+    probabilities: bool,
+    force: bool,
+) -> None:
+    from mitoseg.io import DataError
+    from mitoseg.volume.job import run_volume_job
+
+    net, plan = load_model_and_plan(model, **overrides)
+    try:
+        summary = run_volume_job(
+            source,
+            target,
+            net,
+            plan,
+            workers=workers,
+            scheduler=scheduler,
+            block_z=block_z,
+            probabilities=probabilities,
+            force=force,
+            voxel_size_nm=voxel_size,
+            progress=STATE.progress,
+        )
+    except (DataError, ValueError, FileExistsError) as exc:
+        fail(str(exc))
+    typer.echo(
+        f"{source} {tuple(summary['shape'])} -> {target}: {summary['blocks']} blocks "
+        f"({summary['skipped']} already done), {summary['objects']} objects, "
+        f"foreground {summary['foreground']:.1%}"
+    )
+
+
+def _predict_files(
+    images: list[Path],
+    model: str,
+    out: Path,
+    overrides: dict[str, Any],
+    voxel_size: tuple[float, float, float] | None,
+    instances: bool,
+) -> None:
     from mitoseg.inference import mask_to_image, segment_stack
-    from mitoseg.io import DataError, read_stack, write_stack
+    from mitoseg.io import DataError, read_stack, read_voxel_size, write_stack
     from mitoseg.runtime import predictor_for_plan
 
-    overrides = _overrides(tile_size, halo, batch_size, tta, threshold, engine)
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         fail(f"input not found: {', '.join(missing)}")
@@ -128,13 +232,48 @@ def predict(
     for path, target in zip(images, targets, strict=True):
         try:
             stack = read_stack(path)
+            vs = voxel_size if voxel_size is not None else read_voxel_size(path)
             mask = segment_stack(predict_batch, stack, plan, progress=STATE.progress)
         except (DataError, ValueError) as exc:
             fail(str(exc))
         image = mask_to_image(mask, plan.n_classes)
-        write_stack(target, image[0] if image.shape[0] == 1 else image)
+        squeeze = image.shape[0] == 1
+        write_stack(target, image[0] if squeeze else image, vs)
         fg = float((mask != 0).mean())
-        typer.echo(f"{path} {tuple(stack.shape)} -> {target} (foreground {fg:.1%})")
+        extra = ""
+        if instances:
+            extra = _write_instances(path, stack, mask, plan, out, vs, squeeze)
+        typer.echo(f"{path} {tuple(stack.shape)} -> {target} (foreground {fg:.1%}){extra}")
+
+
+def _write_instances(
+    path: Path,
+    stack: Any,
+    mask: Any,
+    plan: Any,
+    out: Path,
+    voxel_size: tuple[float, float, float] | None,
+    squeeze: bool,
+) -> str:
+    """Instance labels + object table of one predicted stack; returns a note for the log."""
+    from mitoseg.io import write_stack
+    from mitoseg.objects import instance_labels, measure_objects, write_object_table
+
+    k = 1 if plan.n_classes == 2 else None
+    if k is None and "mitochondria" in plan.class_names:
+        k = plan.class_names.index("mitochondria")
+    if k is None:
+        fail(
+            "--instances needs a binary model or a class named 'mitochondria' "
+            f"(classes: {', '.join(plan.class_names)})"
+        )
+    labels, n = instance_labels(mask == k)
+    target = out / f"{path.stem}_instances.tif"
+    write_stack(target, labels[0] if squeeze else labels, voxel_size)
+    table = write_object_table(
+        out / f"{path.stem}_objects.csv", measure_objects(labels, stack, voxel_size)
+    )
+    return f", {n} objects -> {target}, {table}"
 
 
 @app.command("evaluate")
