@@ -1,20 +1,18 @@
-"""Test helper: reset ``mitoseg.tracking``'s process state between tests.
+"""Test helper: leave MLflow's process state as a fresh process has it.
 
-Importable as ``tracking_state`` (pytest puts ``tests/`` on ``sys.path``). Goes away
-with the module-global store state (issue: tracking package without global state).
+Importable as ``tracking_state`` (pytest puts ``tests/`` on ``sys.path``). ``mitoseg.tracking``
+keeps no state of its own; this only ends active MLflow runs and unsets the tracking URI
+that ``mlflow.set_tracking_uri`` stores (and mirrors into ``$MLFLOW_TRACKING_URI``),
+through MLflow's public API.
 """
 
 from __future__ import annotations
 
-from mitoseg import tracking
-
 
 def reset_tracking() -> None:
-    """End active MLflow runs and forget the configured store."""
+    """End active MLflow runs and forget the tracking URI set in this process."""
     import mlflow
 
     while mlflow.active_run() is not None:
         mlflow.end_run()
-    tracking._STATE.uri = None
-    tracking._STATE.experiment_id = None
     mlflow.set_tracking_uri(None)

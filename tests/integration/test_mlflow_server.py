@@ -21,6 +21,7 @@ from mitoseg import tracking
 from mitoseg.config import RegisterConfig
 from mitoseg.stack import MlflowServer, run_mlflow_server
 from servers import S3Server
+from tracking_state import reset_tracking
 
 pytestmark = pytest.mark.integration
 
@@ -41,19 +42,12 @@ def client_env(
     mlflow_server: MlflowServer, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[str]:
     """Point this process at the server (and S3); restore env and tracking state afterwards."""
-    import mlflow
-
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
+    reset_tracking()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    tracking._STATE.uri = None
-    tracking._STATE.experiment_id = None
     yield mlflow_server.url
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    tracking._STATE.uri = None
-    tracking._STATE.experiment_id = None
-    mlflow.set_tracking_uri(None)
+    reset_tracking()
 
 
 def _tiny_model() -> Any:

@@ -223,8 +223,9 @@ def test_epoch_logger_metrics_and_errors(store: Any) -> None:
 def test_epoch_logger_closes_killed_run_and_logs_restored_history(store: Any) -> None:
     import mlflow
 
-    killed = store.create_run(tracking._STATE.experiment_id).info.run_id
-    other = store.create_run(tracking._STATE.experiment_id).info.run_id
+    experiment_id = tracking.open_store().experiment_id
+    killed = store.create_run(experiment_id).info.run_id
+    other = store.create_run(experiment_id).info.run_id
     mcb.MlflowEpochLogger(run_id=killed).set_backup("host:/ck/abc", [])
     mcb.MlflowEpochLogger(run_id=other).set_backup("host:/ck/other", [])
     restored = [

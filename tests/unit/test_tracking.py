@@ -322,6 +322,43 @@ def test_log_evaluation_errors(store: Path, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------- registry
 
+_CHAMP = {"metric": "iou", "value": 0.5, "test_data_id": "test:aaa"}
+
+
+@pytest.mark.parametrize(
+    ("previous", "metric", "value", "test_data_id", "expected"),
+    [
+        (None, "iou", 0.1, "test:aaa", (True, "first")),
+        (_CHAMP, "iou", 0.6, "test:aaa", (True, "better")),
+        (_CHAMP, "iou", 0.4, "test:aaa", (False, "not_better")),
+        (_CHAMP, "iou", 0.5, "test:aaa", (False, "not_better")),  # tie keeps the champion
+        (_CHAMP, "iou", 0.1, "test:bbb", (True, "incomparable")),  # other test data
+        (_CHAMP, "dice", 0.1, "test:aaa", (True, "incomparable")),  # other metric
+        ({**_CHAMP, "value": None}, "iou", 0.1, "test:aaa", (True, "incomparable")),
+        ({"version": 3}, "iou", 0.1, "test:aaa", (True, "incomparable")),  # no score tags
+    ],
+)
+def test_decide_alias(
+    previous: dict[str, Any] | None,
+    metric: str,
+    value: float,
+    test_data_id: str,
+    expected: tuple[bool, str],
+) -> None:
+    assert tracking.decide_alias(previous, metric, value, test_data_id) == expected
+
+
+def test_explicit_stores_are_independent(tmp_path: Path, clean_env: None) -> None:
+    a, b = (tracking.open_store(f"sqlite:///{tmp_path / n / 'mlflow.db'}") for n in "ab")
+    assert a.uri != b.uri
+    with tracking.start_training_run({"x": 1}, {}, "in-a", store=a) as run:
+        pass
+    assert a.get_run(run.info.run_id).info.run_name == "in-a"
+    with pytest.raises(ModelNotFoundError, match=r"not found in tracking store sqlite:///.*/b/"):
+        b.get_run(run.info.run_id)
+    with pytest.raises(ModelNotFoundError, match=r"has no logged model 'model'"):
+        tracking.model_info(f"runs:/{run.info.run_id}/model", store=a)
+
 
 def _cfg(name: str) -> RegisterConfig:
     return RegisterConfig(model_name=name)

@@ -1,0 +1,251 @@
+"""Model registry: test-data identity, the champion/challenger rule and registration.
+
+Registry rule (:func:`decide_alias`, applied by :func:`register_model`). Every registered
+version carries the tags ``eval_metric``, ``eval_value`` (``repr`` of the float, so it
+round-trips exactly) and ``test_data_id``. A new version becomes ``champion`` when
+
+* there is no champion yet (``reason="first"``), or
+* the champion was scored on the same metric and the same ``test_data_id`` and the new
+  value is strictly greater (``reason="better"``), or
+* the champion is *not comparable*: scored on a different ``test_data_id`` or metric, or
+  it has no score tags (``reason="incomparable"``). Scores on different test sets cannot
+  be ranked; the version scored on the current test data becomes the reference so that
+  later models are compared against it (keeping the stale champion forever would block
+  every future promotion).
+
+Otherwise (worse, or a tie: ties keep the existing champion) the new version gets the
+``challenger`` alias (``reason="not_better"``). A champion that is replaced keeps its
+version and tags but loses the alias (aliases are unique per registered model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from mitoseg.tracking.lineage import data_dvc_md5
+from mitoseg.tracking.store import (
+    DEFAULT_ARTIFACT_PATH,
+    UNKNOWN,
+    ModelNotFoundError,
+    TrackingStore,
+    open_store,
+)
+
+if TYPE_CHECKING:
+    from mitoseg.config import RegisterConfig
+
+__all__ = ["Reason", "compute_test_data_id", "decide_alias", "register_model"]
+
+#: Why a version got its alias.
+Reason = Literal["first", "better", "incomparable", "not_better"]
+
+#: Version tags written by :func:`register_model`.
+TAG_METRIC = "eval_metric"
+TAG_VALUE = "eval_value"
+TAG_TEST_DATA = "test_data_id"
+#: Run tags copied onto a registered version (lineage and class table).
+_LINEAGE_KEYS = (
+    "git_commit",
+    "git_dirty",
+    "data_dvc_md5",
+    "dvc_lock_md5",
+    "n_classes",
+    "class_names",
+)
+
+
+def decide_alias(
+    previous: Mapping[str, Any] | None, metric: str, value: float, test_data_id: str
+) -> tuple[bool, Reason]:
+    """The registry rule (module docstring), without MLflow.
+
+    Args:
+        previous: the current champion's ``{"metric", "value", "test_data_id"}``
+            (``value`` None when it has no score tag), or None when there is none.
+        metric: the new version's metric name.
+        value: its value on the test data (higher is better).
+        test_data_id: the test data it was measured on.
+
+    Returns:
+        ``(becomes_champion, reason)``; ``reason`` is ``"first"``, ``"incomparable"``,
+        ``"better"`` (all champion) or ``"not_better"`` (challenger; ties included).
+    """
+    if previous is None:
+        return True, "first"
+    if (
+        previous.get("metric") != metric
+        or previous.get("test_data_id") != test_data_id
+        or previous.get("value") is None
+    ):
+        return True, "incomparable"
+    if value > previous["value"]:
+        return True, "better"
+    return False, "not_better"
+
+
+def _md5_files(paths: list[Path]) -> str:
+    digest = hashlib.md5()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def compute_test_data_id(
+    raw_dir: Path | None,
+    run_id: str | None = None,
+    repo_root: Path | None = None,
+    *,
+    store: TrackingStore | None = None,
+) -> str:
+    """Identify the test data a metric was measured on, for :func:`register_model`.
+
+    Tried in order:
+
+    1. ``test:<md5>`` over ``<raw_dir>/test/images.tif`` and ``masks.tif`` (the masks
+       only when present): changes exactly when the test split changes, so models
+       trained on different training data remain comparable;
+    2. ``data.dvc:<md5>`` from the ``data_dvc_md5`` tag of run ``run_id``;
+    3. ``data.dvc:<md5>`` from ``<repo_root>/data.dvc``.
+
+    Args:
+        raw_dir: canonical raw data directory (``data/raw``), or None to skip step 1.
+        run_id: training run whose lineage tags to use in step 2, or None.
+        repo_root: repository with ``data.dvc`` for step 3, or None to skip it.
+        store: where run ``run_id`` lives; :func:`open_store` when None.
+
+    Returns:
+        The identifier string.
+
+    Raises:
+        ValueError: none of the sources is available.
+    """
+    if raw_dir is not None:
+        images = Path(raw_dir) / "test" / "images.tif"
+        masks = Path(raw_dir) / "test" / "masks.tif"
+        if images.is_file():
+            return "test:" + _md5_files([images, *([masks] if masks.is_file() else [])])
+    if run_id is not None:
+        store = store or open_store()
+        tag = store.get_run(run_id).data.tags.get("data_dvc_md5", UNKNOWN)
+        if tag != UNKNOWN:
+            return f"data.dvc:{tag}"
+    if repo_root is not None:
+        md5 = data_dvc_md5(Path(repo_root))
+        if md5 != UNKNOWN:
+            return f"data.dvc:{md5}"
+    raise ValueError(
+        f"cannot identify the test data: no {raw_dir}/test/images.tif, no data_dvc_md5 tag "
+        f"on run {run_id!r} and no data.dvc in {repo_root}"
+    )
+
+
+def _describe_version(mv: Any) -> dict[str, Any]:
+    tags = dict(mv.tags or {})
+    try:
+        value: float | None = float(tags[TAG_VALUE])
+    except (KeyError, ValueError):
+        value = None
+    return {
+        "version": int(mv.version),
+        "run_id": mv.run_id,
+        "metric": tags.get(TAG_METRIC),
+        "value": value,
+        "test_data_id": tags.get(TAG_TEST_DATA),
+    }
+
+
+def register_model(
+    run_id: str,
+    metric: str,
+    value: float,
+    cfg: RegisterConfig,
+    test_data_id: str,
+    *,
+    store: TrackingStore | None = None,
+) -> dict[str, Any]:
+    """Register the run's model as a new version and apply the champion/challenger rule.
+
+    See the module docstring and :func:`decide_alias` for the rule. The version is tagged
+    with ``eval_metric``, ``eval_value``, ``test_data_id``, ``registration_reason`` and the
+    run's lineage tags.
+
+    Args:
+        run_id: training run holding the model logged as ``model``.
+        metric: metric name, e.g. ``cfg.metric`` (``iou``); higher is better.
+        value: the metric on the test data (finite).
+        cfg: registry settings (model name and alias names).
+        test_data_id: identifier of the test data the value was measured on.
+        store: the run's store (and registry); :func:`open_store` when None.
+
+    Returns:
+        ``{"model_name", "version", "alias", "metric", "value", "previous_champion",
+        "test_data_id", "run_id", "reason"}``; ``previous_champion`` is ``{"version",
+        "run_id", "metric", "value", "test_data_id"}`` of the champion before this call,
+        or None.
+
+    Raises:
+        ValueError: non-finite value, empty metric or test_data_id.
+        ModelNotFoundError: the run does not exist or has no logged ``model``.
+    """
+    import mlflow
+
+    if not metric:
+        raise ValueError("register_model: metric name is empty")
+    if not test_data_id:
+        raise ValueError("register_model: test_data_id is empty")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"register_model: {metric} value must be finite, got {value}")
+    store = store or open_store()
+    client = store.client()
+    run = store.get_run(run_id)
+    logged = store.logged_model(run, DEFAULT_ARTIFACT_PATH)
+    if logged is None:
+        raise ModelNotFoundError(
+            f"run {run_id!r} has no logged model {DEFAULT_ARTIFACT_PATH!r} "
+            f"(runs:/{run_id}/{DEFAULT_ARTIFACT_PATH}); log it with log_keras_model"
+        )
+
+    champion = store.version_by_alias(cfg.model_name, cfg.champion_alias)
+    previous = _describe_version(champion) if champion is not None else None
+    promote, reason = decide_alias(previous, metric, value, test_data_id)
+    alias = cfg.champion_alias if promote else cfg.challenger_alias
+
+    run_tags = run.data.tags
+    tags = {k: run_tags[k] for k in _LINEAGE_KEYS if k in run_tags}
+    tags.update(
+        {
+            TAG_METRIC: metric,
+            TAG_VALUE: repr(value),
+            TAG_TEST_DATA: test_data_id,
+            "registration_reason": reason,
+        }
+    )
+    # MLflow 3 stores the model as a LoggedModel: register its models:/m-... URI directly
+    # (registering runs:/<id>/model works too, but only through a warning fallback).
+    mlflow.set_tracking_uri(store.uri)  # mlflow.register_model uses the fluent registry
+    mv = mlflow.register_model(f"models:/{logged.model_id}", cfg.model_name, tags=tags)
+    client.set_registered_model_alias(cfg.model_name, alias, mv.version)
+    client.update_model_version(
+        cfg.model_name,
+        mv.version,
+        description=f"{metric}={value:.4f} on test data {test_data_id} ({reason})",
+    )
+    return {
+        "model_name": cfg.model_name,
+        "version": int(mv.version),
+        "alias": alias,
+        "metric": metric,
+        "value": value,
+        "previous_champion": previous,
+        "test_data_id": test_data_id,
+        "run_id": run_id,
+        "reason": reason,
+    }
