@@ -21,8 +21,12 @@ data_app = typer.Typer(help="Fetch raw EM data into the canonical layout.", no_a
 bento_app = typer.Typer(
     help="Package the registered model as a BentoML Bento.", no_args_is_help=True
 )
+export_app = typer.Typer(
+    help="Export a trained model for other tools (BioImage Model Zoo).", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 app.add_typer(bento_app, name="bento")
+app.add_typer(export_app, name="export")
 
 
 @dataclass
