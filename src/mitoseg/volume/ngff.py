@@ -1,0 +1,338 @@
+"""The OME-Zarr output of a volume job (NGFF 0.5 on Zarr v3, or 0.4 on Zarr v2).
+
+Layout of ``OUT.ome.zarr`` (every image a multiscale pyramid, halved in y and x per level
+while both sides stay >= :data:`MIN_SIDE`; z is kept, EM sections being anisotropic)::
+
+    OUT.ome.zarr/                 the input image (copied blockwise), levels 0 .. L-1
+      labels/mask/                class index per voxel (uint8; binary: 0/1)
+      labels/instances/           one uint32 id per mitochondrion (3D, stitched)
+      probabilities/              optional (C, Z, Y, X) uint8 probabilities x 255
+      objects.csv                 one row per instance (:data:`mitoseg.objects.OBJECT_COLUMNS`)
+      mitoseg_done                (n_blocks, 2) int64 completion record (see below)
+
+The root's ``mitoseg`` attribute says how it was made and whether the job completed:
+``{"status": "running" | "complete", "job": {...}, "blocks": n, ...}``. Row ``b`` of
+``mitoseg_done`` is written by the block's task only after all of that block's data:
+``[local objects + 1, foreground voxels]``; ``0`` means not done. While running,
+``mitoseg_local`` holds the per-block instance labels before stitching; it is removed when
+the job completes.
+
+Image pyramids are 2 x 2 means in y, x (with the matching half-pixel translation); label
+pyramids take every second voxel (no translation), as label values must not be averaged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from mitoseg.io import DataError
+from mitoseg.volume.store import is_s3, open_store
+
+__all__ = [
+    "DONE_ARRAY",
+    "LOCAL_ARRAY",
+    "MIN_SIDE",
+    "NGFF_VERSIONS",
+    "create_output",
+    "downsample",
+    "open_output",
+    "output_status",
+    "pyramid_shapes",
+    "remove_store",
+    "write_levels",
+    "write_text",
+]
+
+#: Completion record array at the root.
+DONE_ARRAY = "mitoseg_done"
+#: Per-block (unstitched) instance labels while the job runs.
+LOCAL_ARRAY = "mitoseg_local"
+#: Pyramid levels are added while both y and x of the next level stay at least this.
+MIN_SIDE = 64
+#: Maximum pyramid levels.
+MAX_LEVELS = 8
+#: Supported output NGFF versions and their Zarr format.
+NGFF_VERSIONS = {"0.4": 2, "0.5": 3}
+#: Chunk side in y and x of the output arrays.
+YX_CHUNK = 256
+
+
+def pyramid_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Shapes of the pyramid levels of a ``(..., Z, Y, X)`` array (y, x halved, ceil)."""
+    shapes = [tuple(shape)]
+    while len(shapes) < MAX_LEVELS:
+        *lead, y, x = shapes[-1]
+        ny, nx = math.ceil(y / 2), math.ceil(x / 2)
+        if min(ny, nx) < MIN_SIDE:
+            break
+        shapes.append((*lead, ny, nx))
+    return shapes
+
+
+def downsample(block: np.ndarray, label: bool) -> np.ndarray:
+    """One pyramid step of a ``(..., Y, X)`` block: every 2nd voxel (labels) or 2 x 2 mean
+    (images; odd edges repeat the last row / column), keeping the dtype."""
+    if label:
+        return np.ascontiguousarray(block[..., ::2, ::2])
+    y, x = block.shape[-2:]
+    pad = [(0, 0)] * (block.ndim - 2) + [(0, y % 2), (0, x % 2)]
+    padded = np.pad(block, pad, mode="edge").astype(np.float64)
+    mean = 0.25 * (
+        padded[..., 0::2, 0::2]
+        + padded[..., 1::2, 0::2]
+        + padded[..., 0::2, 1::2]
+        + padded[..., 1::2, 1::2]
+    )
+    if np.issubdtype(block.dtype, np.integer):
+        mean = np.rint(mean)
+    return mean.astype(block.dtype)
+
+
+def _axes(voxel_size_nm: tuple[float, float, float] | None, channels: bool) -> list[dict]:
+    unit = {"unit": "nanometer"} if voxel_size_nm is not None else {}
+    axes = [{"name": n, "type": "space", **unit} for n in ("z", "y", "x")]
+    return ([{"name": "c", "type": "channel"}] if channels else []) + axes
+
+
+def _multiscale(
+    name: str,
+    shapes: list[tuple[int, ...]],
+    voxel_size_nm: tuple[float, float, float] | None,
+    label: bool,
+    channels: bool,
+    ngff: str,
+) -> dict[str, Any]:
+    z, y, x = voxel_size_nm if voxel_size_nm is not None else (1.0, 1.0, 1.0)
+    datasets = []
+    for level in range(len(shapes)):
+        f = 2.0**level
+        scale = [z, y * f, x * f]
+        transforms: list[dict[str, Any]] = [
+            {"type": "scale", "scale": ([1.0] if channels else []) + scale}
+        ]
+        if level and not label:
+            shift = [0.0, (f - 1) / 2 * y, (f - 1) / 2 * x]
+            transforms.append(
+                {"type": "translation", "translation": ([0.0] if channels else []) + shift}
+            )
+        datasets.append({"path": str(level), "coordinateTransformations": transforms})
+    ms: dict[str, Any] = {
+        "name": name,
+        "axes": _axes(voxel_size_nm, channels),
+        "datasets": datasets,
+        "type": "nearest" if label else "mean",
+    }
+    if ngff == "0.4":
+        ms["version"] = "0.4"
+    return ms
+
+
+def _image_attrs(ngff: str, ms: dict[str, Any], extra: dict[str, Any] | None = None) -> dict:
+    body: dict[str, Any] = {"multiscales": [ms], **(extra or {})}
+    if ngff == "0.5":
+        return {"ome": {"version": "0.5", **body}}
+    return body
+
+
+def _create_pyramid(
+    group: Any,
+    shape: tuple[int, ...],
+    dtype: Any,
+    chunk_z: int,
+    zarr_format: int,
+) -> list[tuple[int, ...]]:
+    shapes = pyramid_shapes(shape)
+    for level, s in enumerate(shapes):
+        chunks = (
+            *([1] * (len(s) - 3)),
+            min(chunk_z, s[-3]),
+            min(YX_CHUNK, s[-2]),
+            min(YX_CHUNK, s[-1]),
+        )
+        kwargs: dict[str, Any] = {}
+        if zarr_format == 2:
+            kwargs["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
+        else:
+            kwargs["dimension_names"] = (["c"] if len(s) == 4 else []) + ["z", "y", "x"]
+        group.create_array(str(level), shape=s, chunks=chunks, dtype=dtype, fill_value=0, **kwargs)
+    return shapes
+
+
+def create_output(
+    uri: str,
+    *,
+    shape: tuple[int, int, int],
+    dtype: Any,
+    voxel_size_nm: tuple[float, float, float] | None,
+    block_z: int,
+    n_blocks: int,
+    ngff: str = "0.5",
+    instances: bool = True,
+    probability_channels: int = 0,
+    job: dict[str, Any] | None = None,
+) -> Any:
+    """Create an empty output store (see the module docstring) and return its root group.
+
+    Args:
+        uri: the output location (path or ``s3://``); must not exist.
+        shape: ``(Z, Y, X)`` of the input.
+        dtype: dtype of the input image.
+        voxel_size_nm: ``(z, y, x)`` nm, or None (scale 1, no unit).
+        block_z: slices per block, also the chunk depth of every array (blocks never
+            share a chunk, so concurrent block writes are safe).
+        n_blocks: number of blocks (rows of the completion record).
+        ngff: ``0.5`` (Zarr v3) or ``0.4`` (Zarr v2).
+        instances: create ``labels/instances`` (and the per-block local labels).
+        probability_channels: ``C > 0`` creates ``probabilities`` ``(C, Z, Y, X)`` uint8.
+        job: the job description stored in the ``mitoseg`` attribute.
+
+    Raises:
+        ValueError: an unknown NGFF version.
+    """
+    import zarr
+
+    if ngff not in NGFF_VERSIONS:
+        raise ValueError(f"ngff version must be one of {sorted(NGFF_VERSIONS)}, got {ngff!r}")
+    fmt = NGFF_VERSIONS[ngff]
+    root = zarr.open_group(store=open_store(uri, read_only=False), mode="w", zarr_format=fmt)
+    shapes = _create_pyramid(root, shape, dtype, block_z, fmt)
+    attrs = _image_attrs(ngff, _multiscale("image", shapes, voxel_size_nm, False, False, ngff))
+    labels = root.create_group("labels")
+    names = ["mask", *(["instances"] if instances else [])]
+    labels.attrs.update(
+        {"ome": {"version": "0.5", "labels": names}} if ngff == "0.5" else {"labels": names}
+    )
+    for name, dt in (("mask", "uint8"), ("instances", "uint32")):
+        if name not in names:
+            continue
+        g = labels.create_group(name)
+        lshapes = _create_pyramid(g, shape, dt, block_z, fmt)
+        image_label: dict[str, Any] = {"source": {"image": "../../"}}
+        if ngff == "0.4":
+            image_label["version"] = "0.4"
+        g.attrs.update(
+            _image_attrs(
+                ngff,
+                _multiscale(name, lshapes, voxel_size_nm, True, False, ngff),
+                {"image-label": image_label},
+            )
+        )
+    if probability_channels:
+        g = root.create_group("probabilities")
+        pshapes = _create_pyramid(g, (probability_channels, *shape), "uint8", block_z, fmt)
+        g.attrs.update(
+            _image_attrs(
+                ngff, _multiscale("probabilities", pshapes, voxel_size_nm, False, True, ngff)
+            )
+        )
+    extra: dict[str, Any] = {}
+    if fmt == 2:
+        extra["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
+    root.create_array(
+        DONE_ARRAY, shape=(n_blocks, 2), chunks=(1, 2), dtype="int64", fill_value=0,
+        compressors=None, **extra,
+    )  # fmt: skip
+    if instances:
+        chunks = (block_z, min(YX_CHUNK, shape[1]), min(YX_CHUNK, shape[2]))
+        root.create_array(
+            LOCAL_ARRAY, shape=shape, chunks=chunks, dtype="uint32", fill_value=0, **extra
+        )
+    root.attrs.update({**attrs, "mitoseg": {"status": "running", **(job or {})}})
+    return root
+
+
+def open_output(uri: str) -> Any:
+    """The root group of an existing output, writable."""
+    import zarr
+
+    return zarr.open_group(store=open_store(uri, read_only=False), mode="r+")
+
+
+def output_status(uri: str) -> dict[str, Any] | None:
+    """The ``mitoseg`` attribute of an existing output; None when ``uri`` does not exist.
+
+    Raises:
+        FileExistsError: ``uri`` exists but is not an output of a volume job.
+    """
+    import zarr
+
+    if not is_s3(uri):
+        from pathlib import Path
+
+        if not Path(uri).exists():
+            return None
+    try:
+        root = zarr.open_group(store=open_store(uri, read_only=True), mode="r")
+    except (FileNotFoundError, DataError):
+        return None
+    except Exception as exc:
+        raise FileExistsError(
+            f"{uri}: exists and is not a mitoseg volume output ({type(exc).__name__}); "
+            "use --force to replace it"
+        ) from None
+    info = dict(root.attrs).get("mitoseg")
+    if not isinstance(info, dict):
+        raise FileExistsError(
+            f"{uri}: exists and is not a mitoseg volume output; use --force to replace it"
+        )
+    return info
+
+
+def remove_store(uri: str) -> None:
+    """Delete a store (folder or ``s3://`` prefix) if it exists."""
+    if is_s3(uri):
+        import s3fs
+
+        from mitoseg.volume.store import s3_storage_options
+
+        fs = s3fs.S3FileSystem(**s3_storage_options())
+        if fs.exists(uri):
+            fs.rm(uri, recursive=True)
+        return
+    import shutil
+    from pathlib import Path
+
+    p = Path(uri)
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists():
+        p.unlink()
+
+
+def write_levels(group: Any, block: np.ndarray, z0: int, label: bool) -> None:
+    """Write a ``(..., z, Y, X)`` block at slice ``z0`` into every pyramid level of a
+    multiscale group (arrays ``0 .. L-1``)."""
+    level = 0
+    data = block
+    while str(level) in group:
+        arr = group[str(level)]
+        index = (*([slice(None)] * (data.ndim - 3)), slice(z0, z0 + data.shape[-3]))
+        arr[index] = data
+        level += 1
+        data = downsample(data, label)
+
+
+def write_text(uri: str, name: str, text: str) -> str:
+    """Write a small text file inside a store (atomically for a local folder).
+
+    Returns:
+        The file's path or URI.
+    """
+    target = f"{uri.rstrip('/')}/{name}"
+    if is_s3(uri):
+        import s3fs
+
+        from mitoseg.volume.store import s3_storage_options
+
+        fs = s3fs.S3FileSystem(**s3_storage_options())
+        with fs.open(target, "w") as fh:
+            fh.write(text)
+        return target
+    from mitoseg.io import atomic_path
+
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)
+    return target

@@ -1,0 +1,280 @@
+"""Blockwise volume prediction on a real in-process Dask cluster with a known predictor.
+
+The "model" is a 5x5 box blur of the mean input channel (so tiles, halos and blending
+matter and a 2.5D plan's context slices change the answer); the reference is
+whole-stack :func:`mitoseg.inference.segment_stack` with the same plan. Inputs are
+OME-Zarr (NGFF 0.4 and 0.5), plain Zarr and TIFF with small odd chunks, so every block
+and chunk border is crossed.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from distributed import Client, LocalCluster
+
+from mitoseg.inference import segment_stack
+from mitoseg.io import DataError
+from mitoseg.objects import instance_labels, measure_objects
+from mitoseg.plan import InferencePlan
+from mitoseg.volume import ngff
+from mitoseg.volume.job import face_pairs, run_volume_job, stitch_labels
+from mitoseg.volume.store import is_volume_uri, open_volume
+
+VOXEL = (50.0, 4.0, 4.0)
+
+
+def blur(batch: np.ndarray) -> np.ndarray:
+    """``(B, H, W, C_in)`` -> ``(B, H, W, 1)``: 5x5 box mean of the channel mean."""
+    from scipy import ndimage
+
+    x = batch.mean(axis=-1, keepdims=True)
+    return ndimage.uniform_filter(x, size=(1, 5, 5, 1), mode="nearest").astype(np.float32)
+
+
+def _plan(z_context: int = 0) -> InferencePlan:
+    fields = {"tile_size": 32, "halo": 6, "batch_size": 3, "threshold": 0.45}
+    if z_context:
+        fields["z_context"] = z_context
+    return InferencePlan.default_for(1, 1, **fields)
+
+
+def _volume(z: int = 11, h: int = 45, w: int = 52, seed: int = 0) -> np.ndarray:
+    """Blobs (some spanning slices and block faces) on noise, uint8."""
+    rng = np.random.default_rng(seed)
+    vol = rng.integers(0, 60, (z, h, w)).astype(np.uint8)
+    zz, yy, xx = np.mgrid[:z, :h, :w]
+    for _ in range(9):
+        cz, cy, cx = rng.uniform(0, z), rng.uniform(0, h), rng.uniform(0, w)
+        r = rng.uniform(3, 8)
+        vol[((zz - cz) * 3) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 220
+    vol[0] = 0  # a blank slice: background without a forward pass
+    return vol
+
+
+def _ome(path: Path, data: np.ndarray, version: str, chunks=(3, 7, 11)) -> str:
+    from ome_zarr.format import FormatV04, FormatV05
+    from ome_zarr.writer import write_image
+
+    fmt, zf = (FormatV04(), 2) if version == "0.4" else (FormatV05(), 3)
+    group = zarr.open_group(str(path), mode="w", zarr_format=zf)
+    write_image(
+        data, group, axes="zyx", fmt=fmt, scale_factors=(),
+        scale=dict(zip("zyx", VOXEL, strict=True)),
+        axes_units=dict.fromkeys("zyx", "nanometer"), storage_options={"chunks": chunks},
+    )  # fmt: skip
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        yield c
+
+
+def test_is_volume_uri(tmp_path: Path) -> None:
+    assert is_volume_uri("s3://bucket/x") and is_volume_uri(str(tmp_path / "a.zarr"))
+    assert not is_volume_uri(str(tmp_path / "a.tif"))
+    plain = tmp_path / "plain"
+    zarr.create_array(str(plain), shape=(2, 2), dtype="uint8")
+    assert is_volume_uri(str(plain))
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_ome_zarr_job_matches_whole_stack_predict(
+    client: Client, tmp_path: Path, version: str
+) -> None:
+    data = _volume()
+    plan = _plan()
+    src = _ome(tmp_path / "in.ome.zarr", data, version)
+    out = str(tmp_path / "out.ome.zarr")
+    summary = run_volume_job(src, out, blur, plan, client=client, block_z=4, ngff_version=version)
+    expected = segment_stack(blur, data, plan)
+    root = zarr.open_group(out, mode="r")
+    mask = root["labels/mask/0"][:]
+    np.testing.assert_array_equal(mask, expected)
+    np.testing.assert_array_equal(root["0"][:], data)
+    labels = root["labels/instances/0"][:]
+    ref, n = instance_labels(expected)
+    np.testing.assert_array_equal(labels, ref)  # stitched across block faces, scan order
+    assert summary["objects"] == n > 3 and summary["blocks"] == 3 and summary["skipped"] == 0
+    # pyramid (y, x halved while >= 64 px: none here beyond level 0 for 45 x 52)
+    assert "1" not in root
+    info = dict(root.attrs)["mitoseg"]
+    assert info["status"] == "complete" and info["objects"] == n
+    assert ngff.LOCAL_ARRAY not in root
+    with open(f"{out}/objects.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    want = measure_objects(ref, data, VOXEL)
+    assert [int(r["voxels"]) for r in rows] == [r["voxels"] for r in want]
+    assert float(rows[0]["volume_nm3"]) == pytest.approx(want[0]["volume_nm3"])
+    assert [int(r["slices"]) for r in rows] == [r["slices"] for r in want]
+    # the output is an OME-Zarr image with labels that ome-zarr's reader understands
+    back = open_volume(out)
+    assert back.voxel_size_nm == pytest.approx(VOXEL) and back.ngff_version == version
+    assert open_volume(f"{out}/labels/instances").dtype == np.uint32
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    nodes = list(Reader(parse_url(out))())
+    assert nodes and nodes[0].metadata["axes"][0]["name"] == "z"
+    assert any("labels" in str(n.zarr) for n in nodes)
+
+
+def test_2p5d_plan_reads_context_across_blocks(client: Client, tmp_path: Path) -> None:
+    if "z_context" not in InferencePlan.model_fields:
+        pytest.skip("InferencePlan.z_context not in this tree yet")
+    data = _volume(z=9, seed=2)
+    plan = _plan(z_context=1)
+    store = tmp_path / "plain.zarr"
+    arr = zarr.create_array(str(store), shape=data.shape, chunks=(2, 13, 9), dtype="uint8")
+    arr[:] = data
+    out = str(tmp_path / "out.zarr")
+    run_volume_job(str(store), out, blur, plan, client=client, block_z=2, voxel_size_nm=VOXEL)
+    mask = zarr.open_group(out, mode="r")["labels/mask/0"][:]
+    np.testing.assert_array_equal(mask, segment_stack(blur, data, plan))
+
+
+def test_tiff_input_probabilities_and_pyramid(client: Client, tmp_path: Path) -> None:
+    data = np.tile(_volume(z=5, seed=4), (1, 3, 3))  # 135 x 156: two pyramid levels
+    tif = tmp_path / "in.tif"
+    tifffile.imwrite(tif, data, tile=(32, 48), compression="zlib")
+    out = str(tmp_path / "out.ome.zarr")
+    plan = _plan()
+    run_volume_job(
+        str(tif), out, blur, plan, client=client, block_z=3, probabilities=True,
+        voxel_size_nm=(40.0, 5.0, 5.0),
+    )  # fmt: skip
+    root = zarr.open_group(out, mode="r")
+    np.testing.assert_array_equal(root["labels/mask/0"][:], segment_stack(blur, data, plan))
+    assert root["1"].shape == (5, 68, 78) and "2" not in root
+    np.testing.assert_array_equal(
+        root["labels/instances/1"][:], root["labels/instances/0"][:][:, ::2, ::2]
+    )
+    probs = root["probabilities/0"][:]
+    assert probs.shape == (1, *data.shape) and probs.dtype == np.uint8
+    ms = dict(root.attrs)["ome"]["multiscales"][0]
+    assert ms["datasets"][1]["coordinateTransformations"][0]["scale"] == [40.0, 10.0, 10.0]
+
+
+def test_resume_skips_recorded_blocks_and_force_replaces(client: Client, tmp_path: Path) -> None:
+    data = _volume(seed=5)
+    plan = _plan()
+    src = _ome(tmp_path / "in.ome.zarr", data, "0.5")
+    out = str(tmp_path / "out.ome.zarr")
+    run_volume_job(src, out, blur, plan, client=client, block_z=4)
+    reference = zarr.open_group(out, mode="r")["labels/instances/0"][:]
+    # an interrupted job: status running, block 1 unrecorded and its mask chunk garbage
+    root = zarr.open_group(out, mode="r+")
+    root.attrs.update({"mitoseg": {**dict(root.attrs)["mitoseg"], "status": "running"}})
+    root[ngff.DONE_ARRAY][1] = 0
+    root["labels/mask/0"][4:8] = 7
+    root.create_array(ngff.LOCAL_ARRAY, shape=data.shape, chunks=(4, 45, 52), dtype="uint32")
+    for b in range(3):  # local labels are redone only for block 1: put back the others
+        local, _ = instance_labels(segment_stack(blur, data[4 * b : 4 * b + 4], plan))
+        if b != 1:
+            root[ngff.LOCAL_ARRAY][4 * b : 4 * b + 4] = local
+    summary = run_volume_job(src, out, blur, plan, client=client, block_z=4)
+    assert summary["skipped"] == 2
+    root = zarr.open_group(out, mode="r")
+    np.testing.assert_array_equal(root["labels/mask/0"][:], segment_stack(blur, data, plan))
+    np.testing.assert_array_equal(root["labels/instances/0"][:], reference)
+    with pytest.raises(FileExistsError, match="exists \\(a completed job\\); use --force"):
+        run_volume_job(src, out, blur, plan, client=client, block_z=4)
+    with pytest.raises(FileExistsError, match="written by another job"):
+        run_volume_job(src, out, blur, plan, client=client, block_z=5)
+    summary = run_volume_job(src, out, blur, plan, client=client, block_z=5, force=True)
+    assert summary["blocks"] == 3 and summary["skipped"] == 0
+
+
+def test_face_pairs_and_stitch_by_hand() -> None:
+    last = np.array([[1, 0, 0], [0, 0, 0], [0, 0, 2]])
+    first = np.array([[0, 3, 0], [0, 0, 0], [0, 0, 0]])
+    assert face_pairs(last, first).tolist() == [[1, 3]]  # diagonal neighbours touch
+    # block 0: ids 1, 2; block 1: id 1 touching block 0's 2; block 2: id 1 alone
+    mapping, n = stitch_labels([2, 1, 1], {0: np.array([[2, 1]]), 1: np.zeros((0, 2))})
+    assert n == 3 and mapping.tolist() == [0, 1, 2, 2, 3]
+    assert stitch_labels([0, 0], {0: np.zeros((0, 2), np.int64)}) == (pytest.approx(np.zeros(1)), 0)
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[str, str]]:
+    (tmp_path / "notastore").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    flat = tmp_path / "flat.zarr"
+    zarr.create_array(str(flat), shape=(8, 9), dtype="uint8")
+    group = zarr.open_group(str(tmp_path / "group.zarr"), mode="w")
+    group.create_array("raw", shape=(2, 8, 9), dtype="uint8")
+    broken = tmp_path / "broken.ome.zarr"
+    _ome(broken, _volume(z=4, seed=1), "0.5", chunks=(2, 45, 52))
+    for chunk in (broken / "s0" / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.write_bytes(b"not a chunk")
+    missing = tmp_path / "missing.ome.zarr"
+    _ome(missing, _volume(z=4, seed=1), "0.4")
+    import shutil
+
+    shutil.rmtree(missing / "s0")
+    return {
+        "not a store": (str(tmp_path / "notastore"), "not a Zarr store"),
+        "absent": (str(tmp_path / "absent.zarr"), "absent.zarr: not found"),
+        "a file": (str(tmp_path / "file.txt"), "not a Zarr store or TIFF stack"),
+        "2D": (str(flat), "expected a 3D \\(Z, Y, X\\) volume, got a 2D array"),
+        "no multiscales": (str(tmp_path / "group.zarr"), "without OME-Zarr multiscales"),
+        "missing dataset": (str(missing), "dataset 's0' is missing"),
+        "unreadable chunk": (str(broken), "cannot read slices 0..1"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["not a store", "absent", "a file", "2D", "no multiscales", "missing dataset",
+     "unreadable chunk"],
+)  # fmt: skip
+def test_bad_inputs_are_named_and_leave_no_output(
+    client: Client, tmp_path: Path, case: str
+) -> None:
+    uri, message = _bad_inputs(tmp_path)[case]
+    out = tmp_path / "out.ome.zarr"
+    with pytest.raises(DataError, match=message) as exc:
+        run_volume_job(uri, str(out), blur, _plan(), client=client, block_z=2)
+    assert Path(uri.rstrip("/")).name in str(exc.value)
+    if case != "unreadable chunk":  # found before anything is written
+        assert not out.exists()
+    else:  # a failed block leaves a running (resumable) job, never a complete one
+        assert dict(zarr.open_group(str(out), mode="r").attrs)["mitoseg"]["status"] == "running"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "message"),
+    [
+        ({"block_z": 0}, ValueError, "block_z must be >= 1"),
+        ({"ngff_version": "0.3"}, ValueError, "ngff_version must be one of"),
+        ({"voxel_size_nm": (1, 2)}, ValueError, "expected 3 positive numbers"),
+    ],
+)
+def test_argument_errors(client: Client, tmp_path: Path, kwargs, exc, message: str) -> None:
+    src = _ome(tmp_path / "in.ome.zarr", _volume(z=3), "0.5")
+    with pytest.raises(exc, match=message):
+        run_volume_job(src, str(tmp_path / "o.zarr"), blur, _plan(), client=client, **kwargs)
+    with pytest.raises(ValueError, match="the output must differ from the input"):
+        run_volume_job(src, src, blur, _plan(), client=client)
+
+
+def test_existing_non_output_needs_force(client: Client, tmp_path: Path) -> None:
+    src = _ome(tmp_path / "in.ome.zarr", _volume(z=3), "0.5")
+    other = tmp_path / "other.zarr"
+    zarr.open_group(str(other), mode="w").attrs["x"] = 1
+    with pytest.raises(FileExistsError, match=r"other\.zarr: exists and is not a mitoseg"):
+        run_volume_job(src, str(other), blur, _plan(), client=client)
+    run_volume_job(src, str(other), blur, _plan(), client=client, force=True)
+    assert dict(zarr.open_group(str(other), mode="r").attrs)["mitoseg"]["status"] == "complete"
