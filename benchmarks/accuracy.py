@@ -46,6 +46,37 @@ from mitoseg.data.fetch import fetch
 from mitoseg.data.layout import read_split
 from mitoseg.data.patches import make_patch_dataset
 
+#: Recipes compared: overrides of the ``patchify``, ``augment`` and ``train`` sections
+#: (over their defaults). ``v1`` pins the default recipe before the distant-slice work
+#: (issue 10), so it stays reproducible after the default changes.
+V1_TRAIN: dict[str, Any] = {
+    "preset": "default",
+    "model": {"depth": 4, "base_filters": 16, "batch_norm": True, "dropout": 0.1},
+    "loss": "bce_dice",
+    "learning_rate": 1e-3,
+    "batch_size": 8,
+    "crop_size": 128,
+    "foreground_crop_prob": 0.5,
+    "hard_negative_prob": 0.0,
+}
+V1_AUGMENT: dict[str, Any] = {"brightness": 0.1, "contrast": 0.2, "gamma": 0.2}
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "seed": {"train": {"preset": "seed"}},
+    "v1": {"train": V1_TRAIN, "augment": V1_AUGMENT, "patchify": {"z_context": 0}},
+    "v1+2.5d": {"train": V1_TRAIN, "augment": V1_AUGMENT, "patchify": {"z_context": 1}},
+    "v1+hardneg": {
+        "train": {**V1_TRAIN, "foreground_crop_prob": 0.4, "hard_negative_prob": 0.3},
+        "augment": V1_AUGMENT,
+    },
+    "v1+crop256": {"train": {**V1_TRAIN, "crop_size": 256, "batch_size": 2}, "augment": V1_AUGMENT},
+    "v1+bce": {"train": {**V1_TRAIN, "loss": "bce"}, "augment": V1_AUGMENT},
+    "v1+wideint": {
+        "train": V1_TRAIN,
+        "augment": {"brightness": 0.2, "contrast": 0.4, "gamma": 0.4},
+    },
+    "default": {},  # whatever params defaults and the default preset say today
+}
+
 STACKS = {
     "cdeep3m": ("cdeep3m/cdeep3m_train_raw.tif", "cdeep3m/cdeep3m_train_mito.tif"),
     "vnc": ("vnc/vnc_stack1_raw.tif", "vnc/vnc_stack1_mito.tif"),
@@ -60,8 +91,8 @@ def _entry(dataset: str, slices: tuple[int, int]) -> dict[str, Any]:
     return {"image": str(image), "mask": str(mask), "slices": list(slices)}
 
 
-def prepare(dataset: str, split: str, work: Path) -> tuple[Path, Path, BaseConfig, dict]:
-    """Write the split's manifest, fetch it into ``work/raw`` and patchify it."""
+def prepare(dataset: str, split: str, work: Path) -> tuple[Path, BaseConfig, dict]:
+    """Write the split's manifest and fetch it into ``work/raw``."""
     if split == "cross":
         train, test = _entry("vnc", (0, 20)), _entry("cdeep3m", (15, 20))
     else:
@@ -70,13 +101,19 @@ def prepare(dataset: str, split: str, work: Path) -> tuple[Path, Path, BaseConfi
     manifest = work / "manifest.yaml"
     work.mkdir(parents=True, exist_ok=True)
     manifest.write_text(yaml.safe_dump({"train": [train], "test": [test]}))
-    raw, patches = work / "raw", work / "patches"
+    raw = work / "raw"
     base = BaseConfig(seed=42)
     fetch(str(manifest), raw, progress=False, force=True)
+    return raw, base, {"train": train, "test": test}
+
+
+def patchify(raw: Path, work: Path, base: BaseConfig, cfg: PatchifyConfig) -> Path:
+    """The patchify stage for one recipe's ``patchify`` settings (cached per setting)."""
+    patches = work / f"patches_z{cfg.z_context}_p{cfg.patch_size}"
     if patches.exists():
         shutil.rmtree(patches)
-    make_patch_dataset(raw, patches, base, PatchifyConfig(), base.seed)
-    return raw, patches, base, {"train": train, "test": test}
+    make_patch_dataset(raw, patches, base, cfg, base.seed)
+    return patches
 
 
 def _snapshot_callback(out: Path, minutes: list[float]) -> Any:
@@ -129,48 +166,65 @@ def _score(model: Any, raw: Path, patches: Path, base: BaseConfig) -> dict[str, 
 
 
 def run_recipe(
-    name: str, budget_min: float, curve: list[float], raw: Path, patches: Path, base: BaseConfig,
-    work: Path,
+    name: str, budget_min: float | None, steps: int | None, curve: list[float], raw: Path,
+    base: BaseConfig, work: Path,
 ) -> dict[str, Any]:  # fmt: skip
-    """Train ``name`` once for ``budget_min`` minutes, scoring a snapshot at each ``curve``."""
+    """Train recipe ``name`` once for ``budget_min`` minutes (or ``steps`` optimizer steps,
+    for machine-independent comparisons), scoring a snapshot at each ``curve`` minute."""
     import keras
 
     from mitoseg.train import train_model
 
+    recipe = RECIPES[name]
+    train = dict(recipe.get("train", {}))
+    per_epoch = None if train.get("preset") == "seed" else 40
+    bound: dict[str, Any] = (
+        {"max_train_seconds": budget_min * 60, "epochs": 100000}
+        if budget_min is not None
+        else {"epochs": max(1, round((steps or 0) / (per_epoch or 1)))}
+    )
     cfg = resolve_train_config(
         {
-            "preset": name,
-            "max_train_seconds": budget_min * 60,
-            "epochs": 100000,
+            **train,
+            **bound,
             "early_stopping_patience": 100000,  # the budget ends it: use all of it
-            **({"steps_per_epoch": 40} if name != "seed" else {}),
+            **({"steps_per_epoch": per_epoch} if per_epoch else {}),
         }
     )
+    augment = AugmentConfig(**recipe.get("augment", {}))
+    patches = patchify(raw, work, base, PatchifyConfig(**recipe.get("patchify", {})))
     out = work / f"train_{name}"
-    out.mkdir(parents=True, exist_ok=True)
-    snaps = _snapshot_callback(out, [m for m in curve if m < budget_min])
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    snaps = _snapshot_callback(out, [m for m in curve if budget_min is None or m < budget_min])
     t0 = time.perf_counter()
     res = train_model(
-        patches, AugmentConfig(), cfg, base.n_classes, base.seed, out, work / "ckpt",
+        patches, augment, cfg, base.n_classes, base.seed, out, work / "ckpt",
         progress=True, callbacks=[snaps],
     )  # fmt: skip
     wall = time.perf_counter() - t0
     points = []
     # the snapshots, then what the train stage would register (best validation epoch)
-    for minutes, path, epoch in [*snaps.saved, (budget_min, res.model_path, res.best_epoch)]:
+    end = budget_min if budget_min is not None else round(wall / 60, 2)
+    for minutes, path, epoch in [*snaps.saved, (end, res.model_path, res.best_epoch)]:
         model = keras.saving.load_model(path, compile=False)
         points.append(
             {"train_minutes": minutes, "epoch": epoch, **_score(model, raw, patches, base)}
         )
         print(name, points[-1], flush=True)
     return {
-        "preset": name,
+        "recipe": recipe,
         "train_wall_s": round(wall, 1),
         "epochs_run": res.epochs_run,
         "stop_reason": res.stop_reason,
         "train_patches_per_s": round(res.patches_per_second, 3),
         "curve": points,
-        "resolved_config": cfg.model_dump(),
+        "resolved_config": {
+            "train": cfg.model_dump(),
+            "augment": augment.model_dump(),
+            "patchify": json.loads((patches / "meta.json").read_text())["z_context"],
+        },
     }
 
 
@@ -179,19 +233,27 @@ def main() -> None:
     parser.add_argument("--dataset", default="cdeep3m", choices=sorted(STACKS))
     parser.add_argument("--split", default="gap", choices=[*SPLITS, "cross"])
     parser.add_argument("--budget", type=float, default=30, help="training minutes per recipe")
+    parser.add_argument(
+        "--steps", type=int, help="bound each recipe by optimizer steps instead of --budget"
+    )
     parser.add_argument("--curve", type=float, nargs="+", default=[5, 10, 30, 60])
-    parser.add_argument("--recipes", nargs="+", default=["seed", "default"])
+    parser.add_argument("--recipes", nargs="+", default=["seed", "v1", "default"])
+    parser.add_argument("--tag", default="", help="suffix of the result file name")
     args = parser.parse_args()
+    unknown = [r for r in args.recipes if r not in RECIPES]
+    if unknown:
+        parser.error(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
 
     dataset = "vnc-to-cdeep3m" if args.split == "cross" else args.dataset
     work = ROOT / "benchmarks" / ".work" / f"accuracy_{dataset}_{args.split}"
-    raw, patches, base, split = prepare(args.dataset, args.split, work)
-    meta = json.loads((patches / "meta.json").read_text())
-    runs = {
-        n: run_recipe(n, args.budget, args.curve, raw, patches, base, work) for n in args.recipes
-    }
+    raw, base, split = prepare(args.dataset, args.split, work)
+    budget = None if args.steps else args.budget
+    runs = {}
+    for n in args.recipes:
+        runs[n] = run_recipe(n, budget, args.steps, args.curve, raw, base, work)
+    meta = json.loads(next(work.glob("patches_*/meta.json")).read_text())
     save(
-        f"accuracy_{dataset}_{args.split}",
+        f"accuracy_{dataset}_{args.split}{args.tag}",
         {
             "what": "each recipe trained once under a wall-clock budget on 2 CPU cores; "
             "snapshots at each curve point get the evaluate stage's plan (threshold on the "
@@ -202,7 +264,8 @@ def main() -> None:
                 "test": split["test"],
                 "val_slices_of_train": meta["val_slices"],
             },
-            "budget_minutes": args.budget,
+            "budget_minutes": budget,
+            "steps": args.steps,
             "machine": machine(),
             "runs": runs,
         },

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,10 +114,12 @@ def _elastic_field(
 
 
 def _intensity(image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
-    """Blur, contrast, brightness, gamma and noise on an ``(H, W) float32`` image in [0, 1]."""
+    """Blur, contrast, brightness, gamma and noise on an ``(H, W)`` or ``(H, W, C)`` float32
+    image in [0, 1] (the same draw for every channel; blur within each channel)."""
     out = image
     if cfg.blur_prob > 0 and cfg.blur_sigma > 0 and rng.random() < cfg.blur_prob:
-        out = ndimage.gaussian_filter(out, rng.uniform(0.25 * cfg.blur_sigma, cfg.blur_sigma))
+        sigma = rng.uniform(0.25 * cfg.blur_sigma, cfg.blur_sigma)
+        out = ndimage.gaussian_filter(out, (sigma, sigma, 0)[: out.ndim])
     if cfg.contrast > 0:
         factor = rng.uniform(1.0 - cfg.contrast, 1.0 + cfg.contrast)
         mean = float(out.mean())
@@ -130,6 +133,13 @@ def _intensity(image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) 
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+def _per_channel(image: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``fn`` on an ``(H, W)`` image, or on each channel of an ``(H, W, C)`` one."""
+    if image.ndim == 2:
+        return fn(image)
+    return np.stack([fn(image[..., c]) for c in range(image.shape[-1])], axis=-1)
+
+
 def augment_pair(
     image: np.ndarray,
     mask: np.ndarray,
@@ -139,24 +149,29 @@ def augment_pair(
     """Apply one random geometric + intensity augmentation to an image and its mask.
 
     Args:
-        image: ``(H, W) float32`` in ``[0, 1]``.
+        image: ``(H, W)`` or ``(H, W, C)`` float32 in ``[0, 1]`` (channels of a 2.5D patch
+            get the same transform).
         mask: ``(H, W)`` integer class indices (``uint8`` typically).
         rng: source of randomness; the same generator state gives the same output.
         cfg: augmentation strengths; all-zero/false strengths return the inputs unchanged.
 
     Returns:
-        ``(image (H, W) float32 in [0, 1], mask (H, W) same dtype as the input mask)``.
+        ``(image float32 in [0, 1] of the input's shape, mask (H, W) same dtype as the
+        input mask)``.
         The mask only contains labels present in the input mask (nearest-neighbour
         resampling, reflected borders).
 
     Raises:
-        ValueError: ``image`` is not 2D, shapes differ, or ``mask`` is not integer.
+        ValueError: ``image`` is not ``(H, W)``/``(H, W, C)``, shapes differ, or ``mask`` is
+            not integer.
     """
     image = np.asarray(image)
     mask = np.asarray(mask)
-    if image.ndim != 2:
-        raise ValueError(f"augment_pair: image must be 2D (H, W), got shape {image.shape}")
-    if mask.shape != image.shape:
+    if image.ndim not in (2, 3):
+        raise ValueError(
+            f"augment_pair: image must be (H, W) or (H, W, C), got shape {image.shape}"
+        )
+    if mask.shape != image.shape[:2]:
         raise ValueError(
             f"augment_pair: mask shape {mask.shape} differs from image shape {image.shape}"
         )
@@ -171,7 +186,9 @@ def augment_pair(
         field = _elastic_field(shape, rng, cfg.elastic_alpha, cfg.elastic_sigma)
         grid = np.indices(shape, dtype=np.float64)
         coords = np.tensordot(matrix, grid, axes=1) + offset[:, None, None] + field
-        image = ndimage.map_coordinates(image, coords, order=1, mode="reflect")
+        image = _per_channel(
+            image, lambda ch: ndimage.map_coordinates(ch, coords, order=1, mode="reflect")
+        )
         mask = ndimage.map_coordinates(mask, coords, order=0, mode="reflect")
     else:
         centre = (np.array(shape, dtype=np.float64) - 1.0) / 2.0
@@ -183,7 +200,10 @@ def augment_pair(
             if flip:
                 image, mask = np.flip(image, flip).copy(), np.flip(mask, flip).copy()
         else:
-            image = ndimage.affine_transform(image, matrix, offset, order=1, mode="reflect")
+            image = _per_channel(
+                image,
+                lambda ch: ndimage.affine_transform(ch, matrix, offset, order=1, mode="reflect"),
+            )
             mask = ndimage.affine_transform(mask, matrix, offset, order=0, mode="reflect")
     image = _intensity(image, rng, cfg)
     return image, mask

@@ -134,6 +134,12 @@ class PatchifyConfig(_Strict):
     step: int = Field(256, ge=1)
     val_fraction: float = Field(0.25, ge=0, lt=1)
     pad_mode: Literal["reflect", "constant", "edge"] = "reflect"
+    z_context: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="2.5D: neighbouring slices on each side stored as extra image channels",
+    )
 
     @model_validator(mode="after")
     def _step_le_size(self) -> PatchifyConfig:
@@ -199,6 +205,9 @@ class TrainConfig(_Strict):
     steps_per_epoch: int | None = Field(None, ge=1, description="None: one pass over patches")
     crop_size: int | None = Field(128, ge=16, description="random training crop; None: full")
     foreground_crop_prob: float = Field(0.5, ge=0, le=1)
+    hard_negative_prob: float = Field(
+        0.0, ge=0, le=1, description="crops centred on dark background (myelin, membranes)"
+    )
     augment: bool = True
     early_stopping_patience: int = Field(8, ge=1)
     reduce_lr_patience: int = Field(3, ge=1)
@@ -220,6 +229,15 @@ class TrainConfig(_Strict):
     )
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     distribute: Literal["auto", "none", "mirrored"] = "auto"
+
+    @model_validator(mode="after")
+    def _crop_probabilities(self) -> TrainConfig:
+        if self.foreground_crop_prob + self.hard_negative_prob > 1:
+            raise ValueError(
+                f"train.foreground_crop_prob ({self.foreground_crop_prob}) + "
+                f"train.hard_negative_prob ({self.hard_negative_prob}) must not exceed 1"
+            )
+        return self
 
 
 #: Presets for :class:`TrainConfig`. ``seed`` reproduces the reference projects' recipe

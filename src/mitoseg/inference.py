@@ -23,18 +23,19 @@ This module imports no tensorflow: a Keras model is run through
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from mitoseg.plan import InferencePlan, normalize_for_plan
+from mitoseg.plan import InferencePlan, context_window, normalize_for_plan
 
 __all__ = [
     "WINDOW_FLOOR",
     "PredictBatch",
     "as_predict_batch",
     "check_tiling",
+    "context_window",
     "iter_stack_probabilities",
     "mask_to_image",
     "predict_slice",
@@ -46,7 +47,7 @@ __all__ = [
     "window_2d",
 ]
 
-#: ``(B, T, T, 1) float32 -> (B, T, T, C) float32`` probabilities.
+#: ``(B, T, T, C_in) float32 -> (B, T, T, C) float32`` probabilities.
 PredictBatch = Callable[[np.ndarray], np.ndarray]
 
 #: Minimum blending weight: tile borders still count a little, so the image border (which
@@ -126,7 +127,7 @@ def _pad(image: np.ndarray, before: tuple[int, int], after: tuple[int, int]) -> 
     # at least 2 samples along a padded axis; a 1-pixel axis is edge-padded instead.
     for axis in (0, 1):
         if before[axis] or after[axis]:
-            pads = [(0, 0), (0, 0)]
+            pads = [(0, 0)] * image.ndim
             pads[axis] = (before[axis], after[axis])
             mode = "reflect" if image.shape[axis] >= 2 else "edge"
             image = np.pad(image, pads, mode=mode)
@@ -211,8 +212,10 @@ def predict_tiled(
     window.
 
     Args:
-        image: ``(H, W)`` float32 in ``[0, 1]`` (already normalised), any ``H, W >= 1``.
-        predict_batch: maps ``(B, TH, TW, 1)`` float32 to ``(B, TH, TW, C)`` float32
+        image: ``(H, W)`` or ``(H, W, C_in)`` float32 in ``[0, 1]`` (already normalised),
+            any ``H, W >= 1``; ``C_in`` channels for a 2.5D network (see
+            :func:`context_window`).
+        predict_batch: maps ``(B, TH, TW, C_in)`` float32 to ``(B, TH, TW, C)`` float32
             probabilities (``B <= batch_size``; ``TH, TW <= tile_size``, multiples of
             ``divisor``; all tiles of one image have the same shape).
         tile_size: largest tile side; a multiple of ``divisor``.
@@ -230,9 +233,9 @@ def predict_tiled(
         ``predict_batch``.
 
     Raises:
-        ValueError: image not 2D, empty or non-finite; invalid ``tile_size``, ``overlap``,
-            ``halo``, ``batch_size`` or ``divisor``; ``predict_batch`` returned a wrong
-            shape.
+        ValueError: image not ``(H, W)``/``(H, W, C_in)``, empty or non-finite; invalid
+            ``tile_size``, ``overlap``, ``halo``, ``batch_size`` or ``divisor``;
+            ``predict_batch`` returned a wrong shape.
     """
     check_tiling(tile_size, overlap, batch_size, divisor)
     t = int(tile_size)
@@ -247,18 +250,22 @@ def predict_tiled(
     ):
         raise ValueError(f"border must be an integer >= 0, got {border!r}")
     image = np.asarray(image)
-    if image.ndim != 2:
-        raise ValueError(f"predict_tiled: expected a 2D (H, W) image, got shape {image.shape}")
+    if image.ndim not in (2, 3):
+        raise ValueError(
+            f"predict_tiled: expected an (H, W) or (H, W, C) image, got shape {image.shape}"
+        )
     if image.size == 0:
         raise ValueError(f"predict_tiled: image is empty (shape {image.shape})")
     image = image.astype(np.float32, copy=False)
     if not np.isfinite(image).all():
         raise ValueError("predict_tiled: image contains NaN or infinite values")
-    h, w = image.shape
+    h, w = image.shape[:2]
     th, top, bottom, ys = tile_layout(h, t, int(halo), divisor, border)
     tw, left, right, xs = tile_layout(w, t, int(halo), divisor, border)
     padded = _pad(image, (top, left), (bottom, right))
-    ph, pw = padded.shape
+    ph, pw = padded.shape[:2]
+    if padded.ndim == 2:
+        padded = padded[..., None]
     starts = [(y, x) for y in ys for x in xs]
     weights = window_2d(th, width=tw)
     acc: np.ndarray | None = None
@@ -267,7 +274,7 @@ def predict_tiled(
     single = len(starts) == 1
     for b0 in range(0, len(starts), batch_size):
         chunk = starts[b0 : b0 + batch_size]
-        batch = np.stack([padded[y : y + th, x : x + tw] for y, x in chunk])[..., None]
+        batch = np.stack([padded[y : y + th, x : x + tw] for y, x in chunk])
         pred: np.ndarray | None = None
         for k in transforms:
             out = _call(predict_batch, _dihedral(batch, k) if k else batch)
@@ -394,8 +401,18 @@ def _predictor(model_or_fn: Any, plan: InferencePlan) -> PredictBatch:
     return as_predict_batch(model_or_fn)
 
 
+def _blank_probabilities(shape: tuple[int, ...], plan: InferencePlan) -> np.ndarray:
+    probs = np.zeros((*shape, plan.out_channels), dtype=np.float32)
+    if plan.out_channels > 1:
+        probs[..., 0] = 1.0
+    return probs
+
+
 def predict_slice(
-    image: np.ndarray, predict_batch: PredictBatch, plan: InferencePlan
+    image: np.ndarray,
+    predict_batch: PredictBatch,
+    plan: InferencePlan,
+    context: Sequence[np.ndarray | None] | None = None,
 ) -> np.ndarray:
     """Probabilities of one raw slice, run exactly as ``plan`` says.
 
@@ -406,17 +423,36 @@ def predict_slice(
         image: ``(H, W)`` raw intensities (uint8, uint16 or float).
         predict_batch: the plan's engine (:func:`mitoseg.runtime.predictor_for_plan`).
         plan: the model's inference plan.
+        context: for a 2.5D plan (``plan.z_context = k > 0``), the ``2k + 1`` normalised
+            ``(H, W)`` float32 slices of :func:`context_window` (``None`` for a blank
+            one, given to the network as zeros); None: the slice is its own context.
 
     Returns:
         ``(H, W, C)`` float32 probabilities, ``C = plan.out_channels``.
+
+    Raises:
+        ValueError: ``context`` of the wrong length or slice shape.
     """
     x = normalize_for_plan(image, plan.normalization)
     if x is None:
-        probs = np.zeros((*np.shape(image), plan.out_channels), dtype=np.float32)
-        if plan.out_channels > 1:
-            probs[..., 0] = 1.0
-        return probs
-    return predict_tiled(x, predict_batch, **plan.tiling_kwargs())
+        return _blank_probabilities(np.shape(image), plan)
+    if plan.z_context == 0 and context is None:
+        return predict_tiled(x, predict_batch, **plan.tiling_kwargs())
+    if context is None:
+        context = [x] * plan.in_channels
+    if len(context) != plan.in_channels:
+        raise ValueError(
+            f"predict_slice: the plan (z_context {plan.z_context}) needs {plan.in_channels} "
+            f"context slices, got {len(context)}"
+        )
+    zeros = np.zeros(x.shape, dtype=np.float32)
+    channels = [zeros if c is None else np.asarray(c, dtype=np.float32) for c in context]
+    if any(c.shape != x.shape for c in channels):
+        raise ValueError(
+            f"predict_slice: context slices {[c.shape for c in channels]} differ from the "
+            f"slice shape {x.shape}"
+        )
+    return predict_tiled(np.stack(channels, axis=-1), predict_batch, **plan.tiling_kwargs())
 
 
 def iter_stack_probabilities(
@@ -428,6 +464,11 @@ def iter_stack_probabilities(
     description: str = "predicting",
 ) -> Iterator[np.ndarray]:
     """Yield the ``(H, W, C)`` float32 probabilities of each slice of a stack.
+
+    A 2.5D plan (``plan.z_context = k > 0``) gives the network slices ``z - k .. z + k``
+    of this stack as channels (:func:`context_window`): a block cut from a larger volume
+    must carry ``k`` extra slices on each side (and crop them off the result) to match
+    predicting the whole volume.
 
     Args:
         model_or_fn: Keras model (run on the plan's engine) or :data:`PredictBatch`.
@@ -444,8 +485,20 @@ def iter_stack_probabilities(
     check_tiling(plan.tile_size, 0.0, plan.batch_size, plan.divisor)
     stack = _as_stack(stack)
     predict_batch = _predictor(model_or_fn, plan)
-    for z in progress_iter(range(stack.shape[0]), stack.shape[0], description, progress):
-        yield predict_slice(stack[z], predict_batch, plan)
+    depth, k = stack.shape[0], plan.z_context
+    normalised: dict[int, np.ndarray | None] = {}  # the sliding window of normalised slices
+    for z in progress_iter(range(depth), depth, description, progress):
+        if k == 0:
+            yield predict_slice(stack[z], predict_batch, plan)
+            continue
+        window = context_window(z, depth, k)
+        for i in [i for i in normalised if i < window[0]]:
+            del normalised[i]
+        for i in window:
+            if i not in normalised:
+                normalised[i] = normalize_for_plan(stack[i], plan.normalization)
+        context = [normalised[i] for i in window]
+        yield predict_slice(stack[z], predict_batch, plan, context)
 
 
 def segment_stack(

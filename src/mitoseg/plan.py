@@ -40,6 +40,7 @@ __all__ = [
     "Calibration",
     "InferencePlan",
     "Normalization",
+    "context_window",
     "normalize_for_plan",
     "plan_path_for",
 ]
@@ -113,6 +114,11 @@ class InferencePlan(_Strict):
         n_classes: classes, background included (2 = one sigmoid channel).
         class_names: ``n_classes`` names in index order, background first.
         divisor: ``2**depth`` of the UNet: every tile side is a multiple of it.
+        z_context: neighbouring slices on each side the network sees as extra input
+            channels (2.5D): slice ``z`` is predicted from slices ``z-k .. z+k`` of the
+            stack it belongs to, the nearest existing slice repeated past the stack's ends
+            (a single image is its own context). The network's input has ``2k + 1``
+            channels; 0 = 2D.
         receptive_field: measured receptive field of the network, pixels (odd), or None.
         normalization: intensity normalisation of each slice.
         tile_size: largest tile side, a multiple of ``divisor``; images whose padded size
@@ -147,6 +153,7 @@ class InferencePlan(_Strict):
     n_classes: int = Field(ge=2, le=256)
     class_names: list[str]
     divisor: int = Field(16, ge=1)
+    z_context: int = Field(0, ge=0, le=8)
     receptive_field: int | None = Field(None, ge=1)
     normalization: Normalization = Field(default_factory=Normalization)
     tile_size: int = Field(1024, ge=16)
@@ -206,6 +213,11 @@ class InferencePlan(_Strict):
         return 1 if self.n_classes == 2 else self.n_classes
 
     @property
+    def in_channels(self) -> int:
+        """Input channels of the network: ``2 * z_context + 1``."""
+        return 2 * self.z_context + 1
+
+    @property
     def decision(self) -> float:
         """Threshold passed to :func:`mitoseg.inference.probabilities_to_mask` (0.5 is
         ignored there for multiclass argmax)."""
@@ -251,15 +263,23 @@ class InferencePlan(_Strict):
         """A copy carrying int8 calibration inputs (written beside the plan).
 
         Args:
-            images: ``(N, H, W)`` uint8 network inputs x 255 (normalised slices).
+            images: ``(N, H, W)`` uint8 network inputs x 255 (normalised slices), or
+                ``(N, H, W, in_channels)`` for a 2.5D plan.
 
         Raises:
-            ValueError: not a non-empty ``(N, H, W)`` uint8 array.
+            ValueError: not a non-empty uint8 array of that shape.
         """
         images = np.asarray(images)
-        if images.ndim != 3 or images.dtype != np.uint8 or images.size == 0:
+        ndim = 3 if self.z_context == 0 else 4
+        if (
+            images.ndim != ndim
+            or images.dtype != np.uint8
+            or images.size == 0
+            or (ndim == 4 and images.shape[-1] != self.in_channels)
+        ):
+            shape = "(N, H, W)" if ndim == 3 else f"(N, H, W, {self.in_channels})"
             raise ValueError(
-                f"calibration images must be a non-empty (N, H, W) uint8 array, got "
+                f"calibration images must be a non-empty {shape} uint8 array, got "
                 f"{images.dtype} {images.shape}"
             )
         buf = io.BytesIO()
@@ -269,7 +289,8 @@ class InferencePlan(_Strict):
         return plan
 
     def calibration_images(self) -> np.ndarray | None:
-        """``(N, H, W)`` float32 in [0, 1] calibration inputs, or None without them."""
+        """``(N, H, W)`` (2.5D: ``(N, H, W, in_channels)``) float32 in [0, 1] calibration
+        inputs, or None without them."""
         if self._calibration_npy is None:
             return None
         images = np.load(io.BytesIO(self._calibration_npy), allow_pickle=False)
@@ -380,6 +401,22 @@ class InferencePlan(_Strict):
                 )
             plan._calibration_npy = raw
         return plan
+
+
+def context_window(z: int, depth: int, k: int) -> list[int]:
+    """Indexes of the slices a 2.5D network sees for slice ``z`` of a ``depth``-slice stack.
+
+    ``z - k .. z + k``, each clamped to ``[0, depth - 1]`` (the nearest existing slice
+    repeated past the stack's ends), in order; ``[z]`` for ``k = 0``.
+
+    Raises:
+        ValueError: ``z`` outside the stack, ``depth < 1`` or ``k < 0``.
+    """
+    if depth < 1 or k < 0 or not 0 <= z < depth:
+        raise ValueError(
+            f"context_window: need 0 <= z < depth and k >= 0, got z={z}, depth={depth}, k={k}"
+        )
+    return [min(max(z + d, 0), depth - 1) for d in range(-k, k + 1)]
 
 
 def _format(exc: ValidationError, what: str) -> str:

@@ -84,7 +84,13 @@ def draft_plan(
         ValueError: the class table does not match the model's outputs, or invalid
             tiling settings.
     """
-    from mitoseg.model.analysis import flops_per_pixel, halo_for, model_divisor, receptive_field
+    from mitoseg.model.analysis import (
+        flops_per_pixel,
+        halo_for,
+        model_divisor,
+        receptive_field,
+        z_context_of,
+    )
     from mitoseg.runtime import compile_predictor
 
     channels = int(model.output_shape[-1])
@@ -96,13 +102,15 @@ def draft_plan(
         )
     divisor = model_divisor(model)
     probe = max(512, divisor * 4)
-    field_ = receptive_field(compile_predictor(model), probe=probe)
+    z_context = z_context_of(model)
+    field_ = receptive_field(compile_predictor(model), probe=probe, channels=2 * z_context + 1)
     halo = halo_for(field_["effective"]) if cfg.halo == "auto" else int(cfg.halo)
     plan = InferencePlan(
         source="evaluate",
         n_classes=n_classes,
         class_names=list(class_names),
         divisor=divisor,
+        z_context=z_context,
         receptive_field=field_["full"],
         normalization=Normalization(blank_range=cfg.blank_range),
         tile_size=cfg.tile_size,

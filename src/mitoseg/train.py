@@ -102,9 +102,10 @@ class PatchData:
     """Patch arrays of one patch directory.
 
     Attributes:
-        train_images: ``(N, P, P) uint8`` intensity * 255.
+        train_images: ``(N, P, P) uint8`` intensity * 255, or ``(N, P, P, 2k + 1)`` for a
+            2.5D dataset (the slice and ``k`` neighbours on each side, centre in the middle).
         train_masks: ``(N, P, P) uint8`` class index.
-        val_images: ``(M, P, P) uint8`` (``M`` may be 0).
+        val_images: ``(M, P, P)`` or ``(M, P, P, 2k + 1)`` uint8 (``M`` may be 0).
         val_masks: ``(M, P, P) uint8``.
     """
 
@@ -117,6 +118,11 @@ class PatchData:
     def patch_size(self) -> int:
         """Side ``P`` of the square patches."""
         return int(self.train_images.shape[1])
+
+    @property
+    def in_channels(self) -> int:
+        """Network input channels: 1, or ``2k + 1`` for 2.5D patches."""
+        return 1 if self.train_images.ndim == 3 else int(self.train_images.shape[-1])
 
 
 @dataclass
@@ -149,16 +155,18 @@ class TrainResult:
     run_key: str = field(default="")
 
 
-def _read_array(path: Path) -> np.ndarray:
+def _read_array(path: Path, channels: bool = False) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path}: file not found (run the patchify stage first)")
     try:
         arr = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise DataError(f"{path}: cannot read .npy array ({exc})") from None
-    if arr.ndim != 3 or arr.dtype != np.uint8 or arr.shape[1] != arr.shape[2]:
+    ok = arr.ndim == 3 or (channels and arr.ndim == 4 and arr.shape[-1] % 2 == 1)
+    if not ok or arr.dtype != np.uint8 or arr.shape[1] != arr.shape[2]:
+        expected = "(N, P, P) or (N, P, P, 2k+1)" if channels else "(N, P, P)"
         raise DataError(
-            f"{path}: expected (N, P, P) uint8 patches, got shape {arr.shape} dtype {arr.dtype}"
+            f"{path}: expected {expected} uint8 patches, got shape {arr.shape} dtype {arr.dtype}"
         )
     return arr
 
@@ -184,8 +192,8 @@ def load_patches(patches_dir: str | Path, n_classes: int) -> PatchData:
     arrays: dict[str, np.ndarray] = {}
     for split in ("train", "val"):
         img_path, mask_path = d / f"{split}_images.npy", d / f"{split}_masks.npy"
-        images, masks = _read_array(img_path), _read_array(mask_path)
-        if images.shape != masks.shape:
+        images, masks = _read_array(img_path, channels=True), _read_array(mask_path)
+        if images.shape[:3] != masks.shape:
             raise DataError(
                 f"{mask_path}: shape {masks.shape} differs from {img_path.name} {images.shape}"
             )
@@ -201,6 +209,12 @@ def load_patches(patches_dir: str | Path, n_classes: int) -> PatchData:
         raise DataError(
             f"{d / 'val_images.npy'}: patch size {val_size} differs from "
             f"train patch size {train_size}"
+        )
+    val_c, train_c = arrays["val_images"].shape[3:], arrays["train_images"].shape[3:]
+    if len(arrays["val_images"]) and val_c != train_c:
+        raise DataError(
+            f"{d / 'val_images.npy'}: channels {val_c or 1} differ from the training "
+            f"patches' {train_c or 1}"
         )
     return PatchData(**arrays)
 
@@ -285,11 +299,15 @@ class CropSampler:
     generator seeded with ``(seed, epoch, i)``.
 
     Args:
-        images: ``(N, P, P) uint8`` patches.
+        images: ``(N, P, P)`` or ``(N, P, P, C)`` uint8 patches.
         masks: ``(N, P, P) uint8`` class indices.
         crop_size: crop side, ``None`` for full patches.
         foreground_crop_prob: probability to centre the crop on a random foreground pixel
             (falls back to a uniform crop when the patch has no foreground).
+        hard_negative_prob: probability to centre the crop instead on a *dark background*
+            pixel: background darker than the median foreground intensity of all training
+            patches (the myelin sheaths and dark membranes a model otherwise calls
+            mitochondria); falls back to a uniform crop when the patch has none.
         augment: augmentation strengths, ``None`` for no augmentation.
         seed: base seed.
         samples_per_epoch: elements per epoch (``steps_per_epoch * batch_size``).
@@ -307,8 +325,14 @@ class CropSampler:
         augment: AugmentConfig | None,
         seed: int,
         samples_per_epoch: int,
+        hard_negative_prob: float = 0.0,
     ) -> None:
         size = images.shape[1]
+        if not 0 <= foreground_crop_prob + hard_negative_prob <= 1:
+            raise ValueError(
+                "foreground_crop_prob + hard_negative_prob must be in [0, 1], got "
+                f"{foreground_crop_prob} + {hard_negative_prob}"
+            )
         if crop_size is not None and crop_size > size:
             raise ValueError(f"train.crop_size ({crop_size}) exceeds the patch size ({size})")
         if samples_per_epoch < 1:
@@ -317,11 +341,27 @@ class CropSampler:
         self.masks = masks
         self.crop = crop_size or size
         self.foreground_crop_prob = foreground_crop_prob
+        self.hard_negative_prob = hard_negative_prob
+        self.dark_level = self._dark_level(images, masks) if hard_negative_prob > 0 else 0
         self.augment = None if augment is None or is_identity(augment) else augment
         self.seed = int(seed)
         self.samples_per_epoch = int(samples_per_epoch)
         self._perms: dict[tuple[int, int], np.ndarray] = {}
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _dark_level(images: np.ndarray, masks: np.ndarray) -> int:
+        """Median uint8 intensity of the foreground pixels (centre channel)."""
+        centre = images if images.ndim == 3 else images[..., images.shape[-1] // 2]
+        fg = centre[masks != 0]
+        return int(np.median(fg)) if fg.size else 0
+
+    def _centre_on(self, candidates: np.ndarray, rng: np.random.Generator, size: int):
+        if not candidates.size:
+            return None, None
+        r, col = divmod(int(candidates[rng.integers(candidates.size)]), size)
+        c = self.crop
+        return min(max(r - c // 2, 0), size - c), min(max(col - c // 2, 0), size - c)
 
     def _patch_index(self, epoch: int, i: int) -> int:
         n = len(self.images)
@@ -339,8 +379,8 @@ class CropSampler:
         """Training element ``k``.
 
         Returns:
-            ``(image (c, c, 1) float32 in [0, 1], mask (c, c, 1) uint8)`` with ``c`` the crop
-            size.
+            ``(image (c, c, C) float32 in [0, 1], mask (c, c, 1) uint8)`` with ``c`` the crop
+            size and ``C`` the patches' channels (1 for 2D patches).
         """
         epoch, i = divmod(int(k), self.samples_per_epoch)
         idx = self._patch_index(epoch, i)
@@ -349,12 +389,13 @@ class CropSampler:
         size, c = image.shape[0], self.crop
         if c < size:
             top = left = None
-            if self.foreground_crop_prob > 0 and rng.random() < self.foreground_crop_prob:
-                fg = np.flatnonzero(mask)
-                if fg.size:
-                    r, col = divmod(int(fg[rng.integers(fg.size)]), size)
-                    top = min(max(r - c // 2, 0), size - c)
-                    left = min(max(col - c // 2, 0), size - c)
+            u = rng.random() if self.foreground_crop_prob + self.hard_negative_prob > 0 else 1.0
+            if u < self.foreground_crop_prob:
+                top, left = self._centre_on(np.flatnonzero(mask), rng, size)
+            elif u < self.foreground_crop_prob + self.hard_negative_prob:
+                centre = image if image.ndim == 2 else image[..., image.shape[-1] // 2]
+                dark = (centre <= self.dark_level) & (mask == 0)
+                top, left = self._centre_on(np.flatnonzero(dark), rng, size)
             if top is None or left is None:
                 top, left = (int(v) for v in rng.integers(0, size - c + 1, size=2))
             image = image[top : top + c, left : left + c]
@@ -362,7 +403,9 @@ class CropSampler:
         img = image.astype(np.float32) / np.float32(255.0)
         if self.augment is not None:
             img, mask = augment_pair(img, mask, rng, self.augment)
-        return img[..., None], np.ascontiguousarray(mask, dtype=np.uint8)[..., None]
+        if img.ndim == 2:
+            img = img[..., None]
+        return img, np.ascontiguousarray(mask, dtype=np.uint8)[..., None]
 
 
 def _check_sizes(data: PatchData, cfg: TrainConfig) -> None:
@@ -518,7 +561,7 @@ def initial_weights(source: keras.Model, cfg: TrainConfig, n_classes: int) -> li
             uri, f"the model has {channels} output channel(s), {n_classes} classes need {expected}"
         )
     weights = [np.asarray(w) for w in source.get_weights()]
-    _check_weights(build_unet(cfg.model, n_classes), weights, uri)
+    _check_weights(build_unet(cfg.model, n_classes, int(source.input_shape[-1])), weights, uri)
     return weights
 
 
@@ -608,13 +651,13 @@ def _datasets(
 ) -> tuple[Any, Any | None]:
     import tensorflow as tf
 
-    c = sampler.crop
+    c, channels = sampler.crop, data.in_channels
 
     def load(k: Any) -> tuple[Any, Any]:
         # stateless: the sample is a pure function of k, so tf.data may run it in parallel
         # (and keep the order) even with op determinism on
         image, mask = tf.numpy_function(sampler.sample, [k], [tf.float32, tf.uint8], stateful=False)
-        image.set_shape((c, c, 1))
+        image.set_shape((c, c, channels))
         mask.set_shape((c, c, 1))
         return image, mask
 
@@ -633,7 +676,8 @@ def _datasets(
         return train, None
 
     def to_float(image: Any, mask: Any) -> tuple[Any, Any]:
-        return tf.cast(image, tf.float32)[..., None] / 255.0, mask[..., None]
+        image = tf.cast(image, tf.float32) / 255.0
+        return (image[..., None] if data.val_images.ndim == 3 else image), mask[..., None]
 
     val = (
         tf.data.Dataset.from_tensor_slices((data.val_images, data.val_masks))
@@ -726,6 +770,7 @@ def train_model(
         augment_spec if cfg.augment else None,
         seed,
         samples_per_epoch,
+        cfg.hard_negative_prob,
     )
     lr_min = min(cfg.min_lr, cfg.learning_rate)
     extra = list(callbacks or [])
@@ -746,7 +791,7 @@ def train_model(
             if mixed:
                 keras.config.set_dtype_policy("mixed_float16")
             with strategy.scope():
-                model = build_unet(cfg.model, n_classes)
+                model = build_unet(cfg.model, n_classes, data.in_channels)
                 model.compile(
                     optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
                     loss=get_loss(cfg.loss, n_classes, cfg.foreground_weight),
@@ -824,7 +869,7 @@ def train_model(
             model.load_weights(backup_dir / _BEST_FILE)
         else:  # no finite monitored value ever: keep the final weights
             best_epoch = rows[-1]["epoch"] if rows else 0
-        export_model = build_unet(cfg.model, n_classes)  # float32, uncompiled: what is saved
+        export_model = build_unet(cfg.model, n_classes, data.in_channels)  # float32, uncompiled: what is saved
         export_model.set_weights(model.get_weights())
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -117,8 +117,10 @@ def test_intensity_only_leaves_mask_alone():
 def test_augment_pair_errors():
     image, mask = _pair()
     rng = np.random.default_rng(0)
-    with pytest.raises(ValueError, match=r"augment_pair: image must be 2D \(H, W\), got shape"):
-        augment_pair(image[None], mask, rng, OFF)
+    with pytest.raises(
+        ValueError, match=r"augment_pair: image must be \(H, W\) or \(H, W, C\), got shape"
+    ):
+        augment_pair(image[None, ..., None], mask, rng, OFF)
     with pytest.raises(ValueError, match=r"mask shape \(64, 63\) differs from image shape"):
         augment_pair(image, mask[:, :63], rng, OFF)
     with pytest.raises(ValueError, match="mask must hold integer class indices, got float32"):
@@ -222,3 +224,19 @@ def test_augment_stage_script_missing_patches(tmp_path):
     assert proc.returncode == 1
     assert "nope/train_images.npy: file not found (run the patchify stage first)" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("elastic", [False, True])
+def test_channels_of_a_25d_patch_get_the_same_geometry(elastic: bool) -> None:
+    """Every channel of a 2.5D patch moves exactly as a 2D image with the same draw."""
+    image, mask = _pair(size=96)
+    stack = np.stack([image, image * 0.5, 1.0 - image], axis=-1)
+    cfg = OFF.model_copy(
+        update={"rotation_deg": 90, "shear_deg": 10, "elastic_prob": float(elastic)}
+    )
+    out, out_mask = augment_pair(stack, mask, np.random.default_rng(5), cfg)
+    ref, ref_mask = augment_pair(image, mask, np.random.default_rng(5), cfg)
+    assert out.shape == (96, 96, 3) and out.dtype == np.float32
+    np.testing.assert_array_equal(out_mask, ref_mask)
+    np.testing.assert_allclose(out[..., 0], ref, atol=1e-6)
+    np.testing.assert_allclose(out[..., 2], 1.0 - ref, atol=1e-5)

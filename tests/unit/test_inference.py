@@ -10,6 +10,7 @@ from mitoseg.inference import (
     WINDOW_FLOOR,
     as_predict_batch,
     check_tiling,
+    context_window,
     iter_stack_probabilities,
     mask_to_image,
     predict_slice,
@@ -156,9 +157,11 @@ def test_tiling_argument_errors(kwargs: dict, message: str) -> None:
 
 def test_image_and_predictor_errors() -> None:
     with pytest.raises(
-        ValueError, match=r"^predict_tiled: expected a 2D \(H, W\) image, got shape \(2, 3, 4\)$"
+        ValueError,
+        match=r"^predict_tiled: expected an \(H, W\) or \(H, W, C\) image, got shape "
+        r"\(2, 3, 4, 1\)$",
     ):
-        predict_tiled(np.zeros((2, 3, 4)), pixelwise, tile_size=16)
+        predict_tiled(np.zeros((2, 3, 4, 1)), pixelwise, tile_size=16)
     with pytest.raises(ValueError, match=r"^predict_tiled: image is empty \(shape \(0, 5\)\)$"):
         predict_tiled(np.zeros((0, 5)), pixelwise, tile_size=16)
     nan = _image(4, 4)
@@ -330,3 +333,81 @@ def test_border_zero_puts_the_image_border_at_the_tile_border() -> None:
     np.testing.assert_array_equal(seen[0][0, 4:44, :, 0], img)  # only the rounding is padded
     with pytest.raises(ValueError, match=r"^border must be an integer >= 0, got -2$"):
         predict_tiled(img, rec, tile_size=96, halo=8, border=-2)
+
+
+# ---------------------------------------------------------------- 2.5D (z_context)
+
+
+@pytest.mark.parametrize(
+    ("z", "depth", "k", "expected"),
+    [
+        (0, 1, 0, [0]),
+        (0, 1, 2, [0, 0, 0, 0, 0]),
+        (0, 5, 1, [0, 0, 1]),
+        (2, 5, 1, [1, 2, 3]),
+        (4, 5, 1, [3, 4, 4]),
+        (1, 5, 2, [0, 0, 1, 2, 3]),
+    ],
+)
+def test_context_window_clamps_at_the_stack_ends(z, depth, k, expected) -> None:
+    assert context_window(z, depth, k) == expected
+
+
+@pytest.mark.parametrize(("z", "depth", "k"), [(-1, 3, 1), (3, 3, 1), (0, 0, 1), (0, 3, -1)])
+def test_context_window_errors(z, depth, k) -> None:
+    with pytest.raises(ValueError, match=r"^context_window: need 0 <= z < depth and k >= 0"):
+        context_window(z, depth, k)
+
+
+def channel(c: int):
+    """A 2.5D predictor whose answer is input channel ``c``: it shows which slice sits there."""
+    return lambda batch: batch[..., c : c + 1].copy()
+
+
+@pytest.mark.parametrize("c", [0, 1, 2])
+def test_a_25d_plan_feeds_neighbouring_slices_as_channels(c: int) -> None:
+    rng = np.random.default_rng(3)
+    stack = rng.integers(0, 255, size=(4, 20, 24), dtype=np.uint8)
+    rec = Recorder(channel(c))
+    probs = list(iter_stack_probabilities(rec, stack, _plan(z_context=1)))
+    assert {s[-1] for s in rec.shapes} == {3}
+    for z, p in enumerate(probs):
+        source = context_window(z, 4, 1)[c]
+        np.testing.assert_allclose(p[..., 0], normalize_slice(stack[source]), atol=1e-6)
+
+
+def test_a_25d_block_with_its_context_matches_the_whole_stack() -> None:
+    """What the volume path relies on: slices z0..z1 predicted from a block carrying k
+    extra slices on each side equal the whole-stack prediction."""
+    rng = np.random.default_rng(4)
+    stack = rng.integers(0, 255, size=(9, 20, 24), dtype=np.uint8)
+
+    def mix(batch: np.ndarray) -> np.ndarray:
+        return batch @ np.array([[0.2], [0.5], [0.3]], dtype=np.float32)
+
+    plan = _plan(z_context=1)
+    whole = segment_stack(mix, stack, plan)
+    block = segment_stack(mix, stack[2:7], plan)  # slices 3..5 with one slice each side
+    assert np.array_equal(block[1:4], whole[3:6])
+
+
+def test_a_single_image_is_its_own_context_and_blank_neighbours_are_zeros() -> None:
+    image = np.tile(np.arange(24, dtype=np.uint8) * 10, (20, 1))
+    rec = Recorder(channel(0))
+    out = predict_slice(image, rec, _plan(z_context=2))
+    assert {s[-1] for s in rec.shapes} == {5}
+    np.testing.assert_allclose(out[..., 0], normalize_slice(image), atol=1e-6)
+    stack = np.stack([np.zeros_like(image), image])  # slice 0 is blank
+    probs = list(iter_stack_probabilities(channel(0), stack, _plan(z_context=1)))
+    assert probs[0].max() == 0  # a blank slice: background without a forward pass
+    assert probs[1].max() == 0  # its blank neighbour reaches the network as zeros
+
+
+def test_predict_slice_context_errors() -> None:
+    image = _image(8, 8)
+    with pytest.raises(
+        ValueError, match=r"^predict_slice: the plan \(z_context 1\) needs 3 context slices, got 2$"
+    ):
+        predict_slice(image, channel(0), _plan(z_context=1), [image, image])
+    with pytest.raises(ValueError, match=r"^predict_slice: context slices .* differ from"):
+        predict_slice(image, channel(0), _plan(z_context=1), [image, image, image[:4]])

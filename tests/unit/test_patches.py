@@ -15,6 +15,7 @@ from mitoseg.data.patches import (
     PatchGrid,
     make_patch_dataset,
     map_mask_to_classes,
+    network_inputs,
     patch_grid,
     patchify_slice,
     patchify_stack,
@@ -24,6 +25,7 @@ from mitoseg.data.patches import (
     unpatchify_stack,
 )
 from mitoseg.io import DataError, read_stack, write_stack
+from mitoseg.plan import context_window
 
 SAMPLE = Path(str(files("mitoseg") / "sample_data" / "vnc"))
 FILES = ["meta.json", "train_images.npy", "train_masks.npy", "val_images.npy", "val_masks.npy"]
@@ -347,3 +349,42 @@ def test_patchgrid_is_frozen() -> None:
     assert isinstance(g, PatchGrid)
     with pytest.raises(AttributeError):
         g.step = 3  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------------------------
+# 2.5D patches (patchify.z_context)
+# ---------------------------------------------------------------------------------------
+
+
+def test_25d_patches_hold_the_neighbouring_slices_as_channels(tmp_path: Path) -> None:
+    raw = _small_raw(tmp_path / "raw")
+    cfg = PatchifyConfig(patch_size=32, step=32, val_fraction=0.25, z_context=1)
+    meta = make_patch_dataset(raw, tmp_path / "out", BaseConfig(), cfg, seed=3)
+    assert meta["z_context"] == 1
+    # the validation slices are one block, so each keeps its true neighbours there
+    assert len(meta["val_slices"]) == 1
+    images = read_stack(raw / "train" / "images.tif")
+    grid = patch_grid((70, 90), 32, 32)
+    n = grid.patches_per_slice
+    for split in ("train", "val"):
+        patches = np.load(tmp_path / "out" / f"{split}_images.npy")
+        masks = np.load(tmp_path / "out" / f"{split}_masks.npy")
+        slices = meta[f"{split}_slices"]
+        assert patches.shape == (n * len(slices), 32, 32, 3) and masks.shape == patches.shape[:3]
+        for k, z in enumerate(slices):
+            for c, source in enumerate(context_window(z, 4, 1)):
+                got = unpatchify_slice(patches[k * n : (k + 1) * n, ..., c], grid)
+                np.testing.assert_array_equal(got, to_uint8(images[source]))
+    assert np.array_equal(
+        network_inputs(images, meta["val_slices"], 1)[0],
+        np.stack([to_uint8(images[s]) for s in context_window(meta["val_slices"][0], 4, 1)], -1),
+    )
+    assert network_inputs(images, [0, 2]).shape == (2, 70, 90)
+
+
+@pytest.mark.parametrize(("n", "fraction", "seed"), [(20, 0.25, 0), (20, 0.25, 7), (4, 0.5, 1)])
+def test_split_slices_contiguous_is_one_block(n: int, fraction: float, seed: int) -> None:
+    train, val = split_slices(n, fraction, seed=seed, contiguous=True)
+    assert val == list(range(val[0], val[0] + len(val)))
+    assert sorted(train + val) == list(range(n))
+    assert len(val) == len(split_slices(n, fraction, seed=seed)[1])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from scipy import ndimage
 
 from mitoseg.io import DataError
@@ -197,3 +198,39 @@ def test_a_plan_naming_calibration_it_does_not_hold_is_not_written(tmp_path: Pat
     with pytest.raises(ValueError, match=r"names inference_calibration\.npy but holds no"):
         plan.write(tmp_path / PLAN_FILE)
     assert not list(tmp_path.iterdir())
+
+
+def test_receptive_field_of_a_25d_predictor() -> None:
+    """A box filter over the middle channel of a 3-channel input: its field, once."""
+
+    def middle(batch: np.ndarray) -> np.ndarray:
+        assert batch.shape[-1] == 3
+        return Box(2)(batch[..., 1:2])
+
+    assert receptive_field(middle, probe=64, channels=3)["full"] == 5
+
+
+@pytest.mark.parametrize(
+    ("images", "ok"),
+    [
+        (np.zeros((2, 4, 6, 3), np.uint8), True),
+        (np.zeros((2, 4, 6), np.uint8), False),
+        (np.zeros((2, 4, 6, 5), np.uint8), False),
+    ],
+)
+def test_a_25d_plan_calibrates_with_context_channels(images: np.ndarray, ok: bool) -> None:
+    plan = InferencePlan.model_validate({**BINARY, "z_context": 1})
+    assert plan.in_channels == 3
+    if ok:
+        assert plan.with_calibration(images).calibration_images().shape == (2, 4, 6, 3)
+    else:
+        with pytest.raises(
+            ValueError, match=r"^calibration images must be a non-empty \(N, H, W, 3\) uint8"
+        ):
+            plan.with_calibration(images)
+
+
+@pytest.mark.parametrize("z_context", [-1, 9])
+def test_z_context_is_bounded(z_context: int) -> None:
+    with pytest.raises(ValidationError, match="z_context"):
+        InferencePlan.model_validate({**BINARY, "z_context": z_context})

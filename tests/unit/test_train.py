@@ -411,3 +411,61 @@ def test_setup_determinism_before_and_after_tensorflow_starts(caplog):
             if not was:
                 tf_config.disable_op_determinism()
         assert "training may not be reproducible" in caplog.text
+
+
+def test_sampler_hard_negative_crops_centre_on_dark_background():
+    """Bright background, grey mitochondria (class 1) and one dark bar that is background:
+    hard-negative crops are centred on the bar."""
+    images = np.full((4, 64, 64), 200, np.uint8)
+    masks = np.zeros((4, 64, 64), np.uint8)
+    images[:, 5:15, 5:15], masks[:, 5:15, 5:15] = 120, 1
+    images[:, 40:44, 20:60] = 30
+    s = CropSampler(images, masks, 16, 0.0, None, 1, 8, hard_negative_prob=1.0)
+    assert s.dark_level == 120
+    for k in range(16):
+        img, mask = s.sample(k)
+        assert np.rint(img[8, 8, 0] * 255) == 30 and mask[8, 8, 0] == 0
+    uniform = CropSampler(images, masks, 16, 0.0, None, 1, 8)
+    assert sum(np.rint(uniform.sample(k)[0][8, 8, 0] * 255) == 30 for k in range(16)) < 8
+
+
+def test_sampler_25d_patches_keep_their_channels(tmp_path):
+    d = make_patches(tmp_path / "p", n_train=3, n_val=1)
+    for split in ("train", "val"):
+        images = np.load(d / f"{split}_images.npy")
+        np.save(d / f"{split}_images.npy", np.stack([images, 255 - images, images], -1))
+    data = load_patches(d, 2)
+    assert data.in_channels == 3
+    s = CropSampler(data.train_images, data.train_masks, 32, 0.5, None, 1, 6)
+    img, mask = s.sample(2)
+    assert img.shape == (32, 32, 3) and mask.shape == (32, 32, 1)
+    np.testing.assert_allclose(img[..., 1], 1.0 - img[..., 0], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"foreground_crop_prob": 0.7, "hard_negative_prob": 0.5}, r"must be in \[0, 1\]"),
+    ],
+)
+def test_sampler_crop_probability_errors(patches, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _sampler(patches, **kwargs)
+
+
+def test_train_config_crop_probabilities_must_not_exceed_one():
+    with pytest.raises(ValueError, match=r"train\.hard_negative_prob \(0\.6\) must not exceed 1"):
+        resolve_train_config({"foreground_crop_prob": 0.5, "hard_negative_prob": 0.6})
+
+
+def test_train_model_25d_builds_a_model_with_context_channels(tmp_path):
+    d = make_patches(tmp_path / "p", n_train=3, n_val=1)
+    for split in ("train", "val"):
+        images = np.load(d / f"{split}_images.npy")
+        np.save(d / f"{split}_images.npy", np.stack([images, images, images], -1))
+    cfg = resolve_train_config({**TINY, "epochs": 1, "hard_negative_prob": 0.2})
+    res = train_model(d, AugmentConfig(), cfg, 2, 0, tmp_path / "out", tmp_path / "ck", False)
+    import keras
+
+    model = keras.saving.load_model(res.model_path, compile=False)
+    assert model.input_shape[-1] == 3 and model.output_shape[-1] == 1

@@ -89,3 +89,21 @@ def test_errors():
         build_unet(ModelConfig(**TINY), 2, input_channels=0)
     three = build_unet(ModelConfig(**TINY), 2, input_channels=3)
     assert three.input_shape == (None, None, None, 3)
+
+
+def test_a_25d_network_gets_a_25d_plan_and_mismatches_are_refused():
+    from mitoseg.model.analysis import check_plan_matches, default_plan, z_context_of
+
+    cfg = ModelConfig(depth=2, base_filters=4)
+    model = build_unet(cfg, 2, input_channels=3)
+    plan = default_plan(model)
+    assert (plan.z_context, plan.in_channels) == (1, 3)
+    check_plan_matches(model, plan, "here")
+    with pytest.raises(
+        ValueError,
+        match=r"^here: the inference plan gives the model 1 input channel\(s\) \(z_context 0\) "
+        r"but the model takes 3$",
+    ):
+        check_plan_matches(model, plan.with_overrides(z_context=0), "here")
+    with pytest.raises(ValueError, match=r"^the model takes 2 input channels; a 2\.5D model"):
+        z_context_of(build_unet(cfg, 2, input_channels=2))

@@ -24,12 +24,14 @@ from patchify import patchify, unpatchify
 from mitoseg.config import BaseConfig, PatchifyConfig
 from mitoseg.data.layout import read_split, split_paths
 from mitoseg.io import DataError, atomic_dir, normalize_slice, write_json
+from mitoseg.plan import context_window
 from mitoseg.progress import progress_iter
 
 __all__ = [
     "PatchGrid",
     "make_patch_dataset",
     "map_mask_to_classes",
+    "network_inputs",
     "patch_grid",
     "patchify_slice",
     "patchify_stack",
@@ -239,6 +241,33 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.rint(normalize_slice(image) * 255.0).astype(np.uint8)
 
 
+def network_inputs(stack: np.ndarray, slices: list[int], z_context: int = 0) -> np.ndarray:
+    """Slices of a raw stack as the network sees them, uint8 (intensity x 255).
+
+    Args:
+        stack: ``(Z, H, W)`` raw slices.
+        slices: indexes into ``stack``.
+        z_context: 2.5D context ``k`` (:func:`mitoseg.inference.context_window`).
+
+    Returns:
+        ``(N, H, W)`` uint8 (:func:`to_uint8` of each slice), or ``(N, H, W, 2k + 1)``
+        for ``k > 0``.
+    """
+    cache: dict[int, np.ndarray] = {}
+
+    def norm(i: int) -> np.ndarray:
+        if i not in cache:
+            cache[i] = to_uint8(stack[i])
+        return cache[i]
+
+    if z_context == 0:
+        return np.stack([norm(i) for i in slices])
+    depth = stack.shape[0]
+    return np.stack(
+        [np.stack([norm(j) for j in context_window(z, depth, z_context)], -1) for z in slices]
+    )
+
+
 def map_mask_to_classes(
     mask: np.ndarray, value_to_index: dict[int, int], *, where: str = "mask"
 ) -> np.ndarray:
@@ -267,11 +296,15 @@ def map_mask_to_classes(
     return lut[inverse].reshape(np.shape(mask))
 
 
-def split_slices(n_slices: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def split_slices(
+    n_slices: int, val_fraction: float, seed: int, *, contiguous: bool = False
+) -> tuple[list[int], list[int]]:
     """Seeded split of slice indices into train and validation.
 
     ``round(n * val_fraction)`` slices go to validation, at least one when
     ``val_fraction > 0`` and ``n >= 2``, and always leaving at least one for training.
+    ``contiguous``: the validation slices are one block at a seeded position (a 2.5D model
+    is validated on them as a stack, so each keeps its true neighbours inside the block).
 
     Returns:
         ``(train_slices, val_slices)``: sorted, disjoint, together ``0..n-1``.
@@ -287,6 +320,10 @@ def split_slices(n_slices: int, val_fraction: float, seed: int) -> tuple[list[in
     if val_fraction > 0 and n_slices >= 2:
         n_val = max(1, n_val)
     n_val = min(n_val, n_slices - 1)
+    if contiguous:
+        start = int(np.random.default_rng(seed).integers(0, n_slices - n_val + 1))
+        val = list(range(start, start + n_val))
+        return [i for i in range(n_slices) if i not in val], val
     order = np.random.default_rng(seed).permutation(n_slices)
     val = sorted(int(i) for i in order[:n_val])
     train = sorted(int(i) for i in order[n_val:])
@@ -313,20 +350,25 @@ def make_patch_dataset(
     and cut into patches (:func:`patchify_stack`, image and mask padded alike).
 
     Writes into ``out_dir`` (replaced atomically as a whole):
-    ``train_images.npy`` ``(N, P, P)`` uint8, ``train_masks.npy`` ``(N, P, P)`` uint8 class
-    index, ``val_images.npy`` / ``val_masks.npy`` (same, from the validation slices; ``(0,
-    P, P)`` when there are none) and ``meta.json``.
+    ``train_images.npy`` ``(N, P, P)`` uint8 (``(N, P, P, 2k + 1)`` for 2.5D,
+    ``cfg.z_context = k > 0``: channel ``j`` holds slice ``context_window(z, Z, k)[j]`` of the
+    train stack, the patch's own slice in the middle, neighbours clamped at the stack ends,
+    as :func:`mitoseg.inference.iter_stack_probabilities` gives them at inference),
+    ``train_masks.npy`` ``(N, P, P)`` uint8 class index, ``val_images.npy`` /
+    ``val_masks.npy`` (same, from the validation slices; ``N = 0`` when there are none) and
+    ``meta.json``.
 
     Args:
         raw_dir: canonical raw directory (only ``train/`` is read).
         out_dir: output directory (``artifacts/patches``).
         base: class table (``base.classes``).
-        cfg: ``patch_size``, ``step``, ``val_fraction``, ``pad_mode``.
+        cfg: ``patch_size``, ``step``, ``val_fraction``, ``pad_mode``, ``z_context``.
         seed: seed of the slice split.
         progress: show a progress bar.
 
     Returns:
-        The ``meta.json`` content: ``patch_size, step, pad_mode, n_classes, class_names,
+        The ``meta.json`` content: ``patch_size, step, pad_mode, z_context, n_classes,
+        class_names,
         train_slices, val_slices, slice_shape, padded_shape, patches_per_slice,
         n_train_patches, n_val_patches, foreground_fraction {train, val}, seed``.
         ``foreground_fraction`` is the fraction of non-background patch pixels.
@@ -346,25 +388,37 @@ def make_patch_dataset(
         except ValueError as exc:
             raise DataError(f"{img_path} slice {z}: {exc}") from None
         classes[z] = map_mask_to_classes(masks[z], v2i, where=f"{mask_path} slice {z}")
-    train_idx, val_idx = split_slices(images.shape[0], cfg.val_fraction, seed)
+    train_idx, val_idx = split_slices(
+        images.shape[0], cfg.val_fraction, seed, contiguous=cfg.z_context > 0
+    )
     p, s, mode = cfg.patch_size, cfg.step, cfg.pad_mode
     grid = patch_grid(images.shape[1:], p, s, mode)
+
+    k, depth = cfg.z_context, images.shape[0]
 
     def cut(stack: np.ndarray, idx: list[int]) -> np.ndarray:
         if not idx:
             return np.empty((0, p, p), dtype=np.uint8)
         return patchify_stack(stack[idx], p, s, mode)[0]
 
+    def cut_images(idx: list[int]) -> np.ndarray:
+        if k == 0:
+            return cut(norm, idx)
+        windows = [context_window(z, depth, k) for z in idx]
+        channels = [cut(norm, [w[j] for w in windows]) for j in range(2 * k + 1)]
+        return np.stack(channels, axis=-1) if idx else np.empty((0, p, p, 2 * k + 1), np.uint8)
+
     arrays = {
-        "train_images": cut(norm, train_idx),
+        "train_images": cut_images(train_idx),
         "train_masks": cut(classes, train_idx),
-        "val_images": cut(norm, val_idx),
+        "val_images": cut_images(val_idx),
         "val_masks": cut(classes, val_idx),
     }
     meta: dict[str, Any] = {
         "patch_size": p,
         "step": s,
         "pad_mode": mode,
+        "z_context": k,
         "n_classes": base.n_classes,
         "class_names": base.class_names,
         "train_slices": train_idx,

@@ -45,21 +45,23 @@ def receptive_field(
     probe: int = 512,
     energy: float = 0.99,
     seed: int = 0,
+    channels: int = 1,
 ) -> ReceptiveField:
     """Measure the receptive field with a one-pixel impulse.
 
-    A random ``(probe, probe)`` image in ``[0, 1]`` and a copy whose centre pixel is
-    inverted (``1 - v``) are predicted; the output channels' absolute differences are
-    summed. ``full`` is ``2 r + 1`` for the largest Chebyshev distance ``r`` of a changed
-    output pixel from the centre; ``effective`` the smallest such square holding
-    ``energy`` of the summed change.
+    A random ``(probe, probe, channels)`` image in ``[0, 1]`` and a copy whose centre pixel
+    is inverted (``1 - v``, every channel) are predicted; the output channels' absolute
+    differences are summed. ``full`` is ``2 r + 1`` for the largest Chebyshev distance
+    ``r`` of a changed output pixel from the centre; ``effective`` the smallest such square
+    holding ``energy`` of the summed change.
 
     Args:
-        predict_batch: ``(B, T, T, 1) float32 -> (B, T, T, C) float32``.
+        predict_batch: ``(B, T, T, channels) float32 -> (B, T, T, C) float32``.
         probe: probe image side (a multiple of the network divisor), larger than the
             receptive field for ``full`` to be exact (else it is capped at ``probe``).
         energy: fraction of the change inside the effective field, in ``(0, 1]``.
         seed: random seed of the probe image.
+        channels: input channels of the network (``2k + 1`` for 2.5D).
 
     Returns:
         :class:`ReceptiveField`.
@@ -72,11 +74,11 @@ def receptive_field(
     if not 0.0 < energy <= 1.0:
         raise ValueError(f"receptive_field: energy must be in (0, 1], got {energy}")
     rng = np.random.default_rng(seed)
-    base = rng.random((probe, probe), dtype=np.float32)
+    base = rng.random((probe, probe, channels), dtype=np.float32)
     c = probe // 2
     hit = base.copy()
     hit[c, c] = 1.0 - hit[c, c]
-    out = np.asarray(predict_batch(np.stack([base, hit])[..., None]), dtype=np.float64)
+    out = np.asarray(predict_batch(np.stack([base, hit])), dtype=np.float64)
     diff = np.abs(out[1] - out[0]).sum(axis=-1)
     yy, xx = np.nonzero(diff)
     if yy.size == 0:
@@ -171,8 +173,24 @@ def default_plan(model: Any, class_names: list[str] | None = None) -> Any:
         int(model.output_shape[-1]),
         divisor,
         class_names,
+        z_context=z_context_of(model),
         flops_per_pixel=flops_per_pixel(model, probe=max(256, divisor)) or None,
     )
+
+
+def z_context_of(model: Any) -> int:
+    """Slices of context on each side a 2.5D network expects: ``(C_in - 1) / 2``.
+
+    Raises:
+        ValueError: an even number of input channels (not a centred slice window).
+    """
+    channels = int(model.input_shape[-1])
+    if channels % 2 == 0:
+        raise ValueError(
+            f"the model takes {channels} input channels; a 2.5D model takes an odd number "
+            "(the slice and k neighbours on each side)"
+        )
+    return (channels - 1) // 2
 
 
 def check_plan_matches(model: Any, plan: Any, where: str) -> None:
@@ -189,4 +207,10 @@ def check_plan_matches(model: Any, plan: Any, where: str) -> None:
         raise ValueError(
             f"{where}: the inference plan says divisor {plan.divisor} but the model "
             f"down-samples by {divisor}"
+        )
+    inputs = int(model.input_shape[-1])
+    if inputs != plan.in_channels:
+        raise ValueError(
+            f"{where}: the inference plan gives the model {plan.in_channels} input "
+            f"channel(s) (z_context {plan.z_context}) but the model takes {inputs}"
         )
