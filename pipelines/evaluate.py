@@ -24,6 +24,7 @@ from mitoseg.config import load_section
 from mitoseg.data.layout import DATASET_FILE, read_split, split_paths
 from mitoseg.evaluate import masks_to_indices, write_outputs
 from mitoseg.io import DataError, normalize_slice, read_json_object, write_json
+from mitoseg.train_info import TrainInfo
 
 
 def _voxel_size(raw: Path) -> list[float] | None:
@@ -39,10 +40,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     base = load_section("base", args.params)
     cfg = load_section("evaluate", args.params)
-    train_info = read_json_object(args.train_info, "train info")
+    run_id = TrainInfo.read(args.train_info).run_id
     meta = read_json_object(args.patches / "meta.json", "patch metadata")
-    if "run_id" not in train_info:
-        raise DataError(f"{args.train_info}: missing 'run_id'")
     if "val_slices" not in meta:
         raise DataError(f"{args.patches / 'meta.json'}: missing 'val_slices'")
     lut = base.value_to_index()
@@ -95,11 +94,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report_path = args.out / "plan_report.json"
     write_json(report_path, report.to_json())
     tracking.log_evaluation(
-        train_info["run_id"],
+        run_id,
         result.metrics,
         [paths["metrics"], paths["per_slice"], report_path, *paths["figures"]],
     )
-    tracking.log_inference_plan(train_info["run_id"], args.plan)
+    tracking.log_inference_plan(run_id, args.plan)
     return result.metrics
 
 

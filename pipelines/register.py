@@ -21,16 +21,14 @@ from typing import Any
 from mitoseg import tracking
 from mitoseg.config import ConfigError, load_section
 from mitoseg.io import DataError, read_json_object, write_json
+from mitoseg.train_info import TrainInfo
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the stage; returns the registration record written to ``--out``."""
     cfg = load_section("register", args.params)
-    train_info = read_json_object(args.train_info, "train info")
+    run_id = TrainInfo.read(args.train_info).run_id
     metrics = read_json_object(args.metrics, "metrics")
-    run_id = train_info.get("run_id")
-    if not isinstance(run_id, str) or not run_id:
-        raise DataError(f"{args.train_info}: missing 'run_id'")
     if cfg.metric not in metrics:
         raise DataError(f"{args.metrics}: missing metric {cfg.metric!r} (register.metric)")
     value = metrics[cfg.metric]

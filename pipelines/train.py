@@ -18,7 +18,8 @@ from typing import Any
 
 from mitoseg.augment import read_augment_spec
 from mitoseg.config import ConfigError, TrainConfig, load_section
-from mitoseg.io import DataError, read_json_object, write_json
+from mitoseg.io import DataError, read_json_object
+from mitoseg.train_info import TRAIN_INFO_FILE, TrainInfo
 
 
 def _read_meta(patches: Path, n_classes: int) -> list[str]:
@@ -115,25 +116,22 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ValueError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 1
-    write_json(
-        args.out / "train.json",
-        {
-            "run_id": run_id,
-            "experiment_id": experiment_id,
-            "model_path": str(result.model_path),
-            "best_epoch": result.best_epoch,
-            "epochs_run": result.epochs_run,
-            "train_seconds": round(result.train_seconds, 3),
-            "patches_per_second": round(result.patches_per_second, 3),
-            "params": cfg.model_dump(mode="json"),
-            "n_classes": base.n_classes,
-            "class_names": class_names,
-            "resumed": result.resumed,
-            "stop_reason": result.stop_reason,
-            "run_key": result.run_key,
-            "init_from": cfg.init_from,
-        },
-    )
+    TrainInfo(
+        run_id=run_id,
+        experiment_id=experiment_id,
+        model_path=str(result.model_path),
+        best_epoch=result.best_epoch,
+        epochs_run=result.epochs_run,
+        train_seconds=round(result.train_seconds, 3),
+        patches_per_second=round(result.patches_per_second, 3),
+        params=cfg.model_dump(mode="json"),
+        n_classes=base.n_classes,
+        class_names=class_names,
+        resumed=result.resumed,
+        stop_reason=result.stop_reason,
+        run_key=result.run_key,
+        init_from=cfg.init_from,
+    ).write(args.out / TRAIN_INFO_FILE)
     print(
         f"train: best epoch {result.best_epoch}/{result.epochs_run} ({result.stop_reason}), "
         f"{result.patches_per_second:.1f} patches/s, model {result.model_path}, run {run_id}"

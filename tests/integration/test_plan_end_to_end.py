@@ -92,7 +92,12 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "tracking.configure_tracking()\n"
         "with tracking.start_training_run({'preset': 'test'}, {}, 'e2e') as run:\n"
         "    tracking.log_keras_model(m, 2, class_names=['background', 'mitochondria'])\n"
-        "json.dump({'run_id': run.info.run_id}, open(sys.argv[2], 'w'))\n"
+        "from mitoseg.train_info import TrainInfo\n"
+        "TrainInfo(run_id=run.info.run_id, experiment_id=run.info.experiment_id,\n"
+        "    model_path=sys.argv[1], best_epoch=1, epochs_run=1, train_seconds=0.0,\n"
+        "    patches_per_second=0.0, params={}, n_classes=2,\n"
+        "    class_names=['background', 'mitochondria'], resumed=False,\n"
+        "    stop_reason='completed', run_key='e2e', init_from=None).write(sys.argv[2])\n"
     )
     _run([sys.executable, "-c", code, str(train / "model.keras"), str(train / "train.json")],
          root, env)  # fmt: skip

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from mitoseg import tracking
+from mitoseg.train_info import TrainInfo
 from tracking_state import reset_tracking
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,6 +28,27 @@ def _load_script() -> ModuleType:
 
 
 register_stage = _load_script()
+
+
+def _train_info(run_id: str) -> str:
+    """A valid ``train.json`` for ``run_id``."""
+    info = TrainInfo(
+        run_id=run_id,
+        experiment_id="1",
+        model_path="artifacts/train/model.keras",
+        best_epoch=1,
+        epochs_run=1,
+        train_seconds=1.0,
+        patches_per_second=1.0,
+        params={},
+        n_classes=2,
+        class_names=["background", "mitochondria"],
+        resumed=False,
+        stop_reason="completed",
+        run_key="k",
+        init_from=None,
+    )
+    return info.model_dump_json()
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +70,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
             "register:\n  model_name: stage-model\n  metric: iou\n"
             "  champion_alias: champion\n  challenger_alias: challenger\n"
         )
-        (root / "train.json").write_text(json.dumps({"run_id": run.info.run_id}))
+        (root / "train.json").write_text(_train_info(run.info.run_id))
         raw_test = root / "data" / "raw" / "test"
         raw_test.mkdir(parents=True)
         (raw_test / "images.tif").write_bytes(b"img")
@@ -128,12 +150,14 @@ def test_register_stage_test_data_fallback_and_override(in_project: Path) -> Non
         (None, {"iou": 0.5}, r"train\.json: train info not found"),
         ("{not json", {"iou": 0.5}, r"train\.json: not valid JSON"),
         ("[1]", {"iou": 0.5}, r"train\.json: expected a JSON object"),
-        ("{}", {"iou": 0.5}, r"train\.json: missing 'run_id'"),
-        ('{"run_id": "r"}', {"dice": 0.5}, r"json: missing metric 'iou' \(register\.metric\)"),
-        ('{"run_id": "r"}', {"iou": "high"}, r"json: metric 'iou' is not a finite number: 'high'"),
-        ('{"run_id": "r"}', {"iou": None}, r"json: metric 'iou' is not a finite number: None"),
-        ('{"run_id": "r"}', {"iou": float("nan")}, r"metric 'iou' is not a finite number: nan"),
-        ('{"run_id": "r"}', {"iou": 0.5}, r"run 'r' not found in tracking store sqlite:///"),
+        ("{}", {"iou": 0.5}, r"train\.json: missing 'run_id'; missing 'experiment_id'"),
+        (_train_info("r").replace('"r"', "1"), {"iou": 0.5}, r"train\.json: run_id: Input should"),
+        (_train_info("r")[:-1] + ', "x": 1}', {"iou": 0.5}, r"json: x: Extra inputs are not"),
+        (_train_info("r"), {"dice": 0.5}, r"json: missing metric 'iou' \(register\.metric\)"),
+        (_train_info("r"), {"iou": "high"}, r"json: metric 'iou' is not a finite number: 'high'"),
+        (_train_info("r"), {"iou": None}, r"json: metric 'iou' is not a finite number: None"),
+        (_train_info("r"), {"iou": float("nan")}, r"metric 'iou' is not a finite number: nan"),
+        (_train_info("r"), {"iou": 0.5}, r"run 'r' not found in tracking store sqlite:///"),
     ],
 )  # fmt: skip
 def test_register_stage_errors(
