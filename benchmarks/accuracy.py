@@ -98,6 +98,11 @@ def prepare(dataset: str, split: str, work: Path) -> tuple[Path, BaseConfig, dic
     else:
         tr, te = SPLITS[split]
         train, test = _entry(dataset, tr), _entry(dataset, te)
+    return fetch_split(train, test, work)
+
+
+def fetch_split(train: dict, test: dict, work: Path) -> tuple[Path, BaseConfig, dict]:
+    """Fetch manifest entries (:func:`_entry`) into the canonical layout ``work/raw``."""
     manifest = work / "manifest.yaml"
     work.mkdir(parents=True, exist_ok=True)
     manifest.write_text(yaml.safe_dump({"train": [train], "test": [test]}))
@@ -167,16 +172,19 @@ def _score(model: Any, raw: Path, patches: Path, base: BaseConfig) -> dict[str, 
 
 def run_recipe(
     name: str, budget_min: float | None, steps: int | None, curve: list[float], raw: Path,
-    base: BaseConfig, work: Path,
+    base: BaseConfig, work: Path, *, init_from: Path | None = None, label: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Train recipe ``name`` once for ``budget_min`` minutes (or ``steps`` optimizer steps,
-    for machine-independent comparisons), scoring a snapshot at each ``curve`` minute."""
+    for machine-independent comparisons), scoring a snapshot at each ``curve`` minute.
+    ``init_from``: fine-tune from this ``.keras`` model (``train.init_from``)."""
     import keras
 
-    from mitoseg.train import train_model
+    from mitoseg.train import initial_weights, train_model
 
     recipe = RECIPES[name]
     train = dict(recipe.get("train", {}))
+    if init_from is not None:
+        train["init_from"] = str(init_from)
     per_epoch = None if train.get("preset") == "seed" else 40
     bound: dict[str, Any] = (
         {"max_train_seconds": budget_min * 60, "epochs": 100000}
@@ -193,15 +201,21 @@ def run_recipe(
     )
     augment = AugmentConfig(**recipe.get("augment", {}))
     patches = patchify(raw, work, base, PatchifyConfig(**recipe.get("patchify", {})))
-    out = work / f"train_{name}"
+    out = work / f"train_{label or name}"
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     snaps = _snapshot_callback(out, [m for m in curve if budget_min is None or m < budget_min])
+    init = None
+    if init_from is not None:
+        init = initial_weights(keras.saving.load_model(init_from, compile=False), cfg, 2)
     t0 = time.perf_counter()
+    ckpt = work / "ckpt" / (label or name)  # fresh: never resume an earlier invocation
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
     res = train_model(
-        patches, augment, cfg, base.n_classes, base.seed, out, work / "ckpt",
-        progress=True, callbacks=[snaps],
+        patches, augment, cfg, base.n_classes, base.seed, out, ckpt,
+        progress=True, callbacks=[snaps], init_weights=init,
     )  # fmt: skip
     wall = time.perf_counter() - t0
     points = []

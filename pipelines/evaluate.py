@@ -18,12 +18,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mitoseg.config import load_section
 from mitoseg.data.layout import DATASET_FILE, read_split, split_paths
+from mitoseg.data.patches import network_inputs
 from mitoseg.evaluate import masks_to_indices, write_outputs
-from mitoseg.io import DataError, normalize_slice, read_json_object, write_json
+from mitoseg.io import DataError, read_json_object, write_json
 from mitoseg.train_info import TrainInfo
 
 
@@ -36,6 +35,7 @@ def _voxel_size(raw: Path) -> list[float] | None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the stage; returns the metrics written to ``metrics.json``."""
     from mitoseg import tracking
+    from mitoseg.model.analysis import z_context_of
     from mitoseg.planner import evaluate_split, make_plan
 
     base = load_section("base", args.params)
@@ -58,13 +58,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     train_idx = [i for i in range(images.shape[0]) if i not in set(val)]
     # int8 calibration: up to 4 training slices as the network sees them (uint8 x 255)
-    calibration = (
-        np.stack(
-            [np.rint(normalize_slice(images[i]) * 255).astype(np.uint8) for i in train_idx[:4]]
-        )
-        if train_idx
-        else None
-    )
+    calibration = network_inputs(images, train_idx[:4], z_context_of(model)) if train_idx else None
     val_masks = (
         masks_to_indices(masks[val], lut, str(split_paths(args.raw, "train")[1]))
         if val and masks is not None
