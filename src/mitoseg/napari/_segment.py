@@ -1,0 +1,259 @@
+"""Segmentation for the napari widget, without napari or Qt: a local model or an endpoint.
+
+* :func:`segment_local`: a model URI (``.keras`` path, ``models:/name@alias``,
+  ``models:/name/1``, ``runs:/id/model``) loaded with its inference plan
+  (:func:`mitoseg.tracking.load_model_and_plan`, cached per URI) and run by
+  :func:`mitoseg.inference.segment_stack`, exactly as ``mitoseg predict`` runs it.
+  The widget calls it through :func:`segment_in_worker`: one spawned worker process
+  that keeps the model loaded between calls. TensorFlow never loads into the napari
+  process: TensorFlow and Mesa's software OpenGL (llvmpipe, used by napari under Xvfb,
+  in VMs and on machines without a GPU driver) each carry LLVM, and whichever loads
+  second crashes the process in LLVM's static initialisers.
+* :func:`segment_remote`: a running mitoseg service (``mitoseg serve``): the stack goes as
+  a multi-page TIFF to ``POST /segment_stack``; ``POST /metadata`` says how to read the
+  returned mask (binary 0/255 or class indexes).
+* :func:`mask_layers`: the class mask and its instance labels
+  (:func:`mitoseg.objects.instance_labels`) as napari layer data tuples on the scale of
+  the source image.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import io
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "MASK_COLOR",
+    "as_stack",
+    "mask_layers",
+    "segment_in_worker",
+    "segment_local",
+    "segment_remote",
+]
+
+#: Colour of the foreground class in the mask layer (RGBA, 0..1): magenta.
+MASK_COLOR = (1.0, 0.0, 1.0, 1.0)
+#: Seconds a request to an endpoint may take.
+REQUEST_TIMEOUT_S = 600
+
+
+def as_stack(data: Any, rgb: bool = False) -> np.ndarray:
+    """Image layer data -> ``(Z, H, W)`` raw intensities.
+
+    Args:
+        data: ``(H, W)``, ``(Z, H, W)`` (or ``(..., 3|4)`` with ``rgb``) array-like, or a
+            list of pyramid levels (the first, full-resolution level is used).
+        rgb: the layer is RGB(A): converted to luma.
+
+    Raises:
+        ValueError: not a 2D image or a 3D stack.
+    """
+    from mitoseg.io import to_gray
+
+    if isinstance(data, list | tuple):
+        data = data[0]
+    arr = np.asarray(data)
+    if rgb:
+        arr = to_gray(arr)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(
+            f"expected an (H, W) image or a (Z, H, W) stack, got an array of shape {arr.shape}"
+        )
+    return arr
+
+
+@functools.lru_cache(maxsize=4)
+def _load(uri: str) -> tuple[Any, Any]:
+    from mitoseg.tracking import load_model_and_plan
+
+    return load_model_and_plan(uri)
+
+
+def segment_local(stack: np.ndarray, model_uri: str) -> tuple[np.ndarray, Any]:
+    """Segment a stack with a model and its inference plan, in this process.
+
+    Args:
+        stack: ``(Z, H, W)`` raw intensities (uint8, uint16 or float).
+        model_uri: ``.keras`` path or MLflow model URI.
+
+    Returns:
+        ``((Z, H, W) uint8 class indexes, the InferencePlan)``.
+
+    Raises:
+        ValueError: empty URI or bad stack.
+        mitoseg.tracking.ModelNotFoundError: unknown model URI.
+    """
+    from mitoseg.inference import segment_stack
+
+    if not model_uri.strip():
+        raise ValueError("model URI is empty: give a .keras path or a models:/ URI")
+    model, plan = _load(model_uri.strip())
+    return segment_stack(model, stack, plan), plan
+
+
+_EXECUTOR: Any = None
+_EXECUTOR_LOCK = threading.Lock()
+
+
+def _executor() -> Any:
+    """The worker process pool (one spawned process, started on first use)."""
+    global _EXECUTOR
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is None:
+            _EXECUTOR = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn")
+            )
+            atexit.register(_EXECUTOR.shutdown, wait=False, cancel_futures=True)
+        return _EXECUTOR
+
+
+def _worker_segment(stack: np.ndarray, model_uri: str) -> tuple[np.ndarray, list[str], int]:
+    classes, plan = segment_local(stack, model_uri)
+    return classes, list(plan.class_names), int(plan.min_object_size)
+
+
+def segment_in_worker(
+    stack: np.ndarray, model_uri: str, timeout: float | None = None
+) -> tuple[np.ndarray, list[str], int]:
+    """:func:`segment_local` in the worker process (the model stays loaded there).
+
+    Args:
+        stack: ``(Z, H, W)`` raw intensities.
+        model_uri: ``.keras`` path or MLflow model URI.
+        timeout: seconds to wait, or None.
+
+    Returns:
+        ``((Z, H, W) uint8 class indexes, class names, min_object_size)`` of the plan.
+
+    Raises:
+        ValueError, mitoseg.tracking.ModelNotFoundError: as :func:`segment_local`, raised
+            here.
+        RuntimeError: the worker process died (it is restarted on the next call).
+    """
+    global _EXECUTOR
+    from concurrent.futures.process import BrokenProcessPool
+
+    if not model_uri.strip():
+        raise ValueError("model URI is empty: give a .keras path or a models:/ URI")
+    try:
+        return _executor().submit(_worker_segment, np.asarray(stack), model_uri).result(timeout)
+    except BrokenProcessPool:
+        with _EXECUTOR_LOCK:
+            _EXECUTOR = None
+        raise RuntimeError(f"the segmentation worker died while running {model_uri}") from None
+
+
+def _tiff(stack: np.ndarray) -> bytes:
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, stack, photometric="minisblack", compression="zlib")
+    return buf.getvalue()
+
+
+def _check(response: Any, url: str) -> None:
+    if response.status_code == 200:
+        return
+    try:
+        message = response.json().get("message", response.text)
+    except ValueError:
+        message = response.text
+    raise RuntimeError(f"{url}: HTTP {response.status_code}: {message}")
+
+
+def segment_remote(
+    stack: np.ndarray, url: str, token: str | None = None, timeout: float = REQUEST_TIMEOUT_S
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Segment a stack on a running mitoseg endpoint.
+
+    Args:
+        stack: ``(Z, H, W)`` uint8/uint16/float32 raw intensities.
+        url: base URL of the service, e.g. ``http://127.0.0.1:3000``.
+        token: bearer token when the service has ``MITOSEG_API_TOKEN`` set.
+        timeout: seconds per request.
+
+    Returns:
+        ``((Z, H, W) uint8 class indexes, the service's /metadata)``.
+
+    Raises:
+        ValueError: empty or non-HTTP URL.
+        RuntimeError: the service answered with an error (its message included).
+        requests.RequestException: the service cannot be reached.
+    """
+    import requests
+    import tifffile
+
+    base = url.strip().rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise ValueError(f"endpoint URL must start with http:// or https://, got {url!r}")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    r = requests.post(base + "/metadata", headers=headers, timeout=timeout)
+    _check(r, base + "/metadata")
+    meta = r.json()
+    files = {"image": ("stack.tif", _tiff(stack), "image/tiff")}
+    r = requests.post(base + "/segment_stack", files=files, headers=headers, timeout=timeout)
+    _check(r, base + "/segment_stack")
+    mask = tifffile.imread(io.BytesIO(r.content)).reshape(stack.shape)
+    classes = (mask == 255).astype(np.uint8) if int(meta["n_classes"]) == 2 else mask
+    return classes.astype(np.uint8, copy=False), meta
+
+
+def mask_layers(
+    classes: np.ndarray,
+    class_names: Sequence[str],
+    min_object_size: int,
+    scale: Sequence[float],
+    name: str,
+    squeeze: bool = False,
+) -> list[tuple[np.ndarray, dict[str, Any], str]]:
+    """The mask and instance layers of a segmentation.
+
+    Args:
+        classes: ``(Z, H, W)`` uint8 class indexes.
+        class_names: the plan's class names (background first).
+        min_object_size: smallest counted object, voxels (the plan's).
+        scale: scale of the source image layer (one entry per image dimension).
+        name: source layer name (layers are named ``"<name> mask"``, ``"<name> instances"``).
+        squeeze: the source was 2D: return ``(H, W)`` layers.
+
+    Returns:
+        ``[(classes, kwargs, "labels"), (uint32 instance labels, kwargs, "labels")]``.
+    """
+    from mitoseg.objects import instance_labels
+    from mitoseg.serving.analysis import foreground_index
+
+    fg = foreground_index(list(class_names))
+    instances, n = instance_labels(classes == fg, min_object_size)
+    colors: dict[int | None, Any] = {0: "transparent", None: "transparent"}
+    if len(class_names) == 2:
+        colors[1] = MASK_COLOR
+    if squeeze:
+        classes, instances = classes[0], instances[0]
+    meta = {"class_names": list(class_names), "n_objects": int(n)}
+    mask_kwargs: dict[str, Any] = {
+        "name": f"{name} mask",
+        "scale": tuple(scale),
+        "opacity": 0.5,
+        "metadata": meta,
+    }
+    if len(class_names) == 2:
+        mask_kwargs["colormap"] = colors
+    inst_kwargs = {
+        "name": f"{name} instances",
+        "scale": tuple(scale),
+        "opacity": 0.6,
+        "visible": False,
+        "metadata": meta,
+    }
+    return [(classes, mask_kwargs, "labels"), (instances, inst_kwargs, "labels")]
