@@ -108,6 +108,7 @@ def test_ome_zarr_job_matches_whole_stack_predict(
     ref, n = instance_labels(expected)
     np.testing.assert_array_equal(labels, ref)  # stitched across block faces, scan order
     assert summary["objects"] == n > 3 and summary["blocks"] == 3 and summary["skipped"] == 0
+    assert list(summary["model_loads"].values()) == [1, 1]  # once per worker, not per block
     # pyramid (y, x halved while >= 64 px: none here beyond level 0 for 45 x 52)
     assert "1" not in root
     info = dict(root.attrs)["mitoseg"]

@@ -139,3 +139,35 @@ def test_predict_voxel_size_errors(
     )  # fmt: skip
     assert result.exit_code != 0
     assert message in result.output
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("not a store", "notastore.zarr: not found"),
+        ("two inputs", "a volume job takes exactly one input"),
+        ("output exists", "old.zarr: exists and is not a mitoseg volume output; use --force"),
+    ],
+)
+def test_predict_volume_errors_before_any_work(
+    binary_model: Path, tmp_path: Path, case: str, message: str
+) -> None:
+    import zarr
+
+    vol = tmp_path / "vol.zarr"
+    zarr.create_array(str(vol), shape=(3, 20, 24), dtype="uint8")[:] = _blobs()
+    out = tmp_path / "out.zarr"
+    inputs = {"not a store": [str(tmp_path / "notastore.zarr")], "two inputs": [str(vol)] * 2}
+    if case == "output exists":
+        out = tmp_path / "old.zarr"
+        zarr.open_group(str(out), mode="w").attrs["other"] = True
+    result = runner.invoke(
+        app,
+        ["--no-progress", "predict", "--model", str(binary_model),
+         *inputs.get(case, [str(vol)]), "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code != 0
+    assert message in result.output
+    assert (out.exists() and case == "output exists") or not out.exists()
+    if case == "output exists":
+        assert dict(zarr.open_group(str(out), mode="r").attrs) == {"other": True}

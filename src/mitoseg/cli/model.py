@@ -102,21 +102,21 @@ def _parse_voxel_size(text: str | None) -> tuple[float, float, float] | None:
         fail(str(exc))
 
 
-def _is_volume(path: Path) -> bool:
+def _is_volume(uri: str) -> bool:
     from mitoseg.volume.store import is_volume_uri
 
-    return is_volume_uri(str(path))
+    return is_volume_uri(uri)
 
 
 @app.command("predict")
 def predict(
-    images: list[Path] = typer.Argument(
+    images: list[str] = typer.Argument(
         ...,
         help="TIFF stacks or 2D PNG/TIFF/JPEG images (8/16-bit, RGB converted to grey), or "
         "one Zarr / OME-Zarr volume (local or s3://) for blockwise prediction on Dask.",
     ),
     model: str = typer.Option(..., "--model", help=".keras file or models:/, runs:/ URI"),
-    out: Path = typer.Option(
+    out: str = typer.Option(
         ..., "--out", help="output directory for the mask TIFFs, or an OUT.zarr volume"
     ),
     tile_size: int | None = _TILE_OPT,
@@ -145,6 +145,9 @@ def predict(
         False, "--probabilities", help="volume: also store uint8 probabilities"
     ),
     force: bool = typer.Option(False, "--force", help="volume: replace an existing output"),
+    ngff: str = typer.Option(
+        "0.5", "--ngff", help="volume: output OME-Zarr version, 0.5 (Zarr v3) or 0.4 (Zarr v2)"
+    ),
 ) -> None:
     """Segment images with the model's inference plan; write OUT/<name>_mask.tif each.
 
@@ -156,15 +159,15 @@ def predict(
     """
     overrides = _overrides(tile_size, halo, batch_size, tta, threshold, engine)
     vs = _parse_voxel_size(voxel_size)
-    if any(_is_volume(p) for p in images) or str(out).rstrip("/").endswith(".zarr"):
+    if any(_is_volume(p) for p in images) or out.rstrip("/").endswith(".zarr"):
         if len(images) != 1:
             fail("a volume job takes exactly one input")
         _predict_volume(
-            str(images[0]), str(out), model, overrides, vs, workers, scheduler, block_z,
-            probabilities, force,
+            images[0], out, model, overrides, vs, workers, scheduler, block_z,
+            probabilities, force, ngff,
         )  # fmt: skip
         return
-    _predict_files(images, model, out, overrides, vs, instances)
+    _predict_files([Path(p) for p in images], model, Path(out), overrides, vs, instances)
 
 
 def _predict_volume(
@@ -178,10 +181,16 @@ def _predict_volume(
     block_z: int,
     probabilities: bool,
     force: bool,
+    ngff: str,
 ) -> None:
     from mitoseg.io import DataError
     from mitoseg.volume.job import run_volume_job
+    from mitoseg.volume.store import open_volume
 
+    try:  # bad input is reported before the model is loaded
+        open_volume(source, voxel_size).close()
+    except (DataError, ValueError) as exc:
+        fail(str(exc))
     net, plan = load_model_and_plan(model, **overrides)
     try:
         summary = run_volume_job(
@@ -195,6 +204,7 @@ def _predict_volume(
             probabilities=probabilities,
             force=force,
             voxel_size_nm=voxel_size,
+            ngff_version=ngff,
             progress=STATE.progress,
         )
     except (DataError, ValueError, FileExistsError) as exc:

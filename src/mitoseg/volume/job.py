@@ -273,6 +273,12 @@ def _relabel_task(
     return object_moments(final, _volume(spec).read(z0, z1), z0)
 
 
+def _plugin_loads(name: str, dask_worker: Any = None) -> int:
+    """Times the model was loaded on this worker (run on every worker by ``client.run``)."""
+    plugin = dask_worker.plugins.get(name) if dask_worker is not None else None
+    return int(getattr(plugin, "loads", 0))
+
+
 def _read_done(root: Any, n_blocks: int) -> np.ndarray:
     """The completion record; a row that cannot be read (killed mid-write) counts as 0."""
     arr = root[ngff.DONE_ARRAY]
@@ -381,7 +387,8 @@ def run_volume_job(
 
     Returns:
         ``{"shape", "blocks", "skipped", "objects", "foreground", "voxel_size_nm",
-        "seconds", "target", "objects_csv"}``.
+        "seconds", "target", "objects_csv", "model_loads"}``; ``model_loads`` maps each
+        worker to the times it loaded the model (1: once per worker, not per block).
 
     Raises:
         DataError: unreadable input (named).
@@ -460,6 +467,7 @@ def run_volume_job(
             for b in todo
         ]
         _gather(client, futures, "blocks", progress)
+        loads = client.run(_plugin_loads, spec.plugin)
         done = _read_done(root, spec.n_blocks)
         if (done[:, 0] == 0).any():
             raise RuntimeError(
@@ -514,4 +522,5 @@ def run_volume_job(
         "seconds": round(time.perf_counter() - start, 3),
         "target": target,
         "objects_csv": table,
+        "model_loads": {str(k): int(v) for k, v in loads.items()},
     }
