@@ -804,6 +804,9 @@ def check_package(
     """
     import os
 
+    # bioimageio.core's Keras backend defaults to torch and writes KERAS_BACKEND into the
+    # environment at import; mitoseg's Keras runs on TensorFlow.
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     from bioimageio.core import test_model
     from bioimageio.spec import load_description
     from bioimageio.spec.model import v0_5
