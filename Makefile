@@ -17,7 +17,7 @@ SERVE_PORT  ?= 3000
 MODEL       ?= models:/mitoseg-unet@champion
 PYTEST_ARGS ?=
 
-.PHONY: help setup lock run test test-all lint format stack stack-down ui serve bento bench clean
+.PHONY: help setup lock run test test-all lint format stack stack-down stack-status stack-env ui serve bento bench clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -59,11 +59,17 @@ format: setup ## Auto-format and fix with ruff
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-stack: setup ## Start the full local stack: S3 (seaweedfs) + MLflow server with S3 artifacts
-	$(BIN)/mitoseg stack up --s3-port $(S3_PORT) --mlflow-port $(MLFLOW_PORT)
+stack: setup ## Start the full local stack: S3 (seaweedfs) + MLflow server with S3 artifacts (dev/stack.py)
+	$(BIN)/python dev/stack.py up --s3-port $(S3_PORT) --mlflow-port $(MLFLOW_PORT)
 
 stack-down: setup ## Stop the local stack
-	$(BIN)/mitoseg stack down
+	$(BIN)/python dev/stack.py down
+
+stack-status: setup ## Is the local stack running? (exit 1 if not)
+	@$(BIN)/python dev/stack.py status
+
+stack-env: setup ## Export lines for the local stack: eval "$$(make -s stack-env)"
+	@$(BIN)/python dev/stack.py env
 
 ui: setup ## MLflow UI on the embedded store (runs, metrics, registered models)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port $(MLFLOW_PORT)

