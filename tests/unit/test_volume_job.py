@@ -232,7 +232,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[str, str]]:
         "2D": (str(flat), "expected a 3D \\(Z, Y, X\\) volume, got a 2D array"),
         "no multiscales": (str(tmp_path / "group.zarr"), "without OME-Zarr multiscales"),
         "missing dataset": (str(missing), "dataset 's0' is missing"),
-        "unreadable chunk": (str(broken), "cannot read slices 0..1"),
+        "unreadable chunk": (str(broken), r"cannot read slices \d\.\.\d \(.*decompression"),
     }
 
 

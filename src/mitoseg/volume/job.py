@@ -157,7 +157,7 @@ def _predict_block(spec: JobSpec, b: int) -> tuple[int, int, int]:
 
     plan = spec.plan()
     vol = _volume(spec)
-    k = int(getattr(plan, "z_context", 0))
+    k = plan.z_context
     z0, z1, r0, r1 = block_bounds(b, spec.shape[0], spec.block_z, k)
     raw = vol.read(r0, r1)
     _, h, w = raw.shape
@@ -168,7 +168,9 @@ def _predict_block(spec: JobSpec, b: int) -> tuple[int, int, int]:
     stream = iter_stack_probabilities(_predictor(spec), raw, plan)
     for i, p in enumerate(stream):
         z = r0 + i
-        if not z0 <= z < z1:
+        if z >= z1:  # the trailing context slices are read, never predicted
+            break
+        if z < z0:
             continue
         mask[z - z0] = probabilities_to_mask(p, plan.decision)
         if probs is not None:
