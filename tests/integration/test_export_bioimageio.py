@@ -120,7 +120,7 @@ def test_package_loads_again_with_its_fields(package: tuple[Path, str]) -> None:
     assert descr.format_version.startswith("0.5")
     assert [a.name for a in descr.authors] == ["Ada Lovelace"]
     assert descr.cite and descr.cite[0].doi is not None
-    assert str(descr.license) == "MIT"
+    assert str(descr.license) == "CC-BY-NC-SA-3.0"  # the training data's, by default
     assert descr.documentation is not None and descr.covers
     assert isinstance(descr.training_data, v0_5.DatasetDescr) or descr.training_data is not None
     assert "ssTEM" in descr.training_data.name  # type: ignore[union-attr]

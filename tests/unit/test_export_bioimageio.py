@@ -162,6 +162,7 @@ def test_load_metadata_file_and_overrides(tmp_path: Path) -> None:
     assert meta.name == "EM mito model" and meta.license == "CC-BY-4.0"
     assert [a.name for a in meta.authors] == ["Ada"] and meta.tags == ["em"]
     assert load_metadata(None, {}) == ExportMetadata()
+    assert ExportMetadata().weights_license == "CC-BY-NC-SA-3.0"  # the training data's
 
 
 @pytest.mark.parametrize(
@@ -280,3 +281,28 @@ def test_cli_export_errors(tiny_model_file: Path, tmp_path: Path, args, message)
     assert res.exit_code == 1, res.output
     assert message in res.output
     assert not out.exists()
+
+
+def test_export_2p5d_model_gets_context_channels(tmp_path: Path) -> None:
+    if "z_context" not in InferencePlan.model_fields:
+        pytest.skip("this mitoseg's InferencePlan has no z_context (2.5D) field")
+    import keras
+    from bioimageio.spec import load_description
+
+    from mitoseg.config import ModelConfig
+    from mitoseg.export.bioimageio import export_bioimageio
+    from mitoseg.model.unet import build_unet
+
+    keras.utils.set_random_seed(0)
+    model = build_unet(ModelConfig(depth=1, base_filters=2, batch_norm=False, dropout=0), 2, 3)
+    p = InferencePlan.default_for(1, 2, halo=4, tile_size=64, z_context=1)
+    stack = em_stack(z=4, h=32, w=32)
+    report = export_bioimageio(
+        model, p, stack, tmp_path / "pkg", voxel_size_nm=[4.0], weight_formats=["keras_v3"]
+    )
+    assert report.test_input_shape == [1, 32, 32, 3] and report.source_slice in (1, 2)
+    test_input = np.load(tmp_path / "pkg" / "test_input.npy")
+    z = report.source_slice
+    np.testing.assert_array_equal(test_input[0], np.moveaxis(stack[z - 1 : z + 2], 0, -1))
+    descr = load_description(tmp_path / "pkg" / "rdf.yaml")
+    assert [str(c) for c in descr.inputs[0].axes[3].channel_names] == ["z_m1", "z", "z_p1"]

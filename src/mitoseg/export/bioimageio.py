@@ -33,7 +33,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from mitoseg.io import atomic_dir, atomic_path
-from mitoseg.plan import InferencePlan, normalize_for_plan
+from mitoseg.plan import InferencePlan, Normalization, normalize_for_plan
 
 __all__ = [
     "INPUT_ID",
@@ -148,7 +148,12 @@ class ExportMetadata(_Strict):
         default_factory=lambda: [Person(name="mitoseg contributors")], min_length=1
     )
     cite: list[Citation] = Field(default_factory=lambda: [UNET_CITATION], min_length=1)
-    license: str = Field("MIT", min_length=1, description="SPDX identifier of the weights")
+    license: str | None = Field(
+        None,
+        min_length=1,
+        description="SPDX identifier of the weights; None: the training data's licence "
+        "(weights trained on share-alike data are shared alike)",
+    )
     tags: list[str] = Field(
         default_factory=lambda: [
             "electron-microscopy",
@@ -163,6 +168,11 @@ class ExportMetadata(_Strict):
     training_data: TrainingData = VNC_TRAINING_DATA
     git_repo: str | None = None
     version: str | None = None
+
+    @property
+    def weights_license(self) -> str:
+        """The licence written into the package: ``license``, else the training data's."""
+        return self.license or self.training_data.license
 
 
 class ExportReport(_Strict):
@@ -224,9 +234,12 @@ def resolve_voxel_size(
 
 
 def _channel_names(in_channels: int) -> list[str]:
-    """Input channel names: ``raw`` for 2D, ``z-1, z+0, z+1`` ... for 2.5D."""
+    """Input channel names: ``raw`` for 2D; ``z_m1, z, z_p1`` ... (slices z-1, z, z+1)
+    for 2.5D."""
     k = (in_channels - 1) // 2
-    return ["raw"] if in_channels == 1 else [f"z{o:+d}" for o in range(-k, k + 1)]
+    if in_channels == 1:
+        return ["raw"]
+    return [f"z_m{-o}" if o < 0 else f"z_p{o}" if o > 0 else "z" for o in range(-k, k + 1)]
 
 
 def _z_context(plan: InferencePlan) -> int:
@@ -337,7 +350,7 @@ def cover_image(raw: np.ndarray, probs: np.ndarray, threshold: float | None) -> 
         ``(H, 2W, 3)`` uint8 RGB: grey input | input with foreground tinted (binary:
         magenta at 50 %; multiclass: one colour per non-background class).
     """
-    grey = normalize_for_plan(raw, InferencePlan.model_fields["normalization"].default_factory())
+    grey = normalize_for_plan(raw, Normalization())
     grey = np.zeros(raw.shape, np.float32) if grey is None else grey
     rgb = np.repeat((grey * 255).round().astype(np.uint8)[..., None], 3, axis=-1)
     if probs.shape[-1] == 1:
@@ -422,7 +435,7 @@ def _documentation(
         lines += [f"- {k}: {v:.4f}" for k, v in sorted(plan.validation.items())]
     else:
         lines.append("- no validation figures in the plan")
-    lines += ["", "## Licence", f"Weights: {meta.license}.", ""]
+    lines += ["", "## Licence", f"Weights: {meta.weights_license}.", ""]
     return "\n".join(lines)
 
 
@@ -575,7 +588,7 @@ def build_model_description(
             description=metadata.description,
             authors=_authors(v, metadata.authors),
             cite=_cite_entries(v, metadata.cite),
-            license=metadata.license,
+            license=metadata.weights_license,
             tags=list(metadata.tags),
             documentation=v.FileDescr(source=documentation),
             covers=[v.FileDescr(source=cover)],
