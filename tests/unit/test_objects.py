@@ -205,3 +205,33 @@ def test_moments_of_blocks_combine_to_the_whole_volume() -> None:
     assert [r["id"] for r in rows] == [r["id"] for r in whole]
     for a, b in zip(rows, whole, strict=True):
         assert a == pytest.approx(b)
+
+
+def test_instance_metrics_reach_mlflow(tmp_path, monkeypatch) -> None:
+    """evaluate_stack's ``instances`` block is logged as test_instances.* metrics."""
+    from mlflow import MlflowClient
+
+    from mitoseg import tracking
+    from mitoseg.evaluate import evaluate_stack
+    from mitoseg.plan import InferencePlan
+    from tracking_state import reset_tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    reset_tracking()
+    try:
+        tracking.configure_tracking(root=tmp_path)
+        images = np.full((2, 16, 16), 10, dtype=np.uint8)
+        images[:, 4:9, 4:9] = 200
+        plan = InferencePlan.default_for(1, 1, tile_size=16, halo=4, min_object_size=0)
+        result = evaluate_stack(lambda b: b, images, (images > 10).astype(np.uint8), plan)
+        assert result.metrics["instances"]["iou_75"]["ap"] == 1.0
+        with tracking.start_training_run({}, {}) as run:
+            run_id = run.info.run_id
+        logged = tracking.log_evaluation(run_id, result.metrics, [])
+        metrics = MlflowClient().get_run(run_id).data.metrics
+        for key in ("iou_50.f1", "iou_50.ap", "iou_75.ap", "iou_75.precision", "n_true"):
+            assert metrics[f"test_instances.{key}"] == logged[f"test_instances.{key}"]
+        assert metrics["test_instances.n_true"] == 1.0
+        assert metrics["test_iou"] == 1.0  # the existing keys are still there
+    finally:
+        reset_tracking()
