@@ -55,8 +55,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: Paths served without a token: liveness/readiness probes and the OpenAPI docs.
-OPEN_PATHS = frozenset({"/", "/docs", "/docs.json", "/livez", "/readyz", "/healthz"})
-_OPEN_PREFIXES = ("/static_content/",)
+OPEN_PATHS = frozenset({"/", "/docs", "/docs.json", "/livez", "/readyz", "/healthz", "/ui"})
+_OPEN_PREFIXES = ("/static_content/", "/ui/")
 #: Paths answered with the OpenAPI page (BentoML serves it at ``/``).
 _DOCS_ALIASES = frozenset({"/docs", "/docs/"})
 #: Machine-readable code of a 4xx whose body did not carry one.

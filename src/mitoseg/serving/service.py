@@ -26,7 +26,10 @@ Two services, one process each under ``bentoml serve``:
 Endpoints (all ``POST``; uploads are multipart ``image`` file fields):
 ``/segment`` (one TIFF/PNG -> PNG or TIFF mask, ``format`` field), ``/segment_stack``
 (multi-page TIFF -> multi-page TIFF), ``/stats`` (object count, area fraction,
-per-object area and centroid), ``/metadata`` (model lineage, plan, limits). BentoML adds
+per-object area and centroid), ``/preview`` (the upload as an 8-bit PNG), ``/metadata``
+(model lineage, plan, limits). ``GET /ui/`` is a web page on these
+(:mod:`mitoseg.serving.web`): upload or pick a sample, see the mask overlaid, the count
+and the measurement table, download the mask. BentoML adds
 ``/livez``, ``/readyz``, ``/metrics`` and the OpenAPI page (``/``, also ``/docs``) with
 ``/docs.json``. Every client error is a JSON 4xx ``{"error": code, "message": ...,
 "status": ...}`` logged as one WARNING line (:mod:`mitoseg.serving.middleware`). With
@@ -76,6 +79,7 @@ from mitoseg.serving.settings import (
     request_cost,
     resolve_serve_config,
 )
+from mitoseg.serving.web import UI_PATH, ui_app
 
 logger = logging.getLogger("mitoseg.serving")
 
@@ -262,6 +266,17 @@ class MitoSeg:
                 logger.warning("runner connection dropped; retrying (%d)", attempt + 1)
         raise AssertionError("unreachable")
 
+    def _upload_bytes(self, image: Path) -> bytes:
+        """The uploaded file's bytes; ``UploadError`` 413 above ``serve.max_bytes``."""
+        size = image.stat().st_size
+        if size > self.limits.max_bytes:
+            raise UploadError(
+                413,
+                "too_large",
+                f"the upload is {size} bytes; the limit is {self.limits.max_bytes} bytes",
+            )
+        return image.read_bytes()
+
     def _classes(self, image: Path, max_pages: int | None) -> np.ndarray:
         """Read, validate, price and segment an upload.
 
@@ -271,14 +286,7 @@ class MitoSeg:
         Raises:
             UploadError: a bad upload, or one over the compute budget (``OverBudget``).
         """
-        size = image.stat().st_size
-        if size > self.limits.max_bytes:
-            raise UploadError(
-                413,
-                "too_large",
-                f"the upload is {size} bytes; the limit is {self.limits.max_bytes} bytes",
-            )
-        data = image.read_bytes()
+        data = self._upload_bytes(image)
         info = probe_upload(data, self.limits, max_pages=max_pages)
         with self.budget.admit(request_cost(info.shape, self.plan)):
             stack = decode_upload(data, self.limits, max_pages=max_pages)
@@ -326,6 +334,19 @@ class MitoSeg:
         out = mask_stats(classes, fg, plan.min_object_size)
         return {"class": plan.class_names[fg], "min_object_size": plan.min_object_size, **out}
 
+    @bentoml.api(route="/preview")
+    def preview(self, image: Path) -> Path:
+        """The first page of an upload as an 8-bit PNG (robust 0.5-99.5 % intensity
+        range), for the web page: browsers do not display TIFF."""
+        from mitoseg.io import normalize_slice
+
+        try:
+            page = decode_upload(self._upload_bytes(image), self.limits, max_pages=1)[0]
+        except UploadError as exc:
+            return _error(exc)  # type: ignore[return-value]
+        png = np.rint(normalize_slice(page) * 255).astype(np.uint8)
+        return Response(encode_png(png), media_type="image/png")  # type: ignore[return-value]
+
     @bentoml.api(route="/metadata")
     def metadata(self) -> dict[str, Any]:
         """Model lineage (name, version, alias, run id, git commit, data hash, metrics,
@@ -351,5 +372,7 @@ MitoSeg.add_asgi_middleware(
     token_env=TOKEN_ENV,
     # From Bento arguments or defaults: the store is not read at import.
     max_bytes=resolve_serve_config(None, _arguments()).max_bytes + MULTIPART_SLACK,
-    upload_paths=("/segment", "/segment_stack", "/stats"),
+    upload_paths=("/segment", "/segment_stack", "/stats", "/preview"),
 )
+# The web page (GET /ui/, open like the API docs); it calls the API above.
+MitoSeg.mount_asgi_app(ui_app(), path=UI_PATH)
