@@ -156,6 +156,9 @@ def export_bioimageio_cmd(
     )
     if not test:
         return
+    import keras
+
+    keras.config.disable_interactive_logging()  # no progress bar per test prediction
     checks = check_package(out)
     failed = False
     for check in checks:

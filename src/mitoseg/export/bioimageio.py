@@ -417,6 +417,9 @@ def _documentation(
         f"{plan.halo if plan.border is None else plan.border} pixels and blends overlapping "
         f"tiles of up to {plan.tile_size} pixels; the package runs the network on the input "
         "as given, so the outermost pixels differ.",
+        f"- mitoseg runs this model on the {plan.runtime}/{plan.precision} engine (its "
+        "threshold was chosen with it); the package holds the fp32 weights, so a few "
+        "pixels near the threshold may differ unless mitoseg runs keras/fp32.",
         f"- mitoseg returns an empty mask for a blank slice (robust intensity range below "
         f"{norm.blank_range:g} of the dtype range) without running the network; the package "
         "runs it.",
