@@ -279,3 +279,83 @@ def test_existing_non_output_needs_force(client: Client, tmp_path: Path) -> None
         run_volume_job(src, str(other), blur, _plan(), client=client)
     run_volume_job(src, str(other), blur, _plan(), client=client, force=True)
     assert dict(zarr.open_group(str(other), mode="r").attrs)["mitoseg"]["status"] == "complete"
+
+
+_KILL_SCRIPT = """
+import sys, time
+import numpy as np
+from distributed import Client, LocalCluster
+from mitoseg.plan import InferencePlan
+from mitoseg.volume.job import run_volume_job
+
+
+def slow_blur(batch):
+    from scipy import ndimage
+
+    time.sleep(0.15)
+    x = batch.mean(axis=-1, keepdims=True)
+    return ndimage.uniform_filter(x, size=(1, 5, 5, 1), mode="nearest").astype(np.float32)
+
+
+if __name__ == "__main__":
+    plan = InferencePlan.default_for(1, 1, tile_size=32, halo=6, batch_size=3, threshold=0.45)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        s = run_volume_job(sys.argv[1], sys.argv[2], slow_blur, plan, client=client, block_z=1)
+    print("skipped", s["skipped"])
+"""
+
+
+def test_sigkill_mid_job_then_restart_matches_uninterrupted(tmp_path: Path) -> None:
+    """A job process killed with SIGKILL once 2 blocks are recorded; the restarted process
+    skips them and the output equals an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "job.py"
+    script.write_text(_KILL_SCRIPT)
+    data = _volume(z=12, seed=6)
+    src = _ome(tmp_path / "in.ome.zarr", data, "0.5")
+    out = tmp_path / "out.ome.zarr"
+    cmd = [sys.executable, str(script), src, str(out)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+
+    def recorded() -> int:
+        try:
+            return int((zarr.open_group(str(out), mode="r")[ngff.DONE_ARRAY][:][:, 0] > 0).sum())
+        except Exception:
+            return 0
+
+    while recorded() < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = recorded()
+    assert 2 <= done < 12, f"killed too late: {done} of 12 blocks recorded"
+    assert dict(zarr.open_group(str(out), mode="r").attrs)["mitoseg"]["status"] == "running"
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"skipped {done}" in resumed.stdout
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from job import slow_blur  # the same predictor, in this process
+    finally:
+        sys.path.remove(str(tmp_path))
+    fresh = tmp_path / "fresh.ome.zarr"
+    plan = InferencePlan.default_for(1, 1, tile_size=32, halo=6, batch_size=3, threshold=0.45)
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        run_volume_job(src, str(fresh), slow_blur, plan, client=c, block_z=1)
+    a, b = zarr.open_group(str(out), mode="r"), zarr.open_group(str(fresh), mode="r")
+    for name in ("0", "labels/mask/0", "labels/instances/0"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
+    assert (out / "objects.csv").read_text() == (fresh / "objects.csv").read_text()
+    assert dict(a.attrs)["mitoseg"]["status"] == "complete"
