@@ -10,7 +10,7 @@ Every model uses ``extra="forbid"`` so a misspelt key fails loudly with its name
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -340,13 +340,17 @@ class EvaluateConfig(_Strict):
     engine_tolerance: float = Field(0.005, ge=0, le=1, description="validation IoU difference")
     min_object_size: int = Field(20, ge=0, description="pixels; smaller objects not counted")
     figure_slices: int = Field(3, ge=0)
+    z_average: Annotated[int, Field(ge=0, le=8)] | Literal["auto"] = Field(
+        "auto",
+        description="average probabilities over 2r+1 slices; auto: r = 0 or 1, whichever "
+        "scores better on the validation block",
+    )
 
     @field_validator("halo")
     @classmethod
     def _check_halo(cls, v: int | str) -> int | str:
         if isinstance(v, int) and v < 0:
             raise ValueError(f"halo must be >= 0 or 'auto', got {v}")
-        return v
 
     @field_validator("threshold")
     @classmethod

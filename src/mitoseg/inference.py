@@ -466,9 +466,10 @@ def iter_stack_probabilities(
     """Yield the ``(H, W, C)`` float32 probabilities of each slice of a stack.
 
     A 2.5D plan (``plan.z_context = k > 0``) gives the network slices ``z - k .. z + k``
-    of this stack as channels (:func:`context_window`): a block cut from a larger volume
-    must carry ``k`` extra slices on each side (and crop them off the result) to match
-    predicting the whole volume.
+    of this stack as channels (:func:`context_window`), and ``plan.z_average = r`` yields
+    the mean probabilities of slices ``z - r .. z + r``: a block cut from a larger volume
+    must carry ``plan.z_halo = k + r`` extra slices on each side (and crop them off the
+    result) to match predicting the whole volume.
 
     Args:
         model_or_fn: Keras model (run on the plan's engine) or :data:`PredictBatch`.
@@ -480,11 +481,40 @@ def iter_stack_probabilities(
     Raises:
         ValueError: bad stack shape/dtype or tiling arguments.
     """
-    from mitoseg.progress import progress_iter
 
     check_tiling(plan.tile_size, 0.0, plan.batch_size, plan.divisor)
     stack = _as_stack(stack)
     predict_batch = _predictor(model_or_fn, plan)
+    slices = _slice_probabilities(stack, predict_batch, plan, progress, description)
+    if plan.z_average == 0:
+        yield from slices
+        return
+    # mean over z - r .. z + r (clamped): slice z is ready once slice z + r is predicted
+    depth, r = stack.shape[0], plan.z_average
+    window: dict[int, np.ndarray] = {}
+    ready = 0
+    for z, probs in enumerate(slices):
+        window[z] = probs
+        while ready < depth and min(ready + r, depth - 1) <= z:
+            idx = context_window(ready, depth, r)
+            yield (np.sum([window[i] for i in idx], axis=0) / np.float32(len(idx))).astype(
+                np.float32
+            )
+            for i in [i for i in window if i < ready + 1 - r]:
+                del window[i]
+            ready += 1
+
+
+def _slice_probabilities(
+    stack: np.ndarray,
+    predict_batch: PredictBatch,
+    plan: InferencePlan,
+    progress: bool,
+    description: str,
+) -> Iterator[np.ndarray]:
+    """Per-slice probabilities before z-averaging (2.5D context from ``stack``)."""
+    from mitoseg.progress import progress_iter
+
     depth, k = stack.shape[0], plan.z_context
     normalised: dict[int, np.ndarray | None] = {}  # the sliding window of normalised slices
     for z in progress_iter(range(depth), depth, description, progress):

@@ -119,6 +119,12 @@ class InferencePlan(_Strict):
             stack it belongs to, the nearest existing slice repeated past the stack's ends
             (a single image is its own context). The network's input has ``2k + 1``
             channels; 0 = 2D.
+        z_average: the probabilities of slice ``z`` are the mean of those of slices
+            ``z-r .. z+r`` (``r = z_average``, clamped at the stack's ends) before the
+            threshold or argmax: mitochondria run through many sections, a false positive
+            on a dark membrane seldom does (the evaluate stage keeps it when it scores
+            better on the validation block). A block of a volume needs :attr:`z_halo`
+            extra slices on each side.
         receptive_field: measured receptive field of the network, pixels (odd), or None.
         normalization: intensity normalisation of each slice.
         tile_size: largest tile side, a multiple of ``divisor``; images whose padded size
@@ -154,6 +160,7 @@ class InferencePlan(_Strict):
     class_names: list[str]
     divisor: int = Field(16, ge=1)
     z_context: int = Field(0, ge=0, le=8)
+    z_average: int = Field(0, ge=0, le=8)
     receptive_field: int | None = Field(None, ge=1)
     normalization: Normalization = Field(default_factory=Normalization)
     tile_size: int = Field(1024, ge=16)
@@ -216,6 +223,12 @@ class InferencePlan(_Strict):
     def in_channels(self) -> int:
         """Input channels of the network: ``2 * z_context + 1``."""
         return 2 * self.z_context + 1
+
+    @property
+    def z_halo(self) -> int:
+        """Extra slices each side a block of a volume needs so that its inner slices come
+        out as in the whole volume: ``z_context + z_average``."""
+        return self.z_context + self.z_average
 
     @property
     def decision(self) -> float:

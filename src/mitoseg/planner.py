@@ -5,8 +5,10 @@
 1. from the network: output classes, divisor, FLOPs per pixel and the measured
    receptive field (:mod:`mitoseg.model.analysis`), which gives the tile halo;
 2. from the ``evaluate:`` settings: largest tile, batch, TTA, blank-slice rule;
-3. on the validation slices: the threshold (:func:`mitoseg.evaluate.choose_threshold`,
-   fine search, with calibration) and the inference engine: every engine this build
+3. on the validation slices (one contiguous block of the training stack, so 2.5D
+   context and z-averaging see true neighbours): the threshold
+   (:func:`mitoseg.evaluate.choose_threshold`, fine search, with calibration), the image
+   border padding, the z-averaging radius and the inference engine: every engine this build
    runs (:data:`mitoseg.runtime.ENGINES`) is timed on the validation slices and the
    fastest one whose validation score stays within ``engine_tolerance`` of Keras FP32
    is kept.
@@ -51,6 +53,7 @@ class PlanReport:
     receptive_field: dict[str, int] = field(default_factory=dict)
     threshold_curve: dict[str, float] = field(default_factory=dict)
     border: dict[str, float] = field(default_factory=dict)
+    z_average: dict[str, float] = field(default_factory=dict)
     engines: list[EngineTrial] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -59,6 +62,7 @@ class PlanReport:
             "receptive_field": dict(self.receptive_field),
             "threshold_curve": dict(self.threshold_curve),
             "border": dict(self.border),
+            "z_average": dict(self.z_average),
             "engines": [vars(t) for t in self.engines],
         }
 
@@ -111,6 +115,7 @@ def draft_plan(
         class_names=list(class_names),
         divisor=divisor,
         z_context=z_context,
+        z_average=0 if cfg.z_average == "auto" else int(cfg.z_average),
         receptive_field=field_["full"],
         normalization=Normalization(blank_range=cfg.blank_range),
         tile_size=cfg.tile_size,
@@ -145,18 +150,48 @@ def _choose_border(
     from mitoseg.runtime import compile_predictor
 
     predict = compile_predictor(model)
-    zero = plan.with_overrides(border=0)
-    if plan.n_classes == 2 and plan.threshold_source == "validation":
-        choice = choose_threshold(predict, images, masks, zero, progress=progress)
-        zero = zero.with_overrides(
-            threshold=choice.threshold,
-            calibration=choice.calibration,
-            validation={"iou": round(choice.iou, 6)},
-        )
+    zero = _rethreshold(predict, plan.with_overrides(border=0), images, masks, progress)
     plans = {"halo": plan, "none": zero}
     scores = {name: round(_score(predict, images, masks, p), 6) for name, p in plans.items()}
     best = "none" if scores["none"] > scores["halo"] else "halo"
     return plans[best], scores
+
+
+def _rethreshold(
+    predict: Any, plan: InferencePlan, images: Any, masks: Any, progress: bool
+) -> InferencePlan:
+    """``plan`` with its threshold chosen again on the validation slices (when it was
+    chosen there: binary, ``threshold_source == "validation"``)."""
+    if plan.n_classes != 2 or plan.threshold_source != "validation":
+        return plan
+    choice = choose_threshold(predict, images, masks, plan, progress=progress)
+    return plan.with_overrides(
+        threshold=choice.threshold,
+        calibration=choice.calibration,
+        validation={"iou": round(choice.iou, 6)},
+    )
+
+
+def _choose_z_average(
+    model: Any,
+    plan: InferencePlan,
+    images: Any,
+    masks: Any,
+    candidates: Sequence[int],
+    progress: bool,
+) -> tuple[InferencePlan, dict[str, float]]:
+    """The z-averaging radius (:attr:`InferencePlan.z_average`) that scores best on the
+    validation block (threshold chosen again for each; ties keep the smaller radius)."""
+    from mitoseg.runtime import compile_predictor
+
+    predict = compile_predictor(model)
+    plans = {
+        r: _rethreshold(predict, plan.with_overrides(z_average=r), images, masks, progress)
+        for r in candidates
+    }
+    scores = {r: round(_score(predict, images, masks, p), 6) for r, p in plans.items()}
+    best = max(sorted(scores), key=lambda r: (scores[r], -r))
+    return plans[best], {str(r): s for r, s in scores.items()}
 
 
 def _select_engine(
@@ -213,8 +248,8 @@ def make_plan(
         model: the trained Keras model.
         cfg: ``evaluate:`` settings (``threshold: auto`` chooses it on validation).
         class_names: class names in index order.
-        val_images: ``(Z, H, W)`` raw validation slices, or None (then the threshold is
-            ``cfg.threshold`` or 0.5 and the engine Keras FP32).
+        val_images: ``(Z, H, W)`` raw validation slices (consecutive sections), or None
+            (then the threshold is ``cfg.threshold`` or 0.5 and the engine Keras FP32).
         val_masks: ``(Z, H, W)`` validation class indexes, or None.
         voxel_size_nm: ``[z, y, x]`` of the training data, if known.
         calibration_images: ``(N, H, W)`` uint8 network inputs x 255 (normalised training
@@ -245,6 +280,10 @@ def make_plan(
             report.threshold_curve = choice.curve
     if has_val:
         plan, report.border = _choose_border(model, plan, val_images, val_masks, progress)
+        if cfg.z_average == "auto" and len(val_images) >= 2:  # one slice: nothing to average
+            plan, report.z_average = _choose_z_average(
+                model, plan, val_images, val_masks, [0, 1], progress
+            )
         from mitoseg.runtime import available_engines
 
         candidates = [e for e in available_engines() if f"{e[0]}/{e[1]}" in cfg.engines]

@@ -411,3 +411,37 @@ def test_predict_slice_context_errors() -> None:
         predict_slice(image, channel(0), _plan(z_context=1), [image, image])
     with pytest.raises(ValueError, match=r"^predict_slice: context slices .* differ from"):
         predict_slice(image, channel(0), _plan(z_context=1), [image, image, image[:4]])
+
+
+# ------------------------------------------------------------------- z-averaging
+
+
+@pytest.mark.parametrize(("r", "depth"), [(1, 1), (1, 5), (2, 5), (3, 4)])
+def test_z_average_is_the_clamped_mean_of_neighbouring_probabilities(r: int, depth: int) -> None:
+    rng = np.random.default_rng(6)
+    stack = rng.integers(0, 255, size=(depth, 12, 14), dtype=np.uint8)
+    probs = np.stack([p[..., 0] for p in iter_stack_probabilities(pixelwise, stack, _plan())])
+    averaged = list(iter_stack_probabilities(pixelwise, stack, _plan(z_average=r)))
+    assert len(averaged) == depth and all(a.shape == (12, 14, 2) for a in averaged)
+    for z in range(depth):
+        expected = probs[context_window(z, depth, r)].mean(axis=0)
+        np.testing.assert_allclose(averaged[z][..., 0], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(("k", "r"), [(0, 1), (1, 1), (2, 1), (1, 2)])
+def test_a_block_with_z_halo_slices_matches_the_whole_stack(k: int, r: int) -> None:
+    rng = np.random.default_rng(7)
+    stack = rng.integers(0, 255, size=(12, 20, 24), dtype=np.uint8)
+
+    def mix(batch: np.ndarray) -> np.ndarray:
+        w = np.linspace(0.1, 1.0, batch.shape[-1], dtype=np.float32)
+        return (batch @ (w / w.sum()))[..., None]
+
+    plan = _plan(z_context=k, z_average=r)
+    assert plan.z_halo == k + r
+    whole = np.stack(list(iter_stack_probabilities(mix, stack, plan)))
+    h = plan.z_halo
+    for z0, z1 in [(0, 4), (4, 8), (8, 12)]:
+        lo, hi = max(0, z0 - h), min(12, z1 + h)
+        block = np.stack(list(iter_stack_probabilities(mix, stack[lo:hi], plan)))
+        np.testing.assert_array_equal(block[z0 - lo : z1 - lo], whole[z0:z1])

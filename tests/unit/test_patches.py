@@ -383,8 +383,7 @@ def test_25d_patches_hold_the_neighbouring_slices_as_channels(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(("n", "fraction", "seed"), [(20, 0.25, 0), (20, 0.25, 7), (4, 0.5, 1)])
-def test_split_slices_contiguous_is_one_block(n: int, fraction: float, seed: int) -> None:
-    train, val = split_slices(n, fraction, seed=seed, contiguous=True)
+def test_split_slices_validation_is_one_block(n: int, fraction: float, seed: int) -> None:
+    train, val = split_slices(n, fraction, seed=seed)
     assert val == list(range(val[0], val[0] + len(val)))
     assert sorted(train + val) == list(range(n))
-    assert len(val) == len(split_slices(n, fraction, seed=seed)[1])

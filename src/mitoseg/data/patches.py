@@ -296,15 +296,14 @@ def map_mask_to_classes(
     return lut[inverse].reshape(np.shape(mask))
 
 
-def split_slices(
-    n_slices: int, val_fraction: float, seed: int, *, contiguous: bool = False
-) -> tuple[list[int], list[int]]:
+def split_slices(n_slices: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded split of slice indices into train and validation.
 
     ``round(n * val_fraction)`` slices go to validation, at least one when
     ``val_fraction > 0`` and ``n >= 2``, and always leaving at least one for training.
-    ``contiguous``: the validation slices are one block at a seeded position (a 2.5D model
-    is validated on them as a stack, so each keeps its true neighbours inside the block).
+    The validation slices are one block of consecutive sections at a seeded position: the
+    plan is validated on them as a stack (2.5D context and z-averaging see true
+    neighbours there).
 
     Returns:
         ``(train_slices, val_slices)``: sorted, disjoint, together ``0..n-1``.
@@ -320,14 +319,9 @@ def split_slices(
     if val_fraction > 0 and n_slices >= 2:
         n_val = max(1, n_val)
     n_val = min(n_val, n_slices - 1)
-    if contiguous:
-        start = int(np.random.default_rng(seed).integers(0, n_slices - n_val + 1))
-        val = list(range(start, start + n_val))
-        return [i for i in range(n_slices) if i not in val], val
-    order = np.random.default_rng(seed).permutation(n_slices)
-    val = sorted(int(i) for i in order[:n_val])
-    train = sorted(int(i) for i in order[n_val:])
-    return train, val
+    start = int(np.random.default_rng(seed).integers(0, n_slices - n_val + 1))
+    val = list(range(start, start + n_val))
+    return [i for i in range(n_slices) if i not in val], val
 
 
 def _fg_fraction(masks: np.ndarray) -> float:
@@ -388,9 +382,7 @@ def make_patch_dataset(
         except ValueError as exc:
             raise DataError(f"{img_path} slice {z}: {exc}") from None
         classes[z] = map_mask_to_classes(masks[z], v2i, where=f"{mask_path} slice {z}")
-    train_idx, val_idx = split_slices(
-        images.shape[0], cfg.val_fraction, seed, contiguous=cfg.z_context > 0
-    )
+    train_idx, val_idx = split_slices(images.shape[0], cfg.val_fraction, seed)
     p, s, mode = cfg.patch_size, cfg.step, cfg.pad_mode
     grid = patch_grid(images.shape[1:], p, s, mode)
 
