@@ -111,6 +111,10 @@ def export_bioimageio_cmd(
     from mitoseg.export.bioimageio import check_package, export_bioimageio
     from mitoseg.io import DataError, read_stack
 
+    try:
+        import bioimageio.core  # noqa: F401
+    except ImportError:
+        fail("mitoseg export bioimageio needs bioimageio.core: pip install 'mitoseg[export]'")
     sample = sample or _default_sample()
     if not sample.is_file():
         fail(f"--sample {sample}: file not found")
