@@ -165,27 +165,6 @@ def _write_tiffs(tmp: Path) -> dict[str, Path]:
     return paths
 
 
-def test_reader_opens_tiff_image_mask_and_uint32_instances(
-    tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    if in_fresh_process(request):
-        return
-    viewer = open_viewer(request)
-    paths = _write_tiffs(tmp_path)
-    img = tifffile.imread(paths["image"])
-    viewer.open([str(p) for p in paths.values()], plugin="mitoseg")
-    image, mask, inst = (viewer.layers[p.stem] for p in paths.values())
-    assert type(image).__name__ == "Image" and type(mask).__name__ == "Labels"
-    assert type(inst).__name__ == "Labels" and inst.data.dtype == np.uint32
-    for layer in (image, mask, inst):
-        np.testing.assert_allclose(layer.scale, VOXEL, rtol=1e-6)
-        assert [str(u) for u in layer.units] == ["nanometer"] * 3
-        assert layer.metadata["voxel_size_nm"] == pytest.approx(list(VOXEL))
-    np.testing.assert_array_equal(image.data, img)
-    np.testing.assert_array_equal(mask.data, img > np.percentile(img, 80))
-    assert set(np.unique(inst.data)) == {0, 7, 70_000}
-
-
 def test_uncalibrated_tiff_opens_with_unit_scale(tmp_path: Path) -> None:
     from mitoseg.napari._reader import get_reader
 
@@ -245,26 +224,42 @@ def write_ome_zarr(path: Path, image: np.ndarray, mask: np.ndarray, v05: bool) -
     )
 
 
-@pytest.mark.parametrize("v05", [False, True], ids=["ngff-0.4", "ngff-0.5"])
-def test_reader_opens_ome_zarr_image_and_labels(
-    tmp_path: Path, request: pytest.FixtureRequest, v05: bool
+def test_napari_opens_tiff_and_ome_zarr_with_the_plugin(
+    tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
+    """``viewer.open(..., plugin="mitoseg")``: calibrated TIFF image, 0/255 mask and uint32
+    instances, then OME-Zarr 0.4 and 0.5 stores (image pyramid + ``labels/``)."""
     if in_fresh_process(request):
         return
     viewer = open_viewer(request)
-    img = vnc()
-    inst = np.zeros(img.shape, np.uint32)
-    inst[:, 20:60, 30:90] = 3
-    store = tmp_path / "vol.zarr"
-    write_ome_zarr(store, img, inst, v05)
-    viewer.open(str(store), plugin="mitoseg")
-    image, mito = viewer.layers["vol"], viewer.layers["mito"]
-    assert image.multiscale and len(image.data) == 2
-    np.testing.assert_array_equal(np.asarray(image.data[0]), img)
-    np.testing.assert_allclose(image.scale, VOXEL)
-    assert type(mito).__name__ == "Labels"
-    np.testing.assert_array_equal(np.asarray(mito.data), inst)
-    np.testing.assert_allclose(mito.scale, VOXEL)
+    paths = _write_tiffs(tmp_path)
+    img = tifffile.imread(paths["image"])
+    viewer.open([str(p) for p in paths.values()], plugin="mitoseg")
+    image, mask, inst = (viewer.layers[p.stem] for p in paths.values())
+    assert type(image).__name__ == "Image" and type(mask).__name__ == "Labels"
+    assert type(inst).__name__ == "Labels" and inst.data.dtype == np.uint32
+    for layer in (image, mask, inst):
+        np.testing.assert_allclose(layer.scale, VOXEL, rtol=1e-6)
+        assert [str(u) for u in layer.units] == ["nanometer"] * 3
+        assert layer.metadata["voxel_size_nm"] == pytest.approx(list(VOXEL))
+    np.testing.assert_array_equal(image.data, img)
+    np.testing.assert_array_equal(mask.data, img > np.percentile(img, 80))
+    assert set(np.unique(inst.data)) == {0, 7, 70_000}
+
+    labels = np.zeros(img.shape, np.uint32)
+    labels[:, 20:60, 30:90] = 3
+    for v05 in (False, True):
+        viewer.layers.clear()
+        store = tmp_path / f"vol{int(v05)}.zarr"
+        write_ome_zarr(store, img, labels, v05)
+        viewer.open(str(store), plugin="mitoseg")
+        zimage, mito = viewer.layers[store.stem], viewer.layers["mito"]
+        assert zimage.multiscale and len(zimage.data) == 2
+        np.testing.assert_array_equal(np.asarray(zimage.data[0]), img)
+        np.testing.assert_allclose(zimage.scale, VOXEL)
+        assert type(mito).__name__ == "Labels"
+        np.testing.assert_array_equal(np.asarray(mito.data), labels)
+        np.testing.assert_allclose(mito.scale, VOXEL)
 
 
 @pytest.mark.parametrize("ngff", ["0.4", "0.5"])
