@@ -503,7 +503,6 @@ def run_volume_job(
                 local_csv = write_object_table(Path(tmp) / "objects.csv", rows)
                 buf.write(local_csv.read_text())
             table = ngff.write_text(target, "objects.csv", buf.getvalue())
-            del root[ngff.LOCAL_ARRAY]
     finally:
         with contextlib.suppress(Exception):  # the cluster may be gone already
             client.unregister_worker_plugin(spec.plugin)
@@ -514,6 +513,9 @@ def run_volume_job(
         {"status": "complete", "finished": time.time(), "objects": n_objects, "foreground": fg}
     )
     root.attrs.update({"mitoseg": info})
+    # after "complete": a kill before this line leaves only a temporary array behind
+    if ngff.LOCAL_ARRAY in root:
+        del root[ngff.LOCAL_ARRAY]
     return {
         "shape": list(vol.shape),
         "blocks": spec.n_blocks,
