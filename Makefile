@@ -38,6 +38,9 @@ lock: ## Re-pin requirements.lock from pyproject.toml (needs PyPI)
 	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^mitoseg' > requirements.lock
 	rm -rf .venv-lock
 
+src/requirements-serve.lock: requirements.lock pyproject.toml $(STAMP) ## The Bento's pins: core + `serve` extra, from the lock
+	$(BIN)/python dev/serve_requirements.py --out $@
+
 run: setup ## Main job: fetch the bundled sample, then dvc repro (validate .. register), offline
 	$(BIN)/mitoseg --no-progress data fetch --source sample --out data/raw
 	$(BIN)/dvc repro
