@@ -140,40 +140,32 @@ def _json_default(obj: Any) -> Any:
 def read_stack(path: str | Path) -> np.ndarray:
     """Read a TIFF stack or a single 2D image as ``(Z, H, W)``.
 
+    The decoder is :func:`mitoseg.decode.decode_image`, the one the service runs on
+    uploads: the same bytes give the same array and the same error (without the
+    service's policy: no size limits, any numeric dtype, NaN / inf kept for validation).
+
     Args:
-        path: a (multi-page) TIFF, PNG or JPEG file.
+        path: a (multi-page) TIFF, PNG or JPEG file, recognised by its first bytes.
 
     Returns:
-        ``(Z, H, W)`` array in the file's integer dtype (uint8 or uint16 typically).
-        RGB(A) images are converted to grayscale (ITU-R 601 luma), keeping the dtype.
+        ``(Z, H, W)`` array in the file's dtype (uint8 or uint16 typically). RGB(A)
+        pages are converted to grayscale (ITU-R 601 luma), keeping the dtype; a
+        separate-plane ``(S, H, W)`` page gives ``S`` slices.
 
     Raises:
-        DataError: missing, unreadable or truncated file, or unsupported shape.
+        DataError: missing file; :class:`mitoseg.decode.ImageError` (a DataError, with
+            the decoder's ``code``) naming the file for an unreadable, truncated or
+            unsupported image.
     """
+    from mitoseg.decode import FILE_FORMATS, ImageError, Limits, decode_image
+
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: file not found")
-    suffix = p.suffix.lower()
     try:
-        if suffix in (".tif", ".tiff"):
-            import tifffile
-
-            with tifffile.TiffFile(p) as tif:
-                arr = tif.asarray()
-                n_pages = len(tif.pages)
-            if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[0] != n_pages and n_pages == 1):
-                arr = arr[None] if arr.ndim == 2 else arr
-        else:
-            from PIL import Image
-
-            with Image.open(p) as im:
-                im.load()
-                arr = np.asarray(im)
-    except DataError:
-        raise
-    except Exception as exc:  # tifffile/PIL raise many types for corrupt files
-        raise DataError(f"{p}: cannot read image ({type(exc).__name__}: {exc})") from None
-    return _to_zhw(arr, p)
+        return decode_image(p, Limits.unlimited(), dtypes=None, formats=FILE_FORMATS, finite=False)
+    except ImageError as exc:
+        raise ImageError(exc.status, exc.code, f"{p}: {exc.message}") from None
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -182,20 +174,6 @@ def read_image(path: str | Path) -> np.ndarray:
     if stack.shape[0] != 1:
         raise DataError(f"{path}: expected one 2D image, found a stack of {stack.shape[0]} pages")
     return stack[0]
-
-
-def _to_zhw(arr: np.ndarray, p: Path) -> np.ndarray:
-    if arr.size == 0:
-        raise DataError(f"{p}: image is empty (shape {arr.shape})")
-    if arr.ndim == 2:
-        return arr[None]
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
-        return to_gray(arr)[None]
-    if arr.ndim == 3:
-        return arr
-    if arr.ndim == 4 and arr.shape[-1] in (3, 4):
-        return np.stack([to_gray(a) for a in arr])
-    raise DataError(f"{p}: unsupported image shape {arr.shape}; expected (Z, H, W) or (H, W)")
 
 
 def to_gray(rgb: np.ndarray) -> np.ndarray:

@@ -329,7 +329,7 @@ def test_encoders_round_trip_and_reject_bad_masks() -> None:
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), mask)
     stack = np.stack([mask, 255 - mask])
     np.testing.assert_array_equal(tifffile.imread(io.BytesIO(encode_tiff(stack))), stack)
-    with pytest.raises(ValueError, match=r"^encode_png: expected an \(H, W\) mask, got shape"):
+    with pytest.raises(ValueError, match=r"^encode_png: expected \(H, W\), got shape"):
         encode_png(stack)
     with pytest.raises(ValueError, match=r"^encode_png: expected uint8 or uint16, got float32$"):
         encode_png(mask.astype(np.float32))
