@@ -306,3 +306,31 @@ def test_export_2p5d_model_gets_context_channels(tmp_path: Path) -> None:
     np.testing.assert_array_equal(test_input[0], np.moveaxis(stack[z - 1 : z + 2], 0, -1))
     descr = load_description(tmp_path / "pkg" / "rdf.yaml")
     assert [str(c) for c in descr.inputs[0].axes[3].channel_names] == ["z_m1", "z", "z_p1"]
+
+
+def test_export_multiclass_folder_passes_bioimageio_core(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import keras
+
+    from mitoseg.config import ModelConfig
+    from mitoseg.export.bioimageio import check_package, export_bioimageio
+    from mitoseg.model.unet import build_unet
+
+    keras.utils.set_random_seed(0)
+    model = build_unet(ModelConfig(depth=1, base_filters=2, batch_norm=False, dropout=0), 3)
+    names = ["background", "membrane", "mitochondria"]
+    p = InferencePlan.default_for(3, 2, names, halo=4, tile_size=64, voxel_size_nm=[50, 4, 4])
+    out = tmp_path / "pkg"
+    export_bioimageio(model, p, em_stack(z=1, h=32, w=32), out, weight_formats=["keras_v3"])
+    probs = np.load(out / "test_output.npy")
+    assert probs.shape == (1, 32, 32, 3)
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-5)  # softmax, not applied
+    assert "argmax over the channels" in (out / "README.md").read_text()
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
+    (check,) = check_package(out)
+    assert (check.weight_format, check.status, check.errors) == ("keras_v3", "passed", [])
+    from bioimageio.spec import load_description
+
+    descr = load_description(out)
+    assert [str(c) for c in descr.outputs[0].axes[3].channel_names] == names
