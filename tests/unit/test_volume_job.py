@@ -37,11 +37,10 @@ def blur(batch: np.ndarray) -> np.ndarray:
     return ndimage.uniform_filter(x, size=(1, 5, 5, 1), mode="nearest").astype(np.float32)
 
 
-def _plan(z_context: int = 0) -> InferencePlan:
-    fields = {"tile_size": 32, "halo": 6, "batch_size": 3, "threshold": 0.45}
-    if z_context:
-        fields["z_context"] = z_context
-    return InferencePlan.default_for(1, 1, **fields)
+def _plan(**fields) -> InferencePlan:
+    return InferencePlan.default_for(
+        1, 1, **{"tile_size": 32, "halo": 6, "batch_size": 3, "threshold": 0.45, **fields}
+    )
 
 
 def _volume(z: int = 11, h: int = 45, w: int = 52, seed: int = 0) -> np.ndarray:
@@ -132,18 +131,24 @@ def test_ome_zarr_job_matches_whole_stack_predict(
     assert any("labels" in str(n.zarr) for n in nodes)
 
 
-def test_2p5d_plan_reads_context_across_blocks(client: Client, tmp_path: Path) -> None:
-    if "z_context" not in InferencePlan.model_fields:
-        pytest.skip("InferencePlan.z_context not in this tree yet")
+@pytest.mark.parametrize(
+    "fields", [{"z_context": 1}, {"z_average": 1}, {"z_context": 1, "z_average": 2}]
+)
+def test_z_halo_plans_read_context_across_blocks(
+    client: Client, tmp_path: Path, fields: dict
+) -> None:
+    """2.5D context and z-averaging cross block faces: blocks read plan.z_halo more."""
     data = _volume(z=9, seed=2)
-    plan = _plan(z_context=1)
+    plan = _plan(**fields)
     store = tmp_path / "plain.zarr"
     arr = zarr.create_array(str(store), shape=data.shape, chunks=(2, 13, 9), dtype="uint8")
     arr[:] = data
     out = str(tmp_path / "out.zarr")
     run_volume_job(str(store), out, blur, plan, client=client, block_z=2, voxel_size_nm=VOXEL)
     mask = zarr.open_group(out, mode="r")["labels/mask/0"][:]
-    np.testing.assert_array_equal(mask, segment_stack(blur, data, plan))
+    expected = segment_stack(blur, data, plan)
+    np.testing.assert_array_equal(mask, expected)
+    assert not np.array_equal(expected, segment_stack(blur, data, _plan()))  # z matters
 
 
 def test_tiff_input_probabilities_and_pyramid(client: Client, tmp_path: Path) -> None:

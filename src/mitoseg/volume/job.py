@@ -1,9 +1,10 @@
 """Blockwise, resumable volume prediction on a ``dask.distributed`` cluster.
 
 :func:`run_volume_job` cuts the volume into z-blocks of whole slices (``block_z`` each,
-the last one shorter). Each block is read with ``plan.z_context`` extra slices on both
-sides (clamped at the volume ends, so a 2.5D network sees exactly the neighbours it sees
-on the whole stack), run through the pure core
+the last one shorter). Each block is read with ``plan.z_halo`` (``z_context +
+z_average``) extra slices on both sides, clamped at the volume ends, so a 2.5D network
+sees exactly the neighbours it sees on the whole stack and z-averaged probabilities
+average the same slices, run through the pure core
 (:func:`mitoseg.inference.iter_stack_probabilities` with the model's
 :class:`~mitoseg.plan.InferencePlan`: the same normalisation per whole slice, tiling,
 blending and threshold) and cropped back. Every slice is thus computed exactly as
@@ -87,12 +88,12 @@ class JobSpec:
         return InferencePlan.model_validate_json(self.plan_json)
 
 
-def block_bounds(b: int, depth: int, block_z: int, z_context: int = 0) -> tuple[int, int, int, int]:
+def block_bounds(b: int, depth: int, block_z: int, z_halo: int = 0) -> tuple[int, int, int, int]:
     """``(z0, z1, r0, r1)``: block ``b`` writes slices ``z0 .. z1-1`` and reads
-    ``r0 .. r1-1`` (``z_context`` more on each side, clamped to the volume)."""
+    ``r0 .. r1-1`` (``z_halo`` more on each side, clamped to the volume)."""
     z0 = b * block_z
     z1 = min(depth, z0 + block_z)
-    return z0, z1, max(0, z0 - z_context), min(depth, z1 + z_context)
+    return z0, z1, max(0, z0 - z_halo), min(depth, z1 + z_halo)
 
 
 class PredictorPlugin(WorkerPlugin):
@@ -157,7 +158,7 @@ def _predict_block(spec: JobSpec, b: int) -> tuple[int, int, int]:
 
     plan = spec.plan()
     vol = _volume(spec)
-    k = plan.z_context
+    k = plan.z_halo  # z_context + z_average: slices a block needs beyond its own
     z0, z1, r0, r1 = block_bounds(b, spec.shape[0], spec.block_z, k)
     raw = vol.read(r0, r1)
     _, h, w = raw.shape
