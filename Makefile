@@ -17,7 +17,7 @@ SERVE_PORT  ?= 3000
 MODEL       ?= models:/mitoseg-unet@champion
 PYTEST_ARGS ?=
 
-.PHONY: help setup lock run test test-all lint format stack stack-down stack-status stack-env ui serve bento bench clean
+.PHONY: help setup lock run test test-random test-all lint format stack stack-down stack-status stack-env ui serve bento bench clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -49,6 +49,9 @@ run: setup ## Main job: fetch the bundled sample, then dvc repro (validate .. re
 
 test: setup ## Run the test suite (unit + loopback integration; not the slow tier)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-random: setup ## Unit tests in a random order (pytest-randomly; the seed is printed)
+	$(BIN)/pytest tests/unit -m "not slow" -p randomly $(PYTEST_ARGS)
 
 test-all: setup ## Run every test, the slow tier included
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -541,34 +541,47 @@ def test_load_model_from_keras_file(tmp_path: Path) -> None:
     )
 
 
-def test_load_model_errors(logged: dict[str, Any], tmp_path: Path) -> None:
-    run_id = logged["run_id"]
-    tracking.register_model(run_id, "iou", 0.5, _cfg("known"), "t")
-    cases = [
+@pytest.fixture(scope="module")
+def known(logged: dict[str, Any]) -> str:
+    """Registered model ``known`` (version 1, champion) of the logged run; its run id."""
+    tracking.register_model(logged["run_id"], "iou", 0.5, _cfg("known"), "t")
+    return logged["run_id"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
         ("models:/ghost@champion", r"unknown registered model 'ghost' \(models:/ghost@champion\)"),
         ("models:/known@staging", r"registered model 'known' has no alias 'staging' "
          r"\(models:/known@staging\)"),
         ("models:/known/99", r"registered model 'known' has no version 99 \(models:/known/99\)"),
         ("runs:/deadbeef/model", r"run 'deadbeef' \(runs:/deadbeef/model\) not found"),
-        (f"runs:/{run_id}/other", rf"run '{run_id}' has no logged model 'other' "
-         rf"\(runs:/{run_id}/other\)"),
-        (str(tmp_path / "missing.keras"), rf"model file not found: {tmp_path}/missing.keras"),
-    ]  # fmt: skip
-    for uri, message in cases:
-        with pytest.raises(ModelNotFoundError, match=message):
-            tracking.load_model(uri)
-        with pytest.raises(ModelNotFoundError, match=message):
-            tracking.model_info(uri)
-    with pytest.raises(ValueError, match=r"unsupported model URI 's3://b/m'; use a .keras path"):
-        tracking.load_model("s3://b/m")
-    with pytest.raises(ValueError, match=r"unsupported model URI 'models:/only-name'"):
-        tracking.load_model("models:/only-name")
-    with pytest.raises(ValueError, match=r"model URI is empty"):
-        tracking.load_model(" ")
-    notes = tmp_path / "notes.txt"
-    notes.write_text("x")
-    with pytest.raises(ValueError, match=rf"{notes}: not a .keras file or an MLflow model dir"):
-        tracking.load_model(str(notes))
+        ("runs:/{run}/other", r"run '{run}' has no logged model 'other' \(runs:/{run}/other\)"),
+        ("{tmp}/missing.keras", r"model file not found: {tmp}/missing.keras"),
+    ],
+)  # fmt: skip
+def test_unknown_models_are_named(known: str, tmp_path: Path, uri: str, message: str) -> None:
+    uri = uri.format(run=known, tmp=tmp_path)
+    message = message.format(run=known, tmp=tmp_path)
+    with pytest.raises(ModelNotFoundError, match=message):
+        tracking.load_model(uri)
+    with pytest.raises(ModelNotFoundError, match=message):
+        tracking.model_info(uri)
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("s3://b/m", r"unsupported model URI 's3://b/m'; use a .keras path"),
+        ("models:/only-name", r"unsupported model URI 'models:/only-name'"),
+        (" ", r"model URI is empty"),
+        ("{tmp}/notes.txt", r"{tmp}/notes.txt: not a .keras file or an MLflow model dir"),
+    ],
+)
+def test_bad_model_uris(store: Path, tmp_path: Path, uri: str, message: str) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=message.format(tmp=tmp_path)):
+        tracking.load_model(uri.format(tmp=tmp_path))
 
 
 def test_load_model_without_store_does_not_create_one(
