@@ -171,3 +171,22 @@ def test_predict_volume_errors_before_any_work(
     assert (out.exists() and case == "output exists") or not out.exists()
     if case == "output exists":
         assert dict(zarr.open_group(str(out), mode="r").attrs) == {"other": True}
+
+
+def test_predict_volume_without_the_volume_extra(
+    binary_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    for name in [
+        m for m in sys.modules if m == "distributed" or m.startswith("mitoseg.volume.job")
+    ]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if not installed
+    result = runner.invoke(
+        app,
+        ["--no-progress", "predict", "--model", str(binary_model), str(tmp_path / "in.zarr"),
+         "--out", str(tmp_path / "out.zarr")],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "(distributed is missing): pip install 'mitoseg[volume]'" in result.output

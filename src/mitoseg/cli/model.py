@@ -184,8 +184,15 @@ def _predict_volume(
     ngff: str,
 ) -> None:
     from mitoseg.io import DataError
-    from mitoseg.volume.job import run_volume_job
-    from mitoseg.volume.store import open_volume
+
+    try:
+        from mitoseg.volume.job import run_volume_job
+        from mitoseg.volume.store import open_volume
+    except ImportError as exc:
+        fail(
+            f"volume prediction needs zarr, ome-zarr and dask.distributed ({exc.name} is "
+            "missing): pip install 'mitoseg[volume]'"
+        )
 
     try:  # bad input is reported before the model is loaded
         open_volume(source, voxel_size).close()
