@@ -445,7 +445,14 @@ def test_widget_segments_the_selected_layer_and_screenshot(
     _, widget = viewer.window.add_plugin_dock_widget("mitoseg", "Segment mitochondria")
     widget.image.value = layer
     widget.model.value = str(model_path)
-    widget()
+    qtbot = request.getfixturevalue("qtbot")
+
+    def segment() -> None:  # the widget returns a future; napari adds the layers after it
+        future = widget()
+        future.result(timeout=900)
+        qtbot.waitUntil(lambda: "vnc instances" in viewer.layers, timeout=30_000)
+
+    segment()
     mask, inst = viewer.layers["vnc mask"], viewer.layers["vnc instances"]
     assert "tensorflow" not in __import__("sys").modules, "TensorFlow loaded next to napari"
     if "MITOSEG_NAPARI_MODEL" not in os.environ:
@@ -457,7 +464,7 @@ def test_widget_segments_the_selected_layer_and_screenshot(
     np.testing.assert_allclose(inst.scale, VOXEL)
     assert 0 < mask.data.mean() < 1
 
-    widget()  # again: the layers are replaced, not duplicated
+    segment()  # again: the layers are replaced, not duplicated
     assert [lay.name for lay in viewer.layers] == ["vnc", "vnc mask", "vnc instances"]
 
     viewer.dims.set_current_step(0, 0)
