@@ -40,6 +40,16 @@ napari = pytest.importorskip("napari", reason="napari is not installed (dev extr
 pytest.importorskip("pytestqt", reason="pytest-qt is not installed (dev extra)")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies, even by a crash
+    (Linux ``prctl(PR_SET_PDEATHSIG)``; elsewhere atexit alone stops it)."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def _start_xvfb() -> subprocess.Popen | None:
     """Start Xvfb on a free display and point ``$DISPLAY`` at it."""
     xvfb = shutil.which("Xvfb")
@@ -52,6 +62,7 @@ def _start_xvfb() -> subprocess.Popen | None:
             [xvfb, f":{n}", "-screen", "0", "1280x1024x24", "-nolisten", "tcp"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         for _ in range(50):
             if Path(f"/tmp/.X11-unix/X{n}").exists():
@@ -65,6 +76,12 @@ def _start_xvfb() -> subprocess.Popen | None:
     return None
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)  # reaped here: the container's init may not reap orphans
+
+
 @pytest.fixture(scope="module", autouse=True)
 def display() -> None:
     """A display for Qt: the existing ``$DISPLAY``, else our own Xvfb. It stays up until
@@ -74,7 +91,7 @@ def display() -> None:
         proc = _start_xvfb()
         if proc is None:
             pytest.skip("no $DISPLAY and Xvfb cannot start: apt-get install -y xvfb")
-        atexit.register(proc.kill)
+        atexit.register(_stop, proc)
 
 
 #: Set in the child process that runs one viewer test (see :func:`in_fresh_process`).
