@@ -155,7 +155,7 @@ def test_predict_errors(models: dict[str, Path], tmp_path: Path) -> None:
     bad_image.write_bytes(b"garbage")
     result = _run("predict", "--model", model, str(bad_image), "--out", str(tmp_path / "o"))
     assert result.exit_code == 1
-    assert result.stderr.startswith(f"error: {bad_image}: cannot read image")
+    assert result.stderr.startswith(f"error: {bad_image}: the file is not a TIFF, PNG or JPEG")
     assert not (tmp_path / "o").exists()
 
 

@@ -261,7 +261,7 @@ def test_truncated_remote_tiff_names_url(
     (site / "testing.tif").write_bytes(data[:200])
     server = http_server(site.parent)
     with pytest.raises(
-        DataError, match=r"^http://127\.0\.0\.1:\d+/.*testing\.tif: cannot read image"
+        DataError, match=r"^http://127\.0\.0\.1:\d+/.*testing\.tif: page 0: cannot decode the pixel"
     ):
         fetch(
             "epfl",

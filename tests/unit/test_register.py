@@ -94,6 +94,16 @@ def _metrics(root: Path, name: str, **values: Any) -> Path:
     return path
 
 
+def _params(root: Path, model_name: str) -> str:
+    """A params file registering as ``model_name``: tests share the store, not a model."""
+    path = root / f"params-{model_name}.yaml"
+    path.write_text(
+        f"register:\n  model_name: {model_name}\n  metric: iou\n"
+        "  champion_alias: champion\n  challenger_alias: challenger\n"
+    )
+    return str(path)
+
+
 def _args(metrics: Path, out: str, *extra: str) -> list[str]:
     return ["--train-info", "train.json", "--metrics", str(metrics), "--out", out, *extra]
 
@@ -102,7 +112,8 @@ def test_register_stage_champion_then_challenger(
     in_project: Path, project: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     good = _metrics(in_project, "good.json", iou=0.8)
-    assert register_stage.main(_args(good, "out/first/registration.json")) == 0
+    params = ["--params", _params(in_project, "stage-model")]
+    assert register_stage.main(_args(good, "out/first/registration.json", *params)) == 0
     first = json.loads((in_project / "out/first/registration.json").read_text())
     test_id = tracking.compute_test_data_id(in_project / "data" / "raw")
     assert first == {
@@ -121,7 +132,7 @@ def test_register_stage_champion_then_challenger(
     )
 
     worse = _metrics(in_project, "worse.json", iou=0.7)
-    assert register_stage.main(_args(worse, "out/second.json")) == 0
+    assert register_stage.main(_args(worse, "out/second.json", *params)) == 0
     second = json.loads((in_project / "out/second.json").read_text())
     assert (second["version"], second["alias"], second["reason"]) == (2, "challenger", "not_better")
     assert second["previous_champion"]["version"] == 1
@@ -134,12 +145,13 @@ def test_register_stage_champion_then_challenger(
 
 def test_register_stage_test_data_fallback_and_override(in_project: Path) -> None:
     good = _metrics(in_project, "m.json", iou=0.9)
-    assert register_stage.main(_args(good, "a.json", "--raw", "no-such-dir")) == 0
+    params = ["--params", _params(in_project, "fallback-model")]
+    assert register_stage.main(_args(good, "a.json", "--raw", "no-such-dir", *params)) == 0
     record = json.loads((in_project / "a.json").read_text())
     assert record["test_data_id"] == "data.dvc:cafe.dir"
-    assert (record["alias"], record["reason"]) == ("champion", "incomparable")
+    assert (record["alias"], record["reason"]) == ("champion", "first")
 
-    assert register_stage.main(_args(good, "b.json", "--test-data-id", "custom")) == 0
+    assert register_stage.main(_args(good, "b.json", "--test-data-id", "custom", *params)) == 0
     record = json.loads((in_project / "b.json").read_text())
     assert record["test_data_id"] == "custom"
 
