@@ -13,6 +13,10 @@ Developer tooling, not part of the shipped ``mitoseg`` package (nor the Bento). 
 Plain subprocess management: each server leads its own process group
 (``start_new_session``); stopping sends ``SIGTERM`` to the group, ``SIGKILL`` after a
 timeout. Standard library only at import (boto3 inside functions). POSIX only.
+
+Over 500 lines because it is one self-contained tool (both launchers, the detached stack
+and its CLI), half of it docstrings and argument checks; splitting it would only spread
+the process handling over several files.
 """
 
 from __future__ import annotations
