@@ -464,10 +464,14 @@ def test_widget_segments_the_selected_layer_and_screenshot(
     widget.model.value = str(model_path)
     qtbot = request.getfixturevalue("qtbot")
 
-    def segment() -> None:  # the widget returns a future; napari adds the layers after it
-        future = widget()
-        future.result(timeout=900)
-        qtbot.waitUntil(lambda: "vnc instances" in viewer.layers, timeout=30_000)
+    def segment() -> None:  # a started napari worker; the layers come when it returns
+        layers = viewer.layers
+        before = layers["vnc instances"].data if "vnc instances" in layers else None
+        widget()
+        qtbot.waitUntil(
+            lambda: "vnc instances" in layers and layers["vnc instances"].data is not before,
+            timeout=900_000,
+        )
 
     segment()
     mask, inst = viewer.layers["vnc mask"], viewer.layers["vnc instances"]

@@ -1,14 +1,12 @@
 """The napari widget (magicgui): segment the selected image layer.
 
 Imported by napari when the widget is opened (npe2 command ``mitoseg.segment_widget``),
-never by ``mitoseg`` itself. It imports napari (not Qt): magicgui reads the annotations at
-run time, so they are real objects, not strings. The work is done by
-:mod:`mitoseg.napari._segment`. The widget returns a :class:`concurrent.futures.Future`
-of the layer tuples: napari adds the layers when it completes, and the viewer stays
-responsive while a model runs (minutes on a CPU for a large stack).
+never by ``mitoseg`` itself; it imports napari, and Qt only inside the call. The work is
+done by :mod:`mitoseg.napari._segment` in a napari thread worker (a ``QThread``), so the
+viewer stays responsive while a model runs (minutes on a CPU for a large stack); the
+layers are added (or replaced) on the main thread when it returns.
 """
 
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import napari
@@ -17,9 +15,6 @@ from magicgui import magic_factory
 from mitoseg.napari._segment import as_stack, mask_layers, segment_in_worker, segment_remote
 
 __all__ = ["segment_widget"]
-
-#: One segmentation at a time, off napari's main thread.
-_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mitoseg-widget")
 
 
 def _run(
@@ -35,6 +30,19 @@ def _run(
     return mask_layers(classes, names, min_size, scale, name, squeeze=ndim == 2)
 
 
+def show_layers(viewer: napari.Viewer, layers: list[tuple[Any, dict[str, Any], str]]) -> None:
+    """Add the layer tuples to ``viewer``, replacing the data of layers of the same name."""
+    for data, kwargs, kind in layers:
+        name = kwargs["name"]
+        if name in viewer.layers:
+            layer = viewer.layers[name]
+            layer.data = data
+            layer.scale = kwargs["scale"]
+            layer.metadata = kwargs["metadata"]
+        else:
+            getattr(viewer, f"add_{kind}")(data, **kwargs)
+
+
 @magic_factory(
     call_button="Segment",
     model={"label": "model URI", "tooltip": ".keras path or models:/mitoseg-unet@champion"},
@@ -42,17 +50,24 @@ def _run(
     token={"label": "endpoint token", "widget_type": "Password"},
 )
 def segment_widget(
+    viewer: napari.Viewer,
     image: napari.layers.Image,
     model: str = "models:/mitoseg-unet@champion",
     endpoint: str = "",
     token: str = "",
-) -> Future[list[napari.types.LayerDataTuple]]:
+) -> Any:
     """Segment ``image`` with a local model (``model``) or, when ``endpoint`` is set, a
-    running mitoseg service; napari adds the mask and instance layers (replacing them
-    when they exist) once the returned future completes."""
+    running mitoseg service; the mask and instance layers appear when the returned
+    (started) napari worker returns. Errors are shown as napari notifications."""
+    from napari.qt.threading import create_worker
+
     if image is None:
         raise ValueError("select an image layer to segment")
     data = image.data[0] if image.multiscale else image.data
     ndim = 2 if image.rgb else image.ndim
     scale = tuple(float(s) for s in image.scale)[-min(ndim, 3) :]
-    return _POOL.submit(_run, data, image.rgb, ndim, scale, image.name, model, endpoint, token)
+    args = (data, image.rgb, ndim, scale, image.name, model, endpoint, token)
+    worker = create_worker(_run, *args, _start_thread=False)
+    worker.returned.connect(lambda layers: show_layers(viewer, layers))
+    worker.start()
+    return worker
