@@ -276,7 +276,11 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 8,
         "epochs": 30,
         "crop_size": 128,
-        "foreground_crop_prob": 0.5,
+        # 40 % of crops centred on mitochondria, 30 % on dark background (myelin, dark
+        # membranes: what a model trained on foreground crops calls mitochondria far from
+        # its training slices), the rest uniform; chosen on the gap-split benchmark
+        "foreground_crop_prob": 0.4,
+        "hard_negative_prob": 0.3,
     },
 }
 
@@ -351,6 +355,7 @@ class EvaluateConfig(_Strict):
     def _check_halo(cls, v: int | str) -> int | str:
         if isinstance(v, int) and v < 0:
             raise ValueError(f"halo must be >= 0 or 'auto', got {v}")
+        return v
 
     @field_validator("threshold")
     @classmethod
