@@ -13,6 +13,7 @@ the same way.
 
 Usage:
     python benchmarks/finetune.py --recipe default --pretrain 10 --budget 5 --slices 2 5 10
+    python benchmarks/finetune.py --recipe default --steps 1500 600  # machine-independent
 Writes benchmarks/results/finetune_vnc_to_cdeep3m.json. Keep the machine otherwise idle.
 """
 
@@ -34,6 +35,13 @@ def main() -> None:
     parser.add_argument("--pretrain", type=float, default=10, help="minutes on VNC")
     parser.add_argument("--budget", type=float, default=5, help="minutes per CDeep3M run")
     parser.add_argument("--slices", type=int, nargs="+", default=[2, 5, 10])
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs=2,
+        metavar=("PRETRAIN", "RUN"),
+        help="bound pre-training and each run by optimizer steps instead of minutes",
+    )
     args = parser.parse_args()
     if any(not 2 <= n <= 15 for n in args.slices):
         parser.error("--slices: each n must be in 2..15 (test slices are 15-19)")
@@ -42,7 +50,9 @@ def main() -> None:
     work = ROOT / "benchmarks" / ".work" / "finetune_vnc_to_cdeep3m"
     test = _entry("cdeep3m", (15, 20))
     raw, base, _ = fetch_split(_entry("vnc", (0, 20)), test, work / "pretrain")
-    pre = run_recipe(args.recipe, args.pretrain, None, [], raw, base, work / "pretrain")
+    pre_budget, budget = (None, None) if args.steps else (args.pretrain, args.budget)
+    pre_steps, steps = args.steps or (None, None)
+    pre = run_recipe(args.recipe, pre_budget, pre_steps, [], raw, base, work / "pretrain")
     pretrained = work / "pretrain" / f"train_{args.recipe}" / "model.keras"
     rows: dict[str, Any] = {}
     for n in args.slices:
@@ -56,8 +66,8 @@ def main() -> None:
         runs = {
             mode: run_recipe(
                 args.recipe,
-                args.budget,
-                None,
+                budget,
+                steps,
                 [],
                 raw,
                 base,
@@ -79,11 +89,13 @@ def main() -> None:
         "finetune_vnc_to_cdeep3m",
         {
             "what": "pre-train on VNC, then fine-tune (train.init_from) or train from scratch "
-            "on the first n CDeep3M slices with the same recipe and wall-clock budget on 2 "
-            "CPU cores; plan chosen on the validation slices, scored on CDeep3M 15-19",
+            "on the first n CDeep3M slices with the same recipe and the same budget "
+            "(minutes, or optimizer steps); plan chosen on the validation slices, scored "
+            "on CDeep3M 15-19",
             "recipe": args.recipe,
-            "pretrain_minutes": args.pretrain,
-            "budget_minutes": args.budget,
+            "pretrain_minutes": pre_budget,
+            "budget_minutes": budget,
+            "steps": {"pretrain": pre_steps, "run": steps},
             "pretrain": {k: pre[k] for k in ("epochs_run", "train_wall_s", "curve")},
             "rows": rows,
             "machine": machine(),

@@ -869,7 +869,8 @@ def train_model(
             model.load_weights(backup_dir / _BEST_FILE)
         else:  # no finite monitored value ever: keep the final weights
             best_epoch = rows[-1]["epoch"] if rows else 0
-        export_model = build_unet(cfg.model, n_classes, data.in_channels)  # float32, uncompiled: what is saved
+        # float32, uncompiled: what is saved
+        export_model = build_unet(cfg.model, n_classes, data.in_channels)
         export_model.set_weights(model.get_weights())
 
     out_dir.mkdir(parents=True, exist_ok=True)
