@@ -335,11 +335,18 @@ def main() -> None:
         if name not in args.recipes or not minutes.replace(".", "", 1).isdigit():
             parser.error(f"--budget-for {item!r}: expected RECIPE=MINUTES for a listed recipe")
         budgets[name] = float(minutes)
-    runs = {}
-    for n in args.recipes:
+    runs: dict[str, Any] = {}
+    for n in args.recipes:  # the file is rewritten after each recipe: a stopped run keeps them
         b = None if args.steps else budgets.get(n, budget)
         runs[n] = run_recipe(n, b, args.steps, args.curve, raw, base, work)
         runs[n]["budget_minutes"] = b
+        _save(args, dataset, work, split, budget, runs)
+
+
+def _save(
+    args: argparse.Namespace, dataset: str, work: Path, split: dict, budget: float | None,
+    runs: dict[str, Any],
+) -> None:  # fmt: skip
     meta = json.loads(next(work.glob("patches_*/meta.json")).read_text())
     save(
         f"accuracy_{dataset}_{args.split}{args.tag}",
