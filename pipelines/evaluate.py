@@ -84,13 +84,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result.metrics["validation"] = dict(plan.validation)
     if plan.calibration is not None:
         result.metrics["validation_calibration"] = plan.calibration.model_dump()
-    paths = write_outputs(result, args.out, cfg.figure_slices)
+    paths = write_outputs(
+        result,
+        args.out,
+        cfg.figure_slices,
+        min_object_size=plan.min_object_size,
+        voxel_size=_voxel_size(args.raw),
+    )
     report_path = args.out / "plan_report.json"
     write_json(report_path, report.to_json())
     tracking.log_evaluation(
         run_id,
         result.metrics,
-        [paths["metrics"], paths["per_slice"], report_path, *paths["figures"]],
+        [paths["metrics"], paths["per_slice"], paths["objects"], report_path, *paths["figures"]],
     )
     tracking.log_inference_plan(run_id, args.plan)
     return result.metrics

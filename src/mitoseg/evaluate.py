@@ -1,5 +1,8 @@
 """Whole-slice evaluation: threshold choice, test metrics, per-slice table and figures.
 
+Why one module of about 600 lines: threshold search, metrics, tables and figures all read
+the same :class:`EvaluationResult` of one pass over the test slices.
+
 Slices are segmented with the same tiled inference as ``mitoseg predict`` and the service
 (:func:`mitoseg.inference.segment_stack`); scores come from :mod:`mitoseg.metrics`.
 
@@ -380,6 +383,34 @@ def evaluate_stack(
     )
 
 
+def mitochondria_class(class_names: list[str]) -> int | None:
+    """Index of the objects' class: 1 of a binary table, the class named ``mitochondria``
+    of a multiclass one, else None."""
+    if len(class_names) == 2:
+        return 1
+    return class_names.index("mitochondria") if "mitochondria" in class_names else None
+
+
+def predicted_objects(
+    result: EvaluationResult,
+    class_names: list[str],
+    min_object_size: int = 0,
+    voxel_size: Any = None,
+) -> list[dict[str, Any]]:
+    """Measurement rows (:func:`mitoseg.objects.measure_objects`) of the predicted 3D
+    objects of the test stack: the 26-connected components of the mitochondria class
+    (:func:`mitochondria_class`), smaller than ``min_object_size`` voxels dropped, with
+    the raw images' mean intensity and, with ``voxel_size`` (``(z, y, x)`` nm), volumes;
+    empty for a table without a mitochondria class."""
+    from mitoseg.objects import instance_labels, measure_objects
+
+    k = mitochondria_class(class_names)
+    if k is None:
+        return []
+    labels, _ = instance_labels(np.asarray(result.predictions) == k, min_object_size)
+    return measure_objects(labels, result.images, voxel_size)
+
+
 def instance_metrics(
     truth: np.ndarray,
     pred: np.ndarray,
@@ -405,11 +436,8 @@ def instance_metrics(
     """
     from mitoseg.objects import instance_labels, instance_scores
 
-    if len(class_names) == 2:
-        k = 1
-    elif "mitochondria" in class_names:
-        k = class_names.index("mitochondria")
-    else:
+    k = mitochondria_class(class_names)
+    if k is None:
         return None
     truth_labels, _ = instance_labels(np.asarray(truth) == k, min_object_size)
     pred_labels, _ = instance_labels(np.asarray(pred) == k, min_object_size)
@@ -505,9 +533,15 @@ def write_figures(
 
 
 def write_outputs(
-    result: EvaluationResult, out_dir: str | Path, n_figures: int = 3
+    result: EvaluationResult,
+    out_dir: str | Path,
+    n_figures: int = 3,
+    *,
+    min_object_size: int = 0,
+    voxel_size: Any = None,
 ) -> dict[str, Any]:
-    """Write ``metrics.json``, ``per_slice.csv`` and ``figures/`` into ``out_dir``.
+    """Write ``metrics.json``, ``per_slice.csv``, ``objects.csv`` and ``figures/`` into
+    ``out_dir``.
 
     Each output is replaced atomically (the figures directory as a whole).
 
@@ -515,10 +549,15 @@ def write_outputs(
         result: from :func:`evaluate_stack`.
         out_dir: output directory (created).
         n_figures: slices drawn into ``figures/``.
+        min_object_size: smallest predicted object in ``objects.csv``, voxels.
+        voxel_size: ``(z, y, x)`` nm of the test stack (physical columns of
+            ``objects.csv``), or None.
 
     Returns:
-        ``{"metrics": Path, "per_slice": Path, "figures": [Path, ...]}``.
+        ``{"metrics": Path, "per_slice": Path, "objects": Path, "figures": [Path, ...]}``.
     """
+    from mitoseg.objects import write_object_table
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.json"
@@ -537,4 +576,13 @@ def write_outputs(
             result.images, result.masks, result.predictions, tmp_dir, n_figures, n_classes
         )
     figures = [out / "figures" / p.name for p in written]
-    return {"metrics": metrics_path, "per_slice": csv_path, "figures": figures}
+    names = list(result.metrics.get("class_names") or ["background", "mitochondria"])
+    objects_path = write_object_table(
+        out / "objects.csv", predicted_objects(result, names, min_object_size, voxel_size)
+    )
+    return {
+        "metrics": metrics_path,
+        "per_slice": csv_path,
+        "objects": objects_path,
+        "figures": figures,
+    }

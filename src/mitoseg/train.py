@@ -1,5 +1,9 @@
 """Train the UNet on patch arrays: tf.data input pipeline, callbacks, resume.
 
+Why one module of about 900 lines: the crop stream, the resume protocol and the fit loop
+share the run key and the backup layout; the Keras callbacks are in
+:mod:`mitoseg.model.callbacks`.
+
 Pipeline: random crops (optionally centred on a foreground pixel) of the training patches,
 augmented on the fly by :func:`mitoseg.augment.augment_pair` inside ``tf.numpy_function``.
 Every training element ``k`` of the (infinite) stream belongs to ``epoch = k //

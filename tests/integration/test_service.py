@@ -257,12 +257,28 @@ def test_segment_stack_and_stats(server: Server) -> None:
     r = server.post("/stats", tiff_bytes(stack[0]))
     assert r.status_code == 200, r.text
     stats = r.json()
-    ref = mask_stats((expected[0] == 255).astype(np.uint8), 1, server.plan.min_object_size)
+    vs = server.plan.voxel_size_nm
+    ref = mask_stats(
+        (expected[0] == 255).astype(np.uint8),
+        1,
+        server.plan.min_object_size,
+        image=stack[0],
+        pixel_size_nm=None if vs is None else (vs[1], vs[2]),
+    )
     assert stats["class"] == "mitochondria"
     assert stats["min_object_size"] == server.plan.min_object_size
     assert stats["count"] == ref["count"] > 0
     assert stats["area_fraction"] == pytest.approx(ref["area_fraction"])
     assert stats["objects"][0] == ref["objects"][0]
+    assert stats["objects"][0]["mean_intensity"] > 0
+
+    r = server.post("/stats", tiff_bytes(stack[0]), data={"pixel_size_nm": "4.6"})
+    assert r.status_code == 200, r.text
+    first = r.json()["objects"][0]
+    assert r.json()["pixel_size_nm"] == [4.6, 4.6]
+    assert first["area_nm2"] == pytest.approx(first["area"] * 4.6 * 4.6)
+    r = server.post("/stats", tiff_bytes(stack[0]), data={"pixel_size_nm": "-1"})
+    assert r.status_code == 400 and r.json()["error"] == "bad_pixel_size", r.text
 
 
 def test_metadata_reports_lineage_plan_and_limits(server: Server) -> None:

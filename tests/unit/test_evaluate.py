@@ -23,6 +23,7 @@ from mitoseg.evaluate import (
     choose_threshold,
     evaluate_stack,
     masks_to_indices,
+    predicted_objects,
     write_figures,
     write_outputs,
 )
@@ -277,4 +278,14 @@ def test_write_outputs(tmp_path: Path) -> None:
         out / "figures" / "slice_002.png",
     ]
     assert paths["metrics"] == out / "metrics.json" and paths["per_slice"] == out / "per_slice.csv"
+    with paths["objects"].open() as fh:
+        objects = list(csv.DictReader(fh))
+    expected = predicted_objects(result, ["background", "mito"])
+    assert len(objects) == len(expected) > 0
+    assert [int(o["voxels"]) for o in objects] == [r["voxels"] for r in expected]
+    assert all(o["volume_nm3"] == "" for o in objects)  # no voxel size given
+    sized = write_outputs(result, tmp_path / "sized", 0, voxel_size=(40.0, 4.0, 4.0))
+    with sized["objects"].open() as fh:
+        first = next(csv.DictReader(fh))
+    assert float(first["volume_nm3"]) == pytest.approx(int(first["voxels"]) * 640.0)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp leftovers

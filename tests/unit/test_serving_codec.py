@@ -349,10 +349,22 @@ def test_mask_stats_counts_areas_centroids() -> None:
     assert out["count"] == 2
     assert out["foreground_pixels"] == 10
     assert out["area_fraction"] == pytest.approx(10 / 120)
-    assert out["objects"] == [
+    assert out["pixel_size_nm"] is None
+    assert [{k: o[k] for k in ("id", "area", "centroid", "bbox")} for o in out["objects"]] == [
         {"id": 1, "area": 6, "centroid": [1.5, 2.0], "bbox": [1, 1, 3, 4]},
         {"id": 2, "area": 3, "centroid": [7.0, 8.0], "bbox": [6, 8, 9, 9]},
     ]
+    assert [(o["area_nm2"], o["mean_intensity"]) for o in out["objects"]] == [(None, None)] * 2
+    # with the raw image and a pixel size: physical area and mean intensity per object
+    image = np.arange(120, dtype=np.uint16).reshape(10, 12)
+    measured = mask_stats(mask, 1, 2, image=image, pixel_size_nm=(4.0, 5.0))
+    assert measured["pixel_size_nm"] == [4.0, 5.0]
+    first, second = measured["objects"]
+    assert first["area_nm2"] == pytest.approx(6 * 20.0) and second["area_nm2"] == 60.0
+    assert first["mean_intensity"] == pytest.approx(image[1:3, 1:4].mean())
+    assert second["mean_intensity"] == pytest.approx(image[6:9, 8].mean())
+    # a 2 x 3 block is longer than wide; elongation is 1 for a round object or better
+    assert first["elongation"] > 1.0 and second["elongation"] >= 1.0
     empty = mask_stats(np.zeros((4, 4), np.uint8))
     assert (empty["count"], empty["objects"], empty["area_fraction"]) == (0, [], 0.0)
     with pytest.raises(ValueError, match=r"^mask_stats: expected an \(H, W\) mask, got shape"):

@@ -1,5 +1,8 @@
 """Data validation of the canonical raw layout (the ``validate`` stage).
 
+Why one module of about 900 lines: the file pre-check and the great-expectations suite
+report into one :class:`ValidationReport` with one failure vocabulary.
+
 Two layers:
 
 1. A file-level pre-check (:func:`check_files`): ``dataset.json`` present and sane, every

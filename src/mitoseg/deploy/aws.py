@@ -1,5 +1,8 @@
 """Roll a Bento image out to an ECS service running on EC2 GPU capacity.
 
+Why one module of about 1,070 lines: every AWS call of a deploy lives here, so the
+permissions a deploy needs can be reviewed in one file.
+
 Every AWS call of a deploy lives here (the workflow only builds and pushes the image):
 
 1. ``ensure_ecr_repository`` / ``ecr_login_info`` / ``image_uri`` / ``verify_image``:

@@ -1,5 +1,8 @@
 """Export a trained model as a BioImage Model Zoo package (bioimage.io model spec 0.5).
 
+Why one module of about 850 lines: a package is one atomic transaction (rdf, weights in
+three formats, test tensors, cover, README, bioimage.io's own check) built from one plan.
+
 The package (a folder or a ``.zip``) holds ``rdf.yaml`` built and validated with the
 ``bioimageio.spec`` pydantic models, the Keras 3 weights (``keras_v3``, the original
 entry), weights converted from them that deepImageJ, ilastik and QuPath load (ONNX,

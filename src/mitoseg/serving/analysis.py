@@ -21,7 +21,11 @@ def foreground_index(class_names: list[str]) -> int:
 
 
 def mask_stats(
-    class_mask: np.ndarray, foreground: int = 1, min_object_size: int = 0
+    class_mask: np.ndarray,
+    foreground: int = 1,
+    min_object_size: int = 0,
+    image: np.ndarray | None = None,
+    pixel_size_nm: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """Count and measure the objects of one class in a 2D mask.
 
@@ -32,10 +36,16 @@ def mask_stats(
         class_mask: ``(H, W)`` uint8 class indices.
         foreground: class index to measure.
         min_object_size: smallest counted object, pixels.
+        image: ``(H, W)`` raw intensities the mask was predicted from (``mean_intensity``
+            of each object), or None.
+        pixel_size_nm: ``(y, x)`` nm per pixel (``area_nm2`` of each object), or None.
 
     Returns:
         ``{"height", "width", "count", "area_fraction", "foreground_pixels",
-        "objects": [{"id", "area", "centroid": [y, x], "bbox": [y0, x0, y1, x1]}]}``;
+        "pixel_size_nm", "objects": [{"id", "area", "centroid": [y, x], "bbox": [y0, x0,
+        y1, x1], "area_nm2", "mean_intensity", "elongation"}]}``
+        (:func:`mitoseg.objects.measure_objects`; ``area_nm2`` / ``mean_intensity`` are
+        None without a pixel size / image);
         ``area_fraction`` is the fraction of the image covered by the foreground class
         (all of it, small objects included); centroids are in pixel coordinates.
 
@@ -56,15 +66,23 @@ def mask_stats(
         cx = np.bincount(idx, weights=xs.ravel(), minlength=n + 1)
         from scipy import ndimage
 
+        from mitoseg.objects import measure_objects
+
         slices = ndimage.find_objects(labels)
+        voxel = None if pixel_size_nm is None else (1.0, *map(float, pixel_size_nm))
+        rows = measure_objects(labels, image, voxel)
         for k in range(1, n + 1):
             sl = slices[k - 1]
+            row = rows[k - 1]
             objects.append(
                 {
                     "id": k,
                     "area": int(areas[k]),
                     "centroid": [round(cy[k] / areas[k], 3), round(cx[k] / areas[k], 3)],
                     "bbox": [sl[0].start, sl[1].start, sl[0].stop, sl[1].stop],
+                    "area_nm2": row["area_nm2"],
+                    "mean_intensity": row["mean_intensity"],
+                    "elongation": round(float(row["elongation"]), 4),
                 }
             )
     fg_pixels = int(fg.sum())
@@ -74,5 +92,6 @@ def mask_stats(
         "count": int(n),
         "area_fraction": fg_pixels / float(h * w),
         "foreground_pixels": fg_pixels,
+        "pixel_size_nm": None if pixel_size_nm is None else [float(v) for v in pixel_size_nm],
         "objects": objects,
     }

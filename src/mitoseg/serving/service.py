@@ -286,11 +286,17 @@ class MitoSeg:
         Raises:
             UploadError: a bad upload, or one over the compute budget (``OverBudget``).
         """
+        return self._decode_and_segment(image, max_pages)[1]
+
+    def _decode_and_segment(
+        self, image: Path, max_pages: int | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_classes`, also returning the decoded ``(Z, H, W)`` raw stack."""
         data = self._upload_bytes(image)
         info = probe_upload(data, self.limits, max_pages=max_pages)
         with self.budget.admit(request_cost(info.shape, self.plan)):
-            stack = decode_upload(data, self.limits, max_pages=max_pages)
-            return self._segment(np.ascontiguousarray(stack))
+            stack = np.ascontiguousarray(decode_upload(data, self.limits, max_pages=max_pages))
+            return stack, self._segment(stack)
 
     @bentoml.api(route="/segment")
     def segment(self, image: Path, format: Literal["png", "tiff"] = "png") -> Path:
@@ -319,19 +325,34 @@ class MitoSeg:
         return Response(encode_tiff(mask), media_type="image/tiff")  # type: ignore[return-value]
 
     @bentoml.api(route="/stats")
-    def stats(self, image: Path) -> dict[str, Any]:
+    def stats(self, image: Path, pixel_size_nm: float | None = None) -> dict[str, Any]:
         """Segment one image and measure its mitochondria.
 
-        Returns ``count``, ``area_fraction``, ``foreground_pixels`` and ``objects``
-        (``id``, ``area`` in pixels, ``centroid`` ``[y, x]``, ``bbox``).
+        Returns ``count``, ``area_fraction``, ``foreground_pixels``, ``pixel_size_nm`` and
+        ``objects`` (``id``, ``area`` in pixels, ``centroid`` ``[y, x]``, ``bbox``,
+        ``area_nm2``, ``mean_intensity`` of the raw image, ``elongation``). The pixel size
+        is ``pixel_size_nm`` when given, else the model's training voxel size when its plan
+        records one; without either, ``area_nm2`` is null.
         """
+        if pixel_size_nm is not None and not pixel_size_nm > 0:
+            return _error(  # type: ignore[return-value]
+                UploadError(
+                    400, "bad_pixel_size", f"pixel_size_nm must be > 0, got {pixel_size_nm}"
+                )
+            )
         try:
-            classes = self._classes(image, max_pages=1)[0]
+            stack, classes = self._decode_and_segment(image, max_pages=1)
         except UploadError as exc:
             return _error(exc)  # type: ignore[return-value]
         plan = self.plan
         fg = foreground_index(plan.class_names)
-        out = mask_stats(classes, fg, plan.min_object_size)
+        if pixel_size_nm is not None:
+            pixel: tuple[float, float] | None = (pixel_size_nm, pixel_size_nm)
+        elif plan.voxel_size_nm is not None:
+            pixel = (plan.voxel_size_nm[1], plan.voxel_size_nm[2])
+        else:
+            pixel = None
+        out = mask_stats(classes[0], fg, plan.min_object_size, stack[0], pixel)
         return {"class": plan.class_names[fg], "min_object_size": plan.min_object_size, **out}
 
     @bentoml.api(route="/preview")

@@ -1,5 +1,9 @@
 """Blockwise, resumable volume prediction on a ``dask.distributed`` cluster.
 
+Why one module of about 530 lines: the phases (plan, blocks, stitch, finish) share one
+output layout and one resume protocol (a block counts as done only after its data); split
+over files, the rules of the completion record would be too.
+
 :func:`run_volume_job` cuts the volume into z-blocks of whole slices (``block_z`` each,
 the last one shorter). Each block is read with ``plan.z_halo`` (``z_context +
 z_average``) extra slices on both sides, clamped at the volume ends, so a 2.5D network
