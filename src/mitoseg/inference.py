@@ -438,7 +438,10 @@ def predict_slice(
     Raises:
         ValueError: ``context`` of the wrong length or slice shape.
     """
-    x = normalize_for_plan(image, plan.normalization)
+    if context is not None and len(context) == plan.in_channels:
+        x = context[plan.z_context]  # the slice itself, already normalised by the caller
+    else:
+        x = normalize_for_plan(image, plan.normalization)
     if x is None:
         return _blank_probabilities(np.shape(image), plan)
     if plan.z_context == 0 and context is None:

@@ -147,7 +147,8 @@ def _tiff_store_class() -> type:
         supports_partial_writes = False
 
         async def set_partial_values(self, key_start_values: Any) -> None:
-            raise NotImplementedError("read-only TIFF store")
+            # zarr 3.0 declares this abstract; the TIFF is only ever opened for reading
+            raise PermissionError("a TIFF stack is opened read-only; it cannot be written")
 
     return _TiffStore
 
