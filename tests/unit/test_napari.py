@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -51,34 +50,35 @@ def _die_with_parent() -> None:
 
 
 def _start_xvfb() -> subprocess.Popen | None:
-    """Start Xvfb on a free display and point ``$DISPLAY`` at it."""
+    """Start Xvfb on a display it picks itself (``-displayfd``: no guessing, and stale
+    lock files of killed servers cannot exhaust a range) and point ``$DISPLAY`` at it."""
     xvfb = shutil.which("Xvfb")
     if xvfb is None:
         return None
-    for n in range(90, 120):
-        if Path(f"/tmp/.X11-unix/X{n}").exists() or Path(f"/tmp/.X{n}-lock").exists():
-            continue
-        proc = subprocess.Popen(
-            [xvfb, f":{n}", "-screen", "0", "1280x1024x24", "-nolisten", "tcp"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
-        )
-        for _ in range(50):
-            if Path(f"/tmp/.X11-unix/X{n}").exists():
-                os.environ["DISPLAY"] = f":{n}"
-                return proc
-            if proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        proc.kill()
-        proc.wait()
-    return None
+    read, write = os.pipe()
+    proc = subprocess.Popen(
+        [xvfb, "-displayfd", str(write), "-screen", "0", "1280x1024x24", "-nolisten", "tcp"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        pass_fds=(write,),
+        preexec_fn=_die_with_parent,
+    )
+    os.close(write)
+    with os.fdopen(read) as fh:
+        number = fh.readline().strip()  # written once the server accepts connections
+    if not number.isdigit():
+        _stop(proc)
+        return None
+    os.environ["DISPLAY"] = f":{number}"
+    return proc
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    proc.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
+    proc.terminate()  # SIGTERM: the server removes its lock file and socket
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
         proc.wait(timeout=5)  # reaped here: the container's init may not reap orphans
 
 
