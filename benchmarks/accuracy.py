@@ -50,8 +50,9 @@ from mitoseg.data.patches import make_patch_dataset
 #: Recipes compared: overrides of the ``patchify``, ``augment`` and ``train`` sections
 #: (over their defaults) and the ``evaluate`` settings the plan is decided with. ``v1`` pins
 #: the default recipe before the distant-slice work (issue 10), so it stays reproducible
-#: after the default changes; ``seed`` and ``v1`` are planned without z-averaging, as they
-#: were (the validation slices are now one block of consecutive sections for all).
+#: after the default changes; ``seed`` and ``v1`` are planned without z-averaging or
+#: hysteresis, as they were (the validation slices are now one block of consecutive
+#: sections for all).
 V1_TRAIN: dict[str, Any] = {
     "preset": "default",
     "model": {"depth": 4, "base_filters": 16, "batch_norm": True, "dropout": 0.1},
@@ -63,13 +64,14 @@ V1_TRAIN: dict[str, Any] = {
     "hard_negative_prob": 0.0,
 }
 V1_AUGMENT: dict[str, Any] = {"brightness": 0.1, "contrast": 0.2, "gamma": 0.2}
+V1_EVALUATE: dict[str, Any] = {"z_average": 0, "seed_threshold": None}
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
-    "seed": {"train": {"preset": "seed"}, "evaluate": {"z_average": 0}},
+    "seed": {"train": {"preset": "seed"}, "evaluate": V1_EVALUATE},
     "v1": {
         "train": V1_TRAIN,
         "augment": V1_AUGMENT,
         "patchify": {"z_context": 0},
-        "evaluate": {"z_average": 0},
+        "evaluate": V1_EVALUATE,
     },
     "v1+2.5d": {"train": V1_TRAIN, "augment": V1_AUGMENT, "patchify": {"z_context": 1}},
     "v1+hardneg": {
@@ -219,6 +221,7 @@ def _score(
     out["threshold"] = plan.threshold
     out["border"] = plan.border
     out["z_average"] = plan.z_average
+    out["seed_threshold"] = plan.seed_threshold
     distant = _distant(model, plan, figure)
     if distant is not None:
         out["distant_unlabelled"] = distant
@@ -320,6 +323,12 @@ def main() -> None:
     parser.add_argument("--curve", type=float, nargs="+", default=[5, 10, 30, 60])
     parser.add_argument("--recipes", nargs="+", default=["seed", "v1", "default"])
     parser.add_argument("--tag", default="", help="suffix of the result file name")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        help="fine-tune every recipe from this .keras model (train.init_from), e.g. one "
+        "pre-trained on VNC by benchmarks/finetune.py",
+    )
     args = parser.parse_args()
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown:
@@ -338,7 +347,18 @@ def main() -> None:
     runs: dict[str, Any] = {}
     for n in args.recipes:  # the file is rewritten after each recipe: a stopped run keeps them
         b = None if args.steps else budgets.get(n, budget)
-        runs[n] = run_recipe(n, b, args.steps, args.curve, raw, base, work)
+        runs[n] = run_recipe(
+            n,
+            b,
+            args.steps,
+            args.curve,
+            raw,
+            base,
+            work,
+            init_from=args.init_from,
+            label=f"{n}{args.tag}",
+        )
+        runs[n]["init_from"] = str(args.init_from) if args.init_from else None
         runs[n]["budget_minutes"] = b
         _save(args, dataset, work, split, budget, runs)
 

@@ -1,7 +1,8 @@
 """Derive ``src/requirements-serve.lock`` (what the Bento installs) from ``requirements.lock``.
 
-The Bento needs ``mitoseg``'s core dependencies plus its ``serve`` extra, nothing else
-(no DVC, great-expectations, MLflow, Dask...). This walks that requirement closure through
+The Bento needs ``mitoseg``'s core dependencies plus its ``serve`` extra (which brings the
+``volume`` stack, Dask and Zarr, for the job endpoint), nothing else (no DVC,
+great-expectations, MLflow...). This walks that requirement closure through
 the installed distributions' metadata (the venv ``make setup`` built from the lock) and
 writes each one with its pin from ``requirements.lock``, so versions are never typed twice.
 The one substitution: the lock's CPU TensorFlow wheel becomes ``tensorflow[and-cuda]`` at

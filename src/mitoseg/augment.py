@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import ValidationError
 from scipy import ndimage
 
+from mitoseg.checks import check_array
 from mitoseg.config import AugmentConfig
 from mitoseg.io import DataError, atomic_path, read_json_object
 
@@ -35,6 +36,9 @@ __all__ = [
     "select_preview",
     "write_preview",
 ]
+
+#: How a batch of patches is spelled in messages.
+_NHW = {3: "(N, H, W)"}
 
 
 def is_identity(cfg: AugmentConfig) -> bool:
@@ -165,12 +169,8 @@ def augment_pair(
         ValueError: ``image`` is not ``(H, W)``/``(H, W, C)``, shapes differ, or ``mask`` is
             not integer.
     """
-    image = np.asarray(image)
+    image = check_array(image, "augment_pair", ndim=(2, 3), axes={3: "(H, W, C)"})
     mask = np.asarray(mask)
-    if image.ndim not in (2, 3):
-        raise ValueError(
-            f"augment_pair: image must be (H, W) or (H, W, C), got shape {image.shape}"
-        )
     if mask.shape != image.shape[:2]:
         raise ValueError(
             f"augment_pair: mask shape {mask.shape} differs from image shape {image.shape}"
@@ -271,11 +271,9 @@ def select_preview(masks: np.ndarray, n: int, seed: int) -> np.ndarray:
         ``(min(n, N),) int64`` sorted indices; patches containing foreground first.
 
     Raises:
-        ValueError: ``masks`` is empty or ``n < 1``.
+        ValueError: ``masks`` not ``(N, H, W)``, empty, or ``n < 1``.
     """
-    masks = np.asarray(masks)
-    if masks.ndim != 3 or len(masks) == 0:
-        raise ValueError(f"select_preview: masks must be (N, H, W) with N >= 1, got {masks.shape}")
+    masks = check_array(masks, "select_preview", ndim=3, axes=_NHW, nonempty=True)
     if n < 1:
         raise ValueError(f"select_preview: n must be >= 1, got {n}")
     rng = np.random.default_rng(seed)
@@ -304,12 +302,11 @@ def write_preview(
         n_classes: colour scale of the masks; default ``max(mask) + 1`` (at least 2).
 
     Raises:
-        ValueError: empty input or ``images``/``masks`` shapes differ.
+        ValueError: ``images`` not ``(N, H, W)``, empty input or ``images``/``masks``
+            shapes differ.
     """
-    images = np.asarray(images)
+    images = check_array(images, "write_preview", ndim=3, axes=_NHW, nonempty=True)
     masks = np.asarray(masks)
-    if images.ndim != 3 or len(images) == 0:
-        raise ValueError(f"write_preview: images must be (N, H, W) with N >= 1, got {images.shape}")
     if masks.shape != images.shape:
         raise ValueError(
             f"write_preview: masks shape {masks.shape} differs from images shape {images.shape}"

@@ -349,6 +349,12 @@ class EvaluateConfig(_Strict):
         description="average probabilities over 2r+1 slices; auto: r = 0 or 1, whichever "
         "scores better on the validation block",
     )
+    seed_threshold: Annotated[float, Field(gt=0, lt=1)] | Literal["auto"] | None = Field(
+        "auto",
+        description="hysteresis: a region above the threshold is kept only where it "
+        "reaches this probability; auto: chosen jointly with the threshold on the "
+        "validation block, or none when it does not score better; null: threshold alone",
+    )
 
     @field_validator("halo")
     @classmethod

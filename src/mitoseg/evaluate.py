@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from mitoseg.checks import check_stack
 from mitoseg.data.patches import map_mask_to_classes
-from mitoseg.inference import iter_stack_probabilities, probabilities_to_mask
+from mitoseg.inference import decide_mask, iter_stack_probabilities
 from mitoseg.io import DataError, atomic_dir, atomic_path, normalize_slice, write_json
 from mitoseg.metrics import evaluate_masks
 from mitoseg.plan import Calibration, InferencePlan
@@ -114,13 +115,8 @@ def masks_to_indices(
 
 
 def _check_pair(images: np.ndarray, masks: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
-    images, masks = np.asarray(images), np.asarray(masks)
-    if images.ndim == 2:
-        images = images[None]
-    if masks.ndim == 2:
-        masks = masks[None]
-    if images.ndim != 3 or images.shape[0] == 0:
-        raise ValueError(f"{what}: expected (Z, H, W) images, got shape {images.shape}")
+    images = check_stack(images, f"{what}: images", nonempty=True)
+    masks = check_stack(masks, f"{what}: masks")
     if images.shape != masks.shape:
         raise ValueError(f"{what}: images shape {images.shape} != masks shape {masks.shape}")
     return images, masks
@@ -352,7 +348,7 @@ def evaluate_stack(
     )
     for z, probs in enumerate(probs_iter):
         _check_classes(probs.shape[-1], n_classes)
-        preds[z] = probabilities_to_mask(probs, plan.decision)
+        preds[z] = decide_mask(probs, plan)
         if hist is not None:
             hist.add(probs, masks[z])
     seconds = time.perf_counter() - start

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from mitoseg.checks import check_array, check_stack
 from mitoseg.plan import InferencePlan, context_window, normalize_for_plan
 
 __all__ = [
@@ -41,8 +42,11 @@ __all__ = [
     "as_predict_batch",
     "check_tiling",
     "context_window",
+    "decide_mask",
     "iter_stack_probabilities",
+    "keep_seeded_regions",
     "mask_to_image",
+    "predict_batch_tta",
     "predict_slice",
     "predict_tiled",
     "probabilities_to_mask",
@@ -164,6 +168,25 @@ def _call(predict_batch: PredictBatch, batch: np.ndarray) -> np.ndarray:
     return out.astype(np.float32, copy=False)
 
 
+def predict_batch_tta(predict_batch: PredictBatch, batch: np.ndarray, tta: bool) -> np.ndarray:
+    """One forward pass of ``batch`` ``(B, T, T, C_in)``, or with ``tta`` the mean over its
+    8 flips/rotations (each mapped back), summed in a fixed order so that every caller
+    (whole slices, YX blocks of :mod:`mitoseg.volume.tiles`) gets the same floats.
+
+    Returns:
+        ``(B, T, T, C)`` float32 probabilities.
+    """
+    pred: np.ndarray | None = None
+    for k in range(8) if tta else range(1):
+        out = _call(predict_batch, _dihedral(batch, k) if k else batch)
+        out = _inverse_dihedral(out, k) if k else out
+        pred = out.astype(np.float32) if pred is None else pred + out
+    assert pred is not None
+    if tta:
+        pred /= 8.0
+    return pred
+
+
 def _round_up(value: int, divisor: int) -> int:
     return -(-value // divisor) * divisor
 
@@ -254,13 +277,7 @@ def predict_tiled(
         isinstance(border, bool) or not isinstance(border, (int, np.integer)) or border < 0
     ):
         raise ValueError(f"border must be an integer >= 0, got {border!r}")
-    image = np.asarray(image)
-    if image.ndim not in (2, 3):
-        raise ValueError(
-            f"predict_tiled: expected an (H, W) or (H, W, C) image, got shape {image.shape}"
-        )
-    if image.size == 0:
-        raise ValueError(f"predict_tiled: image is empty (shape {image.shape})")
+    image = check_array(image, "predict_tiled", ndim=(2, 3), axes={3: "(H, W, C)"}, nonempty=True)
     image = image.astype(np.float32, copy=False)
     if not np.isfinite(image).all():
         raise ValueError("predict_tiled: image contains NaN or infinite values")
@@ -275,19 +292,11 @@ def predict_tiled(
     weights = window_2d(th, width=tw)
     acc: np.ndarray | None = None
     norm = np.zeros((ph, pw), dtype=np.float32)
-    transforms = range(8) if tta else range(1)
     single = len(starts) == 1
     for b0 in range(0, len(starts), batch_size):
         chunk = starts[b0 : b0 + batch_size]
         batch = np.stack([padded[y : y + th, x : x + tw] for y, x in chunk])
-        pred: np.ndarray | None = None
-        for k in transforms:
-            out = _call(predict_batch, _dihedral(batch, k) if k else batch)
-            out = _inverse_dihedral(out, k) if k else out
-            pred = out.astype(np.float32) if pred is None else pred + out
-        assert pred is not None
-        if tta:
-            pred /= 8.0
+        pred = predict_batch_tta(predict_batch, batch, tta)
         if single:  # one tile: no blending needed, the window cancels exactly
             return np.ascontiguousarray(pred[0, top : top + h, left : left + w])
         if acc is None:
@@ -334,6 +343,62 @@ def probabilities_to_mask(probs: np.ndarray, threshold: float = 0.5) -> np.ndarr
     if c > 256:
         raise ValueError(f"probabilities_to_mask: {c} classes do not fit a uint8 mask")
     return np.argmax(probs, axis=-1).astype(np.uint8)
+
+
+def keep_seeded_regions(mask: np.ndarray, probs: np.ndarray, seed_threshold: float) -> np.ndarray:
+    """Hysteresis: keep the 8-connected regions of ``mask`` that contain a pixel whose
+    probability reaches ``seed_threshold`` (as :func:`skimage.filters.apply_hysteresis_threshold`
+    does, here with :func:`scipy.ndimage.label`, a core dependency).
+
+    Args:
+        mask: ``(H, W)`` bool or 0/1 foreground (``probs >= threshold``).
+        probs: ``(H, W)`` float foreground probabilities.
+        seed_threshold: probability a region must reach somewhere to be kept.
+
+    Returns:
+        ``(H, W)`` uint8 0/1.
+
+    Raises:
+        ValueError: not two ``(H, W)`` arrays of one shape, or ``seed_threshold`` outside
+            ``[0, 1]``.
+    """
+    mask, probs = np.asarray(mask), np.asarray(probs)
+    if mask.ndim != 2 or probs.shape != mask.shape:
+        raise ValueError(
+            f"keep_seeded_regions: expected (H, W) mask and probabilities of one shape, got "
+            f"{mask.shape} and {probs.shape}"
+        )
+    if not 0.0 <= float(seed_threshold) <= 1.0:
+        raise ValueError(
+            f"keep_seeded_regions: seed_threshold must be in [0, 1], got {seed_threshold}"
+        )
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask != 0, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return np.zeros(mask.shape, np.uint8)
+    seeded = np.zeros(n + 1, bool)
+    seeded[labels[(probs >= seed_threshold) & (labels > 0)]] = True
+    seeded[0] = False
+    return seeded[labels].astype(np.uint8)
+
+
+def decide_mask(probs: np.ndarray, plan: InferencePlan) -> np.ndarray:
+    """One slice's class-index mask from its probabilities, as ``plan`` decides: the
+    threshold (binary) or argmax (multiclass), then hysteresis when the plan has a
+    ``seed_threshold``. Every consumer (evaluate, predict, the service, volumes) calls it.
+
+    Args:
+        probs: ``(H, W, C)`` float32 probabilities of one slice.
+        plan: the model's inference plan.
+
+    Returns:
+        ``(H, W)`` uint8 class indexes.
+    """
+    mask = probabilities_to_mask(probs, plan.decision)
+    if plan.seed_threshold is None or probs.shape[-1] != 1:
+        return mask
+    return keep_seeded_regions(mask, probs[..., 0], plan.seed_threshold)
 
 
 def mask_to_image(mask: np.ndarray, n_classes: int) -> np.ndarray:
@@ -385,15 +450,9 @@ def as_predict_batch(model_or_fn: Any) -> PredictBatch:
 
 
 def _as_stack(stack: np.ndarray) -> np.ndarray:
-    stack = np.asarray(stack)
-    if stack.ndim == 2:
-        stack = stack[None]
-    if stack.ndim != 3:
-        raise ValueError(f"expected a (Z, H, W) stack or an (H, W) image, got shape {stack.shape}")
-    if stack.size == 0:
-        raise ValueError(f"stack is empty (shape {stack.shape})")
+    stack = check_stack(stack, "stack", nonempty=True)
     if not (np.issubdtype(stack.dtype, np.integer) or np.issubdtype(stack.dtype, np.floating)):
-        raise ValueError(f"expected an integer or float image stack, got dtype {stack.dtype}")
+        raise ValueError(f"stack: expected an integer or float image stack, got {stack.dtype}")
     return stack
 
 
@@ -569,5 +628,5 @@ def segment_stack(
     out = np.zeros(stack.shape, dtype=np.uint8)
     probs = iter_stack_probabilities(model_or_fn, stack, plan, progress=progress)
     for z, p in enumerate(probs):
-        out[z] = probabilities_to_mask(p, plan.decision)
+        out[z] = decide_mask(p, plan)
     return out

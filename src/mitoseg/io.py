@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from mitoseg.checks import check_array
+
 __all__ = [
     "DataError",
     "atomic_dir",
@@ -241,9 +243,7 @@ def write_stack(path: str | Path, stack: np.ndarray, voxel_size_nm: Any | None =
     """
     import tifffile
 
-    arr = np.asarray(stack)
-    if arr.ndim not in (2, 3):
-        raise ValueError(f"write_stack: expected (Z, H, W) or (H, W), got shape {arr.shape}")
+    arr = check_array(stack, "write_stack", ndim=(2, 3))
     kwargs: dict[str, Any] = {}
     if voxel_size_nm is not None:
         z, y, x = check_voxel_size(voxel_size_nm, f"write_stack {path}")

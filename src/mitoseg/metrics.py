@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from mitoseg.checks import check_array, check_stack
+
 __all__ = [
     "MATCH_IOU",
     "SCORE_NAMES",
@@ -144,8 +146,8 @@ def scores_from_confusion(
         ValueError: ``cm`` not square ``(C, C)`` with ``C >= 2``, negative, or names of
             the wrong length.
     """
-    cm = np.asarray(cm)
-    if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] < 2:
+    cm = check_array(cm, "scores_from_confusion", ndim=2, axes={2: "(C, C)"})
+    if cm.shape[0] != cm.shape[1] or cm.shape[0] < 2:
         raise ValueError(
             f"scores_from_confusion: expected a (C, C) matrix with C >= 2, got {cm.shape}"
         )
@@ -185,9 +187,7 @@ def label_objects(mask: np.ndarray, min_object_size: int = 0) -> tuple[np.ndarra
     """
     from scipy import ndimage
 
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"label_objects: expected a 2D (H, W) mask, got shape {mask.shape}")
+    mask = check_array(mask, "label_objects", ndim=2)
     if min_object_size < 0:
         raise ValueError(f"label_objects: min_object_size must be >= 0, got {min_object_size}")
     labels, n = ndimage.label(mask != 0, structure=_EIGHT)
@@ -331,12 +331,8 @@ def evaluate_masks(
         raise ValueError(
             f"evaluate_masks: truth shape {truth.shape} != prediction shape {pred.shape}"
         )
-    if truth.ndim == 2:
-        truth, pred = truth[None], pred[None]
-    if truth.ndim != 3 or truth.shape[0] == 0:
-        raise ValueError(
-            f"evaluate_masks: expected (Z, H, W) or (H, W) masks, got shape {truth.shape}"
-        )
+    truth = check_stack(truth, "evaluate_masks", nonempty=True)
+    pred = check_stack(pred, "evaluate_masks")
     total = np.zeros((n_classes, n_classes), dtype=np.int64)
     rows: list[dict[str, Any]] = []
     obj = np.zeros(3, dtype=np.int64)

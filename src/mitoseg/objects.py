@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from mitoseg.checks import check_array, check_stack
 from mitoseg.io import atomic_path
 from mitoseg.metrics import match_objects, safe_ratio
 
@@ -71,15 +72,6 @@ OBJECT_COLUMNS: tuple[str, ...] = (
     "mean_intensity",
     "elongation",
 )
-
-
-def _as_zyx(mask: np.ndarray, what: str) -> np.ndarray:
-    arr = np.asarray(mask)
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3:
-        raise ValueError(f"{what}: expected a (Z, H, W) or (H, W) array, got shape {arr.shape}")
-    return arr
 
 
 def _check_voxel_size(voxel_size: Sequence[float] | None) -> tuple[float, float, float] | None:
@@ -143,11 +135,7 @@ def instance_labels(
     """
     from scipy import ndimage
 
-    arr = np.asarray(mask)
-    if arr.ndim not in (2, 3):
-        raise ValueError(
-            f"instance_labels: expected a (Z, H, W) or (H, W) mask, got shape {arr.shape}"
-        )
+    arr = check_array(mask, "instance_labels", ndim=(2, 3))
     if min_size < 0:
         raise ValueError(f"instance_labels: min_size must be >= 0, got {min_size}")
     if connectivity not in (1, 2, 3):
@@ -293,7 +281,7 @@ def measure_objects(
         ValueError: wrong rank, non-integer or negative labels, image shape mismatch or a
             bad voxel size.
     """
-    lab = _as_zyx(labels, "measure_objects")
+    lab = check_stack(labels, "measure_objects")
     if not np.issubdtype(lab.dtype, np.integer):
         raise ValueError(f"measure_objects: labels must be integers, got {lab.dtype}")
     if lab.size and int(lab.min()) < 0:
@@ -301,7 +289,7 @@ def measure_objects(
     _check_voxel_size(voxel_size)
     img = None
     if image is not None:
-        img = _as_zyx(image, "measure_objects")
+        img = check_stack(image, "measure_objects")
         if img.shape != lab.shape:
             raise ValueError(
                 f"measure_objects: image shape {img.shape} != labels shape {lab.shape}"
@@ -367,8 +355,8 @@ def instance_scores(
         ValueError: shape mismatch, non-integer or negative labels, or a threshold
             outside ``(0, 1]``.
     """
-    t = _as_zyx(truth_labels, "instance_scores")
-    p = _as_zyx(pred_labels, "instance_scores")
+    t = check_stack(truth_labels, "instance_scores")
+    p = check_stack(pred_labels, "instance_scores")
     if t.shape != p.shape:
         raise ValueError(f"instance_scores: truth shape {t.shape} != prediction shape {p.shape}")
     for name, arr in (("truth", t), ("prediction", p)):

@@ -41,6 +41,7 @@ __all__ = [
     "InferencePlan",
     "Normalization",
     "context_window",
+    "dtype_range",
     "normalize_for_plan",
     "plan_path_for",
 ]
@@ -137,6 +138,13 @@ class InferencePlan(_Strict):
         batch_size: tiles per forward pass.
         tta: average over the 8 flips/rotations (8x the compute).
         threshold: foreground probability threshold (binary); None for multiclass argmax.
+        seed_threshold: hysteresis (binary plans): a region of pixels ``>= threshold``
+            (8-connected, within one slice) is foreground only where it reaches this
+            probability somewhere; regions that never do are background. A false
+            positive is mostly a faint region of its own, a mitochondrion has a confident
+            core (the evaluate stage keeps it when it scores better on the validation
+            block). None: the threshold alone decides. Per slice, so any block of whole
+            slices of a volume comes out as in the whole volume.
         threshold_source: ``validation`` (chosen on validation slices), ``params``,
             ``default`` (0.5, nothing chosen) or ``argmax``.
         min_object_size: objects smaller than this (pixels) are not counted as objects.
@@ -169,6 +177,7 @@ class InferencePlan(_Strict):
     batch_size: int = Field(4, ge=1)
     tta: bool = False
     threshold: float | None = Field(0.5, ge=0, le=1)
+    seed_threshold: float | None = Field(None, ge=0, le=1)
     threshold_source: Literal["validation", "params", "default", "argmax"] = "default"
     min_object_size: int = Field(20, ge=0)
     voxel_size_nm: list[float] | None = None
@@ -204,6 +213,13 @@ class InferencePlan(_Strict):
             raise ValueError("a binary plan needs a threshold")
         if self.n_classes > 2 and self.threshold is not None:
             raise ValueError("a multiclass plan uses argmax: threshold must be null")
+        if self.seed_threshold is not None and (
+            self.threshold is None or self.seed_threshold <= self.threshold
+        ):
+            raise ValueError(
+                f"seed_threshold {self.seed_threshold} needs a binary plan with a lower "
+                f"threshold (threshold {self.threshold})"
+            )
         if self.voxel_size_nm is not None and (
             len(self.voxel_size_nm) != 3 or any(v <= 0 for v in self.voxel_size_nm)
         ):
@@ -282,19 +298,19 @@ class InferencePlan(_Strict):
         Raises:
             ValueError: not a non-empty uint8 array of that shape.
         """
-        images = np.asarray(images)
-        ndim = 3 if self.z_context == 0 else 4
-        if (
-            images.ndim != ndim
-            or images.dtype != np.uint8
-            or images.size == 0
-            or (ndim == 4 and images.shape[-1] != self.in_channels)
-        ):
-            shape = "(N, H, W)" if ndim == 3 else f"(N, H, W, {self.in_channels})"
-            raise ValueError(
-                f"calibration images must be a non-empty {shape} uint8 array, got "
-                f"{images.dtype} {images.shape}"
-            )
+        from mitoseg.checks import check_array
+
+        c = self.in_channels
+        ndim, axes = (3, "(N, H, W)") if self.z_context == 0 else (4, f"(N, H, W, {c})")
+        images = check_array(
+            images,
+            "calibration images",
+            ndim=ndim,
+            axes={ndim: axes},
+            sizes={-1: c} if ndim == 4 else None,
+            dtypes=("uint8",),
+            nonempty=True,
+        )
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(images), allow_pickle=False)
         plan = self.model_copy(update={"calibration_file": CALIBRATION_FILE})
@@ -457,7 +473,9 @@ def plan_path_for(model_path: str | Path) -> Path | None:
     return None
 
 
-def _dtype_range(dtype: np.dtype) -> float:
+def dtype_range(dtype: np.dtype) -> float:
+    """The value range of an image dtype: ``max - min(min, 0)`` for integers, 1.0 for
+    floats (images in [0, 1]); the blank-slice rule is a fraction of it."""
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         return float(info.max) - float(min(info.min, 0))
@@ -480,6 +498,6 @@ def normalize_for_plan(image: np.ndarray, norm: Normalization) -> np.ndarray | N
     """
     x = np.asarray(image)
     xf, lo, hi = robust_range(x, norm.low_pct, norm.high_pct)
-    if hi - lo <= norm.blank_range * _dtype_range(x.dtype):
+    if hi - lo <= norm.blank_range * dtype_range(x.dtype):
         return None
     return scale_unit(xf, lo, hi)

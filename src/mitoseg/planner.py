@@ -8,7 +8,8 @@
 3. on the validation slices (one contiguous block of the training stack, so 2.5D
    context and z-averaging see true neighbours): the threshold
    (:func:`mitoseg.evaluate.choose_threshold`, fine search, with calibration), the image
-   border padding, the z-averaging radius and the inference engine: every engine this build
+   border padding, the z-averaging radius, hysteresis (a seed threshold a region must
+   reach) and the inference engine: every engine this build
    runs (:data:`mitoseg.runtime.ENGINES`) is timed on the validation slices and the
    fastest one whose validation score stays within ``engine_tolerance`` of Keras FP32
    is kept.
@@ -54,6 +55,7 @@ class PlanReport:
     threshold_curve: dict[str, float] = field(default_factory=dict)
     border: dict[str, float] = field(default_factory=dict)
     z_average: dict[str, float] = field(default_factory=dict)
+    seed_threshold: dict[str, float] = field(default_factory=dict)
     engines: list[EngineTrial] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -63,6 +65,7 @@ class PlanReport:
             "threshold_curve": dict(self.threshold_curve),
             "border": dict(self.border),
             "z_average": dict(self.z_average),
+            "seed_threshold": dict(self.seed_threshold),
             "engines": [vars(t) for t in self.engines],
         }
 
@@ -194,6 +197,53 @@ def _choose_z_average(
     return plans[best], {str(r): s for r, s in scores.items()}
 
 
+#: Hysteresis grid searched on the validation block: thresholds (plus the one chosen
+#: without hysteresis) x seed thresholds above them.
+HYSTERESIS_THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(9))  # 0.3 .. 0.7
+HYSTERESIS_SEEDS = tuple(round(0.6 + 0.05 * i, 2) for i in range(8))  # 0.6 .. 0.95
+
+
+def _choose_seed_threshold(
+    model: Any, plan: InferencePlan, images: Any, masks: Any, setting: float | str | None
+) -> tuple[InferencePlan, dict[str, float]]:
+    """Hysteresis (:attr:`InferencePlan.seed_threshold`) for a binary plan.
+
+    Only for ``setting == "auto"``: the validation probabilities are computed once with ``plan``;
+    every threshold of :data:`HYSTERESIS_THRESHOLDS` (only the plan's own when it was not
+    chosen on validation) with every seed of :data:`HYSTERESIS_SEEDS` above it is scored
+    by foreground IoU on the validation block, against the plan without hysteresis; the
+    best is kept only when it scores higher (ties keep no hysteresis). Returns the plan
+    and the scores (``"none"``, ``"<threshold>/<seed>"``)."""
+    if plan.n_classes != 2 or setting != "auto":
+        return plan, {}  # a fixed setting is set by make_plan
+    from mitoseg.inference import decide_mask, iter_stack_probabilities
+    from mitoseg.runtime import compile_predictor
+
+    truth = np.asarray(masks) != 0
+    probs = list(iter_stack_probabilities(compile_predictor(model), images, plan))
+
+    def iou(candidate: InferencePlan) -> float:
+        pred = np.stack([decide_mask(p, candidate) for p in probs]) != 0
+        union = int((pred | truth).sum())
+        return round(int((pred & truth).sum()) / union, 6) if union else 1.0
+
+    threshold = float(plan.threshold)
+    lows = {threshold}
+    if plan.threshold_source == "validation":
+        lows |= set(HYSTERESIS_THRESHOLDS)
+    scores = {"none": iou(plan)}
+    best, best_score = plan, scores["none"]
+    for low in sorted(lows):
+        for seed in (s for s in HYSTERESIS_SEEDS if s > low):
+            candidate = plan.with_overrides(threshold=low, seed_threshold=seed)
+            scores[f"{low:g}/{seed:g}"] = score = iou(candidate)
+            if score > best_score:
+                best, best_score = candidate, score
+    if best is not plan:
+        best = best.with_overrides(validation={**plan.validation, "iou": best_score})
+    return best, scores
+
+
 def _select_engine(
     model: Any,
     plan: InferencePlan,
@@ -278,12 +328,17 @@ def make_plan(
                 validation={"iou": round(choice.iou, 6)},
             )
             report.threshold_curve = choice.curve
+    if plan.n_classes == 2 and isinstance(cfg.seed_threshold, float):
+        plan = plan.with_overrides(seed_threshold=cfg.seed_threshold)
     if has_val:
         plan, report.border = _choose_border(model, plan, val_images, val_masks, progress)
         if cfg.z_average == "auto" and len(val_images) >= 2:  # one slice: nothing to average
             plan, report.z_average = _choose_z_average(
                 model, plan, val_images, val_masks, [0, 1], progress
             )
+        plan, report.seed_threshold = _choose_seed_threshold(
+            model, plan, val_images, val_masks, cfg.seed_threshold
+        )
         from mitoseg.runtime import available_engines
 
         candidates = [e for e in available_engines() if f"{e[0]}/{e[1]}" in cfg.engines]

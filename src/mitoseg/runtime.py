@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from mitoseg.checks import check_array
 from mitoseg.plan import InferencePlan
 
 __all__ = ["ENGINES", "available_engines", "compile_predictor", "predictor_for_plan"]
@@ -118,12 +119,14 @@ def _default_threads() -> int:
 
 
 def _checked_batch(batch: np.ndarray, channels: int, divisor: int) -> np.ndarray:
-    x = np.ascontiguousarray(batch, dtype=np.float32)
-    if x.ndim != 4 or x.shape[-1] != channels or x.shape[0] < 1:
-        raise ValueError(
-            f"predict_batch: expected a (B, H, W, {channels}) batch with B >= 1, "
-            f"got shape {tuple(np.shape(batch))}"
-        )
+    x = check_array(
+        np.ascontiguousarray(batch, dtype=np.float32),
+        "predict_batch",
+        ndim=4,
+        axes={4: f"(B, H, W, {channels})"},
+        sizes={-1: channels},
+        nonempty=True,
+    )
     h, w = x.shape[1:3]
     if h < divisor or w < divisor or h % divisor or w % divisor:
         raise ValueError(
@@ -172,14 +175,16 @@ def _calibration_samples(
     samples = []
     for i, image in enumerate(images):
         x = np.asarray(image, dtype=np.float32)
-        if x.ndim == 3 and x.shape[-1] == channels:
-            x = x if channels > 1 else x[..., 0]
-        expected = 2 if channels == 1 else 3
-        if x.ndim != expected or min(x.shape[:2]) < 1:
-            raise ValueError(
-                f"calibration: image {i} has shape {tuple(np.shape(image))}; expected "
-                f"(H, W){'' if channels == 1 else f' x {channels}'} per image"
-            )
+        if channels == 1 and x.ndim == 3 and x.shape[-1] == 1:
+            x = x[..., 0]
+        x = check_array(
+            x,
+            f"calibration: image {i}",
+            ndim=2 if channels == 1 else 3,
+            axes={3: f"(H, W, {channels})"},
+            sizes={-1: channels} if channels > 1 else None,
+            nonempty=True,
+        )
         if not np.isfinite(x).all():
             raise ValueError(f"calibration: image {i} contains NaN or infinite values")
         x = _pad_to(x, divisor)

@@ -1,8 +1,10 @@
-"""The real BentoML service on loopback: results, guard rails, budget, auth, docs, README.
+"""The real BentoML service on loopback: results, guard rails, budget, auth, docs, README,
+and volume jobs from the endpoint.
 
-One server for the module, started the way users start it (``mitoseg serve`` on a
-``.keras`` file with its ``inference_plan.json`` beside it), serving a tiny UNet built in
-the test with a small-tile plan so inference is quick on a shared CPU.
+The server is the session's shared ``mitoseg_server`` (``tests/servers.py``): started the
+way users start it (``mitoseg serve`` on a ``.keras`` file with its
+``inference_plan.json`` beside it), serving a tiny UNet with a small-tile plan so
+inference is quick on a shared CPU.
 """
 
 from __future__ import annotations
@@ -13,14 +15,11 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,35 +27,14 @@ import numpy as np
 import pytest
 import requests
 import tifffile
-import yaml
 from PIL import Image
+
+from servers import AUTH, FLOPS_PER_PIXEL, SERVE, TOKEN, VNC, Server, vnc_slice
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-VNC = REPO / "src" / "mitoseg" / "sample_data" / "vnc" / "test" / "images.tif"
 CDEEP3M = REPO.parent / "shared" / "data" / "cdeep3m" / "cdeep3m_test_raw.tif"
-MITOSEG = str(Path(sys.executable).with_name("mitoseg"))
-TOKEN = "test-token-7f3a"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-#: Plan field of the test model: FLOP per pixel, for the compute budget.
-FLOPS_PER_PIXEL = 1e4
-SERVE = {
-    "max_bytes": 4 * 1024 * 1024,
-    "max_pixels": 2048 * 2048,
-    "max_pages": 4,
-    "max_side": 2048,
-    "max_batch_size": 8,
-    "max_request_gflop": 40,
-    "max_inflight_gflop": 50,
-    "retry_after_s": 3,
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tiff_bytes(arr: np.ndarray, **kwargs: object) -> bytes:
@@ -73,108 +51,10 @@ def png_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def vnc_slice(i: int = 0) -> np.ndarray:
-    return tifffile.imread(VNC)[i]
-
-
-class Server:
-    def __init__(self, url: str, model: Any, plan: Any, proc: subprocess.Popen, log: Path):
-        self.url, self.model, self.plan, self.proc, self.log = url, model, plan, proc, log
-
-    def post(self, route: str, upload: bytes | None = None, **kwargs: Any) -> requests.Response:
-        headers = {**AUTH, **kwargs.pop("headers", {})}
-        files = {"image": ("upload.tif", upload)} if upload is not None else None
-        files = kwargs.pop("files", files)
-        return requests.post(self.url + route, files=files, headers=headers, timeout=120, **kwargs)
-
-    def expected(self, stack: np.ndarray) -> np.ndarray:
-        """In-process reference: the same segment_stack call, same plan."""
-        from mitoseg.inference import mask_to_image, segment_stack
-
-        return mask_to_image(segment_stack(self.model, stack, self.plan), 2)
-
-    def log_text(self, start: int = 0) -> str:
-        return self.log.read_bytes()[start:].decode("utf-8", errors="replace")
-
-
-def _write_model(tmp: Path) -> tuple[Any, Any]:
-    """A tiny untrained UNet and its plan (64-pixel tiles) beside it as
-    ``inference_plan.json``; threshold at the median foreground probability of a real
-    slice so the masks compared below are far from trivial."""
-    import keras
-
-    from mitoseg.config import ModelConfig
-    from mitoseg.inference import iter_stack_probabilities
-    from mitoseg.model.unet import build_unet
-    from mitoseg.plan import PLAN_FILE, InferencePlan
-
-    keras.utils.set_random_seed(7)
-    model = build_unet(
-        ModelConfig(depth=2, base_filters=4, batch_norm=False, dropout=0.0), n_classes=2
-    )
-    model.save(tmp / "tiny.keras")
-    plan = InferencePlan.default_for(
-        1, 4, tile_size=64, halo=8, batch_size=4, min_object_size=5,
-        flops_per_pixel=FLOPS_PER_PIXEL,
-    )  # fmt: skip
-    probs = next(iter_stack_probabilities(model, vnc_slice(0), plan))
-    plan = plan.with_overrides(threshold=round(float(np.median(probs)), 6))
-    plan.write(tmp / PLAN_FILE)
-    return model, plan
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if requests.get(url + "/readyz", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"server not ready in {timeout} s:\n{log.read_text()[-4000:]}")
-        time.sleep(0.5)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("serve")
-    model, plan = _write_model(tmp)
-    (tmp / "params.yaml").write_text(yaml.safe_dump({"serve": SERVE}))
-    port = free_port()
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(tmp / "bentoml"),
-        "MITOSEG_API_TOKEN": TOKEN,
-        "BENTOML_DO_NOT_TRACK": "True",
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-    }
-    log = tmp / "server.log"
-    cmd = [MITOSEG, "serve", "--model", str(tmp / "tiny.keras"), "--port", str(port)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*cmd, "--params", str(tmp / "params.yaml")],
-            cwd=tmp,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, log)
-        yield Server(url, model, plan, proc, log)
-    finally:
-        proc.send_signal(signal.SIGTERM)  # mitoseg serve stops everything it started
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        shutil.rmtree(tmp, ignore_errors=True)
+@pytest.fixture()
+def server(mitoseg_server: Server) -> Server:
+    """The shared endpoint (``servers.mitoseg_server``)."""
+    return mitoseg_server
 
 
 # ----------------------------------------------------------------- results
@@ -608,3 +488,187 @@ def test_schemathesis_no_server_errors(server: Server) -> None:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-12000:] + res.stderr[-2000:]
     assert requests.get(server.url + "/readyz", timeout=5).status_code == 200
+
+
+# ----------------------------------------------------------------- volume jobs
+
+
+VOXEL = (50.0, 4.6, 4.6)
+
+
+def _submit(server: Server, headers: dict | None = None, **body: Any) -> requests.Response:
+    return requests.post(
+        server.url + "/segment_volume/submit",
+        json=body,
+        headers=AUTH if headers is None else headers,
+        timeout=120,
+    )
+
+
+def _task(server: Server, op: str, task_id: str) -> requests.Response:
+    return requests.get(
+        f"{server.url}/segment_volume/{op}", params={"task_id": task_id}, headers=AUTH, timeout=60
+    )
+
+
+def _wait(server: Server, task_id: str, timeout: float = 600) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = _task(server, "status", task_id)
+        assert r.status_code == 200, r.text
+        if r.json()["status"] not in ("in_progress", "pending"):
+            return r.json()
+        assert time.monotonic() < deadline, f"task {task_id} still running after {timeout} s"
+        time.sleep(0.5)
+
+
+def _progress(server: Server, output_uri: str) -> dict[str, Any]:
+    r = server.post("/volume_progress", json={"output_uri": output_uri})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_volume_job_from_the_endpoint_equals_mitoseg_predict(
+    server: Server, tmp_path: Path
+) -> None:
+    """A real EM crop as OME-Zarr with small odd chunks, segmented by a task on the
+    server (whole slices, then YX tiles), equals ``mitoseg predict`` on the TIFF."""
+    from typer.testing import CliRunner
+
+    from mitoseg.cli import app
+    from mitoseg.io import write_stack
+    from mitoseg.volume.store import open_volume
+    from volumes import write_ome_zarr
+
+    crop = tifffile.imread(VNC)[:5, 100:260, 150:330]  # (5, 160, 180) uint8 real EM
+    src = write_ome_zarr(server.volumes / "crop.ome.zarr", crop, VOXEL, chunks=(2, 37, 41))
+    write_stack(tmp_path / "crop.tif", crop, VOXEL)
+    ref = CliRunner().invoke(
+        app, ["--no-progress", "predict", "--model", str(server.model_path),
+              str(tmp_path / "crop.tif"), "--out", str(tmp_path / "ref"), "--instances"],
+    )  # fmt: skip
+    assert ref.exit_code == 0, ref.output
+    mask = tifffile.imread(tmp_path / "ref" / "crop_mask.tif") != 0
+    assert 0.05 < mask.mean() < 0.95
+    instances = tifffile.imread(tmp_path / "ref" / "crop_instances.tif")
+    for name, extra in (("whole", {}), ("tiles", {"block_yx": 64})):
+        out = str(server.volumes / f"crop_{name}.ome.zarr")
+        assert _progress(server, out)["status"] == "absent"
+        r = _submit(server, input_uri=src, output_uri=out, block_z=2, **extra)
+        assert r.status_code == 200, r.text
+        task = r.json()
+        assert task["status"] == "in_progress" and task["task_id"]
+        status = _wait(server, task["task_id"])
+        result = _task(server, "get", task["task_id"])
+        assert status["status"] == "completed", result.text
+        summary = result.json()
+        blocks = 3 if name == "whole" else 3 * 3 * 3
+        assert (summary["output_uri"], summary["blocks"]) == (out, blocks)
+        assert _progress(server, out) == {
+            "output_uri": out, "status": "complete", "blocks_done": blocks,
+            "blocks_total": blocks, "fraction": 1.0,
+        }  # fmt: skip
+        got = open_volume(f"{out}/labels/mask")
+        np.testing.assert_array_equal(got.read(0, 5) != 0, mask)
+        np.testing.assert_array_equal(open_volume(f"{out}/labels/instances").read(0, 5), instances)
+        assert open_volume(out).voxel_size_nm == pytest.approx(VOXEL)
+    # a completed output is not overwritten without force
+    r = _submit(server, input_uri=src, output_uri=out, block_z=2, block_yx=64)
+    assert r.status_code == 409, r.text
+    assert r.json()["message"] == (
+        f"output_uri {out}: exists (a completed job); submit with force to replace it"
+    )
+
+
+def test_volume_jobs_need_the_token_and_keep_the_limits(server: Server) -> None:
+    from mitoseg.volume import ngff
+    from servers import VOLUME_MAX_VOXELS
+    from volumes import write_ome_zarr
+
+    src = str(server.volumes / "in.ome.zarr")
+    out = str(server.volumes / "out.ome.zarr")
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        refused = [
+            _submit(server, headers=headers, input_uri=src, output_uri=out),
+            requests.get(f"{server.url}/segment_volume/status", params={"task_id": "x"},
+                         headers=headers, timeout=30),
+            requests.get(f"{server.url}/segment_volume/get", params={"task_id": "x"},
+                         headers=headers, timeout=30),
+            requests.post(f"{server.url}/volume_progress", json={"output_uri": out},
+                          headers=headers, timeout=30),
+        ]  # fmt: skip
+        for r in refused:
+            assert r.status_code == 401, r.text
+            assert r.json()["error"] == "unauthorized"
+    big = np.zeros((16, 256, 256), np.uint8)  # 1048576 voxels > 1000000
+    write_ome_zarr(Path(src), big, VOXEL, chunks=(8, 128, 128))
+    r = _submit(server, input_uri=src, output_uri=out)
+    assert r.status_code == 413, r.text
+    assert r.json() == {
+        "error": "too_large",
+        "message": f"input_uri {src}: 16 x 256 x 256 = 1048576 voxels; the limit is "
+        f"{VOLUME_MAX_VOXELS} voxels (volume_max_voxels)",
+        "status": 413,
+    }
+    assert ngff.output_status(out) is None  # refused before anything was written
+    r = requests.post(
+        server.url + "/segment_volume/submit",
+        data=b'{"input_uri": "' + b"x" * (SERVE["max_bytes"] + 2 * 1024 * 1024) + b'"}',
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == 413 and r.json()["error"] == "too_large", r.text
+
+
+def _bad_uri_cases(volumes: Path) -> list[tuple[dict[str, Any], int, str, str]]:
+    ok = str(volumes / "crop.ome.zarr")  # written by the job test; re-created below if absent
+    out = str(volumes / "bad_out.ome.zarr")
+    return [
+        ({"input_uri": "crop.ome.zarr", "output_uri": out}, 400, "bad_uri",
+         "input_uri crop.ome.zarr: a local path must be absolute (the server's path)"),
+        ({"input_uri": "http://example.org/v.zarr", "output_uri": out}, 400, "bad_uri",
+         "input_uri http://example.org/v.zarr: only s3:// URIs and absolute paths on the "
+         "server are accepted"),
+        ({"input_uri": "s3://", "output_uri": out}, 400, "bad_uri",
+         "input_uri s3://: expected s3://bucket/key"),
+        ({"input_uri": "/etc/v.ome.zarr", "output_uri": out}, 403, "uri_not_allowed",
+         f"input_uri /etc/v.ome.zarr: not under an allowed prefix ({volumes}; volume_allow / "
+         "MITOSEG_VOLUME_ALLOW)"),
+        ({"input_uri": f"{volumes}/../x.ome.zarr", "output_uri": out}, 403, "uri_not_allowed",
+         f"input_uri {volumes}/../x.ome.zarr: not under an allowed prefix"),
+        ({"input_uri": str(volumes / "absent.ome.zarr"), "output_uri": out}, 400, "bad_input",
+         f"input_uri {volumes / 'absent.ome.zarr'}: not found"),
+        ({"input_uri": ok, "output_uri": str(volumes / "out.tif")}, 400, "bad_output",
+         f"output_uri {volumes / 'out.tif'}: must name a Zarr store ending in .zarr"),
+        ({"input_uri": ok, "output_uri": ok}, 400, "bad_output",
+         f"output_uri {ok}: must differ from the input"),
+        ({"input_uri": ok, "output_uri": out, "block_z": 0}, 400, "invalid_request",
+         "block_z: Input should be greater than or equal to 1"),
+        ({"input_uri": ok}, 400, "invalid_request", "output_uri: Field required"),
+    ]  # fmt: skip
+
+
+BAD_URI_CASES = ["relative", "http", "s3-no-bucket", "outside-allow-list", "dot-dot",
+                 "absent-input", "output-not-zarr", "output-is-input", "block_z-0",
+                 "no-output"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_URI_CASES)
+def test_volume_job_bad_uris_are_refused_naming_them(server: Server, case: str) -> None:
+    from volumes import write_ome_zarr
+
+    crop = server.volumes / "crop.ome.zarr"
+    if not crop.exists():
+        write_ome_zarr(crop, tifffile.imread(VNC)[:2, :64, :64], VOXEL)
+    body, status, code, message = _bad_uri_cases(server.volumes)[BAD_URI_CASES.index(case)]
+    r = _submit(server, **body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == code
+    assert message in r.json()["message"]
+    if "output_uri" in body and code in ("bad_uri", "uri_not_allowed"):
+        # the progress endpoint checks its URI the same way
+        r = server.post("/volume_progress", json={"output_uri": body["input_uri"]})
+        assert (
+            r.status_code == status
+            and message.replace("input_uri", "output_uri") in (r.json()["message"])
+        ), r.text

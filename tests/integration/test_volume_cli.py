@@ -26,6 +26,7 @@ from mitoseg.cli import app
 from mitoseg.io import write_stack
 from mitoseg.plan import InferencePlan
 from servers import free_port
+from volumes import write_ome_zarr
 
 pytestmark = pytest.mark.integration
 
@@ -71,16 +72,7 @@ def model(crop: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _ome(path: Path, data: np.ndarray, chunks=(3, 37, 41)) -> str:
-    from ome_zarr.format import FormatV05
-    from ome_zarr.writer import write_image
-
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    write_image(
-        data, group, axes="zyx", fmt=FormatV05(), scale_factors=(),
-        scale=dict(zip("zyx", VOXEL, strict=True)),
-        axes_units=dict.fromkeys("zyx", "nanometer"), storage_options={"chunks": chunks},
-    )  # fmt: skip
-    return str(path)
+    return write_ome_zarr(path, data, VOXEL, chunks)
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +118,25 @@ def test_local_cluster_matches_tiff_predict(reference: dict, model: Path, tmp_pa
     result = runner.invoke(app, [*args, "--workers", "1", "--block-z", "2"])
     assert result.exit_code != 0
     assert f"{out}: exists (a completed job); use --force to replace it" in result.output
+
+
+def test_yx_tiles_match_whole_slice_predict(reference: dict, model: Path, tmp_path: Path) -> None:
+    """Blocks of 3 slices x 48 x 48 pixels on 170 x 191 slices stored in (3, 37, 41)
+    chunks, a 64-pixel tile grid with an 8-pixel halo: tiles, chunks and blocks all cross
+    each other. Mask, instances (stitched across z, y and x faces) and objects.csv equal
+    whole-slice ``mitoseg predict`` on the TIFF."""
+    out = str(tmp_path / "out.ome.zarr")
+    result = runner.invoke(
+        app, ["--no-progress", "predict", "--model", str(model), reference["ome"], "--out", out,
+              "--workers", "2", "--block-z", "3", "--block-yx", "48"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "48 blocks (0 already done)" in result.output  # 3 x 4 x 4
+    _check(out, reference)
+    assert Path(out, "objects.csv").read_text() == reference["objects"]
+    root = zarr.open_group(out, mode="r")
+    assert root["labels/mask/0"].chunks == (3, 48, 48)
+    assert root["1"].chunks == (3, 24, 24)  # 48 = 16 x 3: levels stay aligned
 
 
 def test_attached_to_dask_scheduler_and_worker_processes(

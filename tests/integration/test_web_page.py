@@ -1,10 +1,10 @@
 """The web page on the endpoint, in a real headless Chromium against a real ``mitoseg serve``.
 
-One server for the module (``mitoseg serve`` of a tiny UNet with its inference plan, an
-API token set), the way test_service.py starts it. Chromium and chromedriver are the
-Debian packages (``apt-get install -y chromium chromium-driver``); the tests that need
-them skip, saying so, when they are absent. The napari widget's endpoint client runs
-against the same server.
+The server is the session's shared ``mitoseg_server`` (``tests/servers.py``: ``mitoseg
+serve`` of a tiny UNet with its inference plan, an API token set), the API tests' one.
+Chromium and chromedriver are the Debian packages (``apt-get install -y chromium
+chromium-driver``); the tests that need them skip, saying so, when they are absent. The
+napari widget's endpoint client runs against the same server.
 
 ``MITOSEG_DOCS_SCREENSHOT=docs/web_page.png`` with ``MITOSEG_WEB_MODEL`` = a trained
 ``.keras`` (its ``inference_plan.json`` beside it) writes the README screenshot.
@@ -16,9 +16,6 @@ import base64
 import io
 import os
 import shutil
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,16 +25,13 @@ import pytest
 import requests
 import tifffile
 from PIL import Image
-from test_service import free_port, wait_ready  # the same server start as the API tests
+
+from servers import TOKEN, VNC, Server
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-VNC = REPO / "src" / "mitoseg" / "sample_data" / "vnc" / "test" / "images.tif"
 SAMPLE = REPO / "src" / "mitoseg" / "serving" / "web" / "sample.png"
-MITOSEG = str(Path(sys.executable).with_name("mitoseg"))
-TOKEN = "web-token-51c2"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def tiff_bytes(arr: np.ndarray) -> bytes:
@@ -46,80 +40,10 @@ def tiff_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-class Server:
-    def __init__(self, url: str, model: Any, plan: Any) -> None:
-        self.url, self.model, self.plan = url, model, plan
-
-    def post(self, route: str, data: bytes, name: str = "upload.tif", **kw: Any) -> Any:
-        files = {"image": (name, data)}
-        return requests.post(self.url + route, files=files, headers=AUTH, timeout=300, **kw)
-
-    def expected(self, image: np.ndarray) -> np.ndarray:
-        """In-process reference: ``(Z, H, W)`` uint8 0/255 from the same plan."""
-        from mitoseg.inference import mask_to_image, segment_stack
-
-        return mask_to_image(segment_stack(self.model, image, self.plan), 2)
-
-
-def _write_model(tmp: Path) -> tuple[Any, Any]:
-    """A tiny untrained UNet and its plan (64-pixel tiles) beside it; the threshold is the
-    median probability on the sample slice, so the mask is far from trivial."""
-    import keras
-
-    from mitoseg.config import ModelConfig
-    from mitoseg.inference import iter_stack_probabilities
-    from mitoseg.model.unet import build_unet
-    from mitoseg.plan import PLAN_FILE, InferencePlan
-
-    keras.utils.set_random_seed(11)
-    model = build_unet(ModelConfig(depth=2, base_filters=4, batch_norm=False, dropout=0.0), 2)
-    model.save(tmp / "tiny.keras")
-    plan = InferencePlan.default_for(1, 4, tile_size=64, halo=8, batch_size=8, min_object_size=5)
-    sample = np.asarray(Image.open(SAMPLE))
-    probs = next(iter_stack_probabilities(model, sample, plan))
-    plan = plan.with_overrides(threshold=round(float(np.quantile(probs, 0.7)), 6))
-    plan.write(tmp / PLAN_FILE)
-    return model, plan
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("web")
-    model_path = tmp / "tiny.keras"
-    if os.environ.get("MITOSEG_WEB_MODEL"):  # a trained model, for the README screenshot
-        from mitoseg.tracking import load_model_and_plan
-
-        model_path = Path(os.environ["MITOSEG_WEB_MODEL"]).resolve()
-        model, plan = load_model_and_plan(str(model_path))
-    else:
-        model, plan = _write_model(tmp)
-    port = free_port()
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(tmp / "bentoml"),
-        "MITOSEG_API_TOKEN": TOKEN,
-        "BENTOML_DO_NOT_TRACK": "True",
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-    }
-    log = tmp / "server.log"
-    cmd = [MITOSEG, "serve", "--model", str(model_path), "--port", str(port)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, log, timeout=240)
-        yield Server(url, model, plan)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        shutil.rmtree(tmp, ignore_errors=True)
+@pytest.fixture()
+def server(mitoseg_server: Server) -> Server:
+    """The shared endpoint (``servers.mitoseg_server``), the API tests' server too."""
+    return mitoseg_server
 
 
 # ----------------------------------------------------------------- routes
@@ -303,7 +227,7 @@ def test_upload_a_real_em_slice_shows_overlay_count_and_table(
 
 
 def test_the_sample_button(server: Server, browser: Any) -> None:
-    stats = server.post("/stats", SAMPLE.read_bytes(), name="sample.png").json()
+    stats = server.post("/stats", files={"image": ("sample.png", SAMPLE.read_bytes())}).json()
     browser.get(server.url + "/ui/")
     browser.find_element("id", "token").send_keys(TOKEN)
     browser.find_element("id", "sample").click()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -114,17 +115,27 @@ def test_intensity_only_leaves_mask_alone():
     assert not np.allclose(out_img, image)
 
 
-def test_augment_pair_errors():
-    image, mask = _pair()
-    rng = np.random.default_rng(0)
-    with pytest.raises(
-        ValueError, match=r"augment_pair: image must be \(H, W\) or \(H, W, C\), got shape"
-    ):
-        augment_pair(image[None, ..., None], mask, rng, OFF)
-    with pytest.raises(ValueError, match=r"mask shape \(64, 63\) differs from image shape"):
-        augment_pair(image, mask[:, :63], rng, OFF)
-    with pytest.raises(ValueError, match="mask must hold integer class indices, got float32"):
-        augment_pair(image, mask.astype(np.float32), rng, OFF)
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda image, mask: (image[None, ..., None], mask),
+            r"^augment_pair: expected \(H, W, C\) or \(H, W\), got shape \(1, 64, 64, 1\)$",
+        ),
+        (
+            lambda image, mask: (image, mask[:, :63]),
+            r"^augment_pair: mask shape \(64, 63\) differs from image shape \(64, 64\)$",
+        ),
+        (
+            lambda image, mask: (image, mask.astype(np.float32)),
+            r"^augment_pair: mask must hold integer class indices, got float32$",
+        ),
+    ],
+)
+def test_augment_pair_errors(change: Callable, message: str) -> None:
+    image, mask = change(*_pair())
+    with pytest.raises(ValueError, match=message):
+        augment_pair(image, mask, np.random.default_rng(0), OFF)
 
 
 def test_augment_spec_roundtrip_and_errors(tmp_path):
@@ -160,8 +171,14 @@ def test_select_preview_prefers_foreground():
     assert len(select_preview(masks, 20, seed=0)) == 10
     with pytest.raises(ValueError, match="select_preview: n must be >= 1, got 0"):
         select_preview(masks, 0, seed=0)
-    with pytest.raises(ValueError, match=r"masks must be \(N, H, W\) with N >= 1"):
+    with pytest.raises(
+        ValueError, match=r"^select_preview: expected a non-empty array, got shape \(0, 8, 8\)$"
+    ):
         select_preview(masks[:0], 1, seed=0)
+    with pytest.raises(
+        ValueError, match=r"^select_preview: expected \(N, H, W\), got shape \(8, 8\)$"
+    ):
+        select_preview(masks[0], 1, seed=0)
 
 
 def test_write_preview_png(tmp_path):
@@ -175,7 +192,9 @@ def test_write_preview_png(tmp_path):
     out2 = tmp_path / "again.png"
     write_preview(images, masks, AugmentConfig(), 0, out2)
     assert out2.read_bytes() == data  # same seed, same figure
-    with pytest.raises(ValueError, match=r"write_preview: images must be \(N, H, W\)"):
+    with pytest.raises(
+        ValueError, match=r"^write_preview: expected \(N, H, W\), got shape \(64, 64\)$"
+    ):
         write_preview(images[0], masks[0], AugmentConfig(), 0, out)
     with pytest.raises(
         ValueError, match=r"masks shape \(1, 64, 64\) differs from images shape \(2, 64, 64\)"

@@ -247,3 +247,26 @@ def test_the_plan_decides_and_flags_override(models: dict[str, Path], tmp_path: 
         "(threshold 0.5)" in result.stderr
     )
     assert tifffile.imread(tmp_path / "default" / "a_mask.tif").max() == 255
+
+
+def test_no_hysteresis_drops_the_plans_seed_threshold(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    model = tmp_path / "m.keras"
+    shutil.copy(models["binary"], model)
+    InferencePlan.default_for(
+        1, 1, tile_size=16, halo=2, threshold=0.5, seed_threshold=0.99, source="evaluate"
+    ).write(tmp_path / "inference_plan.json")  # the disc peaks at sigmoid(4) = 0.982 < 0.99
+    write_stack(tmp_path / "a.tif", _disc_stack(1, 32, 32))
+    base = ["predict", "--model", str(model), str(tmp_path / "a.tif")]
+    assert _run(*base, "--out", str(tmp_path / "planned")).exit_code == 0
+    assert not tifffile.imread(tmp_path / "planned" / "a_mask.tif").any()
+    assert _run(*base, "--out", str(tmp_path / "plain"), "--no-hysteresis").exit_code == 0
+    assert tifffile.imread(tmp_path / "plain" / "a_mask.tif").max() == 255
+    result = _run(*base, "--out", str(tmp_path / "high"), "--threshold", "0.995")
+    assert result.exit_code != 0
+    assert "seed_threshold 0.99 needs a binary plan with a lower threshold" in result.stderr
+    args = ["--out", str(tmp_path / "high"), "--threshold", "0.995", "--no-hysteresis"]
+    assert _run(*base, *args).exit_code == 0

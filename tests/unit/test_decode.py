@@ -12,7 +12,6 @@ from PIL import Image
 from test_serving_codec import pages_tiff as _pages
 from test_serving_codec import tiff_bytes as _tiff
 
-from mitoseg.checks import check_array
 from mitoseg.decode import ImageError
 from mitoseg.io import read_stack
 from mitoseg.serving.codec import Limits, decode_upload
@@ -99,22 +98,3 @@ def test_read_stack_errors_name_the_file(tmp_path: Path, data: bytes, message: s
     (tmp_path / "image.tif").write_bytes(data)
     with pytest.raises(ImageError, match=message):
         read_stack(tmp_path / "image.tif")
-
-
-@pytest.mark.parametrize(
-    ("value", "kwargs", "message"),
-    [
-        (np.zeros(5), {"ndim": (2, 3)}, r"^f: expected \(Z, H, W\) or \(H, W\), got shape \(5,\)$"),
-        (np.zeros((2, 2)), {"ndim": 4}, r"^f: expected \(N, H, W, C\), got shape \(2, 2\)$"),
-        (np.zeros((1,) * 5), {"ndim": 5}, None),
-        (np.zeros((2, 2)), {"ndim": 2, "dtypes": ("uint8",)}, r"^f: expected uint8, got float64$"),
-        (np.zeros((0, 2)), {"ndim": 2, "nonempty": True}, r"^f: expected a non-empty array"),
-        ([[1, 2]], {"ndim": 2}, None),
-    ],
-)
-def test_check_array(value: object, kwargs: dict, message: str | None) -> None:
-    if message is None:
-        assert isinstance(check_array(value, "f", **kwargs), np.ndarray)
-    else:
-        with pytest.raises(ValueError, match=message):
-            check_array(value, "f", **kwargs)

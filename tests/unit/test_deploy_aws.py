@@ -8,11 +8,12 @@ deployments the way ECS would, healthy or not depending on the image.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -299,12 +300,19 @@ def test_wait_stable_polls_until_completed() -> None:
         svc(deployment(NEW_TD)),
     )
     clock = FakeClock()
-    final = dep.wait_stable(
-        ecs, "c", "s", NEW_TD, timeout_s=300, poll_interval_s=15, sleep=clock.sleep, clock=clock
-    )
+    final = _wait_stable(ecs, clock, timeout_s=300)
     assert final["deployments"][0]["taskDefinition"] == NEW_TD
     assert clock.sleeps == [15, 15]
     assert ecs.calls == 3
+
+
+def _wait_stable(ecs: Any, clock: FakeClock, timeout_s: float = 40) -> dict[str, Any]:
+    """``dep.wait_stable`` of service ``s`` in cluster ``c`` on ``NEW_TD``, polling every
+    15 s of ``clock``."""
+    return dep.wait_stable(
+        ecs, "c", "s", NEW_TD, timeout_s=timeout_s, poll_interval_s=15, sleep=clock.sleep,
+        clock=clock,
+    )  # fmt: skip
 
 
 def test_wait_stable_times_out_with_last_reason() -> None:
@@ -314,16 +322,7 @@ def test_wait_stable_times_out_with_last_reason() -> None:
         f"service 's' not stable on {NEW_TD} after 40s: rollout IN_PROGRESS: 0/1 running, 1 pending"
     )
     with pytest.raises(RolloutTimeoutError, match=f"^{re.escape(message)}$"):
-        dep.wait_stable(
-            FakeEcs(pending),
-            "c",
-            "s",
-            NEW_TD,
-            timeout_s=40,
-            poll_interval_s=15,
-            sleep=clock.sleep,
-            clock=clock,
-        )
+        _wait_stable(FakeEcs(pending), clock)
     assert clock.sleeps == [15, 15, 10]
 
 
@@ -332,16 +331,7 @@ def test_wait_stable_raises_when_ecs_reports_failure() -> None:
     clock = FakeClock()
     expected = f"deployment of {NEW_TD} to service 's' failed: rollout FAILED: tasks failed"
     with pytest.raises(RolloutFailedError, match=f"^{re.escape(expected)}$"):
-        dep.wait_stable(
-            FakeEcs(failed),
-            "c",
-            "s",
-            NEW_TD,
-            timeout_s=40,
-            poll_interval_s=15,
-            sleep=clock.sleep,
-            clock=clock,
-        )
+        _wait_stable(FakeEcs(failed), clock)
     assert clock.sleeps == []
 
 
@@ -491,6 +481,21 @@ def test_http_smoke_test_bad_url_and_connection_refused() -> None:
 # ------------------------------------------------------------------------- moto
 
 
+@pytest.fixture(autouse=True)
+def _root_logging() -> Iterator[None]:
+    """The deploy commands configure the root logger as their own process would
+    (``logging.basicConfig(force=True)``, level INFO, a handler on the runner's stderr):
+    give the test process its logging back afterwards."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture
 def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for key, value in {
@@ -544,6 +549,25 @@ class Stack:
     clients: AwsClients
     sim: SimulatedEcs
     previous: str
+
+    def deploy(
+        self,
+        config: DeployConfig | None = None,
+        *,
+        clients: AwsClients | None = None,
+        smoke_url: str = "https://x.example.org",
+        smoke_test: Callable[[str], dict[str, Any]] = lambda url: {},
+    ) -> Any:
+        """``dep.deploy`` of ``IMAGE_V2`` on this stack, on the simulated clock."""
+        return dep.deploy(
+            config or self.config,
+            IMAGE_V2,
+            clients=clients or self.clients,
+            smoke_url=smoke_url,
+            smoke_test=smoke_test,
+            sleep=self.sim.sleep,
+            clock=self.sim.clock,
+        )
 
 
 def push_image(ecr: Any, tag: str) -> None:
@@ -681,15 +705,7 @@ def test_deploy_rolls_out_gpu_task_definition(stack: Stack) -> None:
         seen.append(url)
         return {"ok": True}
 
-    result = dep.deploy(
-        stack.config,
-        IMAGE_V2,
-        clients=stack.clients,
-        smoke_url="https://api.example.org",
-        smoke_test=smoke,
-        sleep=stack.sim.sleep,
-        clock=stack.sim.clock,
-    )
+    result = stack.deploy(smoke_url="https://api.example.org", smoke_test=smoke)
     assert seen == ["https://api.example.org"]
     assert result.previous_task_definition == stack.previous
     assert result.task_definition.endswith("task-definition/mitoseg:2")
@@ -714,15 +730,7 @@ def test_failing_smoke_test_rolls_back(stack: Stack) -> None:
         raise SmokeTestError("POST https://api.example.org/segment returned 500: boom")
 
     with pytest.raises(DeployError) as info:
-        dep.deploy(
-            stack.config,
-            IMAGE_V2,
-            clients=stack.clients,
-            smoke_url="https://api.example.org",
-            smoke_test=smoke,
-            sleep=stack.sim.sleep,
-            clock=stack.sim.clock,
-        )
+        stack.deploy(smoke_url="https://api.example.org", smoke_test=smoke)
     err = info.value
     new_td = stack.previous.rsplit(":", 1)[0] + ":2"
     assert str(err) == (
@@ -739,15 +747,7 @@ def test_stability_timeout_rolls_back(stack: Stack) -> None:
     stack.sim.broken = {IMAGE_V2}
     config = replace(stack.config, stable_timeout_s=60.0)
     with pytest.raises(DeployError) as info:
-        dep.deploy(
-            config,
-            IMAGE_V2,
-            clients=stack.clients,
-            smoke_url="https://api.example.org",
-            smoke_test=lambda url: {},
-            sleep=stack.sim.sleep,
-            clock=stack.sim.clock,
-        )
+        stack.deploy(config, smoke_url="https://api.example.org")
     err = info.value
     assert err.step == "wait_stable"
     assert err.rolled_back is True
@@ -763,15 +763,7 @@ def test_circuit_breaker_failure_rolls_back(stack: Stack) -> None:
     stack.sim.broken = {IMAGE_V2}
     stack.sim.circuit_breaker = True
     with pytest.raises(DeployError, match=r"rollout FAILED: tasks failed to start \(exit code 1\)"):
-        dep.deploy(
-            stack.config,
-            IMAGE_V2,
-            clients=stack.clients,
-            smoke_url="https://x.example.org",
-            smoke_test=lambda url: {},
-            sleep=stack.sim.sleep,
-            clock=stack.sim.clock,
-        )
+        stack.deploy()
     assert service_task_definition(stack) == stack.previous
 
 
@@ -779,15 +771,7 @@ def test_failed_rollback_is_reported(stack: Stack) -> None:
     stack.sim.broken = {IMAGE_V1, IMAGE_V2}
     config = replace(stack.config, stable_timeout_s=30.0, rollback_timeout_s=30.0)
     with pytest.raises(DeployError) as info:
-        dep.deploy(
-            config,
-            IMAGE_V2,
-            clients=stack.clients,
-            smoke_url="https://x.example.org",
-            smoke_test=lambda url: {},
-            sleep=stack.sim.sleep,
-            clock=stack.sim.clock,
-        )
+        stack.deploy(config)
     err = info.value
     assert err.rolled_back is False
     assert err.step == "wait_stable"
@@ -815,15 +799,7 @@ def test_update_service_error_rolls_back(stack: Stack) -> None:
     with pytest.raises(
         DeployError, match=r"failed at step 'update_service': RuntimeError: throttled"
     ):
-        dep.deploy(
-            stack.config,
-            IMAGE_V2,
-            clients=replace(stack.clients, ecs=flaky),
-            smoke_url="https://x.example.org",
-            smoke_test=lambda url: {},
-            sleep=stack.sim.sleep,
-            clock=stack.sim.clock,
-        )
+        stack.deploy(clients=replace(stack.clients, ecs=flaky))
     assert flaky.updates == 2
     assert service_task_definition(stack) == stack.previous
 

@@ -92,7 +92,16 @@ def test_select_test_sample_skips_blank_middle_slice() -> None:
 @pytest.mark.parametrize(
     ("stack", "kwargs", "match"),
     [
-        (np.zeros(10, np.uint8), {}, r"sample: expected a \(Z, H, W\) stack or an \(H, W\) image"),
+        (
+            np.zeros(10, np.uint8),
+            {},
+            r"^sample: expected \(Z, H, W\) or \(H, W\), got shape \(10,\)$",
+        ),
+        (
+            np.zeros((0, 8, 8), np.uint8),
+            {},
+            r"^sample: expected a non-empty array, got shape \(0, 8, 8\)$",
+        ),
         (em_stack(), {"index": 3}, r"sample: slice 3 out of range: choose 0..2 \(3 slices"),
         (em_stack(), {"index": -1}, "sample: slice -1 out of range"),
         (em_stack(), {"max_side": 0}, "max_side must be >= 1, got 0"),
@@ -207,7 +216,9 @@ def test_export_folder_keras_only_validates_and_loads(tiny_model, tmp_path: Path
 
     from mitoseg.export.bioimageio import export_bioimageio
 
-    p = InferencePlan.default_for(1, 4, halo=8, tile_size=256, voxel_size_nm=[40, 5, 6])
+    p = InferencePlan.default_for(
+        1, 4, halo=8, tile_size=256, voxel_size_nm=[40, 5, 6], seed_threshold=0.8
+    )
     out = tmp_path / "pkg"
     report = export_bioimageio(
         tiny_model, p, em_stack(h=64, w=64), out, weight_formats=["keras_v3"], max_side=48
@@ -223,6 +234,7 @@ def test_export_folder_keras_only_validates_and_loads(tiny_model, tmp_path: Path
     assert descr.inputs[0].axes[1].size.min == 20  # 2 * halo + divisor, a multiple of 4
     readme = (out / "README.md").read_text()
     assert "probability >= 0.5" in readme and "reflect-pads the image border by 8" in readme
+    assert "reach probability >= 0.8 somewhere" in readme  # hysteresis, applied afterwards
     expected = tiny_model.predict_on_batch(network_input(np.load(out / "test_input.npy")[0], p))
     np.testing.assert_allclose(np.load(out / "test_output.npy"), expected, atol=1e-6)
 

@@ -11,7 +11,9 @@ from mitoseg.inference import (
     as_predict_batch,
     check_tiling,
     context_window,
+    decide_mask,
     iter_stack_probabilities,
+    keep_seeded_regions,
     mask_to_image,
     predict_slice,
     predict_tiled,
@@ -158,11 +160,12 @@ def test_tiling_argument_errors(kwargs: dict, message: str) -> None:
 def test_image_and_predictor_errors() -> None:
     with pytest.raises(
         ValueError,
-        match=r"^predict_tiled: expected an \(H, W\) or \(H, W, C\) image, got shape "
-        r"\(2, 3, 4, 1\)$",
+        match=r"^predict_tiled: expected \(H, W, C\) or \(H, W\), got shape \(2, 3, 4, 1\)$",
     ):
         predict_tiled(np.zeros((2, 3, 4, 1)), pixelwise, tile_size=16)
-    with pytest.raises(ValueError, match=r"^predict_tiled: image is empty \(shape \(0, 5\)\)$"):
+    with pytest.raises(
+        ValueError, match=r"^predict_tiled: expected a non-empty array, got shape \(0, 5\)$"
+    ):
         predict_tiled(np.zeros((0, 5)), pixelwise, tile_size=16)
     nan = _image(4, 4)
     nan[1, 1] = np.nan
@@ -305,17 +308,20 @@ def test_iter_stack_probabilities_yields_per_slice() -> None:
     np.testing.assert_allclose(probs[1][..., 0], normalize_slice(stack[1]), atol=1e-6)
 
 
-def test_segment_stack_errors() -> None:
-    with pytest.raises(
-        ValueError, match=r"^expected a \(Z, H, W\) stack or an \(H, W\) image, got shape \(4,\)$"
-    ):
-        segment_stack(pixelwise_one, np.zeros(4, np.uint8), _plan())
-    with pytest.raises(
-        ValueError, match=r"^expected an integer or float image stack, got dtype complex128$"
-    ):
-        segment_stack(pixelwise_one, np.zeros((4, 4), complex), _plan())
-    with pytest.raises(ValueError, match=r"^stack is empty \(shape \(0, 4, 4\)\)$"):
-        segment_stack(pixelwise_one, np.zeros((0, 4, 4), np.uint8), _plan())
+@pytest.mark.parametrize(
+    ("stack", "message"),
+    [
+        (np.zeros(4, np.uint8), r"expected \(Z, H, W\) or \(H, W\), got shape \(4,\)"),
+        (np.zeros((4, 4), complex), "expected an integer or float image stack, got complex128"),
+        (np.zeros((0, 4, 4), np.uint8), r"expected a non-empty array, got shape \(0, 4, 4\)"),
+    ],
+)
+def test_segment_stack_errors(stack: np.ndarray, message: str) -> None:
+    with pytest.raises(ValueError, match=rf"^stack: {message}$"):
+        segment_stack(pixelwise_one, stack, _plan())
+
+
+def test_as_predict_batch_rejects_what_it_cannot_call() -> None:
     with pytest.raises(
         TypeError, match=r"^expected a Keras model or a callable batch predictor, got int$"
     ):
@@ -445,3 +451,56 @@ def test_a_block_with_z_halo_slices_matches_the_whole_stack(k: int, r: int) -> N
         lo, hi = max(0, z0 - h), min(12, z1 + h)
         block = np.stack(list(iter_stack_probabilities(mix, stack[lo:hi], plan)))
         np.testing.assert_array_equal(block[z0 - lo : z1 - lo], whole[z0:z1])
+
+
+# ---------------------------------------------------------------- hysteresis
+
+
+def _regions() -> np.ndarray:
+    """(8, 12) probabilities: a region peaking at 0.9 (rows 1-2, cols 1-3), one touching it
+    only diagonally that stays at 0.6 (row 3, col 4), and a faint separate one at 0.6."""
+    p = np.zeros((8, 12), np.float32)
+    p[1:3, 1:4] = [[0.6, 0.9, 0.6], [0.6, 0.6, 0.6]]
+    p[3, 4] = 0.6  # 8-connected to the seeded region: kept with it
+    p[5:7, 7:11] = 0.6  # never reaches the seed: dropped
+    return p
+
+
+def test_keep_seeded_regions_keeps_8_connected_regions_that_reach_the_seed() -> None:
+    p = _regions()
+    kept = keep_seeded_regions(p >= 0.5, p, 0.8)
+    expected = np.zeros_like(kept)
+    expected[1:3, 1:4] = 1
+    expected[3, 4] = 1
+    assert kept.dtype == np.uint8 and np.array_equal(kept, expected)
+    assert not keep_seeded_regions(np.zeros((4, 4), bool), np.ones((4, 4)), 0.5).any()
+
+
+def test_decide_mask_is_the_threshold_alone_without_a_seed_threshold() -> None:
+    p = _regions()[..., None]
+    assert np.array_equal(decide_mask(p, _plan()), probabilities_to_mask(p, 0.5))
+    seeded = decide_mask(p, _plan(seed_threshold=0.8))
+    assert seeded.sum() == 7 and not seeded[5:7, 7:11].any()
+
+
+def test_segment_stack_applies_the_plans_hysteresis_to_every_slice() -> None:
+    stack = (np.stack([_regions(), np.flip(_regions(), 1)]) * 255).astype(np.uint8)
+    plan = _plan(seed_threshold=0.8)
+    out = segment_stack(pixelwise_one, stack, plan)
+    for z, probs in enumerate(iter_stack_probabilities(pixelwise_one, stack, plan)):
+        fg = probs[..., 0] >= 0.5
+        assert np.array_equal(out[z], keep_seeded_regions(fg, probs[..., 0], 0.8))
+        assert 0 < out[z].sum() < fg.sum()  # the faint region is dropped, the seeded kept
+
+
+@pytest.mark.parametrize(
+    ("mask", "probs", "seed", "message"),
+    [
+        (np.zeros((4, 4)), np.zeros((4, 5)), 0.5, r"one shape, got \(4, 4\) and \(4, 5\)"),
+        (np.zeros((2, 4, 4)), np.zeros((2, 4, 4)), 0.5, r"expected \(H, W\) mask"),
+        (np.zeros((4, 4)), np.zeros((4, 4)), 1.5, r"seed_threshold must be in \[0, 1\], got 1.5"),
+    ],
+)
+def test_keep_seeded_regions_errors(mask, probs, seed, message) -> None:
+    with pytest.raises(ValueError, match=rf"^keep_seeded_regions: .*{message}"):
+        keep_seeded_regions(mask, probs, seed)

@@ -192,18 +192,28 @@ def test_confusion_matrix_errors(truth, pred, n, message) -> None:
     assert str(exc.value) == f"confusion_matrix: {message}"
 
 
-def test_scores_from_confusion_errors() -> None:
-    with pytest.raises(ValueError, match=r"expected a \(C, C\) matrix with C >= 2, got \(2, 3\)"):
-        scores_from_confusion(np.zeros((2, 3), int))
-    with pytest.raises(ValueError, match=r"^scores_from_confusion: confusion matrix has negative"):
-        scores_from_confusion(np.array([[1, -1], [0, 0]]))
-    with pytest.raises(ValueError, match="1 class names for a 2-class confusion matrix"):
-        scores_from_confusion(np.eye(2, dtype=int), ["bg"])
+@pytest.mark.parametrize(
+    ("cm", "names", "message"),
+    [
+        (np.zeros(4, int), None, "expected (C, C), got shape (4,)"),
+        (np.zeros((2, 3), int), None, "expected a (C, C) matrix with C >= 2, got (2, 3)"),
+        (np.zeros((1, 1), int), None, "expected a (C, C) matrix with C >= 2, got (1, 1)"),
+        (np.array([[1, -1], [0, 0]]), None, "confusion matrix has negative counts"),
+        (np.eye(2, dtype=int), ["bg"], "1 class names for a 2-class confusion matrix"),
+    ],
+    ids=["1d", "not-square", "one-class", "negative", "names"],
+)
+def test_scores_from_confusion_errors(
+    cm: np.ndarray, names: list[str] | None, message: str
+) -> None:
+    with pytest.raises(ValueError) as exc:
+        scores_from_confusion(cm, names)
+    assert str(exc.value) == f"scores_from_confusion: {message}"
 
 
 def test_object_and_stack_errors() -> None:
     with pytest.raises(
-        ValueError, match=r"label_objects: expected a 2D \(H, W\) mask, got shape \(1, 2, 2\)"
+        ValueError, match=r"^label_objects: expected \(H, W\), got shape \(1, 2, 2\)$"
     ):
         label_objects(np.zeros((1, 2, 2)))
     with pytest.raises(ValueError, match="label_objects: min_object_size must be >= 0, got -1"):
@@ -212,7 +222,13 @@ def test_object_and_stack_errors() -> None:
         match_objects(np.zeros((1, 2), int), 0, np.zeros((2, 1), int), 0)
     with pytest.raises(ValueError, match=r"object_counts: truth shape \(2, 2\) != prediction"):
         object_counts(np.zeros((2, 2)), np.zeros((2, 3)))
-    with pytest.raises(ValueError, match=r"evaluate_masks: expected \(Z, H, W\) or \(H, W\) masks"):
+    with pytest.raises(
+        ValueError, match=r"^evaluate_masks: expected \(Z, H, W\) or \(H, W\), got shape \(4,\)$"
+    ):
         evaluate_masks(np.zeros(4, int), np.zeros(4, int), 2)
+    with pytest.raises(
+        ValueError, match=r"^evaluate_masks: expected a non-empty array, got shape \(0, 2, 2\)$"
+    ):
+        evaluate_masks(np.zeros((0, 2, 2), int), np.zeros((0, 2, 2), int), 2)
     with pytest.raises(ValueError, match=r"evaluate_masks: truth shape \(4,\) != prediction"):
         evaluate_masks(np.zeros(4, int), np.zeros(5, int), 2)

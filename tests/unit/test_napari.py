@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,9 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def _start_xvfb() -> subprocess.Popen | None:
+def _start_xvfb() -> tuple[subprocess.Popen, str] | None:
     """Start Xvfb on a display it picks itself (``-displayfd``: no guessing, and stale
-    lock files of killed servers cannot exhaust a range) and point ``$DISPLAY`` at it."""
+    lock files of killed servers cannot exhaust a range); returns it and its ``$DISPLAY``."""
     xvfb = shutil.which("Xvfb")
     if xvfb is None:
         return None
@@ -69,8 +70,7 @@ def _start_xvfb() -> subprocess.Popen | None:
     if not number.isdigit():
         _stop(proc)
         return None
-    os.environ["DISPLAY"] = f":{number}"
-    return proc
+    return proc, f":{number}"
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -83,15 +83,21 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def display() -> None:
-    """A display for Qt: the existing ``$DISPLAY``, else our own Xvfb. It stays up until
-    the test process exits (the session's QApplication holds a connection to it: killing
-    the X server under it ends the process)."""
-    if not os.environ.get("DISPLAY") and os.environ.get("QT_QPA_PLATFORM") != "offscreen":
-        proc = _start_xvfb()
-        if proc is None:
-            pytest.skip("no $DISPLAY and Xvfb cannot start: apt-get install -y xvfb")
-        atexit.register(_stop, proc)
+def display() -> Iterator[None]:
+    """A display for Qt: the existing ``$DISPLAY``, else our own Xvfb, for this module's
+    tests (``$DISPLAY`` is restored afterwards). The server stays up until the test
+    process exits (a QApplication connected to it would end with it)."""
+    if os.environ.get("DISPLAY") or os.environ.get("QT_QPA_PLATFORM") == "offscreen":
+        yield
+        return
+    started = _start_xvfb()
+    if started is None:
+        pytest.skip("no $DISPLAY and Xvfb cannot start: apt-get install -y xvfb")
+    proc, number = started
+    atexit.register(_stop, proc)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISPLAY", number)
+        yield
 
 
 #: Set in the child process that runs one viewer test (see :func:`in_fresh_process`).
@@ -413,21 +419,57 @@ def _tiny_model(tmp: Path) -> tuple[Path, Any]:
     ids=["empty-model", "bad-url"],
 )
 def test_widget_input_errors(model: str, endpoint: str, error: type, message: str) -> None:
-    from mitoseg.napari._segment import segment_in_worker, segment_remote
+    from mitoseg.napari._segment import SegmentWorker, segment_remote
 
+    worker = SegmentWorker()
     with pytest.raises(error, match=message):
         if endpoint:
             segment_remote(vnc(1), endpoint)
         else:
-            segment_in_worker(vnc(1), model)
+            worker.segment(vnc(1), model)
+    assert worker._proc is None  # refused before a worker process started
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 5, 6), (3,)], ids=["4d", "1d"])
 def test_as_stack_rejects_other_ranks(shape: tuple[int, ...]) -> None:
     from mitoseg.napari._segment import as_stack
 
-    with pytest.raises(ValueError, match="expected an \\(H, W\\) image or a \\(Z, H, W\\) stack"):
+    with pytest.raises(ValueError) as info:
         as_stack(np.zeros(shape, np.uint8))
+    assert str(info.value) == f"image layer: expected (Z, H, W) or (H, W), got shape {shape}"
+
+
+def test_segment_worker_keeps_models_and_restarts(tmp_path: Path) -> None:
+    """The worker process (no Qt): the result of ``segment_stack`` here, its model kept
+    after the file is gone, errors raised in the caller, a dead worker replaced."""
+    import keras
+
+    from mitoseg.inference import segment_stack
+    from mitoseg.napari._segment import SegmentWorker
+    from mitoseg.tracking import ModelNotFoundError
+
+    model_path, plan = _tiny_model(tmp_path)
+    stack = vnc(1)
+    expected = segment_stack(keras.saving.load_model(model_path), stack, plan)
+    worker = SegmentWorker()
+    try:
+        classes, names, min_size = worker.segment(stack, str(model_path), timeout=600)
+        np.testing.assert_array_equal(classes, expected)
+        assert (names, min_size) == (list(plan.class_names), plan.min_object_size)
+        first = worker._proc.pid
+        worker._proc.kill()
+        worker._proc.join(timeout=30)
+        classes, _, _ = worker.segment(stack, str(model_path), timeout=600)  # a new worker
+        assert worker._proc.pid != first
+        np.testing.assert_array_equal(classes, expected)
+        model_path.unlink()
+        classes, _, _ = worker.segment(stack, f" {model_path} ", timeout=600)  # kept loaded
+        np.testing.assert_array_equal(classes, expected)
+        with pytest.raises(ModelNotFoundError, match=r"^model file not found: .*gone\.keras$"):
+            worker.segment(stack, str(tmp_path / "gone.keras"), timeout=600)
+    finally:
+        worker.close()
+    assert worker._proc is None
 
 
 def _mask_fraction_in_screenshot(shot: np.ndarray) -> float:

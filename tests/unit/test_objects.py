@@ -90,7 +90,16 @@ def test_measure_single_slice_gives_area_and_none_without_voxel_size() -> None:
 @pytest.mark.parametrize(
     ("labels", "kwargs", "message"),
     [
-        (np.zeros((2, 2, 2, 2), np.uint8), {}, "expected a \\(Z, H, W\\) or \\(H, W\\)"),
+        (
+            np.zeros((2, 2, 2, 2), np.uint8),
+            {},
+            r"^measure_objects: expected \(Z, H, W\) or \(H, W\), got shape \(2, 2, 2, 2\)$",
+        ),
+        (
+            np.zeros((2, 2), np.uint8),
+            {"image": np.zeros(4)},
+            r"^measure_objects: expected \(Z, H, W\) or \(H, W\), got shape \(4,\)$",
+        ),
         (np.zeros((2, 2), np.float32), {}, "labels must be integers"),
         (-np.ones((2, 2), np.int32), {}, "labels must be >= 0"),
         (np.zeros((2, 2), np.uint8), {"image": np.zeros((3, 3))}, "image shape"),
@@ -106,7 +115,10 @@ def test_measure_objects_errors(labels: np.ndarray, kwargs: dict, message: str) 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"mask": np.zeros(3)}, "expected a \\(Z, H, W\\) or \\(H, W\\) mask"),
+        (
+            {"mask": np.zeros(3)},
+            r"^instance_labels: expected \(Z, H, W\) or \(H, W\), got shape \(3,\)$",
+        ),
         ({"mask": np.zeros((2, 2)), "min_size": -1}, "min_size must be >= 0"),
         ({"mask": np.zeros((2, 2)), "connectivity": 4}, "connectivity must be 1, 2 or 3"),
     ],
@@ -164,6 +176,12 @@ def test_instance_scores_empty_rule() -> None:
     ("truth", "pred", "kwargs", "message"),
     [
         (np.zeros((2, 2), np.uint8), np.zeros((3, 3), np.uint8), {}, "truth shape"),
+        (
+            np.zeros(4, np.uint8),
+            np.zeros(4, np.uint8),
+            {},
+            r"^instance_scores: expected \(Z, H, W\) or \(H, W\), got shape \(4,\)$",
+        ),
         (np.zeros((2, 2)), np.zeros((2, 2), np.uint8), {}, "truth labels must be integers"),
         (np.zeros((2, 2), np.uint8), -np.ones((2, 2), np.int8), {}, "prediction labels must"),
         (np.zeros((2, 2), np.uint8), np.zeros((2, 2), np.uint8), {"ious": (0,)}, "in \\(0, 1\\]"),

@@ -118,11 +118,11 @@ def test_stack_round_trip_and_order() -> None:
         ),
         (
             lambda: patchify_slice(np.zeros((2, 8, 8)), 4, 4),
-            r"patchify_slice: expected a 2D \(H, W\) slice, got shape \(2, 8, 8\)",
+            r"^patchify_slice: expected \(H, W\), got shape \(2, 8, 8\)$",
         ),
         (
             lambda: patchify_stack(np.zeros((8, 8)), 4, 4),
-            r"patchify_stack: expected a \(Z, H, W\) stack, got shape \(8, 8\)",
+            r"^patchify_stack: expected \(Z, H, W\), got shape \(8, 8\)$",
         ),
         (
             lambda: unpatchify_slice(np.zeros((3, 4, 4)), patch_grid((8, 8), 4, 4)),

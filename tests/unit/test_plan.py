@@ -50,6 +50,18 @@ def test_defaults_and_derived_fields() -> None:
         ({"normalization": {"low_pct": 99, "high_pct": 1}}, "low_pct 99.0 must be below"),
         ({"runtime": "torch"}, "runtime: Input should be 'keras' or 'openvino'"),
         ({"tiles": 3}, "tiles: Extra inputs are not permitted"),
+        ({"seed_threshold": 0.4}, "seed_threshold 0.4 needs a binary plan with a lower"),
+        ({"seed_threshold": 0.5}, "seed_threshold 0.5 needs a binary plan with a lower"),
+        (
+            {
+                "n_classes": 3,
+                "class_names": ["a", "b", "c"],
+                "threshold": None,
+                "seed_threshold": 0.8,
+            },
+            "seed_threshold 0.8 needs a binary plan with a lower threshold (threshold None)",
+        ),
+        ({"seed_threshold": 1.5}, "seed_threshold: Input should be less than or equal to 1"),
     ],
 )
 def test_invalid_plans_name_the_field(fields: dict, message: str, tmp_path: Path) -> None:
@@ -185,11 +197,15 @@ def test_calibration_travels_beside_the_plan(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "images",
-    [np.zeros((4, 6), np.uint8), np.zeros((1, 4, 6), np.float32), np.zeros((0, 4, 6), np.uint8)],
+    ("images", "message"),
+    [
+        (np.zeros((4, 6), np.uint8), r"expected \(N, H, W\), got shape \(4, 6\)"),
+        (np.zeros((1, 4, 6), np.float32), "expected uint8, got float32"),
+        (np.zeros((0, 4, 6), np.uint8), r"expected a non-empty array, got shape \(0, 4, 6\)"),
+    ],
 )
-def test_calibration_must_be_uint8_slices(images: np.ndarray) -> None:
-    with pytest.raises(ValueError, match=r"^calibration images must be a non-empty \(N, H, W\)"):
+def test_calibration_must_be_uint8_slices(images: np.ndarray, message: str) -> None:
+    with pytest.raises(ValueError, match=rf"^calibration images: {message}$"):
         InferencePlan.model_validate(BINARY).with_calibration(images)
 
 
@@ -224,8 +240,9 @@ def test_a_25d_plan_calibrates_with_context_channels(images: np.ndarray, ok: boo
     if ok:
         assert plan.with_calibration(images).calibration_images().shape == (2, 4, 6, 3)
     else:
+        shape = str(images.shape).replace("(", r"\(").replace(")", r"\)")
         with pytest.raises(
-            ValueError, match=r"^calibration images must be a non-empty \(N, H, W, 3\) uint8"
+            ValueError, match=rf"^calibration images: expected \(N, H, W, 3\), got shape {shape}$"
         ):
             plan.with_calibration(images)
 

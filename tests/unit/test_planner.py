@@ -63,3 +63,53 @@ def test_a_fixed_z_average_is_not_chosen(setting: int, expected: int) -> None:
 def test_z_average_setting_errors(value: object, message: str) -> None:
     with pytest.raises(ValueError, match=rf"(?s)z_average.*{message}"):
         EvaluateConfig(z_average=value)
+
+
+def _cored_stack(faint_regions: bool) -> tuple[np.ndarray, np.ndarray]:
+    """4 slices of 64 x 64: mitochondria with a faint rim (150) and a bright core (230) on
+    a dark background (30); ``faint_regions`` adds regions as faint as the rims (not
+    mitochondria), which no threshold alone separates from the rims."""
+    rng = np.random.default_rng(0)
+    images = np.full((4, 64, 64), 30.0)
+    masks = np.zeros((4, 64, 64), np.uint8)
+    for y, x in [(6, 6), (6, 40)]:
+        images[:, y : y + 16, x : x + 16] = 150
+        images[:, y + 4 : y + 12, x + 4 : x + 12] = 230
+        masks[:, y : y + 16, x : x + 16] = 1
+    if faint_regions:
+        images[:, 40:52, 20:32] = 150
+    images += rng.normal(0, 3, images.shape)
+    return np.clip(images, 0, 255).astype(np.uint8), masks
+
+
+@pytest.mark.parametrize(("faint_regions", "kept"), [(True, True), (False, False)])
+def test_hysteresis_is_kept_only_where_it_scores_better(faint_regions, kept) -> None:
+    images, masks = _cored_stack(faint_regions)
+    cfg = EvaluateConfig(engines=["keras/fp32"], tile_size=64, halo=0, z_average=0)
+    plan, report = make_plan(intensity_model(), cfg, ["background", "mito"], images, masks)
+    assert (plan.seed_threshold is not None) == kept
+    best = max(report.seed_threshold.values())
+    assert (best > report.seed_threshold["none"]) == kept
+    if kept:  # rims above the threshold, faint regions never reach the seed
+        assert plan.threshold < 0.6 < plan.seed_threshold
+        assert plan.validation["iou"] == best == 1.0
+    assert report.to_json()["seed_threshold"] == report.seed_threshold
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, None), (0.9, 0.9)])
+def test_a_fixed_seed_threshold_is_not_chosen(setting, expected) -> None:
+    images, masks = _cored_stack(True)
+    cfg = EvaluateConfig(
+        engines=["keras/fp32"], tile_size=64, halo=0, z_average=0, seed_threshold=setting
+    )
+    plan, report = make_plan(intensity_model(), cfg, ["background", "mito"], images, masks)
+    assert plan.seed_threshold == expected and report.seed_threshold == {}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(1.0, "less than 1"), (0.0, "greater than 0"), ("x", "valid number")],
+)
+def test_seed_threshold_setting_errors(value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=rf"(?s)seed_threshold.*{message}"):
+        EvaluateConfig(seed_threshold=value)

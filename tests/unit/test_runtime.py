@@ -190,11 +190,11 @@ def test_unknown_engine_in_a_plan_is_refused(net: Any) -> None:
         ([], "calibration: no images given"),
         (
             np.zeros((2, 16), np.float32),
-            "calibration: image 0 has shape (16,); expected (H, W) per image",
+            "calibration: image 0: expected (H, W), got shape (16,)",
         ),
         (
             [np.zeros((16, 16, 2), np.float32)],
-            "calibration: image 0 has shape (16, 16, 2); expected (H, W) per image",
+            "calibration: image 0: expected (H, W), got shape (16, 16, 2)",
         ),
         (
             [np.zeros((16, 16), np.float32), np.full((16, 16), np.nan, np.float32)],
@@ -224,15 +224,15 @@ def test_threads_must_be_positive(net: Any, threads: Any) -> None:
     [
         (
             (32, 32, 1),
-            "predict_batch: expected a (B, H, W, 1) batch with B >= 1, got shape (32, 32, 1)",
+            "predict_batch: expected (B, H, W, 1), got shape (32, 32, 1)",
         ),
         (
             (1, 32, 32, 2),
-            "predict_batch: expected a (B, H, W, 1) batch with B >= 1, got shape (1, 32, 32, 2)",
+            "predict_batch: expected (B, H, W, 1), got shape (1, 32, 32, 2)",
         ),
         (
             (0, 32, 32, 1),
-            "predict_batch: expected a (B, H, W, 1) batch with B >= 1, got shape (0, 32, 32, 1)",
+            "predict_batch: expected a non-empty array, got shape (0, 32, 32, 1)",
         ),
         ((1, 30, 32, 1), "predict_batch: tile sides must be positive multiples of 4, got 30x32"),
         ((1, 32, 2, 1), "predict_batch: tile sides must be positive multiples of 4, got 32x2"),

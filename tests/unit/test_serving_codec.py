@@ -367,7 +367,7 @@ def test_mask_stats_counts_areas_centroids() -> None:
     assert first["elongation"] > 1.0 and second["elongation"] >= 1.0
     empty = mask_stats(np.zeros((4, 4), np.uint8))
     assert (empty["count"], empty["objects"], empty["area_fraction"]) == (0, [], 0.0)
-    with pytest.raises(ValueError, match=r"^mask_stats: expected an \(H, W\) mask, got shape"):
+    with pytest.raises(ValueError, match=r"^mask_stats: expected \(H, W\), got shape \(1, 4, 4\)$"):
         mask_stats(np.zeros((1, 4, 4), np.uint8))
 
 

@@ -20,11 +20,17 @@ from tracking_state import reset_tracking
 
 
 @pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No MLFLOW_TRACKING_URI from the outside; tracking state reset afterwards."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    reset_tracking()
-    yield
+def clean_env() -> Iterator[pytest.MonkeyPatch]:
+    """No MLFLOW_TRACKING_URI from the outside; tracking state reset afterwards.
+
+    Set ``MLFLOW_*`` variables through the returned MonkeyPatch: it is undone before the
+    last reset, so a value MLflow mirrored into ``$MLFLOW_TRACKING_URI`` (and the
+    MonkeyPatch would restore) does not outlive the test.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        reset_tracking()
+        yield mp
     reset_tracking()
 
 
@@ -92,7 +98,7 @@ def test_configure_tracking_defaults_to_cwd(
 
 
 def test_configure_tracking_root_env_and_explicit(
-    clean_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     import mlflow
     from mlflow import MlflowClient
@@ -103,7 +109,7 @@ def test_configure_tracking_root_env_and_explicit(
 
     env_uri = f"sqlite:///{tmp_path / 'env' / 'other.db'}"
     (tmp_path / "env").mkdir()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", env_uri)
+    clean_env.setenv("MLFLOW_TRACKING_URI", env_uri)
     assert tracking.configure_tracking(root=root) == env_uri
     exp = MlflowClient(env_uri).get_experiment_by_name("mitoseg")
     assert exp.artifact_location == (root.resolve() / "mlartifacts").as_uri()

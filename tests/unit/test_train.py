@@ -61,6 +61,18 @@ TINY = {
     "epochs": 2,
 }
 
+#: ~zero learning rate, no batch norm: val_loss stops improving after epoch 1, so early
+#: stopping (patience 1) ends the run after epoch 2.
+STALLED = {
+    **TINY,
+    "epochs": 6,
+    "model": {**TINY["model"], "batch_norm": False},
+    "learning_rate": 1e-12,
+    "early_stopping_patience": 1,
+    "lr_schedule": "plateau",
+    "min_lr": 0.0,
+}
+
 
 @pytest.fixture(scope="module")
 def patches(tmp_path_factory) -> Path:
@@ -253,17 +265,7 @@ def test_train_model_early_stopping_and_extra_callbacks(tmp_path, patches):
 
     # ~zero learning rate, no batch norm -> val_loss never improves after epoch 1 -> stop
     # after 1 + patience epochs
-    cfg = resolve_train_config(
-        {
-            **TINY,
-            "epochs": 6,
-            "model": {**TINY["model"], "batch_norm": False},
-            "learning_rate": 1e-12,
-            "early_stopping_patience": 1,
-            "lr_schedule": "plateau",
-            "min_lr": 0.0,
-        }
-    )
+    cfg = resolve_train_config(STALLED)
     result = train_model(
         patches,
         AugmentConfig(),
@@ -354,17 +356,7 @@ def test_train_model_resume_equals_uninterrupted(tmp_path, patches):
 def test_train_model_resume_after_stop_runs_no_epoch(tmp_path, patches):
     # ~zero learning rate: epoch 2 does not improve -> patience 1 stops there; the process
     # dies after that epoch's backup: the rerun trains no further epoch
-    cfg = resolve_train_config(
-        {
-            **TINY,
-            "epochs": 6,
-            "model": {**TINY["model"], "batch_norm": False},
-            "learning_rate": 1e-12,
-            "early_stopping_patience": 1,
-            "lr_schedule": "plateau",
-            "min_lr": 0.0,
-        }
-    )
+    cfg = resolve_train_config(STALLED)
     args = (patches, AugmentConfig(), cfg, 2, 0, tmp_path / "o", tmp_path / "ck")
     with pytest.raises(_Interrupt):
         train_model(*args, progress=False, callbacks=[_interrupt_after(2)])

@@ -25,6 +25,7 @@ from mitoseg.plan import InferencePlan
 from mitoseg.volume import ngff
 from mitoseg.volume.job import face_pairs, run_volume_job, stitch_labels
 from mitoseg.volume.store import is_volume_uri, open_volume
+from volumes import write_ome_zarr
 
 VOXEL = (50.0, 4.0, 4.0)
 
@@ -57,17 +58,7 @@ def _volume(z: int = 11, h: int = 45, w: int = 52, seed: int = 0) -> np.ndarray:
 
 
 def _ome(path: Path, data: np.ndarray, version: str, chunks=(3, 7, 11)) -> str:
-    from ome_zarr.format import FormatV04, FormatV05
-    from ome_zarr.writer import write_image
-
-    fmt, zf = (FormatV04(), 2) if version == "0.4" else (FormatV05(), 3)
-    group = zarr.open_group(str(path), mode="w", zarr_format=zf)
-    write_image(
-        data, group, axes="zyx", fmt=fmt, scale_factors=(),
-        scale=dict(zip("zyx", VOXEL, strict=True)),
-        axes_units=dict.fromkeys("zyx", "nanometer"), storage_options={"chunks": chunks},
-    )  # fmt: skip
-    return str(path)
+    return write_ome_zarr(path, data, VOXEL, chunks, version)
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +140,78 @@ def test_z_halo_plans_read_context_across_blocks(
     expected = segment_stack(blur, data, plan)
     np.testing.assert_array_equal(mask, expected)
     assert not np.array_equal(expected, segment_stack(blur, data, _plan()))  # z matters
+
+
+@pytest.mark.parametrize(
+    ("fields", "block_yx"),
+    [({}, 16), ({}, 7), ({"z_context": 1, "z_average": 1}, 20), ({"tta": True}, 24),
+     ({"tile_size": 64}, 16)],
+    ids=["yx16", "yx7-odd", "z-halo", "tta", "one-tile"],
+)  # fmt: skip
+def test_yx_blocks_equal_whole_slice_predict(
+    client: Client, tmp_path: Path, fields: dict, block_yx: int
+) -> None:
+    """YX tiles of slices (16 / 7 / 20 / 24 px on 45 x 52 slices, 32-px network tiles):
+    the global tile grid and whole-slice percentiles give identical arrays; instances
+    stitch across z, y and x faces (26-connected, edges and corners included)."""
+    data = _volume(z=7, seed=6)
+    plan = _plan(**fields)
+    src = _ome(tmp_path / "in.ome.zarr", data, "0.5")
+    out = str(tmp_path / "out.ome.zarr")
+    summary = run_volume_job(src, out, blur, plan, client=client, block_z=3, block_yx=block_yx)
+    grid = (3, -(-45 // block_yx), -(-52 // block_yx))
+    assert summary["blocks"] == grid[0] * grid[1] * grid[2]
+    root = zarr.open_group(out, mode="r")
+    expected = segment_stack(blur, data, plan)
+    np.testing.assert_array_equal(root["labels/mask/0"][:], expected)
+    np.testing.assert_array_equal(root["0"][:], data)
+    ref, n = instance_labels(expected)
+    np.testing.assert_array_equal(root["labels/instances/0"][:], ref)
+    assert summary["objects"] == n > 3
+    with open(f"{out}/objects.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    want = measure_objects(ref, data, VOXEL)
+    for key in ("voxels", "slices", "bbox_y0", "bbox_x1"):
+        assert [int(r[key]) for r in rows] == [w[key] for w in want], key
+    for key in ("centroid_y", "centroid_x", "elongation"):
+        assert [float(r[key]) for r in rows] == pytest.approx([w[key] for w in want]), key
+
+
+def test_yx_pyramid_levels_follow_the_block_side(client: Client, tmp_path: Path) -> None:
+    """A 135 x 156 volume has two pyramid levels; 66-px YX blocks (66 = 2 x 33) keep
+    both, 33-px blocks keep level 0 only, and chunks never straddle two blocks."""
+    data = np.tile(_volume(z=3, seed=4), (1, 3, 3))
+    src = _ome(tmp_path / "in.ome.zarr", data, "0.5")
+    plan = _plan()
+    for side, levels in ((66, 2), (33, 1)):
+        out = str(tmp_path / f"out{side}.ome.zarr")
+        run_volume_job(src, out, blur, plan, client=client, block_z=2, block_yx=side)
+        root = zarr.open_group(out, mode="r")
+        assert ("1" in root) == (levels == 2)
+        assert root["labels/mask/0"].chunks == (2, side, side)
+        np.testing.assert_array_equal(root["labels/mask/0"][:], segment_stack(blur, data, plan))
+        if levels == 2:
+            assert root["1"].chunks == (2, 33, 33)
+            np.testing.assert_array_equal(
+                root["labels/mask/1"][:], root["labels/mask/0"][:][:, ::2, ::2]
+            )
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16"])
+def test_slice_percentiles_from_histogram_equal_numpy(dtype: str) -> None:
+    from mitoseg.io import robust_range
+    from mitoseg.volume.tiles import percentiles_from_counts
+
+    rng = np.random.default_rng(3)
+    info = np.iinfo(dtype)
+    for n in (1, 2, 3, 199, 200, 201, 4099):
+        x = rng.integers(info.min, int(info.max) + 1, n).astype(dtype)
+        if n == 4099:
+            x[:4000] = x[0]  # mostly one value
+        for pcts in ((0.5, 99.5), (0.0, 100.0), (1.0, 99.0)):
+            _, lo, hi = robust_range(x, *pcts)
+            counts = np.bincount(x.astype(np.int64) - int(info.min))
+            assert percentiles_from_counts(counts, int(info.min), pcts) == (lo, hi), (n, pcts)
 
 
 def test_tiff_input_probabilities_and_pyramid(client: Client, tmp_path: Path) -> None:
@@ -264,14 +327,23 @@ def test_bad_inputs_are_named_and_leave_no_output(
     ("kwargs", "exc", "message"),
     [
         ({"block_z": 0}, ValueError, "block_z must be >= 1"),
+        ({"block_yx": 0}, ValueError, "block_yx must be None or >= 1, got 0"),
         ({"ngff_version": "0.3"}, ValueError, "ngff_version must be one of"),
         ({"voxel_size_nm": (1, 2)}, ValueError, "expected 3 positive numbers"),
+        (
+            {"block_yx": 16, "plan": {"seed_threshold": 0.8}},
+            ValueError,
+            r"block_yx: the plan's hysteresis \(seed_threshold 0.8\) keeps or drops regions "
+            "of whole slices",
+        ),
     ],
 )
 def test_argument_errors(client: Client, tmp_path: Path, kwargs, exc, message: str) -> None:
     src = _ome(tmp_path / "in.ome.zarr", _volume(z=3), "0.5")
+    plan = _plan(**kwargs.pop("plan", {}))
     with pytest.raises(exc, match=message):
-        run_volume_job(src, str(tmp_path / "o.zarr"), blur, _plan(), client=client, **kwargs)
+        run_volume_job(src, str(tmp_path / "o.zarr"), blur, plan, client=client, **kwargs)
+    assert not (tmp_path / "o.zarr").exists()
     with pytest.raises(ValueError, match="the output must differ from the input"):
         run_volume_job(src, src, blur, _plan(), client=client)
 
@@ -364,3 +436,16 @@ def test_sigkill_mid_job_then_restart_matches_uninterrupted(tmp_path: Path) -> N
         np.testing.assert_array_equal(a[name][:], b[name][:])
     assert (out / "objects.csv").read_text() == (fresh / "objects.csv").read_text()
     assert dict(a.attrs)["mitoseg"]["status"] == "complete"
+
+
+def test_hysteresis_plans_run_on_whole_slice_blocks(client: Client, tmp_path: Path) -> None:
+    """A plan's seed threshold decides per whole slice: blocks of slices match predict."""
+    data = _volume(z=5, seed=3)
+    data[:, 2:9, 2:9] = 140  # a faint region: above the threshold, never reaching the seed
+    plan = _plan(seed_threshold=0.7)
+    src = _ome(tmp_path / "in.ome.zarr", data, "0.5")
+    out = str(tmp_path / "out.ome.zarr")
+    run_volume_job(src, out, blur, plan, client=client, block_z=2)
+    expected = segment_stack(blur, data, plan)
+    np.testing.assert_array_equal(zarr.open_group(out, mode="r")["labels/mask/0"][:], expected)
+    assert expected.sum() < segment_stack(blur, data, _plan()).sum()  # faint regions dropped

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -173,20 +175,21 @@ def test_predict_volume_errors_before_any_work(
         assert dict(zarr.open_group(str(out), mode="r").attrs) == {"other": True}
 
 
-def test_predict_volume_without_the_volume_extra(
-    binary_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import sys
-
-    for name in [
-        m for m in sys.modules if m == "distributed" or m.startswith("mitoseg.volume.job")
-    ]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "distributed", None)  # as if not installed
-    result = runner.invoke(
-        app,
-        ["--no-progress", "predict", "--model", str(binary_model), str(tmp_path / "in.zarr"),
-         "--out", str(tmp_path / "out.zarr")],
-    )  # fmt: skip
-    assert result.exit_code == 1
-    assert "(distributed is missing): pip install 'mitoseg[volume]'" in result.output
+def test_predict_volume_without_the_volume_extra(binary_model: Path, tmp_path: Path) -> None:
+    """In a fresh interpreter where ``distributed`` cannot be imported (this process's
+    ``sys.modules`` is left alone: other tests hold its modules)."""
+    args = ["--no-progress", "predict", "--model", str(binary_model), str(tmp_path / "in.zarr"),
+            "--out", str(tmp_path / "out.zarr")]  # fmt: skip
+    code = (
+        "import sys\n"
+        "sys.modules['distributed'] = None  # as if not installed\n"
+        f"sys.argv = ['mitoseg', *{args!r}]\n"
+        "from mitoseg.cli import main\n"
+        "main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1, result.stderr
+    assert "(distributed is missing): pip install 'mitoseg[volume]'" in result.stderr
+    assert not (tmp_path / "out.zarr").exists()

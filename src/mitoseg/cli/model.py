@@ -43,6 +43,8 @@ def load_model_and_plan(model: str, **overrides: Any) -> tuple[Any, Any]:
             f"(threshold {plan.threshold})",
             err=True,
         )
+    if overrides.pop("no_hysteresis", False):
+        plan = plan.model_copy(update={"seed_threshold": None})  # always a valid plan
     try:
         plan = plan.with_overrides(**overrides)
     except ValueError as exc:
@@ -57,6 +59,7 @@ def _overrides(
     tta: bool | None,
     threshold: float | None,
     engine: str | None,
+    no_hysteresis: bool = False,
 ) -> dict[str, Any]:
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         fail(f"--threshold must be in [0, 1], got {threshold}")
@@ -76,6 +79,8 @@ def _overrides(
     }
     if threshold is not None:
         out["threshold_source"] = "params"
+    if no_hysteresis:
+        out["no_hysteresis"] = True
     return out
 
 
@@ -85,6 +90,11 @@ _BATCH_OPT = typer.Option(None, "--batch-size", help="tiles per model call (defa
 _TTA_OPT = typer.Option(None, "--tta/--no-tta", help="average the 8 flips/rotations")
 _THRESHOLD_OPT = typer.Option(
     None, "--threshold", help="foreground threshold (default: the plan's, chosen on validation)"
+)
+_NO_HYSTERESIS_OPT = typer.Option(
+    False,
+    "--no-hysteresis",
+    help="threshold alone: drop the plan's seed threshold (hysteresis), e.g. for --block-yx",
 )
 _ENGINE_OPT = typer.Option(
     None, "--engine", help="inference engine RUNTIME/PRECISION (default: the plan's)"
@@ -125,6 +135,7 @@ def predict(
     tta: bool | None = _TTA_OPT,
     threshold: float | None = _THRESHOLD_OPT,
     engine: str | None = _ENGINE_OPT,
+    no_hysteresis: bool = _NO_HYSTERESIS_OPT,
     voxel_size: str | None = typer.Option(
         None,
         "--voxel-size",
@@ -141,6 +152,13 @@ def predict(
         None, "--scheduler", help="volume: attach to a running Dask scheduler tcp://HOST:PORT"
     ),
     block_z: int = typer.Option(8, "--block-z", min=1, help="volume: slices per block"),
+    block_yx: int | None = typer.Option(
+        None,
+        "--block-yx",
+        min=1,
+        help="volume: also cut slices into YX tiles of this side (slices too large for one "
+        "worker); same result as whole slices",
+    ),
     probabilities: bool = typer.Option(
         False, "--probabilities", help="volume: also store uint8 probabilities"
     ),
@@ -157,14 +175,14 @@ def predict(
     :mod:`mitoseg.volume`): OME-Zarr image + pyramid, labels/mask, labels/instances and
     objects.csv; resumable after a kill.
     """
-    overrides = _overrides(tile_size, halo, batch_size, tta, threshold, engine)
+    overrides = _overrides(tile_size, halo, batch_size, tta, threshold, engine, no_hysteresis)
     vs = _parse_voxel_size(voxel_size)
     if any(_is_volume(p) for p in images) or out.rstrip("/").endswith(".zarr"):
         if len(images) != 1:
             fail("a volume job takes exactly one input")
         _predict_volume(
             images[0], out, model, overrides, vs, workers, scheduler, block_z,
-            probabilities, force, ngff,
+            probabilities, force, ngff, block_yx,
         )  # fmt: skip
         return
     _predict_files([Path(p) for p in images], model, Path(out), overrides, vs, instances)
@@ -182,6 +200,7 @@ def _predict_volume(
     probabilities: bool,
     force: bool,
     ngff: str,
+    block_yx: int | None = None,
 ) -> None:
     from mitoseg.io import DataError
 
@@ -208,6 +227,7 @@ def _predict_volume(
             workers=workers,
             scheduler=scheduler,
             block_z=block_z,
+            block_yx=block_yx,
             probabilities=probabilities,
             force=force,
             voxel_size_nm=voxel_size,
@@ -305,6 +325,7 @@ def evaluate(
     tta: bool | None = _TTA_OPT,
     threshold: float | None = _THRESHOLD_OPT,
     engine: str | None = _ENGINE_OPT,
+    no_hysteresis: bool = _NO_HYSTERESIS_OPT,
     params: Path | None = typer.Option(
         None, "--params", help="params.yaml whose base.classes maps the mask values"
     ),
@@ -314,7 +335,7 @@ def evaluate(
     from mitoseg.io import DataError, read_stack
     from mitoseg.planner import evaluate_split
 
-    overrides = _overrides(tile_size, halo, batch_size, tta, threshold, engine)
+    overrides = _overrides(tile_size, halo, batch_size, tta, threshold, engine, no_hysteresis)
     for path in (images, masks):
         if not path.is_file():
             fail(f"{path}: file not found")

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from patchify import patchify, unpatchify
 
+from mitoseg.checks import check_array
 from mitoseg.config import BaseConfig, PatchifyConfig
 from mitoseg.data.layout import read_split, split_paths
 from mitoseg.io import DataError, atomic_dir, normalize_slice, write_json
@@ -136,9 +137,7 @@ def patchify_slice(
     Raises:
         ValueError: ``image`` is not 2D, or invalid grid parameters (see :func:`patch_grid`).
     """
-    arr = np.asarray(image)
-    if arr.ndim != 2:
-        raise ValueError(f"patchify_slice: expected a 2D (H, W) slice, got shape {arr.shape}")
+    arr = check_array(image, "patchify_slice", ndim=2)
     grid = patch_grid(arr.shape, patch_size, step, pad_mode)
     if grid.padded_shape != grid.slice_shape:
         arr = np.pad(arr, grid.padding, mode=pad_mode)
@@ -194,9 +193,7 @@ def patchify_stack(
     Raises:
         ValueError: ``stack`` is not 3D, or invalid grid parameters.
     """
-    arr = np.asarray(stack)
-    if arr.ndim != 3:
-        raise ValueError(f"patchify_stack: expected a (Z, H, W) stack, got shape {arr.shape}")
+    arr = check_array(stack, "patchify_stack", ndim=3)
     grid = patch_grid(arr.shape[1:], patch_size, step, pad_mode)
     out = np.empty((arr.shape[0] * grid.patches_per_slice, patch_size, patch_size), arr.dtype)
     n = grid.patches_per_slice

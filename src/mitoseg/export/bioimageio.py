@@ -35,6 +35,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from mitoseg.checks import check_stack
 from mitoseg.io import atomic_dir, atomic_path
 from mitoseg.plan import InferencePlan, Normalization, normalize_for_plan
 
@@ -278,13 +279,7 @@ def select_test_sample(
         ValueError: bad shape, index out of range (or without its context slices), a
             tile smaller than the package's minimum input size, or a blank slice.
     """
-    stack = np.asarray(stack)
-    if stack.ndim == 2:
-        stack = stack[None]
-    if stack.ndim != 3 or stack.size == 0:
-        raise ValueError(
-            f"sample: expected a (Z, H, W) stack or an (H, W) image, got {stack.shape}"
-        )
+    stack = check_stack(stack, "sample", nonempty=True)
     if max_side < 1:
         raise ValueError(f"max_side must be >= 1, got {max_side}")
     k = _z_context(plan)
@@ -409,6 +404,13 @@ def _documentation(
             f"(chosen by: {plan.threshold_source}); the package outputs probabilities, apply "
             "the threshold afterwards."
         )
+        if plan.seed_threshold is not None:
+            lines.append(
+                "- Hysteresis: of the pixels above the threshold, mitoseg keeps only the "
+                "8-connected regions (within one slice) that reach probability "
+                f">= {plan.seed_threshold:g} somewhere (chosen on the validation slices); "
+                "apply it after the threshold to match."
+            )
     else:
         lines.append("- Segmentation: argmax over the channels.")
     lines += [

@@ -2,10 +2,10 @@
 
 * :func:`segment_local`: a model URI (``.keras`` path, ``models:/name@alias``,
   ``models:/name/1``, ``runs:/id/model``) loaded with its inference plan
-  (:func:`mitoseg.tracking.load_model_and_plan`, cached per URI) and run by
+  (:func:`mitoseg.tracking.load_model_and_plan`) and run by
   :func:`mitoseg.inference.segment_stack`, exactly as ``mitoseg predict`` runs it.
-  The widget calls it through :func:`segment_in_worker`: one spawned worker process
-  that keeps the model loaded between calls. TensorFlow never loads into the napari
+  The widget calls it through its own :class:`SegmentWorker`: one spawned worker process
+  that keeps the models it loaded between calls. TensorFlow never loads into the napari
   process: TensorFlow and Mesa's software OpenGL (llvmpipe, used by napari under Xvfb,
   in VMs and on machines without a GPU driver) each carry LLVM, and whichever loads
   second crashes the process in LLVM's static initialisers.
@@ -19,8 +19,6 @@
 
 from __future__ import annotations
 
-import atexit
-import functools
 import io
 import threading
 from collections.abc import Sequence
@@ -28,11 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from mitoseg.checks import check_stack
+
 __all__ = [
     "MASK_COLOR",
+    "SegmentWorker",
     "as_stack",
     "mask_layers",
-    "segment_in_worker",
     "segment_local",
     "segment_remote",
 ]
@@ -61,28 +61,23 @@ def as_stack(data: Any, rgb: bool = False) -> np.ndarray:
     arr = np.asarray(data)
     if rgb:
         arr = to_gray(arr)
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3:
-        raise ValueError(
-            f"expected an (H, W) image or a (Z, H, W) stack, got an array of shape {arr.shape}"
-        )
-    return arr
+    return check_stack(arr, "image layer")
 
 
-@functools.lru_cache(maxsize=4)
-def _load(uri: str) -> tuple[Any, Any]:
-    from mitoseg.tracking import load_model_and_plan
-
-    return load_model_and_plan(uri)
+#: A cache of loaded models: ``{model URI: (Keras model, InferencePlan)}``.
+Models = dict[str, tuple[Any, Any]]
 
 
-def segment_local(stack: np.ndarray, model_uri: str) -> tuple[np.ndarray, Any]:
+def segment_local(
+    stack: np.ndarray, model_uri: str, models: Models | None = None
+) -> tuple[np.ndarray, Any]:
     """Segment a stack with a model and its inference plan, in this process.
 
     Args:
         stack: ``(Z, H, W)`` raw intensities (uint8, uint16 or float).
         model_uri: ``.keras`` path or MLflow model URI.
+        models: the caller's cache of loaded models (the worker process keeps one), or
+            None to load the model for this call only.
 
     Returns:
         ``((Z, H, W) uint8 class indexes, the InferencePlan)``.
@@ -92,66 +87,118 @@ def segment_local(stack: np.ndarray, model_uri: str) -> tuple[np.ndarray, Any]:
         mitoseg.tracking.ModelNotFoundError: unknown model URI.
     """
     from mitoseg.inference import segment_stack
+    from mitoseg.tracking import load_model_and_plan
 
-    if not model_uri.strip():
+    uri = model_uri.strip()
+    if not uri:
         raise ValueError("model URI is empty: give a .keras path or a models:/ URI")
-    model, plan = _load(model_uri.strip())
+    models = {} if models is None else models
+    if uri not in models:
+        models[uri] = load_model_and_plan(uri)
+    model, plan = models[uri]
     return segment_stack(model, stack, plan), plan
 
 
-_EXECUTOR: Any = None
-_EXECUTOR_LOCK = threading.Lock()
+def _serve(conn: Any) -> None:
+    """The worker process: answer ``(stack, model URI)`` requests until the pipe closes,
+    keeping every model it loaded."""
+    models: Models = {}
+    while True:
+        try:
+            stack, uri = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            classes, plan = segment_local(stack, uri, models)
+            answer = (True, (classes, list(plan.class_names), int(plan.min_object_size)))
+        except Exception as exc:  # raised again in the caller
+            answer = (False, exc)
+        try:
+            conn.send(answer)
+        except OSError:  # the caller has gone
+            return
+        except Exception:  # an exception that does not pickle: send its text
+            conn.send((False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]}")))
 
 
-def _executor() -> Any:
-    """The worker process pool (one spawned process, started on first use)."""
-    global _EXECUTOR
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+class SegmentWorker:
+    """One spawned worker process running :func:`segment_local` (the model stays loaded
+    there; TensorFlow never loads into this process).
 
-    with _EXECUTOR_LOCK:
-        if _EXECUTOR is None:
-            _EXECUTOR = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn")
-            )
-            atexit.register(_EXECUTOR.shutdown, wait=False, cancel_futures=True)
-        return _EXECUTOR
-
-
-def _worker_segment(stack: np.ndarray, model_uri: str) -> tuple[np.ndarray, list[str], int]:
-    classes, plan = segment_local(stack, model_uri)
-    return classes, list(plan.class_names), int(plan.min_object_size)
-
-
-def segment_in_worker(
-    stack: np.ndarray, model_uri: str, timeout: float | None = None
-) -> tuple[np.ndarray, list[str], int]:
-    """:func:`segment_local` in the worker process (the model stays loaded there).
-
-    Args:
-        stack: ``(Z, H, W)`` raw intensities.
-        model_uri: ``.keras`` path or MLflow model URI.
-        timeout: seconds to wait, or None.
-
-    Returns:
-        ``((Z, H, W) uint8 class indexes, class names, min_object_size)`` of the plan.
-
-    Raises:
-        ValueError, mitoseg.tracking.ModelNotFoundError: as :func:`segment_local`, raised
-            here.
-        RuntimeError: the worker process died (it is restarted on the next call).
+    Started on the first :meth:`segment`, restarted on the next call after it died, and
+    stopped by :meth:`close` or when this process exits (a daemon process). Requests are
+    served one at a time. Each widget owns one.
     """
-    global _EXECUTOR
-    from concurrent.futures.process import BrokenProcessPool
 
-    if not model_uri.strip():
-        raise ValueError("model URI is empty: give a .keras path or a models:/ URI")
-    try:
-        return _executor().submit(_worker_segment, np.asarray(stack), model_uri).result(timeout)
-    except BrokenProcessPool:
-        with _EXECUTOR_LOCK:
-            _EXECUTOR = None
-        raise RuntimeError(f"the segmentation worker died while running {model_uri}") from None
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: Any = None
+        self._conn: Any = None
+
+    def _start(self) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        ours, theirs = ctx.Pipe()
+        proc = ctx.Process(target=_serve, args=(theirs,), daemon=True, name="mitoseg-segment")
+        proc.start()
+        theirs.close()
+        self._proc, self._conn = proc, ours
+
+    def _stop(self) -> None:
+        proc, conn, self._proc, self._conn = self._proc, self._conn, None, None
+        if conn is not None:
+            conn.close()  # the worker's recv ends: it returns
+        if proc is not None:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+
+    def segment(
+        self, stack: np.ndarray, model_uri: str, timeout: float | None = None
+    ) -> tuple[np.ndarray, list[str], int]:
+        """:func:`segment_local` in the worker process.
+
+        Args:
+            stack: ``(Z, H, W)`` raw intensities.
+            model_uri: ``.keras`` path or MLflow model URI.
+            timeout: seconds to wait, or None; the worker is stopped when it runs over.
+
+        Returns:
+            ``((Z, H, W) uint8 class indexes, class names, min_object_size)`` of the plan.
+
+        Raises:
+            ValueError, mitoseg.tracking.ModelNotFoundError: as :func:`segment_local`,
+                raised here.
+            RuntimeError: the worker process died (it is restarted on the next call).
+            TimeoutError: no answer within ``timeout`` seconds.
+        """
+        if not model_uri.strip():
+            raise ValueError("model URI is empty: give a .keras path or a models:/ URI")
+        with self._lock:
+            if self._proc is None or not self._proc.is_alive():
+                self._stop()
+                self._start()
+            try:
+                self._conn.send((np.asarray(stack), model_uri))
+                if not self._conn.poll(timeout):
+                    self._stop()
+                    raise TimeoutError(f"the segmentation worker did not answer within {timeout} s")
+                ok, value = self._conn.recv()
+            except (EOFError, OSError):
+                self._stop()
+                raise RuntimeError(
+                    f"the segmentation worker died while running {model_uri}"
+                ) from None
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        """Stop the worker process (a later :meth:`segment` starts a new one)."""
+        with self._lock:
+            self._stop()
 
 
 def _tiff(stack: np.ndarray) -> bytes:

@@ -12,21 +12,21 @@ from typing import Any
 import napari
 from magicgui import magic_factory
 
-from mitoseg.napari._segment import as_stack, mask_layers, segment_in_worker, segment_remote
+from mitoseg.napari._segment import SegmentWorker, as_stack, mask_layers, segment_remote
 
 __all__ = ["segment_widget"]
 
 
 def _run(
     data: Any, rgb: bool, ndim: int, scale: tuple[float, ...], name: str,
-    model: str, endpoint: str, token: str,
+    model: str, endpoint: str, token: str, worker: SegmentWorker,
 ) -> list[tuple[Any, dict[str, Any], str]]:  # fmt: skip
     stack = as_stack(data, rgb=rgb)
     if endpoint.strip():
         classes, meta = segment_remote(stack, endpoint, token or None)
         names, min_size = meta["class_names"], int(meta["plan"]["min_object_size"])
     else:
-        classes, names, min_size = segment_in_worker(stack, model)
+        classes, names, min_size = worker.segment(stack, model)
     return mask_layers(classes, names, min_size, scale, name, squeeze=ndim == 2)
 
 
@@ -43,8 +43,16 @@ def show_layers(viewer: napari.Viewer, layers: list[tuple[Any, dict[str, Any], s
             getattr(viewer, f"add_{kind}")(data, **kwargs)
 
 
+def _own_worker(gui: Any) -> None:
+    """``widget_init``: each widget gets its own segmentation worker process (started on
+    the first Segment, kept while the widget lives, stopped with this process)."""
+    gui.worker.bind(SegmentWorker())
+
+
 @magic_factory(
+    widget_init=_own_worker,
     call_button="Segment",
+    worker={"bind": None},
     model={"label": "model URI", "tooltip": ".keras path or models:/mitoseg-unet@champion"},
     endpoint={"label": "or endpoint URL", "tooltip": "e.g. http://127.0.0.1:3000"},
     token={"label": "endpoint token", "widget_type": "Password"},
@@ -55,6 +63,7 @@ def segment_widget(
     model: str = "models:/mitoseg-unet@champion",
     endpoint: str = "",
     token: str = "",
+    worker: SegmentWorker | None = None,
 ) -> Any:
     """Segment ``image`` with a local model (``model``) or, when ``endpoint`` is set, a
     running mitoseg service; the mask and instance layers appear when the returned
@@ -66,7 +75,9 @@ def segment_widget(
     data = image.data[0] if image.multiscale else image.data
     ndim = 2 if image.rgb else image.ndim
     scale = tuple(float(s) for s in image.scale)[-min(ndim, 3) :]
-    args = (data, image.rgb, ndim, scale, image.name, model, endpoint, token)
+    if worker is None:
+        raise ValueError("the widget has no segmentation worker")
+    args = (data, image.rgb, ndim, scale, image.name, model, endpoint, token, worker)
     worker = create_worker(_run, *args, _start_thread=False)
     worker.returned.connect(lambda layers: show_layers(viewer, layers))
     worker.start()

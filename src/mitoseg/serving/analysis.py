@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from mitoseg.checks import check_array
 from mitoseg.metrics import label_objects
 
 __all__ = ["foreground_index", "mask_stats"]
@@ -52,8 +53,7 @@ def mask_stats(
     Raises:
         ValueError: not a 2D mask.
     """
-    if class_mask.ndim != 2:
-        raise ValueError(f"mask_stats: expected an (H, W) mask, got shape {class_mask.shape}")
+    class_mask = check_array(class_mask, "mask_stats", ndim=2)
     fg = class_mask == foreground
     h, w = fg.shape
     labels, n = label_objects(fg.astype(np.uint8), min_object_size)

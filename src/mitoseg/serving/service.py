@@ -27,9 +27,11 @@ Endpoints (all ``POST``; uploads are multipart ``image`` file fields):
 ``/segment`` (one TIFF/PNG -> PNG or TIFF mask, ``format`` field), ``/segment_stack``
 (multi-page TIFF -> multi-page TIFF), ``/stats`` (object count, area fraction,
 per-object area and centroid), ``/preview`` (the upload as an 8-bit PNG), ``/metadata``
-(model lineage, plan, limits). ``GET /ui/`` is a web page on these
-(:mod:`mitoseg.serving.web`): upload or pick a sample, see the mask overlaid, the count
-and the measurement table, download the mask. BentoML adds
+(model lineage, plan, limits), the task ``/segment_volume`` (``@bentoml.task``: a
+volume job from an input URI to an output URI, :mod:`mitoseg.serving.jobs`; no voxel
+travels over HTTP) and ``/volume_progress`` (its blocks done / total). ``GET /ui/`` is
+a web page on these (:mod:`mitoseg.serving.web`): upload or pick a sample, see the mask
+overlaid, the count and the measurement table, download the mask. BentoML adds
 ``/livez``, ``/readyz``, ``/metrics`` and the OpenAPI page (``/``, also ``/docs``) with
 ``/docs.json``. Every client error is a JSON 4xx ``{"error": code, "message": ...,
 "status": ...}`` logged as one WARNING line (:mod:`mitoseg.serving.middleware`). With
@@ -71,6 +73,15 @@ from mitoseg.serving.codec import (
     encode_tiff,
     probe_upload,
 )
+from mitoseg.serving.jobs import (
+    JobError,
+    JobRunner,
+    VolumeJobRequest,
+    VolumeSubmitGuard,
+    job_progress,
+    model_loader,
+    resolve_job_settings,
+)
 from mitoseg.serving.middleware import GuardMiddleware, install_client_error_filter
 from mitoseg.serving.settings import (
     ComputeBudget,
@@ -91,6 +102,19 @@ RUNNER_RETRIES = 2
 MULTIPART_SLACK = 1024 * 1024
 #: Threads of each service: concurrent requests in the API, concurrent calls in the runner.
 THREADS = 32
+#: Route of the volume job task (``/submit``, ``/status``, ``/get`` below it).
+VOLUME_ROUTE = "/segment_volume"
+
+
+def _jobs_running() -> int:
+    """Volume jobs running in this process's service instance (the submit guard's 429);
+    BentoML holds the instance (``bentoml.get_current_service``), 0 before it exists."""
+    try:
+        service = bentoml.get_current_service()
+    except bentoml.exceptions.BentoMLException:
+        return 0
+    jobs = getattr(service, "jobs", None)
+    return jobs.running() if jobs is not None else 0
 
 
 def _arguments() -> dict[str, Any]:
@@ -251,6 +275,8 @@ class MitoSeg:
         self.plan = self.deployment.plan
         self.limits = Limits.from_config(self.deployment.serve)
         self.budget = ComputeBudget(self.deployment.serve)
+        resolve_job_settings(_arguments())  # a bad volume_* setting fails at start-up
+        self.jobs = JobRunner(model_loader(self.deployment.path, self.plan))
 
     def _segment(self, stack: np.ndarray) -> np.ndarray:
         """``(Z, H, W)`` raw -> ``(Z, H, W)`` uint8 classes through the runner; a dropped
@@ -368,6 +394,44 @@ class MitoSeg:
         png = np.rint(normalize_slice(page) * 255).astype(np.uint8)
         return Response(encode_png(png), media_type="image/png")  # type: ignore[return-value]
 
+    @bentoml.task(route=VOLUME_ROUTE)
+    def segment_volume(
+        self,
+        input_uri: str,
+        output_uri: str,
+        block_z: int = 8,
+        block_yx: int | None = None,
+        force: bool = False,
+        probabilities: bool = False,
+    ) -> dict[str, Any]:
+        """Segment a volume the server can reach into an OME-Zarr store (a task).
+
+        ``POST /segment_volume/submit`` with JSON ``{"input_uri", "output_uri", ...}``
+        answers ``{"task_id", "status"}`` at once (a bad request gets its 4xx there);
+        ``GET /segment_volume/status?task_id=`` and ``/get?task_id=`` give the task's
+        state and, when done, the job summary. ``input_uri``: OME-Zarr / Zarr / TIFF
+        (``s3://`` or an absolute server path); ``output_uri``: ``... .zarr``.
+        ``block_z`` slices per block, ``block_yx`` YX tile side (None: whole slices),
+        ``force`` replaces an existing output. Progress: ``/volume_progress``.
+        """
+        request = VolumeJobRequest(
+            input_uri=input_uri, output_uri=output_uri, block_z=block_z, block_yx=block_yx,
+            force=force, probabilities=probabilities,
+        )  # fmt: skip
+        try:
+            return self.jobs.run(request, resolve_job_settings(_arguments()))
+        except JobError as exc:
+            return _error(exc)  # type: ignore[return-value]
+
+    @bentoml.api(route="/volume_progress")
+    def volume_progress(self, output_uri: str) -> dict[str, Any]:
+        """Status (``absent``, ``running``, ``complete``) and blocks done / total of the
+        job writing ``output_uri``, from the store's completion record."""
+        try:
+            return job_progress(output_uri, resolve_job_settings(_arguments()))
+        except JobError as exc:
+            return _error(exc)  # type: ignore[return-value]
+
     @bentoml.api(route="/metadata")
     def metadata(self) -> dict[str, Any]:
         """Model lineage (name, version, alias, run id, git commit, data hash, metrics,
@@ -394,6 +458,13 @@ MitoSeg.add_asgi_middleware(
     # From Bento arguments or defaults: the store is not read at import.
     max_bytes=resolve_serve_config(None, _arguments()).max_bytes + MULTIPART_SLACK,
     upload_paths=("/segment", "/segment_stack", "/stats", "/preview"),
+)
+# Inside the guard above: a volume job is checked at submit, after auth and size.
+MitoSeg.add_asgi_middleware(
+    VolumeSubmitGuard,
+    route=VOLUME_ROUTE,
+    settings=lambda: resolve_job_settings(_arguments()),
+    busy=_jobs_running,
 )
 # The web page (GET /ui/, open like the API docs); it calls the API above.
 MitoSeg.mount_asgi_app(ui_app(), path=UI_PATH)

@@ -6,7 +6,10 @@
 * :mod:`mitoseg.volume.ngff`: the OME-Zarr output (image + pyramid, ``labels/mask``,
   ``labels/instances``, optional probabilities, completion record).
 * :mod:`mitoseg.volume.job`: the resumable blockwise job on a ``dask.distributed``
-  cluster (:func:`~mitoseg.volume.job.run_volume_job`), behind ``mitoseg predict``.
+  cluster (:func:`~mitoseg.volume.job.run_volume_job`), behind ``mitoseg predict`` and
+  the service's ``/segment_volume`` task.
+* :mod:`mitoseg.volume.tiles`: YX tiles of slices (``block_yx``) computed exactly as the
+  whole slice (whole-slice percentiles first, the global tile grid).
 
 Nothing heavy (zarr, dask) is imported here.
 """

@@ -1,19 +1,22 @@
 """Blockwise, resumable volume prediction on a ``dask.distributed`` cluster.
 
-Why one module of about 530 lines: the phases (plan, blocks, stitch, finish) share one
+Why one module of about 790 lines: the phases (plan, blocks, stitch, finish) share one
 output layout and one resume protocol (a block counts as done only after its data); split
-over files, the rules of the completion record would be too.
+over files, the rules of the completion record would be too. The YX-tile arithmetic lives
+in :mod:`mitoseg.volume.tiles`.
 
 :func:`run_volume_job` cuts the volume into z-blocks of whole slices (``block_z`` each,
-the last one shorter). Each block is read with ``plan.z_halo`` (``z_context +
-z_average``) extra slices on both sides, clamped at the volume ends, so a 2.5D network
-sees exactly the neighbours it sees on the whole stack and z-averaged probabilities
-average the same slices, run through the pure core
-(:func:`mitoseg.inference.iter_stack_probabilities` with the model's
-:class:`~mitoseg.plan.InferencePlan`: the same normalisation per whole slice, tiling,
-blending and threshold) and cropped back. Every slice is thus computed exactly as
-whole-stack ``mitoseg predict`` computes it: the mask is identical whatever the input's
-chunking.
+the last one shorter), or with ``block_yx`` into ``block_z x block_yx x block_yx``
+boxes. Each block is read with ``plan.z_halo`` (``z_context + z_average``) extra slices
+on both sides, clamped at the volume ends, so a 2.5D network sees exactly the neighbours
+it sees on the whole stack and z-averaged probabilities average the same slices. Whole
+slices run through the pure core (:func:`mitoseg.inference.iter_stack_probabilities`
+with the model's :class:`~mitoseg.plan.InferencePlan`: the same normalisation per whole
+slice, tiling, blending and threshold) and are cropped back. YX boxes first get every
+slice's normalisation (a task per z-block), then run the tiles of the global tile grid
+they overlap (:func:`mitoseg.volume.tiles.predict_region`). Either way every voxel is
+computed exactly as whole-stack ``mitoseg predict`` computes it: the mask is identical
+whatever the input's chunking and the block shape.
 
 Phases (the output layout is in :mod:`mitoseg.volume.ngff`):
 
@@ -23,10 +26,11 @@ Phases (the output layout is in :mod:`mitoseg.volume.ngff`):
    A block killed half-way has no row and is redone on restart: it is either fully
    written or redone.
 2. **stitch** (cellpose distributed style): ids are offset by the running count of the
-   previous blocks, labels touching across each block face (26-connectivity) are
-   merged with a graph's connected components (scipy), and components are numbered by
-   their first voxel in scan order, so the ids equal
-   :func:`mitoseg.objects.instance_labels` of the whole mask.
+   previous blocks, labels touching across each block's upper z, y and x faces
+   (26-connectivity, so across edges and corners too) are merged with a graph's
+   connected components (scipy), and components are numbered by the scan position of
+   their first voxel, so the ids equal :func:`mitoseg.objects.instance_labels` of the
+   whole mask.
 3. **relabel** (one task per block, idempotent): final ids and pyramid into
    ``labels/instances``, per-object moments combined into ``objects.csv``.
 
@@ -43,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import tempfile
 import time
@@ -64,6 +69,7 @@ __all__ = [
     "block_bounds",
     "face_pairs",
     "run_volume_job",
+    "stitch_global",
     "stitch_labels",
 ]
 
@@ -81,11 +87,41 @@ class JobSpec:
     plugin: str
     instance_class: int | None
     probabilities: bool
+    block_yx: int | None = None
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Blocks along z, y and x (one along y and x for whole-slice blocks)."""
+        z, y, x = self.shape
+        side = self.block_yx
+        return (
+            -(-z // self.block_z),
+            1 if side is None else -(-y // side),
+            (1 if side is None else -(-x // side)),
+        )
+
+    @property
+    def block_shape(self) -> tuple[int, int, int]:
+        """``(block_z, by, bx)``: the size of a full block."""
+        _, y, x = self.shape
+        side = self.block_yx
+        return self.block_z, y if side is None else side, x if side is None else side
 
     @property
     def n_blocks(self) -> int:
-        """Number of z-blocks."""
-        return -(-self.shape[0] // self.block_z)
+        """Number of blocks (z-major, then y, then x)."""
+        nz, ny, nx = self.grid
+        return nz * ny * nx
+
+    def region(self, b: int) -> tuple[int, int, int, int, int, int]:
+        """``(z0, z1, y0, y1, x0, x1)`` block ``b`` writes."""
+        _, ny, nx = self.grid
+        zb, rest = divmod(b, ny * nx)
+        yb, xb = divmod(rest, nx)
+        bz, by, bx = self.block_shape
+        z, y, x = self.shape
+        return (zb * bz, min(z, (zb + 1) * bz), yb * by, min(y, (yb + 1) * by), xb * bx,
+                min(x, (xb + 1) * bx))  # fmt: skip
 
     def plan(self) -> InferencePlan:
         """The inference plan."""
@@ -114,6 +150,8 @@ class PredictorPlugin(WorkerPlugin):
         self.plan_json = plan_json
         self.predict_batch: Callable[[np.ndarray], np.ndarray] | None = None
         self.loads = 0
+        #: volumes opened on this worker, by source and voxel size (opened once per job)
+        self.volumes: dict[str, Volume] = {}
 
     def setup(self, worker: Any) -> None:
         """Called once when the plugin reaches a worker: load the model."""
@@ -137,61 +175,132 @@ class PredictorPlugin(WorkerPlugin):
         self.loads += 1
 
 
-_VOLUMES: dict[str, Volume] = {}
+def _plugin(spec: JobSpec) -> PredictorPlugin:
+    """The job's plugin on the worker running the calling task."""
+    from distributed import get_worker
+
+    return get_worker().plugins[spec.plugin]
 
 
 def _volume(spec: JobSpec) -> Volume:
+    """The job's input volume, opened once per worker (kept by the job's plugin)."""
+    volumes = _plugin(spec).volumes
     key = f"{spec.source}|{spec.voxel_size_nm}"
-    if key not in _VOLUMES:
-        _VOLUMES[key] = open_volume(spec.source, spec.voxel_size_nm)
-    return _VOLUMES[key]
+    if key not in volumes:
+        volumes[key] = open_volume(spec.source, spec.voxel_size_nm)
+    return volumes[key]
 
 
 def _predictor(spec: JobSpec) -> Callable[[np.ndarray], np.ndarray]:
-    from distributed import get_worker
-
-    plugin = get_worker().plugins[spec.plugin]
+    plugin = _plugin(spec)
     assert plugin.predict_batch is not None
     return plugin.predict_batch
 
 
-def _predict_block(spec: JobSpec, b: int) -> tuple[int, int, int]:
-    """Phase 1 for block ``b``; returns ``(b, local objects, foreground voxels)``."""
-    from mitoseg.inference import iter_stack_probabilities, probabilities_to_mask
+def _block_probabilities(
+    spec: JobSpec, plan: InferencePlan, b: int, ranges: dict[int, Any] | None
+) -> tuple[np.ndarray, Any]:
+    """``(raw, probabilities)`` of block ``b``: its own raw voxels ``(z, y, x)`` and an
+    iterator of its slices' ``(y, x, C)`` float32 probabilities."""
+    from mitoseg.inference import iter_stack_probabilities
+
+    vol = _volume(spec)
+    z0, z1, y0, y1, x0, x1 = spec.region(b)
+    r0, r1 = max(0, z0 - plan.z_halo), min(spec.shape[0], z1 + plan.z_halo)
+    if spec.block_yx is None:  # whole slices: the core itself, on the block's stack
+        raw = vol.read(r0, r1)
+        stream = iter_stack_probabilities(_predictor(spec), raw, plan)
+        # the trailing context slices are read, never predicted: stop after slice z1 - 1
+        return raw[z0 - r0 : z1 - r0], itertools.islice(stream, z0 - r0, z1 - r0)
+    from mitoseg.volume.tiles import predict_region
+
+    assert ranges is not None
+    per_slice = predict_region(
+        vol.read_region, _predictor(spec), plan, spec.shape[1:], (r0, r1),
+        (y0, y1, x0, x1), [ranges[z] for z in range(r0, r1)],
+    )  # fmt: skip
+    return vol.read_region(z0, z1, y0, y1, x0, x1), _z_averaged(per_slice, plan, r0, z0, z1)
+
+
+def _z_averaged(per_slice: np.ndarray, plan: InferencePlan, r0: int, z0: int, z1: int) -> Any:
+    """Slices ``z0 .. z1-1`` of a ``(depth, y, x, C)`` stack read from ``r0``, averaged
+    over ``z - r .. z + r`` as :func:`mitoseg.inference.iter_stack_probabilities` does."""
+    from mitoseg.plan import context_window
+
+    depth, r = per_slice.shape[0], plan.z_average
+    for z in range(z0, z1):
+        if r == 0:
+            yield per_slice[z - r0]
+            continue
+        idx = context_window(z - r0, depth, r)
+        yield (np.sum([per_slice[i] for i in idx], axis=0) / np.float32(len(idx))).astype(
+            np.float32
+        )
+
+
+def _predict_block(
+    spec: JobSpec, b: int, ranges: dict[int, Any] | None = None
+) -> tuple[int, int, int, float]:
+    """Phase 1 for block ``b``; returns ``(b, local objects, foreground voxels, seconds)``.
+
+    ``ranges`` (YX blocks only): ``{z: (lo, hi) or None}`` normalisation of every slice
+    the block reads (:func:`mitoseg.volume.tiles.slice_normalization`).
+    """
+    from mitoseg.inference import decide_mask
     from mitoseg.objects import instance_labels
 
+    started = time.perf_counter()
     plan = spec.plan()
-    vol = _volume(spec)
-    k = plan.z_halo  # z_context + z_average: slices a block needs beyond its own
-    z0, z1, r0, r1 = block_bounds(b, spec.shape[0], spec.block_z, k)
-    raw = vol.read(r0, r1)
-    _, h, w = raw.shape
-    mask = np.zeros((z1 - z0, h, w), dtype=np.uint8)
+    z0, z1, y0, y1, x0, x1 = spec.region(b)
+    raw, stream = _block_probabilities(spec, plan, b, ranges)
+    mask = np.zeros(raw.shape, dtype=np.uint8)
     probs = (
-        np.zeros((plan.out_channels, z1 - z0, h, w), dtype=np.uint8) if spec.probabilities else None
+        np.zeros((plan.out_channels, *raw.shape), dtype=np.uint8) if spec.probabilities else None
     )
-    stream = iter_stack_probabilities(_predictor(spec), raw, plan)
     for i, p in enumerate(stream):
-        z = r0 + i
-        if z >= z1:  # the trailing context slices are read, never predicted
-            break
-        if z < z0:
-            continue
-        mask[z - z0] = probabilities_to_mask(p, plan.decision)
+        mask[i] = decide_mask(p, plan)
         if probs is not None:
-            probs[:, z - z0] = np.rint(np.clip(p, 0, 1) * 255).astype(np.uint8).transpose(2, 0, 1)
+            probs[:, i] = np.rint(np.clip(p, 0, 1) * 255).astype(np.uint8).transpose(2, 0, 1)
     root = ngff.open_output(spec.target)
-    ngff.write_levels(root, raw[z0 - r0 : z1 - r0], z0, label=False)
-    ngff.write_levels(root["labels/mask"], mask, z0, label=True)
+    ngff.write_levels(root, raw, z0, False, y0, x0)
+    ngff.write_levels(root["labels/mask"], mask, z0, True, y0, x0)
     if probs is not None:
-        ngff.write_levels(root["probabilities"], probs, z0, label=False)
+        ngff.write_levels(root["probabilities"], probs, z0, False, y0, x0)
     n = 0
     if spec.instance_class is not None:
         local, n = instance_labels(mask == spec.instance_class)
-        root[ngff.LOCAL_ARRAY][z0:z1] = local
+        root[ngff.LOCAL_ARRAY][z0:z1, y0:y1, x0:x1] = local
     fg = int(np.count_nonzero(mask))
     root[ngff.DONE_ARRAY][b] = np.array([n + 1, fg], dtype=np.int64)  # last: block complete
-    return b, n, fg
+    return b, n, fg, time.perf_counter() - started
+
+
+def _ranges_task(spec: JobSpec, z0: int, z1: int) -> dict[int, Any]:
+    """Normalisation ``(lo, hi)`` (None: blank) of slices ``z0 .. z1-1`` (YX blocks)."""
+    from mitoseg.volume.tiles import slice_normalization
+
+    vol = _volume(spec)
+    norm = spec.plan().normalization
+    return {
+        z: slice_normalization(vol.read_region, z, spec.shape[1:], vol.dtype, norm)
+        for z in range(z0, z1)
+    }
+
+
+def _plane_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairs ``(a[u, v], b[u + 1 + du, v + 1 + dv])`` with both > 0, ``du, dv`` in
+    ``-1 .. 1``: ``a`` is ``(U, V)``, ``b`` is ``(U + 2, V + 2)`` (one more on each side)."""
+    h, w = a.shape
+    pairs = []
+    for du in (0, 1, 2):
+        for dv in (0, 1, 2):
+            other = b[du : du + h, dv : dv + w]
+            both = (a > 0) & (other > 0)
+            if both.any():
+                pairs.append(np.stack([a[both], other[both]], axis=1).astype(np.int64))
+    if not pairs:
+        return np.zeros((0, 2), dtype=np.int64)
+    return np.unique(np.concatenate(pairs), axis=0)
 
 
 def face_pairs(last: np.ndarray, first: np.ndarray) -> np.ndarray:
@@ -204,29 +313,98 @@ def face_pairs(last: np.ndarray, first: np.ndarray) -> np.ndarray:
     Returns:
         ``(N, 2)`` int64 unique ``(label in last, label in first)`` pairs, both > 0.
     """
-    h, w = last.shape
-    pairs = []
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            a = last[max(0, dy) : h + min(0, dy), max(0, dx) : w + min(0, dx)]
-            b = first[max(0, -dy) : h + min(0, -dy), max(0, -dx) : w + min(0, -dx)]
-            both = (a > 0) & (b > 0)
-            if both.any():
-                pairs.append(np.stack([a[both], b[both]], axis=1).astype(np.int64))
-    if not pairs:
-        return np.zeros((0, 2), dtype=np.int64)
-    return np.unique(np.concatenate(pairs), axis=0)
+    return _plane_pairs(np.asarray(last), np.pad(np.asarray(first), 1))
 
 
-def _face_task(spec: JobSpec, b: int) -> tuple[int, np.ndarray]:
-    z1 = min(spec.shape[0], (b + 1) * spec.block_z)
+def _global_ids(spec: JobSpec, local: np.ndarray, origin: tuple[int, int, int],
+                offsets: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Local labels of a ``(z, y, x)`` box at ``origin`` -> global ids (``local +``
+    the offset of the block each voxel belongs to; 0 stays 0)."""
+    _, ny, nx = spec.grid
+    idx = [
+        (np.arange(n) + o) // s
+        for n, o, s in zip(local.shape, origin, spec.block_shape, strict=True)
+    ]
+    block = (idx[0][:, None, None] * ny + idx[1][None, :, None]) * nx + idx[2][None, None, :]
+    return np.where(local > 0, local.astype(np.int64) + offsets[block], 0)
+
+
+def _face_task(spec: JobSpec, b: int, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Block ``b``'s global ids touching the blocks after it on z, y or x (26-connected:
+    across each upper face, with the in-plane neighbours, so edges and corners count),
+    and the scan position (flat index) of each of its labels' first voxel.
+
+    Returns:
+        ``(pairs (N, 2) int64 global ids, firsts (n_b,) int64)``.
+    """
+    region = spec.region(b)
+    lo, hi = region[0::2], region[1::2]
     local = ngff.open_output(spec.target)[ngff.LOCAL_ARRAY]
-    both = np.asarray(local[z1 - 1 : z1 + 1])
-    return b, face_pairs(both[0], both[1])
+    own = np.asarray(local[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]])
+    pairs = [np.zeros((0, 2), dtype=np.int64)]
+    for axis in range(3):
+        if hi[axis] >= spec.shape[axis]:
+            continue
+        # this block's last plane on `axis`, and the next plane one wider on both sides
+        start = list(lo)
+        start[axis] = hi[axis] - 1
+        a = _global_ids(spec, own.take([-1], axis=axis), tuple(start), offsets)
+        wide = [slice(max(0, lo[i] - 1), min(spec.shape[i], hi[i] + 1)) for i in range(3)]
+        wide[axis] = slice(hi[axis], hi[axis] + 1)
+        other = _global_ids(
+            spec, np.asarray(local[tuple(wide)]), tuple(w.start for w in wide), offsets
+        )
+        pad = [
+            (0, 0) if i == axis else (1 - (lo[i] - wide[i].start), 1 - (wide[i].stop - hi[i]))
+            for i in range(3)
+        ]
+        other = np.pad(other, pad)  # zeros past the volume's edges
+        pairs.append(_plane_pairs(np.squeeze(a, axis), np.squeeze(other, axis)))
+    ids, first = np.unique(own.ravel(), return_index=True)
+    keep = ids > 0
+    zyx = np.unravel_index(first[keep], own.shape)
+    flat = np.ravel_multi_index(tuple(c + o for c, o in zip(zyx, lo, strict=True)), spec.shape)
+    firsts = np.zeros(int(ids[keep].max()) if keep.any() else 0, dtype=np.int64)
+    firsts[ids[keep] - 1] = flat
+    return np.concatenate(pairs), firsts
+
+
+def stitch_global(total: int, pairs: np.ndarray, firsts: np.ndarray) -> tuple[np.ndarray, int]:
+    """Merge touching labels and number the merged objects in scan order.
+
+    Args:
+        total: global ids ``1 .. total``.
+        pairs: ``(N, 2)`` int64 global ids that touch.
+        firsts: ``(total + 1,)`` sort key of each id (the flat index of its first voxel;
+            entry 0 unused).
+
+    Returns:
+        ``(mapping, n)``: ``mapping[id]`` is the final id (``mapping[0] = 0``); final ids
+        ``1 .. n`` follow the smallest key of each merged set, so they equal
+        :func:`mitoseg.objects.instance_labels` of the whole mask.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if total == 0:
+        return np.zeros(1, dtype=np.uint32), 0
+    r, c = (pairs[:, 0], pairs[:, 1]) if pairs.size else (np.zeros(0, np.int64),) * 2
+    graph = coo_matrix((np.ones(r.size, dtype=np.int8), (r, c)), shape=(total + 1, total + 1))
+    _, comp = connected_components(graph, directed=False)
+    comp = comp[1:]
+    big = np.iinfo(np.int64).max
+    first = np.full(comp.max() + 1, big)
+    np.minimum.at(first, comp, np.asarray(firsts, dtype=np.int64)[1:])
+    used = np.flatnonzero(first != big)
+    rank = np.zeros(comp.max() + 1, dtype=np.uint32)
+    rank[used[np.argsort(first[used], kind="stable")]] = np.arange(1, used.size + 1)
+    mapping = np.zeros(total + 1, dtype=np.uint32)
+    mapping[1:] = rank[comp]
+    return mapping, int(used.size)
 
 
 def stitch_labels(counts: list[int], faces: dict[int, np.ndarray]) -> tuple[np.ndarray, int]:
-    """Global relabelling of per-block labels.
+    """Global relabelling of per-block labels of z-blocks.
 
     Args:
         counts: objects per block (local ids ``1 .. counts[b]``).
@@ -238,46 +416,47 @@ def stitch_labels(counts: list[int], faces: dict[int, np.ndarray]) -> tuple[np.n
         0``) where ``offset_b = sum(counts[:b])``; final ids ``1 .. n`` are numbered by
         the smallest global id of each merged set (scan order of the first voxel).
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     total = int(offsets[-1])
-    rows, cols = [], []
-    for b, pairs in faces.items():
-        if pairs.size:
-            rows.append(pairs[:, 0] + offsets[b])
-            cols.append(pairs[:, 1] + offsets[b + 1])
-    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-    graph = coo_matrix((np.ones(r.size, dtype=np.int8), (r, c)), shape=(total + 1, total + 1))
-    _, comp = connected_components(graph, directed=False)
-    comp = comp[1:]
-    if total == 0:
-        return np.zeros(1, dtype=np.uint32), 0
-    first = np.full(comp.max() + 1, np.iinfo(np.int64).max)
-    np.minimum.at(first, comp, np.arange(1, total + 1))
-    used = np.flatnonzero(first != np.iinfo(np.int64).max)
-    rank = np.zeros(comp.max() + 1, dtype=np.uint32)
-    rank[used[np.argsort(first[used], kind="stable")]] = np.arange(1, used.size + 1)
-    mapping = np.zeros(total + 1, dtype=np.uint32)
-    mapping[1:] = rank[comp]
-    return mapping, int(used.size)
+    glob = [p + np.array([offsets[b], offsets[b + 1]]) for b, p in faces.items() if p.size]
+    pairs = np.concatenate(glob) if glob else np.zeros((0, 2), np.int64)
+    return stitch_global(total, pairs, np.arange(total + 1))
+
+
+def _shift_moments(m: np.ndarray, y0: int, x0: int) -> np.ndarray:
+    """:func:`mitoseg.objects.object_moments` of a box at ``(y0, x0)`` in global y, x
+    (exact: every moment is a sum of integers)."""
+    n, sz, sy, sx = m[:, 0], m[:, 1], m[:, 2], m[:, 3]
+    out = m.copy()
+    out[:, 2], out[:, 3] = sy + n * y0, sx + n * x0
+    out[:, 5] = m[:, 5] + 2 * y0 * sy + n * y0 * y0
+    out[:, 6] = m[:, 6] + 2 * x0 * sx + n * x0 * x0
+    out[:, 7] = m[:, 7] + y0 * sz
+    out[:, 8] = m[:, 8] + x0 * sz
+    out[:, 9] = m[:, 9] + x0 * sy + y0 * sx + n * x0 * y0
+    out[:, [11, 14]] += y0
+    out[:, [12, 15]] += x0
+    return out
 
 
 def _relabel_task(
     spec: JobSpec, b: int, offset: int, mapping: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Final ids of block ``b`` into ``labels/instances``; returns its object moments and
+    its unique ``id * Z + z`` pairs (slices an object spans, merged over YX blocks)."""
     from mitoseg.objects import object_moments
 
-    z0, z1, _, _ = block_bounds(b, spec.shape[0], spec.block_z)
+    z0, z1, y0, y1, x0, x1 = spec.region(b)
     root = ngff.open_output(spec.target)
-    local = np.asarray(root[ngff.LOCAL_ARRAY][z0:z1]).astype(np.int64)
+    local = np.asarray(root[ngff.LOCAL_ARRAY][z0:z1, y0:y1, x0:x1]).astype(np.int64)
     final = np.where(local > 0, mapping[np.where(local > 0, local + offset, 0)], 0).astype(
         np.uint32
     )
-    ngff.write_levels(root["labels/instances"], final, z0, label=True)
-    return object_moments(final, _volume(spec).read(z0, z1), z0)
+    ngff.write_levels(root["labels/instances"], final, z0, True, y0, x0)
+    ids, m = object_moments(final, _volume(spec).read_region(z0, z1, y0, y1, x0, x1), z0)
+    z, _, _ = np.nonzero(final)
+    spans = np.unique(final[final > 0].astype(np.int64) * spec.shape[0] + z + z0)
+    return ids, _shift_moments(m, y0, x0), spans
 
 
 def _plugin_loads(name: str, dask_worker: Any = None) -> int:
@@ -322,19 +501,61 @@ def _instance_class(plan: InferencePlan) -> int | None:
     return None
 
 
-def _gather(client: Any, futures: list[Any], description: str, progress: bool) -> list[Any]:
+def _gather(
+    client: Any, futures: list[Any], description: str, progress: bool, ordered: bool = False
+) -> list[Any]:
+    """Results of ``futures`` as they complete (in submission order with ``ordered``);
+    a failure cancels the rest."""
     from distributed import as_completed
 
     from mitoseg.progress import progress_iter
 
-    results = []
+    results: dict[int, Any] = {}
+    position = {fut.key: i for i, fut in enumerate(futures)}
     try:
         for fut in progress_iter(as_completed(futures), len(futures), description, progress):
-            results.append(fut.result())
+            results[position[fut.key]] = fut.result()
     except BaseException:
         client.cancel(futures)
         raise
-    return results
+    return [results[i] for i in sorted(results)] if ordered else list(results.values())
+
+
+def _slice_ranges(
+    client: Any, spec: JobSpec, todo: list[int], z_halo: int, fingerprint: str, progress: bool
+) -> dict[int, Any]:
+    """YX blocks: the normalisation of every slice the unfinished blocks read, one task
+    per z-block (empty for whole-slice blocks, which normalise their own slices)."""
+    if spec.block_yx is None or not todo:
+        return {}
+    depth, bz = spec.shape[0], spec.block_z
+    per_z = spec.grid[1] * spec.grid[2]
+    zblocks = set()
+    for b in todo:
+        zb = b // per_z
+        lo, hi = max(0, zb * bz - z_halo), min(depth, (zb + 1) * bz + z_halo)
+        zblocks.update(range(lo // bz, (hi - 1) // bz + 1))
+    futures = [
+        client.submit(
+            _ranges_task, spec, zb * bz, min(depth, (zb + 1) * bz),
+            key=f"mitoseg-ranges-{fingerprint}-{zb}", pure=False,
+        )
+        for zb in sorted(zblocks)
+    ]  # fmt: skip
+    ranges: dict[int, Any] = {}
+    for part in _gather(client, futures, "normalisation", progress):
+        ranges.update(part)
+    return ranges
+
+
+def _block_ranges(
+    spec: JobSpec, b: int, z_halo: int, ranges: dict[int, Any]
+) -> dict[int, Any] | None:
+    """The slice normalisations block ``b`` reads (None for whole-slice blocks)."""
+    if spec.block_yx is None:
+        return None
+    z0, z1 = spec.region(b)[:2]
+    return {z: ranges[z] for z in range(max(0, z0 - z_halo), min(spec.shape[0], z1 + z_halo))}
 
 
 def _connect(workers: int, scheduler: str | None) -> tuple[Any, Callable[[], None]]:
@@ -368,6 +589,7 @@ def run_volume_job(
     scheduler: str | None = None,
     client: Any = None,
     block_z: int = 8,
+    block_yx: int | None = None,
     probabilities: bool = False,
     force: bool = False,
     voxel_size_nm: Any | None = None,
@@ -386,6 +608,12 @@ def run_volume_job(
         scheduler: ``tcp://HOST:PORT`` of a running Dask scheduler.
         client: an existing ``distributed.Client`` (used as it is, not closed).
         block_z: slices per block (and chunk depth of the output).
+        block_yx: cut each block further into YX tiles of this side (for slices too large
+            for one worker): the slices' normalisation is computed first and each tile
+            runs the tiles of the global grid it overlaps (:mod:`mitoseg.volume.tiles`),
+            so the result equals whole-slice prediction. None: whole slices. Pyramid
+            levels are limited to ``1 +`` the power of two in ``block_yx``. Not with a
+            plan that has hysteresis (``seed_threshold``), which needs whole slices.
         probabilities: also store ``(C, Z, Y, X)`` uint8 probabilities.
         force: replace an existing output (a complete one, another job's, or a non-output).
         voxel_size_nm: ``(z, y, x)`` nm overriding the input's metadata.
@@ -394,8 +622,11 @@ def run_volume_job(
 
     Returns:
         ``{"shape", "blocks", "skipped", "objects", "foreground", "voxel_size_nm",
-        "seconds", "target", "objects_csv", "model_loads"}``; ``model_loads`` maps each
-        worker to the times it loaded the model (1: once per worker, not per block).
+        "seconds", "target", "objects_csv", "model_loads", "block_voxels",
+        "block_seconds", "phase_seconds"}``; ``model_loads`` maps each worker to the times
+        it loaded the model (1: once per worker, not per block); ``block_seconds``
+        summarises the predict tasks of this run (``n``, ``mean``, ``median``, ``max``)
+        and ``phase_seconds`` the wall time of ``predict``, ``stitch`` and ``relabel``.
 
     Raises:
         DataError: unreadable input (named).
@@ -407,6 +638,14 @@ def run_volume_job(
 
     if block_z < 1:
         raise ValueError(f"block_z must be >= 1, got {block_z}")
+    if block_yx is not None and (isinstance(block_yx, bool) or block_yx < 1):
+        raise ValueError(f"block_yx must be None or >= 1, got {block_yx}")
+    if block_yx is not None and plan.seed_threshold is not None:
+        raise ValueError(
+            f"block_yx: the plan's hysteresis (seed_threshold {plan.seed_threshold:g}) keeps "
+            "or drops regions of whole slices, which YX blocks cannot see; use whole-slice "
+            "blocks, or the threshold alone (mitoseg predict --no-hysteresis)"
+        )
     if ngff_version not in ngff.NGFF_VERSIONS:
         raise ValueError(
             f"ngff_version must be one of {sorted(ngff.NGFF_VERSIONS)}, got {ngff_version!r}"
@@ -427,6 +666,8 @@ def run_volume_job(
         "voxel_size_nm": list(vol.voxel_size_nm) if vol.voxel_size_nm else None,
         "plan_sha256": hashlib.sha256(plan_json.encode()).hexdigest(),
     }
+    if block_yx is not None:
+        job["block_yx"] = int(block_yx)
     fingerprint = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
     job["fingerprint"] = fingerprint
     status = ngff.output_status(target) if not force else None
@@ -449,6 +690,7 @@ def run_volume_job(
         plugin=f"mitoseg-predictor-{fingerprint}",
         instance_class=_instance_class(plan),
         probabilities=bool(probabilities),
+        block_yx=None if block_yx is None else int(block_yx),
     )
     if status is None:
         root = ngff.create_output(
@@ -457,6 +699,7 @@ def run_volume_job(
             instances=spec.instance_class is not None,
             probability_channels=plan.out_channels if probabilities else 0,
             job={**job, "blocks": spec.n_blocks, "started": time.time()},
+            block_yx=spec.block_yx,
         )  # fmt: skip
     else:
         root = ngff.open_output(target)
@@ -467,13 +710,17 @@ def run_volume_job(
         client, close = _connect(workers, scheduler)
     try:
         client.register_plugin(PredictorPlugin(_model_payload(model), plan_json), name=spec.plugin)
+        ranges = _slice_ranges(client, spec, todo, plan.z_halo, fingerprint, progress)
         futures = [
             client.submit(
-                _predict_block, spec, b, key=f"mitoseg-predict-{fingerprint}-{b}", pure=False
+                _predict_block, spec, b, _block_ranges(spec, b, plan.z_halo, ranges),
+                key=f"mitoseg-predict-{fingerprint}-{b}", pure=False,
             )
             for b in todo
-        ]
-        _gather(client, futures, "blocks", progress)
+        ]  # fmt: skip
+        phase = time.perf_counter()
+        block_seconds = [r[3] for r in _gather(client, futures, "blocks", progress)]
+        phases = {"predict": time.perf_counter() - phase}
         loads = client.run(_plugin_loads, spec.plugin)
         done = _read_done(root, spec.n_blocks)
         if (done[:, 0] == 0).any():
@@ -484,15 +731,25 @@ def run_volume_job(
         table = None
         if spec.instance_class is not None:
             counts = (done[:, 0] - 1).tolist()
+            offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            [offsets_future] = client.scatter([offsets], broadcast=True)
             face_futures = [
                 client.submit(
-                    _face_task, spec, b, key=f"mitoseg-face-{fingerprint}-{b}", pure=False
+                    _face_task, spec, b, offsets_future,
+                    key=f"mitoseg-face-{fingerprint}-{b}", pure=False,
                 )
-                for b in range(spec.n_blocks - 1)
-            ]
-            faces = dict(_gather(client, face_futures, "stitching", progress))
-            mapping, n_objects = stitch_labels(counts, faces)
-            offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+                for b in range(spec.n_blocks)
+            ]  # fmt: skip
+            phase = time.perf_counter()
+            faces = _gather(client, face_futures, "stitching", progress, ordered=True)
+            total = int(offsets[-1])
+            firsts = np.zeros(total + 1, dtype=np.int64)
+            for b, (_, first) in enumerate(faces):
+                firsts[offsets[b] + 1 : offsets[b] + 1 + first.size] = first
+            pairs = np.concatenate([p for p, _ in faces])
+            mapping, n_objects = stitch_global(total, pairs, firsts)
+            phases["stitch"] = time.perf_counter() - phase
+            phase = time.perf_counter()
             [mapping_future] = client.scatter([mapping], broadcast=True)
             relabel = [
                 client.submit(
@@ -501,13 +758,18 @@ def run_volume_job(
                 )
                 for b in range(spec.n_blocks)
             ]  # fmt: skip
-            ids, moments = combine_moments(_gather(client, relabel, "instances", progress))
+            parts = _gather(client, relabel, "instances", progress)
+            ids, moments = combine_moments([(i, m) for i, m, _ in parts])
+            spans = np.unique(np.concatenate([np.zeros(0, np.int64), *(p[2] for p in parts)]))
+            slices = np.bincount(spans // vol.shape[0], minlength=n_objects + 1)
+            moments[:, 17] = slices[ids]  # slices spanned, counted once over YX blocks
             rows = rows_from_moments(ids, moments, spec.voxel_size_nm, vol.shape[0] == 1)
             buf = io.StringIO()
             with tempfile.TemporaryDirectory() as tmp:
                 local_csv = write_object_table(Path(tmp) / "objects.csv", rows)
                 buf.write(local_csv.read_text())
             table = ngff.write_text(target, "objects.csv", buf.getvalue())
+            phases["relabel"] = time.perf_counter() - phase
     finally:
         with contextlib.suppress(Exception):  # the cluster may be gone already
             client.unregister_worker_plugin(spec.plugin)
@@ -532,4 +794,20 @@ def run_volume_job(
         "target": target,
         "objects_csv": table,
         "model_loads": {str(k): int(v) for k, v in loads.items()},
+        "block_voxels": int(np.prod(spec.block_shape)),
+        "block_seconds": _stats(block_seconds),
+        "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
+    }
+
+
+def _stats(values: list[float]) -> dict[str, float | int]:
+    """``n``, ``mean``, ``median``, ``max`` (seconds) of the blocks computed by this run."""
+    if not values:
+        return {"n": 0}
+    arr = np.asarray(values, dtype=np.float64)
+    return {
+        "n": int(arr.size),
+        "mean": round(float(arr.mean()), 4),
+        "median": round(float(np.median(arr)), 4),
+        "max": round(float(arr.max()), 4),
     }

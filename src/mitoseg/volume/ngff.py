@@ -44,6 +44,8 @@ __all__ = [
     "remove_store",
     "write_levels",
     "write_text",
+    "yx_chunk",
+    "yx_levels",
 ]
 
 #: Completion record array at the root.
@@ -60,10 +62,10 @@ NGFF_VERSIONS = {"0.4": 2, "0.5": 3}
 YX_CHUNK = 256
 
 
-def pyramid_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+def pyramid_shapes(shape: tuple[int, ...], max_levels: int = MAX_LEVELS) -> list[tuple[int, ...]]:
     """Shapes of the pyramid levels of a ``(..., Z, Y, X)`` array (y, x halved, ceil)."""
     shapes = [tuple(shape)]
-    while len(shapes) < MAX_LEVELS:
+    while len(shapes) < max_levels:
         *lead, y, x = shapes[-1]
         ny, nx = math.ceil(y / 2), math.ceil(x / 2)
         if min(ny, nx) < MIN_SIDE:
@@ -137,21 +139,38 @@ def _image_attrs(ngff: str, ms: dict[str, Any], extra: dict[str, Any] | None = N
     return body
 
 
+def yx_levels(block_yx: int | None) -> int:
+    """Most pyramid levels for blocks of ``block_yx`` pixels in y and x: a block must
+    start on an even pixel of every level but the last, so ``block_yx`` must be divisible
+    by ``2 ** (levels - 1)`` (:data:`MAX_LEVELS` for whole slices)."""
+    if block_yx is None:
+        return MAX_LEVELS
+    twos = (block_yx & -block_yx).bit_length() - 1
+    return min(MAX_LEVELS, twos + 1)
+
+
+def yx_chunk(block_yx: int | None, level: int) -> int:
+    """Output chunk side in y and x at a pyramid level: :data:`YX_CHUNK` for whole
+    slices; with YX blocks, the largest divisor of the level's block side that is at
+    most :data:`YX_CHUNK`, so two blocks never write the same chunk."""
+    if block_yx is None:
+        return YX_CHUNK
+    side = block_yx >> level
+    return next(d for d in range(min(YX_CHUNK, side), 0, -1) if side % d == 0)
+
+
 def _create_pyramid(
     group: Any,
     shape: tuple[int, ...],
     dtype: Any,
     chunk_z: int,
     zarr_format: int,
+    block_yx: int | None = None,
 ) -> list[tuple[int, ...]]:
-    shapes = pyramid_shapes(shape)
+    shapes = pyramid_shapes(shape, yx_levels(block_yx))
     for level, s in enumerate(shapes):
-        chunks = (
-            *([1] * (len(s) - 3)),
-            min(chunk_z, s[-3]),
-            min(YX_CHUNK, s[-2]),
-            min(YX_CHUNK, s[-1]),
-        )
+        c = yx_chunk(block_yx, level)
+        chunks = (*([1] * (len(s) - 3)), min(chunk_z, s[-3]), min(c, s[-2]), min(c, s[-1]))
         kwargs: dict[str, Any] = {}
         if zarr_format == 2:
             kwargs["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
@@ -173,6 +192,7 @@ def create_output(
     instances: bool = True,
     probability_channels: int = 0,
     job: dict[str, Any] | None = None,
+    block_yx: int | None = None,
 ) -> Any:
     """Create an empty output store (see the module docstring) and return its root group.
 
@@ -188,6 +208,8 @@ def create_output(
         instances: create ``labels/instances`` (and the per-block local labels).
         probability_channels: ``C > 0`` creates ``probabilities`` ``(C, Z, Y, X)`` uint8.
         job: the job description stored in the ``mitoseg`` attribute.
+        block_yx: YX side of a block (None: whole slices); sets the chunk sides and
+            limits the pyramid levels (:func:`yx_levels`, :func:`yx_chunk`).
 
     Raises:
         ValueError: an unknown NGFF version.
@@ -198,7 +220,7 @@ def create_output(
         raise ValueError(f"ngff version must be one of {sorted(NGFF_VERSIONS)}, got {ngff!r}")
     fmt = NGFF_VERSIONS[ngff]
     root = zarr.open_group(store=open_store(uri, read_only=False), mode="w", zarr_format=fmt)
-    shapes = _create_pyramid(root, shape, dtype, block_z, fmt)
+    shapes = _create_pyramid(root, shape, dtype, block_z, fmt, block_yx)
     attrs = _image_attrs(ngff, _multiscale("image", shapes, voxel_size_nm, False, False, ngff))
     labels = root.create_group("labels")
     names = ["mask", *(["instances"] if instances else [])]
@@ -209,7 +231,7 @@ def create_output(
         if name not in names:
             continue
         g = labels.create_group(name)
-        lshapes = _create_pyramid(g, shape, dt, block_z, fmt)
+        lshapes = _create_pyramid(g, shape, dt, block_z, fmt, block_yx)
         image_label: dict[str, Any] = {"source": {"image": "../../"}}
         if ngff == "0.4":
             image_label["version"] = "0.4"
@@ -222,7 +244,9 @@ def create_output(
         )
     if probability_channels:
         g = root.create_group("probabilities")
-        pshapes = _create_pyramid(g, (probability_channels, *shape), "uint8", block_z, fmt)
+        pshapes = _create_pyramid(
+            g, (probability_channels, *shape), "uint8", block_z, fmt, block_yx
+        )
         g.attrs.update(
             _image_attrs(
                 ngff, _multiscale("probabilities", pshapes, voxel_size_nm, False, True, ngff)
@@ -236,7 +260,8 @@ def create_output(
         compressors=None, **extra,
     )  # fmt: skip
     if instances:
-        chunks = (block_z, min(YX_CHUNK, shape[1]), min(YX_CHUNK, shape[2]))
+        c = yx_chunk(block_yx, 0)
+        chunks = (block_z, min(c, shape[1]), min(c, shape[2]))
         root.create_array(
             LOCAL_ARRAY, shape=shape, chunks=chunks, dtype="uint32", fill_value=0, **extra
         )
@@ -302,14 +327,23 @@ def remove_store(uri: str) -> None:
         p.unlink()
 
 
-def write_levels(group: Any, block: np.ndarray, z0: int, label: bool) -> None:
-    """Write a ``(..., z, Y, X)`` block at slice ``z0`` into every pyramid level of a
-    multiscale group (arrays ``0 .. L-1``)."""
+def write_levels(
+    group: Any, block: np.ndarray, z0: int, label: bool, y0: int = 0, x0: int = 0
+) -> None:
+    """Write a ``(..., z, y, x)`` block at ``(z0, y0, x0)`` into every pyramid level of a
+    multiscale group (arrays ``0 .. L-1``); ``y0`` and ``x0`` are divisible by
+    ``2 ** (L - 1)`` (:func:`yx_levels`)."""
     level = 0
     data = block
     while str(level) in group:
         arr = group[str(level)]
-        index = (*([slice(None)] * (data.ndim - 3)), slice(z0, z0 + data.shape[-3]))
+        ly, lx = y0 >> level, x0 >> level
+        index = (
+            *([slice(None)] * (data.ndim - 3)),
+            slice(z0, z0 + data.shape[-3]),
+            slice(ly, ly + data.shape[-2]),
+            slice(lx, lx + data.shape[-1]),
+        )
         arr[index] = data
         level += 1
         data = downsample(data, label)

@@ -133,6 +133,28 @@ class Volume:
                 f"{self.uri}: cannot read slices {z0}..{z1 - 1} ({type(exc).__name__}: {exc})"
             ) from None
 
+    def read_region(self, z0: int, z1: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Voxels ``z0 .. z1-1, y0 .. y1-1, x0 .. x1-1`` as a ``(z, y, x)`` array.
+
+        Raises:
+            ValueError: an empty or out-of-range region.
+            DataError: a chunk that cannot be read or decoded (names the volume).
+        """
+        _, h, w = self.shape
+        if not (0 <= z0 < z1 <= self.shape[0] and 0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
+            raise ValueError(
+                f"{self.uri}: region {z0}..{z1}, {y0}..{y1}, {x0}..{x1} outside {self.shape}"
+            )
+        try:
+            return np.asarray(
+                self._array[(*self._lead, slice(z0, z1), slice(y0, y1), slice(x0, x1))]
+            )
+        except Exception as exc:  # zarr / codecs / fsspec raise many types
+            raise DataError(
+                f"{self.uri}: cannot read slices {z0}..{z1 - 1}, rows {y0}..{y1 - 1}, columns "
+                f"{x0}..{x1 - 1} ({type(exc).__name__}: {exc})"
+            ) from None
+
     def close(self) -> None:
         """Release an open TIFF file (no-op for Zarr)."""
         if self._close is not None:
