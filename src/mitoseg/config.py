@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
@@ -452,18 +451,16 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     Raises:
         ConfigError: the file is missing, not YAML, or not a mapping.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: params file not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: top level must be a mapping of sections")
-    return data
+    from mitoseg.io import read_mapping
+
+    return read_mapping(
+        path,
+        "params file",
+        fmt="yaml",
+        expected="a mapping of sections at the top level",
+        empty_ok=True,
+        error=ConfigError,
+    )
 
 
 def load_section(name: str, path: str | Path = "params.yaml") -> Any:

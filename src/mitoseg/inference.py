@@ -1,6 +1,6 @@
 """Tiled whole-image inference: one implementation for evaluate, ``mitoseg predict``, the
 
-Why one module of about 570 lines: it is the one inference implementation (tiling,
+Why one module of about 630 lines: it is the one inference implementation (tiling,
 blending, 2.5D context, z-averaging, decision) that every consumer calls; together it
 stays one pure function family over arrays.
 

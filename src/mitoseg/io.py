@@ -28,6 +28,7 @@ __all__ = [
     "normalize_slice",
     "read_image",
     "read_json_object",
+    "read_mapping",
     "read_stack",
     "read_voxel_size",
     "robust_range",
@@ -107,26 +108,59 @@ def write_json(path: str | Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
-def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
-    """Read a JSON file that must hold an object.
+def read_mapping(
+    path: str | Path,
+    what: str,
+    *,
+    fmt: str = "json",
+    expected: str = "a JSON object",
+    empty_ok: bool = False,
+    error: type[Exception] = DataError,
+) -> dict[str, Any]:
+    """Read a JSON or YAML file that must hold a mapping (stage files, params, manifests).
 
     Args:
         path: the file.
         what: what the file is, for messages (e.g. ``"train info"``).
+        fmt: ``"json"`` or ``"yaml"``.
+        expected: what the top level must be, for the message.
+        empty_ok: an empty YAML file is an empty mapping (else it is not a mapping).
+        error: the exception raised (``DataError``; the config module passes its own).
+
+    Raises:
+        error: ``<path>: <what> not found``, ``<path>: not valid JSON|YAML: <reason>`` or
+            ``<path>: expected <expected>``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{p}: {what} not found")
+    text = p.read_text()
+    if fmt == "json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise error(f"{p}: not valid JSON: {exc}") from None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise error(f"{p}: not valid YAML: {exc}") from None
+        if data is None and empty_ok:
+            data = {}
+    if not isinstance(data, dict):
+        raise error(f"{p}: expected {expected}")
+    return data
+
+
+def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
+    """Read a JSON file that must hold an object (:func:`read_mapping`).
 
     Raises:
         DataError: missing file, invalid JSON, or not an object (names the file).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: {what} not found")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{p}: not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{p}: expected a JSON object")
-    return data
+    return read_mapping(path, what)
 
 
 def _json_default(obj: Any) -> Any:

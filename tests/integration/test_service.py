@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,26 +28,13 @@ import requests
 import tifffile
 from PIL import Image
 
+from encoded import png_bytes, tiff_bytes
 from servers import AUTH, FLOPS_PER_PIXEL, SERVE, TOKEN, VNC, Server, vnc_slice
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 CDEEP3M = REPO.parent / "shared" / "data" / "cdeep3m" / "cdeep3m_test_raw.tif"
-
-
-def tiff_bytes(arr: np.ndarray, **kwargs: object) -> bytes:
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tifffile.imwrite(buf, arr, **kwargs)
-    return buf.getvalue()
-
-
-def png_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture()

@@ -491,7 +491,7 @@ def test_manifest_mixed_masks_in_split(tmp_path: Path) -> None:
         ({"train": [], "test": []}, r"'train' must be a non-empty list"),
         ({"train": [{"image": "a.tif", "mask": "b.tif"}]}, r"'test' must be a non-empty list"),
         ({"extra": 1}, r"unknown manifest key\(s\) \['extra'\]"),
-        (["a"], r"manifest must be a mapping"),
+        (["a"], r"expected a manifest mapping with 'train' and 'test' lists"),
         ({"train": ["a.tif"], "test": [{"image": "a"}]}, r"train\[0\]: entry must be a mapping"),
         ({"train": [{"mask": "m.tif"}], "test": []}, r"train\[0\]: 'image' is required"),
         ({"train": [{"image": "a.tif"}], "test": []}, r"train\[0\]: 'mask' is required"),
@@ -514,7 +514,7 @@ def test_manifest_errors(tmp_path: Path, doc: object, message: str) -> None:
 def test_manifest_invalid_yaml_and_slices_out_of_range(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
-    with pytest.raises(DataError, match=r"bad\.yaml: invalid YAML"):
+    with pytest.raises(DataError, match=r"bad\.yaml: not valid YAML"):
         fetch(str(bad), tmp_path / "raw", progress=False)
     tifffile.imwrite(tmp_path / "a.tif", _stack(2))
     tifffile.imwrite(tmp_path / "ma.tif", _mask(2))

@@ -6,13 +6,13 @@ import asyncio
 import io
 import json
 import logging
-import warnings
 
 import numpy as np
 import pytest
 import tifffile
 from PIL import Image
 
+from encoded import png_bytes, tiff_bytes
 from mitoseg.config import ServeConfig
 from mitoseg.serving.analysis import foreground_index, mask_stats
 from mitoseg.serving.codec import (
@@ -34,20 +34,6 @@ from mitoseg.serving.middleware import (
 )
 
 LIMITS = Limits()
-
-
-def tiff_bytes(arr: np.ndarray, **kwargs: object) -> bytes:
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tifffile.imwrite(buf, arr, **kwargs)
-    return buf.getvalue()
-
-
-def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def patched_tiff(width: int, height: int) -> bytes:

@@ -386,16 +386,11 @@ def parse_manifest(path: Path) -> tuple[dict[str, list[StackRef]], str | None]:
             ``train``/``test``, an entry without ``image``, a bad ``slices`` value, or a
             train entry without ``mask``. Messages name the manifest and the entry.
     """
-    import yaml
+    from mitoseg.io import read_mapping
 
-    if not path.is_file():
-        raise DataError(f"{path}: manifest not found")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise DataError(f"{path}: invalid YAML ({exc})") from None
-    if not isinstance(doc, dict):
-        raise DataError(f"{path}: manifest must be a mapping with 'train' and 'test' lists")
+    doc = read_mapping(
+        path, "manifest", fmt="yaml", expected="a manifest mapping with 'train' and 'test' lists"
+    )
     unknown = sorted(set(doc) - _MANIFEST_KEYS)
     if unknown:
         raise DataError(
