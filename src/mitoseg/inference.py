@@ -379,7 +379,6 @@ def keep_seeded_regions(mask: np.ndarray, probs: np.ndarray, seed_threshold: flo
         return np.zeros(mask.shape, np.uint8)
     seeded = np.zeros(n + 1, bool)
     seeded[labels[(probs >= seed_threshold) & (labels > 0)]] = True
-    seeded[0] = False
     return seeded[labels].astype(np.uint8)
 
 
