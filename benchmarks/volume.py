@@ -16,7 +16,9 @@ Measures (all into ``benchmarks/results/volume.json`` with the machine and git c
    :func:`mitoseg.inference.segment_stack` on the same voxels (read into memory first):
    ``overhead_predict`` compares the predict phase (blocks: read, predict, write image,
    mask and local labels), ``overhead_total`` the whole job (plus stitching, instance
-   ids, pyramids and ``objects.csv``). Goal: predict within 10 %.
+   ids, pyramids and ``objects.csv``). Goal: predict within 10 %. The predict phase is
+   split into Dask's share and the tasks' read, predict, write and instance parts
+   (:func:`overhead_figures`).
 3. **memory**: peak RSS of every worker process (psutil, sampled every 0.1 s from this
    process) for volumes of ``--sizes-gb`` (default 0.25, 1, 4 GB of uint8 voxels).
 4. **kill -9**: ``mitoseg predict`` on a volume, killed with SIGKILL (its whole process
@@ -31,6 +33,8 @@ Usage:
     python benchmarks/volume.py --quick          # smoke test, tiny sizes, ~2 min
     python benchmarks/volume.py                  # full run (see docs/VOLUMES.md)
     python benchmarks/volume.py --readme         # print the README table from the JSON
+    python benchmarks/volume.py --skip memory kill --model M.keras --name volume_overhead
+                                                 # scaling and overhead with a real model
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ import numpy as np
 from common import RESULTS, ROOT, machine, save
 
 GB = 1e9
+SKIPPABLE = ("memory", "kill")  # scaling, overhead and capacity always run
 TB_VOXELS = 1e12  # 1 TB of uint8 voxels
 VNC = ROOT / "src" / "mitoseg" / "sample_data" / "vnc"
 #: AWS on-demand Linux, us-east-1, as listed on 2026-06-17 (factualminds.com, "Amazon EC2
@@ -361,6 +366,33 @@ def capacity_model(
     }
 
 
+def overhead_figures(one: dict[str, Any], ref: dict[str, float]) -> dict[str, Any]:
+    """The 1-worker job against in-process ``segment_stack`` (``ref``), split up.
+
+    ``overhead_predict``: the predict phase's wall time over ``segment_stack``'s, minus 1
+    (the goal: at most 0.10); ``overhead_total``: the whole job's. The phase is then split
+    into its parts, each as a share of ``segment_stack``'s time: ``dask`` (the phase's
+    wall time not spent inside a task: scheduling, transfers, worker start), and the
+    tasks' ``read``, ``predict`` (normalise, predict, decide the mask), ``write`` (image,
+    mask and their pyramids) and ``instances`` (per-block labels and their write), from
+    ``block_parts_seconds``; ``compute_vs_in_process`` compares ``read + predict`` alone.
+    """
+    phase = one["phase_seconds"]["predict"]
+    parts = one.get("block_parts_seconds", {})
+    in_tasks = one["block_seconds"].get("mean", 0.0) * one["block_seconds"].get("n", 0)
+    share = {k: round(v / ref["seconds"], 4) for k, v in parts.items()}
+    out = {
+        "in_process": ref, "job_seconds": one["seconds"], "predict_seconds": phase,
+        "overhead_predict": phase / ref["seconds"] - 1,
+        "overhead_total": one["seconds"] / ref["seconds"] - 1, "goal": 0.10,
+        "parts_vs_in_process": {"dask": round((phase - in_tasks) / ref["seconds"], 4), **share},
+    }  # fmt: skip
+    if parts:
+        compute = parts["read"] + parts["predict"]
+        out["compute_vs_in_process"] = round(compute / ref["seconds"] - 1, 4)
+    return out
+
+
 # ------------------------------------------------------------------ README table
 
 
@@ -428,6 +460,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="GPU worker over the measured CPU worker (assumption)")  # fmt: skip
     ap.add_argument("--name", default=None, help="result file name (default volume[_quick])")
     ap.add_argument("--readme", action="store_true", help="print the README table and exit")
+    ap.add_argument("--skip", nargs="+", choices=SKIPPABLE, default=[],
+                    help="leave these measures out (no README table then)")  # fmt: skip
     args = ap.parse_args(argv)
     name = args.name or ("volume_quick" if args.quick else "volume")
     if args.readme:
@@ -449,14 +483,9 @@ def main(argv: list[str] | None = None) -> None:
         scaling["ratio"] = scaling["2"]["voxels_per_s"] / scaling["1"]["voxels_per_s"]
         ref = in_process(src, net, plan)
         one = scaling["1"]
-        overhead = {
-            "in_process": ref, "job_seconds": one["seconds"],
-            "predict_seconds": one["phase_seconds"]["predict"],
-            "overhead_predict": one["phase_seconds"]["predict"] / ref["seconds"] - 1,
-            "overhead_total": one["seconds"] / ref["seconds"] - 1, "goal": 0.10,
-        }  # fmt: skip
+        overhead = overhead_figures(one, ref)
         memory = []
-        for gb in args.sizes_gb:
+        for gb in args.sizes_gb if "memory" not in args.skip else []:
             vsrc, vshape = write_volume(work / "mem.ome.zarr", gb * GB, args.side, args.block_z)
             res = run_job(vsrc, work / "out.ome.zarr", net, plan, 2, args.block_z)
             memory.append(
@@ -469,10 +498,12 @@ def main(argv: list[str] | None = None) -> None:
                 }
             )
             shutil.rmtree(work / "mem.ome.zarr", ignore_errors=True)  # fmt: skip
-        ksrc, kshape = write_volume(work / "kill.ome.zarr", args.kill_gb * GB, args.side,
-                                    args.block_z)  # fmt: skip
-        blocks = -(-kshape[0] // args.block_z)
-        kill = kill_and_resume(ksrc, work, model_path, 2, args.block_z, blocks)
+        kill = None
+        if "kill" not in args.skip:
+            ksrc, kshape = write_volume(work / "kill.ome.zarr", args.kill_gb * GB, args.side,
+                                        args.block_z)  # fmt: skip
+            blocks = -(-kshape[0] // args.block_z)
+            kill = kill_and_resume(ksrc, work, model_path, 2, args.block_z, blocks)
     voxels = float(np.prod(one["shape"]))
     post = sum(v for k, v in one["phase_seconds"].items() if k != "predict") / voxels
     capacity = capacity_model(
@@ -492,7 +523,10 @@ def main(argv: list[str] | None = None) -> None:
         "capacity": capacity, "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
     save(name, data)
-    print(readme_table(data))
+    if not args.skip:
+        print(readme_table(data))
+    else:
+        print(json.dumps(overhead, indent=1))
 
 
 if __name__ == "__main__":

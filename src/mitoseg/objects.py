@@ -41,6 +41,7 @@ __all__ = [
     "MOMENT_COLUMNS",
     "OBJECT_COLUMNS",
     "combine_moments",
+    "first_voxels",
     "instance_labels",
     "instance_scores",
     "measure_objects",
@@ -177,7 +178,7 @@ def object_moments(
     if z.size == 0:
         return np.zeros(0, np.int64), np.zeros((0, len(MOMENT_COLUMNS)))
     ids_all = labels[z, y, x].astype(np.int64)
-    ids, inv = np.unique(ids_all, return_inverse=True)
+    ids, inv = _dense_ids(ids_all)
     m = np.zeros((ids.size, len(MOMENT_COLUMNS)), dtype=np.float64)
     zf = z.astype(np.float64) + z_offset
     yf, xf = y.astype(np.float64), x.astype(np.float64)
@@ -193,9 +194,56 @@ def object_moments(
     if image is not None:
         m[:, 16] = np.bincount(inv, weights=image[z, y, x].astype(np.float64), minlength=ids.size)
     depth = labels.shape[0] + 1
-    pairs = np.unique(inv.astype(np.int64) * depth + z)
-    m[:, 17] = np.bincount(pairs // depth, minlength=ids.size)
+    keys = inv.astype(np.int64) * depth + z
+    if ids.size * depth <= _DENSE_LIMIT:  # (object, slice) pairs as a table: no sort
+        held = np.bincount(keys, minlength=ids.size * depth) > 0
+        m[:, 17] = held.reshape(ids.size, depth).sum(axis=1)
+    else:
+        m[:, 17] = np.bincount(np.unique(keys) // depth, minlength=ids.size)
     return ids, m
+
+
+#: Largest id (or object x slice table) counted densely with ``np.bincount`` instead of
+#: sorted with ``np.unique``: linear time, at most this many counters.
+_DENSE_LIMIT = 1 << 24
+
+
+def _dense_ids(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)`` of non-negative int64 ids, without a
+    sort when the largest id is at most :data:`_DENSE_LIMIT` (or the value count)."""
+    top = int(values.max())
+    if top > max(_DENSE_LIMIT, values.size):
+        return np.unique(values, return_inverse=True)
+    present = np.bincount(values, minlength=top + 1) > 0
+    lut = np.cumsum(present) - 1
+    return np.flatnonzero(present).astype(values.dtype), lut[values]
+
+
+def first_voxels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each label's first voxel in scan (C) order.
+
+    Args:
+        labels: non-negative integer labels of any shape.
+
+    Returns:
+        ``(ids (N,) int64 > 0 ascending, flat (N,) int64)``: ``flat[i]`` is the flat index
+        (``np.ravel_multi_index`` over ``labels.shape``) of the first voxel of ``ids[i]``;
+        equal to ``np.unique(labels.ravel(), return_index=True)`` without 0. Linear time
+        when the ids are numbered in scan order (:func:`instance_labels`), else a sort.
+    """
+    flat = np.asarray(labels).ravel()
+    where = np.flatnonzero(flat)
+    if where.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    values = flat[where].astype(np.int64)
+    running = np.maximum.accumulate(values)
+    n = int(running[-1])
+    pos = np.searchsorted(running, np.arange(1, n + 1))
+    if np.array_equal(values[pos], np.arange(1, n + 1)):  # 1 .. n, each first in scan order
+        return np.arange(1, n + 1, dtype=np.int64), where[pos].astype(np.int64)
+    ids, first = np.unique(flat, return_index=True)
+    keep = ids > 0
+    return ids[keep].astype(np.int64), first[keep].astype(np.int64)
 
 
 def combine_moments(

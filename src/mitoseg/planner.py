@@ -33,7 +33,14 @@ from mitoseg.evaluate import EvaluationResult, choose_threshold, evaluate_stack
 from mitoseg.metrics import confusion_matrix, scores_from_confusion
 from mitoseg.plan import InferencePlan, Normalization
 
-__all__ = ["EngineTrial", "PlanReport", "draft_plan", "evaluate_split", "make_plan"]
+__all__ = [
+    "EngineTrial",
+    "MemoPredictor",
+    "PlanReport",
+    "draft_plan",
+    "evaluate_split",
+    "make_plan",
+]
 
 
 @dataclass
@@ -57,6 +64,9 @@ class PlanReport:
     z_average: dict[str, float] = field(default_factory=dict)
     seed_threshold: dict[str, float] = field(default_factory=dict)
     engines: list[EngineTrial] = field(default_factory=list)
+    #: validation batches the choices ran through Keras FP32 and got back from memory
+    #: (:class:`MemoPredictor`), engine timing excluded
+    forward_passes: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict."""
@@ -67,6 +77,7 @@ class PlanReport:
             "z_average": dict(self.z_average),
             "seed_threshold": dict(self.seed_threshold),
             "engines": [vars(t) for t in self.engines],
+            "forward_passes": dict(self.forward_passes),
         }
 
 
@@ -134,6 +145,49 @@ def draft_plan(
     return plan, dict(field_)
 
 
+class MemoPredictor:
+    """A batch predictor that remembers its answers.
+
+    The plan's choices on the validation block (threshold, border, z-averaging,
+    hysteresis) run the same tiles through the network again and again: z-averaging and
+    hysteresis only change what is done with the probabilities, and each border is one
+    set of tiles. Wrapped in this, every distinct input batch (keyed by shape, dtype and
+    a BLAKE2b digest of its bytes) runs once; the network being deterministic, the
+    answers are the ones a new forward pass would give.
+
+    Args:
+        predict: ``(B, H, W, C_in) float32 -> (B, H, W, C) float32`` batch predictor.
+        max_bytes: answers kept at most (later new batches are computed, not stored).
+    """
+
+    def __init__(self, predict: Any, max_bytes: int = 2**31) -> None:
+        self._predict = predict
+        self.max_bytes = int(max_bytes)
+        self._answers: dict[tuple[Any, ...], np.ndarray] = {}
+        self._bytes = 0
+        #: forward passes run (misses) and answers served from memory (hits).
+        self.misses = 0
+        self.hits = 0
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """The wrapped predictor's answer for ``batch`` (a copy: callers may modify it)."""
+        import hashlib
+
+        arr = np.ascontiguousarray(batch)
+        digest = hashlib.blake2b(arr.view(np.uint8).reshape(-1), digest_size=16).digest()
+        key = (arr.shape, arr.dtype.str, digest)
+        known = self._answers.get(key)
+        if known is not None:
+            self.hits += 1
+            return known.copy()
+        self.misses += 1
+        out = np.asarray(self._predict(arr))
+        if self._bytes + out.nbytes <= self.max_bytes:
+            self._answers[key] = out.copy()
+            self._bytes += out.nbytes
+        return out
+
+
 def _score(predict: Any, images: np.ndarray, masks: np.ndarray, plan: InferencePlan) -> float:
     """Foreground IoU (binary) or mean IoU (multiclass) of ``plan`` on labelled slices."""
     from mitoseg.inference import segment_stack
@@ -145,14 +199,11 @@ def _score(predict: Any, images: np.ndarray, masks: np.ndarray, plan: InferenceP
 
 
 def _choose_border(
-    model: Any, plan: InferencePlan, images: Any, masks: Any, progress: bool
+    predict: Any, plan: InferencePlan, images: Any, masks: Any, progress: bool
 ) -> tuple[InferencePlan, dict[str, float]]:
     """Keep reflect padding of ``halo`` at image borders, or none (as in training crops),
     whichever scores better on the validation slices (re-choosing the threshold for each;
     ties keep the halo)."""
-    from mitoseg.runtime import compile_predictor
-
-    predict = compile_predictor(model)
     zero = _rethreshold(predict, plan.with_overrides(border=0), images, masks, progress)
     plans = {"halo": plan, "none": zero}
     scores = {name: round(_score(predict, images, masks, p), 6) for name, p in plans.items()}
@@ -176,7 +227,7 @@ def _rethreshold(
 
 
 def _choose_z_average(
-    model: Any,
+    predict: Any,
     plan: InferencePlan,
     images: Any,
     masks: Any,
@@ -185,9 +236,6 @@ def _choose_z_average(
 ) -> tuple[InferencePlan, dict[str, float]]:
     """The z-averaging radius (:attr:`InferencePlan.z_average`) that scores best on the
     validation block (threshold chosen again for each; ties keep the smaller radius)."""
-    from mitoseg.runtime import compile_predictor
-
-    predict = compile_predictor(model)
     plans = {
         r: _rethreshold(predict, plan.with_overrides(z_average=r), images, masks, progress)
         for r in candidates
@@ -204,7 +252,7 @@ HYSTERESIS_SEEDS = tuple(round(0.6 + 0.05 * i, 2) for i in range(8))  # 0.6 .. 0
 
 
 def _choose_seed_threshold(
-    model: Any, plan: InferencePlan, images: Any, masks: Any, setting: float | str | None
+    predict: Any, plan: InferencePlan, images: Any, masks: Any, setting: float | str | None
 ) -> tuple[InferencePlan, dict[str, float]]:
     """Hysteresis (:attr:`InferencePlan.seed_threshold`) for a binary plan.
 
@@ -217,10 +265,9 @@ def _choose_seed_threshold(
     if plan.n_classes != 2 or setting != "auto":
         return plan, {}  # a fixed setting is set by make_plan
     from mitoseg.inference import decide_mask, iter_stack_probabilities
-    from mitoseg.runtime import compile_predictor
 
     truth = np.asarray(masks) != 0
-    probs = list(iter_stack_probabilities(compile_predictor(model), images, plan))
+    probs = list(iter_stack_probabilities(predict, images, plan))
 
     def iou(candidate: InferencePlan) -> float:
         pred = np.stack([decide_mask(p, candidate) for p in probs]) != 0
@@ -316,11 +363,16 @@ def make_plan(
         plan = plan.with_calibration(calibration_images)
     report = PlanReport(receptive_field=field_)
     has_val = val_images is not None and val_masks is not None and len(val_images) > 0
+    predict: Any = None
+    if has_val:  # Keras FP32 for every choice but the engine's, each tile run once
+        from mitoseg.runtime import compile_predictor
+
+        predict = MemoPredictor(compile_predictor(model))
     if plan.n_classes == 2:
         if cfg.threshold != "auto":
             plan = plan.with_overrides(threshold=float(cfg.threshold), threshold_source="params")
         elif has_val:
-            choice = choose_threshold(model, val_images, val_masks, plan, progress=progress)
+            choice = choose_threshold(predict, val_images, val_masks, plan, progress=progress)
             plan = plan.with_overrides(
                 threshold=choice.threshold,
                 threshold_source="validation",
@@ -331,14 +383,15 @@ def make_plan(
     if plan.n_classes == 2 and isinstance(cfg.seed_threshold, float):
         plan = plan.with_overrides(seed_threshold=cfg.seed_threshold)
     if has_val:
-        plan, report.border = _choose_border(model, plan, val_images, val_masks, progress)
+        plan, report.border = _choose_border(predict, plan, val_images, val_masks, progress)
         if cfg.z_average == "auto" and len(val_images) >= 2:  # one slice: nothing to average
             plan, report.z_average = _choose_z_average(
-                model, plan, val_images, val_masks, [0, 1], progress
+                predict, plan, val_images, val_masks, [0, 1], progress
             )
         plan, report.seed_threshold = _choose_seed_threshold(
-            model, plan, val_images, val_masks, cfg.seed_threshold
+            predict, plan, val_images, val_masks, cfg.seed_threshold
         )
+        report.forward_passes = {"run": predict.misses, "remembered": predict.hits}
         from mitoseg.runtime import available_engines
 
         candidates = [e for e in available_engines() if f"{e[0]}/{e[1]}" in cfg.engines]

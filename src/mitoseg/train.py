@@ -48,7 +48,7 @@ import os
 import shutil
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,7 +70,9 @@ __all__ = [
     "backup_id",
     "initial_weights",
     "load_patches",
+    "op_determinism",
     "run_key",
+    "sample_stream",
     "setup_determinism",
     "train_model",
     "weights_digest",
@@ -605,7 +607,7 @@ def setup_determinism(deterministic: bool) -> bool:
 
 
 @contextlib.contextmanager
-def _op_determinism(enabled: bool) -> Iterator[None]:
+def op_determinism(enabled: bool) -> Iterator[None]:
     """Op determinism (and one inter-op thread) inside the block; op determinism is
     switched off again afterwards when it was off before."""
     if not enabled:
@@ -650,32 +652,65 @@ def _setup_devices(cfg: TrainConfig) -> tuple[Any, bool]:
     return strategy, mixed
 
 
+def _data_options() -> Any:
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.deterministic = True
+    # its own threads: the crop/augment map stays parallel with one inter-op thread
+    options.threading.private_threadpool_size = max(2, os.cpu_count() or 1)
+    return options
+
+
+def sample_stream(
+    sample: Callable[[int], tuple[np.ndarray, np.ndarray]],
+    start: int,
+    batch_size: int,
+    shapes: tuple[tuple[int, ...], tuple[int, ...]],
+    dtypes: tuple[str, str],
+) -> Any:
+    """Infinite ``tf.data`` stream of batches of ``sample(k)`` for ``k = start, start+1 ...``.
+
+    Args:
+        sample: pure function of the element index ``k`` -> ``(input, target)`` numpy
+            arrays (e.g. :meth:`CropSampler.sample`); run in parallel, order kept.
+        start: index of the first element (a resumed run skips the elements it saw).
+        batch_size: elements per batch.
+        shapes: ``(input shape, target shape)`` of one element.
+        dtypes: ``(input dtype, target dtype)`` names, e.g. ``("float32", "uint8")``.
+
+    Returns:
+        ``tf.data.Dataset`` of ``(inputs (B, *shapes[0]), targets (B, *shapes[1]))``.
+    """
+    import tensorflow as tf
+
+    def load(k: Any) -> tuple[Any, Any]:
+        # stateless: the sample is a pure function of k, so tf.data may run it in parallel
+        # (and keep the order) even with op determinism on
+        x, y = tf.numpy_function(sample, [k], [tf.as_dtype(d) for d in dtypes], stateful=False)
+        x.set_shape(shapes[0])
+        y.set_shape(shapes[1])
+        return x, y
+
+    return (
+        tf.data.Dataset.range(start, np.iinfo(np.int64).max)
+        .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .batch(batch_size, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE)
+        .with_options(_data_options())
+    )
+
+
 def _datasets(
     data: PatchData, sampler: CropSampler, start: int, batch_size: int
 ) -> tuple[Any, Any | None]:
     import tensorflow as tf
 
     c, channels = sampler.crop, data.in_channels
-
-    def load(k: Any) -> tuple[Any, Any]:
-        # stateless: the sample is a pure function of k, so tf.data may run it in parallel
-        # (and keep the order) even with op determinism on
-        image, mask = tf.numpy_function(sampler.sample, [k], [tf.float32, tf.uint8], stateful=False)
-        image.set_shape((c, c, channels))
-        mask.set_shape((c, c, 1))
-        return image, mask
-
-    options = tf.data.Options()
-    options.deterministic = True
-    # its own threads: the crop/augment map stays parallel with one inter-op thread
-    options.threading.private_threadpool_size = max(2, os.cpu_count() or 1)
-    train = (
-        tf.data.Dataset.range(start, np.iinfo(np.int64).max)
-        .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .batch(batch_size, drop_remainder=True)
-        .prefetch(tf.data.AUTOTUNE)
-        .with_options(options)
+    train = sample_stream(
+        sampler.sample, start, batch_size, ((c, c, channels), (c, c, 1)), ("float32", "uint8")
     )
+    options = _data_options()
     if len(data.val_images) == 0:
         return train, None
 
@@ -779,7 +814,7 @@ def train_model(
     lr_min = min(cfg.min_lr, cfg.learning_rate)
     extra = list(callbacks or [])
 
-    with _op_determinism(cfg.deterministic):
+    with op_determinism(cfg.deterministic):
         keras.utils.set_random_seed(seed)
         train_ds, val_ds = _datasets(data, sampler, prior.epoch * samples_per_epoch, cfg.batch_size)
         monitor = "val_loss" if val_ds is not None else "loss"

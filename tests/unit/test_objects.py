@@ -7,11 +7,14 @@ import csv
 import numpy as np
 import pytest
 
+from mitoseg import objects
 from mitoseg.objects import (
     OBJECT_COLUMNS,
+    first_voxels,
     instance_labels,
     instance_scores,
     measure_objects,
+    object_moments,
     relabel_sequential,
     write_object_table,
 )
@@ -253,3 +256,53 @@ def test_instance_metrics_reach_mlflow(tmp_path, monkeypatch) -> None:
         assert metrics["test_iou"] == 1.0  # the existing keys are still there
     finally:
         reset_tracking()
+
+
+def _random_labels(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    labels, _ = instance_labels(rng.random((4, 12, 13)) > 0.6)
+    return labels
+
+
+def _unique_firsts(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ids, first = np.unique(labels.ravel(), return_index=True)
+    return ids[ids > 0], first[ids > 0]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["scan_order", "shuffled_ids", "missing_id", "empty", "one_voxel"],
+)
+def test_first_voxels_equals_unique_return_index(case: str) -> None:
+    labels = _random_labels().astype(np.int64)
+    if case == "shuffled_ids":  # not numbered in scan order: the sorting path
+        perm = np.random.default_rng(1).permutation(int(labels.max())) + 1
+        labels = np.where(labels > 0, perm[labels - 1], 0)
+    elif case == "missing_id":
+        labels[labels == 2] = 0
+    elif case == "empty":
+        labels[:] = 0
+    elif case == "one_voxel":
+        labels[:] = 0
+        labels[1, 2, 3] = 7
+    ids, flat = first_voxels(labels)
+    ref_ids, ref_flat = _unique_firsts(labels)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_array_equal(flat, ref_flat)
+    assert ids.dtype == np.int64 and flat.dtype == np.int64
+
+
+def test_object_moments_dense_and_sorted_paths_agree(monkeypatch) -> None:
+    labels = _random_labels(3)
+    image = np.random.default_rng(4).integers(0, 255, labels.shape).astype(np.uint8)
+    ids, dense = object_moments(labels, image, 5)
+    monkeypatch.setattr(objects, "_DENSE_LIMIT", 0)  # force np.unique everywhere
+    ids_sorted, sorted_ = object_moments(labels, image, 5)
+    np.testing.assert_array_equal(ids, ids_sorted)
+    np.testing.assert_array_equal(dense, sorted_)
+    # large sparse ids take the sorting path by themselves
+    monkeypatch.undo()
+    big = np.where(labels > 0, labels.astype(np.int64) * 10**8, 0)
+    ids_big, m_big = object_moments(big, image, 5)
+    np.testing.assert_array_equal(ids_big, ids * 10**8)
+    np.testing.assert_array_equal(m_big, dense)

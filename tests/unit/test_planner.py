@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mitoseg.config import EvaluateConfig
-from mitoseg.planner import make_plan
+from mitoseg.planner import MemoPredictor, make_plan
 
 
 def intensity_model() -> keras.Model:
@@ -46,6 +46,10 @@ def test_z_average_is_kept_only_where_it_scores_better(through_sections, expecte
     assert set(report.z_average) == {"0", "1"}
     assert (report.z_average["1"] > report.z_average["0"]) == bool(expected)
     assert report.to_json()["z_average"] == report.z_average
+    # every choice re-used the validation tiles: halo 0 makes both borders the same
+    # tiles, so the network ran once per slice (batch of one 64 x 64 tile) and no more
+    assert report.forward_passes["run"] == len(images)
+    assert report.forward_passes["remembered"] > 5 * len(images)
 
 
 @pytest.mark.parametrize(("setting", "expected"), [(0, 0), (2, 2)])
@@ -113,3 +117,25 @@ def test_a_fixed_seed_threshold_is_not_chosen(setting, expected) -> None:
 def test_seed_threshold_setting_errors(value: object, message: str) -> None:
     with pytest.raises(ValueError, match=rf"(?s)seed_threshold.*{message}"):
         EvaluateConfig(seed_threshold=value)
+
+
+def test_memo_predictor_runs_each_distinct_batch_once() -> None:
+    calls: list[tuple[int, ...]] = []
+
+    def double(batch: np.ndarray) -> np.ndarray:
+        calls.append(batch.shape)
+        return batch * 2
+
+    memo = MemoPredictor(double)
+    a = np.arange(8, dtype=np.float32).reshape(1, 2, 2, 2)
+    first = memo(a)
+    first[:] = -1  # a caller changing its answer changes nothing remembered
+    np.testing.assert_array_equal(memo(a.copy()), a * 2)
+    np.testing.assert_array_equal(memo(a + 1), (a + 1) * 2)
+    np.testing.assert_array_equal(memo(a.reshape(1, 2, 4, 1)), a.reshape(1, 2, 4, 1) * 2)
+    assert (memo.misses, memo.hits, len(calls)) == (3, 1, 3)  # same bytes, other shape: new
+    small = MemoPredictor(double, max_bytes=a.nbytes)  # room for one answer
+    small(a), small(a + 1), small(a + 1)
+    assert (small.misses, small.hits) == (3, 0)  # the second answer was not kept
+    small(a)
+    assert small.hits == 1  # the first one was

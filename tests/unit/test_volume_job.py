@@ -23,7 +23,7 @@ from mitoseg.io import DataError
 from mitoseg.objects import instance_labels, measure_objects
 from mitoseg.plan import InferencePlan
 from mitoseg.volume import ngff
-from mitoseg.volume.job import face_pairs, run_volume_job, stitch_labels
+from mitoseg.volume.job import BLOCK_PARTS, face_pairs, run_volume_job, stitch_labels
 from mitoseg.volume.store import is_volume_uri, open_volume
 from volumes import write_ome_zarr
 
@@ -99,6 +99,9 @@ def test_ome_zarr_job_matches_whole_stack_predict(
     np.testing.assert_array_equal(labels, ref)  # stitched across block faces, scan order
     assert summary["objects"] == n > 3 and summary["blocks"] == 3 and summary["skipped"] == 0
     assert list(summary["model_loads"].values()) == [1, 1]  # once per worker, not per block
+    parts = summary["block_parts_seconds"]
+    assert list(parts) == list(BLOCK_PARTS) and all(v >= 0 for v in parts.values())
+    assert sum(parts.values()) <= summary["block_seconds"]["mean"] * 3 + 1e-3
     # pyramid (y, x halved while >= 64 px: none here beyond level 0 for 45 x 52)
     assert "1" not in root
     info = dict(root.attrs)["mitoseg"]
@@ -227,6 +230,11 @@ def test_tiff_input_probabilities_and_pyramid(client: Client, tmp_path: Path) ->
     root = zarr.open_group(out, mode="r")
     np.testing.assert_array_equal(root["labels/mask/0"][:], segment_stack(blur, data, plan))
     assert root["1"].shape == (5, 68, 78) and "2" not in root
+    # image pyramid: 2 x 2 means rounded half to even, the odd last row repeated
+    padded = np.pad(data, [(0, 0), (0, 1), (0, 0)], mode="edge").astype(np.float64)
+    means = (padded[:, 0::2, 0::2] + padded[:, 1::2, 0::2] + padded[:, 0::2, 1::2]
+             + padded[:, 1::2, 1::2]) / 4  # fmt: skip
+    np.testing.assert_array_equal(root["1"][:], np.rint(means).astype(data.dtype))
     np.testing.assert_array_equal(
         root["labels/instances/1"][:], root["labels/instances/0"][:][:, ::2, ::2]
     )

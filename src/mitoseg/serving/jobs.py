@@ -313,7 +313,8 @@ class JobRunner:
     def __init__(self, load_model: Callable[[], tuple[Any, Any]]) -> None:
         self._load_model = load_model
         self._model: tuple[Any, Any] | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the job slots: held for a moment, never while loading
+        self._model_lock = threading.Lock()  # loading the model (seconds): once
         self._running: set[str] = set()
 
     def running(self) -> int:
@@ -356,7 +357,7 @@ class JobRunner:
         checked, _ = check_request(request, settings)
         self._reserve(checked.output_uri, settings)
         try:
-            with self._lock:
+            with self._model_lock:
                 if self._model is None:
                     self._model = self._load_model()
                 model, plan = self._model

@@ -31,8 +31,10 @@ Phases (the output layout is in :mod:`mitoseg.volume.ngff`):
    connected components (scipy), and components are numbered by the scan position of
    their first voxel, so the ids equal :func:`mitoseg.objects.instance_labels` of the
    whole mask.
-3. **relabel** (one task per block, idempotent): final ids and pyramid into
-   ``labels/instances``, per-object moments combined into ``objects.csv``.
+3. **relabel** (one task per block, idempotent): final ids (a lookup table from the
+   block's local ids) and pyramid into ``labels/instances``; moments of the block's local
+   labels (dense ids: counted, not sorted) go out under their final ids and are combined
+   into ``objects.csv`` (an object is 3D-connected, so its slices are its z extent).
 
 The model is loaded once per worker by a worker plugin (:class:`PredictorPlugin`) that
 carries the Keras model as ``.keras`` bytes (workers need no MLflow access) or a
@@ -238,10 +240,19 @@ def _z_averaged(per_slice: np.ndarray, plan: InferencePlan, r0: int, z0: int, z1
         )
 
 
+#: Parts of a predict task, timed in each block (``block_parts_seconds`` of the summary).
+BLOCK_PARTS = ("read", "predict", "write", "instances")
+
+
 def _predict_block(
     spec: JobSpec, b: int, ranges: dict[int, Any] | None = None
-) -> tuple[int, int, int, float]:
-    """Phase 1 for block ``b``; returns ``(b, local objects, foreground voxels, seconds)``.
+) -> tuple[int, int, int, float, dict[str, float]]:
+    """Phase 1 for block ``b``; returns ``(b, local objects, foreground voxels, seconds,
+    {part: seconds})`` with the parts of :data:`BLOCK_PARTS`: reading the input,
+    normalising, predicting and deciding the mask (YX blocks read and predict their tiles
+    together: both count as ``read``, ``predict`` is then the mask decision alone),
+    writing image, mask and probabilities with their pyramids, and the block's instance
+    labels with the completion record.
 
     ``ranges`` (YX blocks only): ``{z: (lo, hi) or None}`` normalisation of every slice
     the block reads (:func:`mitoseg.volume.tiles.slice_normalization`).
@@ -253,6 +264,7 @@ def _predict_block(
     plan = spec.plan()
     z0, z1, y0, y1, x0, x1 = spec.region(b)
     raw, stream = _block_probabilities(spec, plan, b, ranges)
+    marks = [time.perf_counter()]
     mask = np.zeros(raw.shape, dtype=np.uint8)
     probs = (
         np.zeros((plan.out_channels, *raw.shape), dtype=np.uint8) if spec.probabilities else None
@@ -261,18 +273,22 @@ def _predict_block(
         mask[i] = decide_mask(p, plan)
         if probs is not None:
             probs[:, i] = np.rint(np.clip(p, 0, 1) * 255).astype(np.uint8).transpose(2, 0, 1)
+    marks.append(time.perf_counter())
     root = ngff.open_output(spec.target)
     ngff.write_levels(root, raw, z0, False, y0, x0)
     ngff.write_levels(root["labels/mask"], mask, z0, True, y0, x0)
     if probs is not None:
         ngff.write_levels(root["probabilities"], probs, z0, False, y0, x0)
+    marks.append(time.perf_counter())
     n = 0
     if spec.instance_class is not None:
         local, n = instance_labels(mask == spec.instance_class)
         root[ngff.LOCAL_ARRAY][z0:z1, y0:y1, x0:x1] = local
     fg = int(np.count_nonzero(mask))
     root[ngff.DONE_ARRAY][b] = np.array([n + 1, fg], dtype=np.int64)  # last: block complete
-    return b, n, fg, time.perf_counter() - started
+    marks.append(time.perf_counter())
+    parts = dict(zip(BLOCK_PARTS, np.diff([started, *marks]).round(4).tolist(), strict=True))
+    return b, n, fg, time.perf_counter() - started, parts
 
 
 def _ranges_task(spec: JobSpec, z0: int, z1: int) -> dict[int, Any]:
@@ -337,6 +353,8 @@ def _face_task(spec: JobSpec, b: int, offsets: np.ndarray) -> tuple[np.ndarray, 
     Returns:
         ``(pairs (N, 2) int64 global ids, firsts (n_b,) int64)``.
     """
+    from mitoseg.objects import first_voxels
+
     region = spec.region(b)
     lo, hi = region[0::2], region[1::2]
     local = ngff.open_output(spec.target)[ngff.LOCAL_ARRAY]
@@ -360,12 +378,11 @@ def _face_task(spec: JobSpec, b: int, offsets: np.ndarray) -> tuple[np.ndarray, 
         ]
         other = np.pad(other, pad)  # zeros past the volume's edges
         pairs.append(_plane_pairs(np.squeeze(a, axis), np.squeeze(other, axis)))
-    ids, first = np.unique(own.ravel(), return_index=True)
-    keep = ids > 0
-    zyx = np.unravel_index(first[keep], own.shape)
+    ids, first = first_voxels(own)
+    zyx = np.unravel_index(first, own.shape)
     flat = np.ravel_multi_index(tuple(c + o for c, o in zip(zyx, lo, strict=True)), spec.shape)
-    firsts = np.zeros(int(ids[keep].max()) if keep.any() else 0, dtype=np.int64)
-    firsts[ids[keep] - 1] = flat
+    firsts = np.zeros(int(ids.max()) if ids.size else 0, dtype=np.int64)
+    firsts[ids - 1] = flat
     return np.concatenate(pairs), firsts
 
 
@@ -440,23 +457,21 @@ def _shift_moments(m: np.ndarray, y0: int, x0: int) -> np.ndarray:
 
 
 def _relabel_task(
-    spec: JobSpec, b: int, offset: int, mapping: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Final ids of block ``b`` into ``labels/instances``; returns its object moments and
-    its unique ``id * Z + z`` pairs (slices an object spans, merged over YX blocks)."""
+    spec: JobSpec, b: int, offset: int, count: int, mapping: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Final ids of block ``b`` (local ids ``1 .. count``, global ``offset + local``) into
+    ``labels/instances``; returns the final ids and moments of its parts (a final object
+    may have several parts in one block, merged through another block)."""
     from mitoseg.objects import object_moments
 
     z0, z1, y0, y1, x0, x1 = spec.region(b)
     root = ngff.open_output(spec.target)
-    local = np.asarray(root[ngff.LOCAL_ARRAY][z0:z1, y0:y1, x0:x1]).astype(np.int64)
-    final = np.where(local > 0, mapping[np.where(local > 0, local + offset, 0)], 0).astype(
-        np.uint32
-    )
-    ngff.write_levels(root["labels/instances"], final, z0, True, y0, x0)
-    ids, m = object_moments(final, _volume(spec).read_region(z0, z1, y0, y1, x0, x1), z0)
-    z, _, _ = np.nonzero(final)
-    spans = np.unique(final[final > 0].astype(np.int64) * spec.shape[0] + z + z0)
-    return ids, _shift_moments(m, y0, x0), spans
+    local = np.asarray(root[ngff.LOCAL_ARRAY][z0:z1, y0:y1, x0:x1])
+    lut = np.zeros(count + 1, dtype=np.uint32)
+    lut[1:] = mapping[offset + 1 : offset + 1 + count]
+    ngff.write_levels(root["labels/instances"], lut[local], z0, True, y0, x0)
+    ids, m = object_moments(local, _volume(spec).read_region(z0, z1, y0, y1, x0, x1), z0)
+    return lut[ids].astype(np.int64), _shift_moments(m, y0, x0)
 
 
 def _plugin_loads(name: str, dask_worker: Any = None) -> int:
@@ -623,10 +638,12 @@ def run_volume_job(
     Returns:
         ``{"shape", "blocks", "skipped", "objects", "foreground", "voxel_size_nm",
         "seconds", "target", "objects_csv", "model_loads", "block_voxels",
-        "block_seconds", "phase_seconds"}``; ``model_loads`` maps each worker to the times
-        it loaded the model (1: once per worker, not per block); ``block_seconds``
-        summarises the predict tasks of this run (``n``, ``mean``, ``median``, ``max``)
-        and ``phase_seconds`` the wall time of ``predict``, ``stitch`` and ``relabel``.
+        "block_seconds", "block_parts_seconds", "phase_seconds"}``; ``model_loads`` maps
+        each worker to the times it loaded the model (1: once per worker, not per block);
+        ``block_seconds`` summarises the predict tasks of this run (``n``, ``mean``,
+        ``median``, ``max``), ``block_parts_seconds`` sums their parts
+        (:data:`BLOCK_PARTS`) over the blocks, and ``phase_seconds`` is the wall time of
+        ``predict``, ``stitch`` and ``relabel``.
 
     Raises:
         DataError: unreadable input (named).
@@ -719,8 +736,10 @@ def run_volume_job(
             for b in todo
         ]  # fmt: skip
         phase = time.perf_counter()
-        block_seconds = [r[3] for r in _gather(client, futures, "blocks", progress)]
+        results = _gather(client, futures, "blocks", progress)
         phases = {"predict": time.perf_counter() - phase}
+        block_seconds = [r[3] for r in results]
+        block_parts = {k: round(sum(r[4][k] for r in results), 3) for k in BLOCK_PARTS}
         loads = client.run(_plugin_loads, spec.plugin)
         done = _read_done(root, spec.n_blocks)
         if (done[:, 0] == 0).any():
@@ -753,16 +772,14 @@ def run_volume_job(
             [mapping_future] = client.scatter([mapping], broadcast=True)
             relabel = [
                 client.submit(
-                    _relabel_task, spec, b, int(offsets[b]), mapping_future,
+                    _relabel_task, spec, b, int(offsets[b]), int(counts[b]), mapping_future,
                     key=f"mitoseg-relabel-{fingerprint}-{b}", pure=False,
                 )
                 for b in range(spec.n_blocks)
             ]  # fmt: skip
-            parts = _gather(client, relabel, "instances", progress)
-            ids, moments = combine_moments([(i, m) for i, m, _ in parts])
-            spans = np.unique(np.concatenate([np.zeros(0, np.int64), *(p[2] for p in parts)]))
-            slices = np.bincount(spans // vol.shape[0], minlength=n_objects + 1)
-            moments[:, 17] = slices[ids]  # slices spanned, counted once over YX blocks
+            ids, moments = combine_moments(_gather(client, relabel, "instances", progress))
+            # slices spanned: an object is 3D-connected, so its slices are its z extent
+            moments[:, 17] = moments[:, 13] - moments[:, 10]
             rows = rows_from_moments(ids, moments, spec.voxel_size_nm, vol.shape[0] == 1)
             buf = io.StringIO()
             with tempfile.TemporaryDirectory() as tmp:
@@ -796,6 +813,7 @@ def run_volume_job(
         "model_loads": {str(k): int(v) for k, v in loads.items()},
         "block_voxels": int(np.prod(spec.block_shape)),
         "block_seconds": _stats(block_seconds),
+        "block_parts_seconds": block_parts,
         "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
     }
 

@@ -80,16 +80,19 @@ def downsample(block: np.ndarray, label: bool) -> np.ndarray:
     if label:
         return np.ascontiguousarray(block[..., ::2, ::2])
     y, x = block.shape[-2:]
-    pad = [(0, 0)] * (block.ndim - 2) + [(0, y % 2), (0, x % 2)]
-    padded = np.pad(block, pad, mode="edge").astype(np.float64)
-    mean = 0.25 * (
-        padded[..., 0::2, 0::2]
-        + padded[..., 1::2, 0::2]
-        + padded[..., 0::2, 1::2]
-        + padded[..., 1::2, 1::2]
-    )
+    padded = block
+    if y % 2 or x % 2:
+        pad = [(0, 0)] * (block.ndim - 2) + [(0, y % 2), (0, x % 2)]
+        padded = np.pad(block, pad, mode="edge")
+    quarters = (padded[..., 0::2, 0::2], padded[..., 1::2, 0::2],
+                padded[..., 0::2, 1::2], padded[..., 1::2, 1::2])  # fmt: skip
     if np.issubdtype(block.dtype, np.integer):
-        mean = np.rint(mean)
+        # integer sum of the four, rounded half to even as np.rint of the mean would be
+        wide = np.int32 if block.dtype.itemsize <= 2 else np.int64
+        total = sum(q.astype(wide) for q in quarters)
+        q, r = total >> 2, total & 3  # total = 4 q + r, r in 0 .. 3 (also when negative)
+        return (q + (r > 2) + ((r == 2) & ((q & 1) == 1))).astype(block.dtype)
+    mean = 0.25 * sum(q.astype(np.float64) for q in quarters)
     return mean.astype(block.dtype)
 
 
