@@ -457,3 +457,30 @@ def test_hysteresis_plans_run_on_whole_slice_blocks(client: Client, tmp_path: Pa
     expected = segment_stack(blur, data, plan)
     np.testing.assert_array_equal(zarr.open_group(out, mode="r")["labels/mask/0"][:], expected)
     assert expected.sum() < segment_stack(blur, data, _plan()).sum()  # faint regions dropped
+
+
+def test_int8_plans_reach_the_workers_with_their_calibration(
+    client: Client, tmp_path: Path
+) -> None:
+    # the plan's JSON does not hold its calibration images: the job ships them, so each
+    # worker compiles the int8 engine the plan was decided with (the champion's plan)
+    import keras
+
+    from mitoseg.data.patches import to_uint8
+
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    inputs = keras.Input((None, None, 1))
+    conv = keras.layers.Conv2D(1, 5, padding="same", activation="sigmoid", use_bias=False,
+                               kernel_initializer=keras.initializers.Constant(0.2))  # fmt: skip
+    net = keras.Model(inputs, conv(inputs))
+    data = _volume(z=4)
+    calibration = np.stack([to_uint8(s) for s in data[:2]])
+    plan = _plan(threshold=0.7).with_overrides(runtime="openvino", precision="int8")
+    plan = plan.with_calibration(calibration)
+    out = str(tmp_path / "out.ome.zarr")
+    run_volume_job(str(_ome(tmp_path / "in.ome.zarr", data, "0.5")), out, net, plan,
+                   client=client, block_z=2)  # fmt: skip
+    mask = zarr.open_group(out, mode="r")["labels/mask/0"][:]
+    np.testing.assert_array_equal(mask, segment_stack(net, data, plan))
+    assert 0 < mask.mean() < 1

@@ -6,7 +6,6 @@ from mitoseg.cli import data as _data  # noqa: F401  (registers commands)
 from mitoseg.cli import deploy as _deploy  # noqa: F401
 from mitoseg.cli import export as _export  # noqa: F401
 from mitoseg.cli import model as _model  # noqa: F401
-from mitoseg.cli import pretrain as _pretrain  # noqa: F401
 from mitoseg.cli import serve as _serve  # noqa: F401
 from mitoseg.cli import validate as _validate  # noqa: F401
 from mitoseg.cli.app import app

@@ -145,11 +145,17 @@ class PredictorPlugin(WorkerPlugin):
         model: ``.keras`` file bytes, or a picklable callable / object with
             ``predict_on_batch`` used as it is.
         plan_json: the inference plan as JSON.
+        calibration: the plan's int8 calibration inputs
+            (:meth:`~mitoseg.plan.InferencePlan.calibration_images`; its JSON does not
+            hold them), so every worker compiles the engine the plan was decided with.
     """
 
-    def __init__(self, model: bytes | Any, plan_json: str) -> None:
+    def __init__(
+        self, model: bytes | Any, plan_json: str, calibration: np.ndarray | None = None
+    ) -> None:
         self.model = model
         self.plan_json = plan_json
+        self.calibration = calibration
         self.predict_batch: Callable[[np.ndarray], np.ndarray] | None = None
         self.loads = 0
         #: volumes opened on this worker, by source and voxel size (opened once per job)
@@ -171,7 +177,7 @@ class PredictorPlugin(WorkerPlugin):
         if hasattr(net, "predict_on_batch"):
             from mitoseg.runtime import predictor_for_plan
 
-            self.predict_batch = predictor_for_plan(net, plan)
+            self.predict_batch = predictor_for_plan(net, plan, calibration=self.calibration)
         else:
             self.predict_batch = as_predict_batch(net)
         self.loads += 1
@@ -307,16 +313,23 @@ def _plane_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairs ``(a[u, v], b[u + 1 + du, v + 1 + dv])`` with both > 0, ``du, dv`` in
     ``-1 .. 1``: ``a`` is ``(U, V)``, ``b`` is ``(U + 2, V + 2)`` (one more on each side)."""
     h, w = a.shape
-    pairs = []
+    top = int(max(a.max(initial=0), b.max(initial=0))) + 1
+    packed = top <= 3_037_000_499  # pair (i, j) as one int64 i * top + j: a 1-D unique
+    found = []
     for du in (0, 1, 2):
         for dv in (0, 1, 2):
             other = b[du : du + h, dv : dv + w]
             both = (a > 0) & (other > 0)
-            if both.any():
-                pairs.append(np.stack([a[both], other[both]], axis=1).astype(np.int64))
-    if not pairs:
+            if not both.any():
+                continue
+            i, j = a[both].astype(np.int64), other[both].astype(np.int64)
+            found.append(np.unique(i * top + j) if packed else np.stack([i, j], axis=1))
+    if not found:
         return np.zeros((0, 2), dtype=np.int64)
-    return np.unique(np.concatenate(pairs), axis=0)
+    if not packed:  # ids too large to pack: sort the rows
+        return np.unique(np.concatenate(found), axis=0)
+    keys = np.unique(np.concatenate(found))
+    return np.stack([keys // top, keys % top], axis=1)
 
 
 def face_pairs(last: np.ndarray, first: np.ndarray) -> np.ndarray:
@@ -726,7 +739,8 @@ def run_volume_job(
     if client is None:
         client, close = _connect(workers, scheduler)
     try:
-        client.register_plugin(PredictorPlugin(_model_payload(model), plan_json), name=spec.plugin)
+        plugin = PredictorPlugin(_model_payload(model), plan_json, plan.calibration_images())
+        client.register_plugin(plugin, name=spec.plugin)
         ranges = _slice_ranges(client, spec, todo, plan.z_halo, fingerprint, progress)
         futures = [
             client.submit(
