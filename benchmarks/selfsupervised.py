@@ -36,7 +36,7 @@ UNLABELLED = (
 
 def unlabelled_slices() -> tuple[np.ndarray, list[str]]:
     """``(N, H, W) uint8`` network intensities of the unlabelled slices, and their names."""
-    from mitoseg.data.patches import to_uint8
+    from mitoseg.data.patches import network_inputs
     from mitoseg.io import read_stack
 
     out, names = [], []
@@ -46,10 +46,10 @@ def unlabelled_slices() -> tuple[np.ndarray, list[str]]:
             raise SystemExit(f"{path}: not found (this benchmark needs ../shared/data)")
         stack = read_stack(path)
         stack = stack if stack.ndim == 3 else stack[None]
-        for z in which if which is not None else range(stack.shape[0]):
-            out.append(to_uint8(stack[z]))
-            names.append(f"{path.name}[{z}]")
-    return np.stack(out), names
+        slices = list(which if which is not None else range(stack.shape[0]))
+        out.append(network_inputs(stack, slices))
+        names += [f"{path.name}[{z}]" for z in slices]
+    return np.concatenate(out), names
 
 
 def main() -> None:
