@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from common import RESULTS, ROOT, machine, save
+from mitoseg.volume.job import DROPPED_WORKER_ENV, MIN_BLOCK_Z, auto_block_z
 
 GB = 1e9
 SKIPPABLE = ("memory", "kill")  # scaling, overhead and capacity always run
@@ -171,22 +172,25 @@ class RssSampler:
         self._thread.join()
 
 
-def run_job(src: str, out: Path, net: Any, plan: Any, workers: int, block_z: int,
-            block_yx: int | None = None) -> dict[str, Any]:  # fmt: skip
-    """One job on a fresh ``LocalCluster`` of ``workers`` processes; the summary plus
-    ``voxels_per_s`` (whole job), ``predict_voxels_per_s`` and ``peak_rss_mb`` per
-    worker."""
+def run_job(src: str, out: Path, net: Any, plan: Any, workers: int, block_z: int | None,
+            block_yx: int | None = None, dask_environ: bool = False) -> dict[str, Any]:  # fmt: skip
+    """One job on a fresh ``LocalCluster`` of ``workers`` processes (the job's own
+    :func:`~mitoseg.volume.job.local_cluster`, or with ``dask_environ`` Dask's default
+    worker environment); the summary plus ``voxels_per_s`` (whole job),
+    ``predict_voxels_per_s`` and ``peak_rss_mb`` per worker."""
     from distributed import Client, LocalCluster
 
-    from mitoseg.volume.job import run_volume_job
+    from mitoseg.volume.job import local_cluster, run_volume_job
 
     shutil.rmtree(out, ignore_errors=True)
-    with (
+    cluster = (
         LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,  # fmt: skip
-        Client(cluster) as client,
-    ):
+        )
+        if dask_environ
+        else local_cluster(workers)
+    )
+    with cluster, Client(cluster) as client:
         pids = list(client.run(os.getpid).values())
         with RssSampler(pids) as rss:
             summary = run_volume_job(src, str(out), net, plan, client=client, block_z=block_z,
@@ -210,6 +214,39 @@ def in_process(src: str, net: Any, plan: Any) -> dict[str, float]:
     segment_stack(net, data, plan)
     seconds = time.perf_counter() - start
     return {"seconds": round(seconds, 3), "voxels_per_s": data.size / seconds}
+
+
+def in_process_outputs(src: str, net: Any, plan: Any, out: Path, block_z: int) -> dict[str, Any]:
+    """The job's work done in this process without Dask: ``segment_stack`` on the whole
+    volume in memory (read time excluded), then the same outputs written with the job's
+    own writers (image, mask and instance pyramids, ``objects.csv``), instance labels
+    and measurements of the whole mask at once. Seconds per part."""
+    from mitoseg.inference import segment_stack
+    from mitoseg.objects import instance_labels, measure_objects, write_object_table
+    from mitoseg.volume import ngff
+    from mitoseg.volume.store import open_volume
+
+    vol = open_volume(src)
+    data = vol.read(0, vol.shape[0])
+    shutil.rmtree(out, ignore_errors=True)
+    marks = [time.perf_counter()]
+    mask = segment_stack(net, data, plan)
+    marks.append(time.perf_counter())
+    root = ngff.create_output(
+        str(out), shape=data.shape, dtype=data.dtype, voxel_size_nm=vol.voxel_size_nm,
+        block_z=block_z, n_blocks=1, instances=True,
+    )  # fmt: skip
+    ngff.write_levels(root, data, 0, False)
+    ngff.write_levels(root["labels/mask"], mask, 0, True)
+    marks.append(time.perf_counter())
+    labels, n = instance_labels(mask == 1)
+    ngff.write_levels(root["labels/instances"], labels, 0, True)
+    write_object_table(out / "objects.csv", measure_objects(labels, data, vol.voxel_size_nm))
+    marks.append(time.perf_counter())
+    shutil.rmtree(out, ignore_errors=True)
+    parts = dict(zip(("predict", "write", "instances"), np.diff(marks).round(3).tolist(),
+                     strict=True))  # fmt: skip
+    return {"seconds": round(marks[-1] - marks[0], 3), "objects": n, "parts": parts}
 
 
 def _done_rows(out: Path) -> int:
@@ -366,7 +403,9 @@ def capacity_model(
     }
 
 
-def overhead_figures(one: dict[str, Any], ref: dict[str, float]) -> dict[str, Any]:
+def overhead_figures(
+    one: dict[str, Any], ref: dict[str, float], same_outputs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The 1-worker job against in-process ``segment_stack`` (``ref``), split up.
 
     ``overhead_predict``: the predict phase's wall time over ``segment_stack``'s, minus 1
@@ -376,6 +415,8 @@ def overhead_figures(one: dict[str, Any], ref: dict[str, float]) -> dict[str, An
     tasks' ``read``, ``predict`` (normalise, predict, decide the mask), ``write`` (image,
     mask and their pyramids) and ``instances`` (per-block labels and their write), from
     ``block_parts_seconds``; ``compute_vs_in_process`` compares ``read + predict`` alone.
+    ``same_outputs`` (:func:`in_process_outputs`): the whole job against the same work
+    in one process without Dask (``overhead_vs_same_outputs``).
     """
     phase = one["phase_seconds"]["predict"]
     parts = one.get("block_parts_seconds", {})
@@ -390,6 +431,9 @@ def overhead_figures(one: dict[str, Any], ref: dict[str, float]) -> dict[str, An
     if parts:
         compute = parts["read"] + parts["predict"]
         out["compute_vs_in_process"] = round(compute / ref["seconds"] - 1, 4)
+    if same_outputs is not None:
+        out["same_outputs_in_process"] = same_outputs
+        out["overhead_vs_same_outputs"] = round(one["seconds"] / same_outputs["seconds"] - 1, 4)
     return out
 
 
@@ -449,7 +493,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale-gb", type=float, default=0.25, help="volume of scaling/overhead")
     ap.add_argument("--kill-gb", type=float, default=0.1, help="volume of the kill -9 run")
     ap.add_argument("--side", type=int, default=2048, help="slice side, pixels")
-    ap.add_argument("--block-z", type=int, default=8)
+    ap.add_argument("--block-z", type=int, default=None,
+                    help="slices per block (default: auto_block_z for the plan)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1, help="TensorFlow threads per worker")
     ap.add_argument("--model", type=Path, default=None, help=".keras with its plan")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mitoseg-bench-volume"))
@@ -469,25 +514,37 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.quick:
         args.sizes_gb, args.scale_gb, args.kill_gb, args.side = [0.002, 0.004], 0.002, 0.002, 256
-        args.block_z = 4
+        args.block_z = args.block_z or 4
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(args.threads)  # before TensorFlow loads
     os.environ["TF_NUM_INTEROP_THREADS"] = "1"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     started = time.perf_counter()
     with _workdir(args.workdir, args.keep) as work:
         model_path, net, plan = build_model(work, args.model)
+        chunk_z = args.block_z or MIN_BLOCK_Z  # the inputs' chunk depth
         src, shape = write_volume(work / "scale.ome.zarr", args.scale_gb * GB, args.side,
-                                  args.block_z)  # fmt: skip
-        scaling = {str(w): run_job(src, work / "out.ome.zarr", net, plan, w, args.block_z)
+                                  chunk_z)  # fmt: skip
+        block_z = args.block_z or auto_block_z(plan, shape, None)
+        scaling = {str(w): run_job(src, work / "out.ome.zarr", net, plan, w, block_z)
                    for w in (1, 2)}  # fmt: skip
         scaling["ratio"] = scaling["2"]["voxels_per_s"] / scaling["1"]["voxels_per_s"]
         ref = in_process(src, net, plan)
         one = scaling["1"]
-        overhead = overhead_figures(one, ref)
+        same = in_process_outputs(src, net, plan, work / "same.ome.zarr", one["block_z"])
+        overhead = overhead_figures(one, ref, same)
+        dask_env = run_job(src, work / "out.ome.zarr", net, plan, 1, block_z,
+                           dask_environ=True)  # fmt: skip
+        overhead["worker_environment"] = {
+            "dropped": list(DROPPED_WORKER_ENV),
+            "predict_part_s": one["block_parts_seconds"]["predict"],
+            "predict_part_s_dask_default": dask_env["block_parts_seconds"]["predict"],
+            "predict_phase_s": one["phase_seconds"]["predict"],
+            "predict_phase_s_dask_default": dask_env["phase_seconds"]["predict"],
+        }
         memory = []
         for gb in args.sizes_gb if "memory" not in args.skip else []:
-            vsrc, vshape = write_volume(work / "mem.ome.zarr", gb * GB, args.side, args.block_z)
-            res = run_job(vsrc, work / "out.ome.zarr", net, plan, 2, args.block_z)
+            vsrc, vshape = write_volume(work / "mem.ome.zarr", gb * GB, args.side, chunk_z)
+            res = run_job(vsrc, work / "out.ome.zarr", net, plan, 2, block_z)
             memory.append(
                 {
                     "gb": gb,
@@ -501,21 +558,22 @@ def main(argv: list[str] | None = None) -> None:
         kill = None
         if "kill" not in args.skip:
             ksrc, kshape = write_volume(work / "kill.ome.zarr", args.kill_gb * GB, args.side,
-                                        args.block_z)  # fmt: skip
-            blocks = -(-kshape[0] // args.block_z)
-            kill = kill_and_resume(ksrc, work, model_path, 2, args.block_z, blocks)
+                                        chunk_z)  # fmt: skip
+            blocks = -(-kshape[0] // block_z)
+            kill = kill_and_resume(ksrc, work, model_path, 2, block_z, blocks)
     voxels = float(np.prod(one["shape"]))
     post = sum(v for k, v in one["phase_seconds"].items() if k != "predict") / voxels
     capacity = capacity_model(
         block_voxels=one["block_voxels"], block_seconds=one["block_seconds"]["median"],
         post_seconds_per_voxel=post, efficiency=min(1.0, scaling["ratio"] / 2),
         objects_per_voxel=one["objects"] / voxels,
-        block_shape=(args.block_z, args.side, args.side), workers=[1, 8, 64, 256, 1024],
+        block_shape=(block_z, args.side, args.side), workers=[1, 8, 64, 256, 1024],
         price_cpu=args.price_cpu, price_gpu=args.price_gpu, gpu_speedup=args.gpu_speedup,
     )  # fmt: skip
     data = {
         "benchmark": "volume", "quick": args.quick, "machine": machine(),
-        "settings": {"side": args.side, "block_z": args.block_z, "threads": args.threads,
+        "settings": {"side": args.side, "block_z": block_z, "threads": args.threads,
+                     "block_z_source": "given" if args.block_z else "auto_block_z",
                      "scale_gb": args.scale_gb, "sizes_gb": args.sizes_gb,
                      "scale_shape": list(shape), "model": str(args.model or "bench UNet"),
                      "plan": plan.model_dump(mode="json")},

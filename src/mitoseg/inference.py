@@ -526,42 +526,57 @@ def iter_stack_probabilities(
     stack: np.ndarray,
     plan: InferencePlan,
     *,
+    start: int = 0,
+    stop: int | None = None,
     progress: bool = False,
     description: str = "predicting",
 ) -> Iterator[np.ndarray]:
-    """Yield the ``(H, W, C)`` float32 probabilities of each slice of a stack.
+    """Yield the ``(H, W, C)`` float32 probabilities of each slice of a stack (or of
+    slices ``start .. stop - 1`` of it).
 
     A 2.5D plan (``plan.z_context = k > 0``) gives the network slices ``z - k .. z + k``
     of this stack as channels (:func:`context_window`), and ``plan.z_average = r`` yields
     the mean probabilities of slices ``z - r .. z + r``: a block cut from a larger volume
     must carry ``plan.z_halo = k + r`` extra slices on each side (and crop them off the
-    result) to match predicting the whole volume.
+    result) to match predicting the whole volume. ``start`` and ``stop`` say which
+    slices such a block wants: only ``start - r .. stop + r - 1`` are predicted, the
+    others are read as context alone, so a block costs its own slices plus ``2 r``.
 
     Args:
         model_or_fn: Keras model (run on the plan's engine) or :data:`PredictBatch`.
         stack: ``(Z, H, W)`` or ``(H, W)`` raw intensities (uint8, uint16 or float).
         plan: tiling, normalisation and engine (:class:`mitoseg.plan.InferencePlan`).
-        progress: show a progress bar over slices.
+        start: first slice to yield.
+        stop: one past the last slice to yield (None: ``Z``).
+        progress: show a progress bar over the predicted slices.
         description: progress bar label.
 
     Raises:
-        ValueError: bad stack shape/dtype or tiling arguments.
+        ValueError: bad stack shape/dtype, tiling arguments, or ``start`` / ``stop``
+            outside ``0 <= start < stop <= Z``.
     """
 
     check_tiling(plan.tile_size, 0.0, plan.batch_size, plan.divisor)
     stack = _as_stack(stack)
+    depth, r = stack.shape[0], plan.z_average
+    stop = depth if stop is None else stop
+    if not 0 <= start < stop <= depth:
+        raise ValueError(
+            f"iter_stack_probabilities: need 0 <= start < stop <= {depth} (the stack's "
+            f"slices), got start={start}, stop={stop}"
+        )
+    lo, hi = max(0, start - r), min(depth, stop + r)  # the slices z-averaging reads
     predict_batch = _predictor(model_or_fn, plan)
-    slices = _slice_probabilities(stack, predict_batch, plan, progress, description)
-    if plan.z_average == 0:
+    slices = _slice_probabilities(stack, predict_batch, plan, lo, hi, progress, description)
+    if r == 0:
         yield from slices
         return
     # mean over z - r .. z + r (clamped): slice z is ready once slice z + r is predicted
-    depth, r = stack.shape[0], plan.z_average
     window: dict[int, np.ndarray] = {}
-    ready = 0
-    for z, probs in enumerate(slices):
+    ready = start
+    for z, probs in enumerate(slices, start=lo):
         window[z] = probs
-        while ready < depth and min(ready + r, depth - 1) <= z:
+        while ready < stop and min(ready + r, depth - 1) <= z:
             idx = context_window(ready, depth, r)
             yield (np.sum([window[i] for i in idx], axis=0) / np.float32(len(idx))).astype(
                 np.float32
@@ -575,15 +590,18 @@ def _slice_probabilities(
     stack: np.ndarray,
     predict_batch: PredictBatch,
     plan: InferencePlan,
+    lo: int,
+    hi: int,
     progress: bool,
     description: str,
 ) -> Iterator[np.ndarray]:
-    """Per-slice probabilities before z-averaging (2.5D context from ``stack``)."""
+    """Probabilities of slices ``lo .. hi - 1`` before z-averaging (2.5D context from
+    ``stack``)."""
     from mitoseg.progress import progress_iter
 
     depth, k = stack.shape[0], plan.z_context
     normalised: dict[int, np.ndarray | None] = {}  # the sliding window of normalised slices
-    for z in progress_iter(range(depth), depth, description, progress):
+    for z in progress_iter(range(lo, hi), hi - lo, description, progress):
         if k == 0:
             yield predict_slice(stack[z], predict_batch, plan)
             continue

@@ -451,6 +451,45 @@ def test_a_block_with_z_halo_slices_matches_the_whole_stack(k: int, r: int) -> N
         lo, hi = max(0, z0 - h), min(12, z1 + h)
         block = np.stack(list(iter_stack_probabilities(mix, stack[lo:hi], plan)))
         np.testing.assert_array_equal(block[z0 - lo : z1 - lo], whole[z0:z1])
+        window = list(iter_stack_probabilities(mix, stack[lo:hi], plan, start=z0 - lo,
+                                               stop=z1 - lo))  # fmt: skip
+        np.testing.assert_array_equal(np.stack(window), whole[z0:z1])
+
+
+@pytest.mark.parametrize(
+    ("k", "r", "start", "stop", "predicted"),
+    [
+        (0, 0, 2, 5, [2, 3, 4]),
+        (1, 0, 2, 5, [2, 3, 4]),  # context slices 1 and 5 are read, not predicted
+        (0, 1, 2, 5, [1, 2, 3, 4, 5]),  # z-averaging needs one predicted slice each side
+        (2, 1, 0, 3, [0, 1, 2, 3]),  # clamped at the stack's start
+        (1, 2, 6, 8, [4, 5, 6, 7]),  # and at its end
+    ],
+)
+def test_only_the_wanted_slices_and_their_z_average_halo_are_predicted(
+    k: int, r: int, start: int, stop: int, predicted: list[int]
+) -> None:
+    """The network runs once per predicted slice here (one tile, one batch)."""
+    stack = np.random.default_rng(8).integers(0, 255, size=(8, 16, 16), dtype=np.uint8)
+    rec = Recorder(channel(k))
+    plan = _plan(z_context=k, z_average=r)
+    out = list(iter_stack_probabilities(rec, stack, plan, start=start, stop=stop))
+    assert len(rec.shapes) == len(predicted)
+    whole = list(iter_stack_probabilities(channel(k), stack, plan))
+    assert len(out) == stop - start
+    for z, p in zip(range(start, stop), out, strict=True):
+        np.testing.assert_array_equal(p, whole[z])
+
+
+@pytest.mark.parametrize(("start", "stop"), [(-1, 2), (2, 2), (3, 2), (0, 5)])
+def test_iter_stack_probabilities_window_errors(start: int, stop: int) -> None:
+    stack = np.zeros((4, 16, 16), np.uint8)
+    with pytest.raises(
+        ValueError,
+        match=rf"^iter_stack_probabilities: need 0 <= start < stop <= 4 \(the stack's "
+        rf"slices\), got start={start}, stop={stop}$",
+    ):
+        next(iter_stack_probabilities(pixelwise, stack, _plan(), start=start, stop=stop))
 
 
 # ---------------------------------------------------------------- hysteresis

@@ -23,7 +23,13 @@ from mitoseg.io import DataError
 from mitoseg.objects import instance_labels, measure_objects
 from mitoseg.plan import InferencePlan
 from mitoseg.volume import ngff
-from mitoseg.volume.job import BLOCK_PARTS, face_pairs, run_volume_job, stitch_labels
+from mitoseg.volume.job import (
+    BLOCK_PARTS,
+    auto_block_z,
+    face_pairs,
+    run_volume_job,
+    stitch_labels,
+)
 from mitoseg.volume.store import is_volume_uri, open_volume
 from volumes import write_ome_zarr
 
@@ -274,6 +280,35 @@ def test_resume_skips_recorded_blocks_and_force_replaces(client: Client, tmp_pat
     assert summary["blocks"] == 3 and summary["skipped"] == 0
 
 
+@pytest.mark.parametrize(
+    ("fields", "shape", "block_yx", "expected"),
+    [
+        ({}, (100, 2048, 2048), None, 8),  # no z-averaging: the smallest block
+        ({"z_context": 2}, (100, 2048, 2048), None, 8),  # context slices are only read
+        ({"z_average": 1}, (100, 2048, 2048), None, 20),  # halo 2 of 20 predictions
+        ({"z_average": 2}, (100, 1024, 1024), None, 40),
+        ({"z_average": 2}, (100, 4096, 4096), None, 8),  # 2**27 voxels: 8 slices at most
+        ({"z_average": 2}, (100, 4096, 4096), 1024, 40),  # YX tiles: the tile's voxels
+        ({"z_average": 1}, (12, 512, 512), None, 12),  # never deeper than the volume
+        ({"z_average": 1}, (1, 512, 512), None, 1),
+    ],
+)
+def test_auto_block_z(fields: dict, shape, block_yx, expected: int) -> None:
+    assert auto_block_z(_plan(**fields), shape, block_yx) == expected
+
+
+def test_block_z_defaults_to_the_plan_s_choice(client: Client, tmp_path: Path) -> None:
+    data = _volume(z=9, seed=3)
+    src = _ome(tmp_path / "in.ome.zarr", data, "0.5")
+    plan = _plan(z_average=1)
+    summary = run_volume_job(src, str(tmp_path / "o.zarr"), blur, plan, client=client)
+    assert summary["block_z"] == auto_block_z(plan, data.shape, None) == 9
+    assert summary["blocks"] == 1
+    mask = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")["labels/mask/0"]
+    assert mask.chunks[0] == 9
+    np.testing.assert_array_equal(mask[:], segment_stack(blur, data, plan))
+
+
 def test_face_pairs_and_stitch_by_hand() -> None:
     last = np.array([[1, 0, 0], [0, 0, 0], [0, 0, 2]])
     first = np.array([[0, 3, 0], [0, 0, 0], [0, 0, 0]])
@@ -334,7 +369,8 @@ def test_bad_inputs_are_named_and_leave_no_output(
 @pytest.mark.parametrize(
     ("kwargs", "exc", "message"),
     [
-        ({"block_z": 0}, ValueError, "block_z must be >= 1"),
+        ({"block_z": 0}, ValueError, r"^block_z must be None or >= 1, got 0$"),
+        ({"block_z": True}, ValueError, r"^block_z must be None or >= 1, got True$"),
         ({"block_yx": 0}, ValueError, "block_yx must be None or >= 1, got 0"),
         ({"ngff_version": "0.3"}, ValueError, "ngff_version must be one of"),
         ({"voxel_size_nm": (1, 2)}, ValueError, "expected 3 positive numbers"),

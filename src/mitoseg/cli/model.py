@@ -151,7 +151,13 @@ def predict(
     scheduler: str | None = typer.Option(
         None, "--scheduler", help="volume: attach to a running Dask scheduler tcp://HOST:PORT"
     ),
-    block_z: int = typer.Option(8, "--block-z", min=1, help="volume: slices per block"),
+    block_z: int | None = typer.Option(
+        None,
+        "--block-z",
+        min=1,
+        help="volume: slices per block (default: from the plan, at least 8 and enough that "
+        "z-averaging's halo costs at most 10 % of a block's predictions)",
+    ),
     block_yx: int | None = typer.Option(
         None,
         "--block-yx",
@@ -196,7 +202,7 @@ def _predict_volume(
     voxel_size: tuple[float, float, float] | None,
     workers: int,
     scheduler: str | None,
-    block_z: int,
+    block_z: int | None,
     probabilities: bool,
     force: bool,
     ngff: str,

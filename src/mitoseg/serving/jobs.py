@@ -123,7 +123,8 @@ class VolumeJobRequest(BaseModel):
     Attributes:
         input_uri: OME-Zarr / Zarr store or TIFF stack (absolute path or ``s3://``).
         output_uri: output store, ending in ``.zarr`` (absolute path or ``s3://``).
-        block_z: slices per block.
+        block_z: slices per block (None: from the plan,
+            :func:`mitoseg.volume.job.auto_block_z`).
         block_yx: YX tile side of a block (None: whole slices).
         force: replace an existing output.
         probabilities: also store uint8 probabilities.
@@ -133,7 +134,7 @@ class VolumeJobRequest(BaseModel):
 
     input_uri: str
     output_uri: str
-    block_z: int = Field(8, ge=1)
+    block_z: int | None = Field(None, ge=1)
     block_yx: int | None = Field(None, ge=1)
     force: bool = False
     probabilities: bool = False

@@ -399,7 +399,7 @@ class MitoSeg:
         self,
         input_uri: str,
         output_uri: str,
-        block_z: int = 8,
+        block_z: int | None = None,
         block_yx: int | None = None,
         force: bool = False,
         probabilities: bool = False,
@@ -411,7 +411,8 @@ class MitoSeg:
         ``GET /segment_volume/status?task_id=`` and ``/get?task_id=`` give the task's
         state and, when done, the job summary. ``input_uri``: OME-Zarr / Zarr / TIFF
         (``s3://`` or an absolute server path); ``output_uri``: ``... .zarr``.
-        ``block_z`` slices per block, ``block_yx`` YX tile side (None: whole slices),
+        ``block_z`` slices per block (None: from the plan), ``block_yx`` YX tile side
+        (None: whole slices),
         ``force`` replaces an existing output. Progress: ``/volume_progress``.
         """
         request = VolumeJobRequest(

@@ -49,8 +49,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import itertools
 import json
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -68,8 +68,10 @@ from mitoseg.volume.store import Volume, open_volume
 __all__ = [
     "JobSpec",
     "PredictorPlugin",
+    "auto_block_z",
     "block_bounds",
     "face_pairs",
+    "local_cluster",
     "run_volume_job",
     "stitch_global",
     "stitch_labels",
@@ -128,6 +130,29 @@ class JobSpec:
     def plan(self) -> InferencePlan:
         """The inference plan."""
         return InferencePlan.model_validate_json(self.plan_json)
+
+
+#: Smallest automatic block depth (slices), the largest share of a block's predictions
+#: the z-averaging halo may take, and the voxel budget of one automatic block.
+MIN_BLOCK_Z, MAX_HALO_SHARE, AUTO_BLOCK_VOXELS = 8, 0.10, 2**27
+
+
+def auto_block_z(plan: InferencePlan, shape: tuple[int, int, int], block_yx: int | None) -> int:
+    """The default slices per block for ``plan`` on a ``(Z, Y, X)`` volume.
+
+    A block predicts its own slices plus ``plan.z_average`` on each side (the halo its
+    z-averaging reads; 2.5D context slices are only read). The depth is the smallest at
+    or above :data:`MIN_BLOCK_Z` whose halo costs at most :data:`MAX_HALO_SHARE` of the
+    block's predictions (20 slices for ``z_average = 1``), within
+    :data:`AUTO_BLOCK_VOXELS` voxels per block (whole slices, or ``block_yx`` tiles) and
+    the volume's depth. Deeper blocks mean fewer of them: a volume of few blocks spreads
+    less evenly over the workers.
+    """
+    depth, y, x = shape
+    side = (y * x) if block_yx is None else min(y, block_yx) * min(x, block_yx)
+    want = max(MIN_BLOCK_Z, math.ceil(2 * plan.z_average / MAX_HALO_SHARE))
+    budget = max(MIN_BLOCK_Z, AUTO_BLOCK_VOXELS // max(1, side))
+    return max(1, min(want, budget, depth))
 
 
 def block_bounds(b: int, depth: int, block_z: int, z_halo: int = 0) -> tuple[int, int, int, int]:
@@ -217,15 +242,17 @@ def _block_probabilities(
     r0, r1 = max(0, z0 - plan.z_halo), min(spec.shape[0], z1 + plan.z_halo)
     if spec.block_yx is None:  # whole slices: the core itself, on the block's stack
         raw = vol.read(r0, r1)
-        stream = iter_stack_probabilities(_predictor(spec), raw, plan)
-        # the trailing context slices are read, never predicted: stop after slice z1 - 1
-        return raw[z0 - r0 : z1 - r0], itertools.islice(stream, z0 - r0, z1 - r0)
+        # the halo's slices are context; only those z-averaging needs are predicted
+        stream = iter_stack_probabilities(_predictor(spec), raw, plan, start=z0 - r0, stop=z1 - r0)
+        return raw[z0 - r0 : z1 - r0], stream
     from mitoseg.volume.tiles import predict_region
 
     assert ranges is not None
+    # as for whole slices: predict the block's slices and the z-averaging halo only
+    lo, hi = max(r0, z0 - plan.z_average), min(r1, z1 + plan.z_average)
     per_slice = predict_region(
         vol.read_region, _predictor(spec), plan, spec.shape[1:], (r0, r1),
-        (y0, y1, x0, x1), [ranges[z] for z in range(r0, r1)],
+        (y0, y1, x0, x1), [ranges[z] for z in range(r0, r1)], (lo - r0, hi - r0),
     )  # fmt: skip
     return vol.read_region(z0, z1, y0, y1, x0, x1), _z_averaged(per_slice, plan, r0, z0, z1)
 
@@ -586,8 +613,31 @@ def _block_ranges(
     return {z: ranges[z] for z in range(max(0, z0 - z_halo), min(spec.shape[0], z1 + z_halo))}
 
 
+#: Worker environment variables Dask's nanny sets by default that the volume path drops:
+#: ``MALLOC_TRIM_THRESHOLD_`` switches off glibc's dynamic mmap threshold, so every
+#: temporary over 128 KiB (a tile batch, a slice of probabilities) is mapped, faulted in
+#: page by page and unmapped again: twice the page faults and 5-10 % slower prediction
+#: (``benchmarks/volume.py``, ``worker_environment``).
+DROPPED_WORKER_ENV = ("MALLOC_TRIM_THRESHOLD_",)
+
+
+def local_cluster(workers: int) -> Any:
+    """The embedded ``LocalCluster``: ``workers`` processes of one thread each, no
+    dashboard, started without :data:`DROPPED_WORKER_ENV` (the rest of Dask's
+    ``distributed.nanny.pre-spawn-environ``, e.g. ``OMP_NUM_THREADS=1``, is kept)."""
+    import dask
+    from distributed import LocalCluster
+
+    environ = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
+    kept = {k: v for k, v in environ.items() if k not in DROPPED_WORKER_ENV}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": kept}):
+        return LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+
+
 def _connect(workers: int, scheduler: str | None) -> tuple[Any, Callable[[], None]]:
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if scheduler is not None:
         try:
@@ -595,9 +645,7 @@ def _connect(workers: int, scheduler: str | None) -> tuple[Any, Callable[[], Non
         except (OSError, TimeoutError) as exc:
             raise ValueError(f"cannot reach the Dask scheduler {scheduler}: {exc}") from None
         return client, client.close
-    cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
-    )
+    cluster = local_cluster(workers)
     client = Client(cluster)
 
     def close() -> None:
@@ -616,7 +664,7 @@ def run_volume_job(
     workers: int = 2,
     scheduler: str | None = None,
     client: Any = None,
-    block_z: int = 8,
+    block_z: int | None = None,
     block_yx: int | None = None,
     probabilities: bool = False,
     force: bool = False,
@@ -635,7 +683,8 @@ def run_volume_job(
         workers: LocalCluster worker processes (when neither ``client`` nor ``scheduler``).
         scheduler: ``tcp://HOST:PORT`` of a running Dask scheduler.
         client: an existing ``distributed.Client`` (used as it is, not closed).
-        block_z: slices per block (and chunk depth of the output).
+        block_z: slices per block (and chunk depth of the output); None:
+            :func:`auto_block_z` for the plan and the volume.
         block_yx: cut each block further into YX tiles of this side (for slices too large
             for one worker): the slices' normalisation is computed first and each tile
             runs the tiles of the global grid it overlaps (:mod:`mitoseg.volume.tiles`),
@@ -649,7 +698,7 @@ def run_volume_job(
         progress: progress bars over blocks.
 
     Returns:
-        ``{"shape", "blocks", "skipped", "objects", "foreground", "voxel_size_nm",
+        ``{"shape", "blocks", "block_z", "skipped", "objects", "foreground", "voxel_size_nm",
         "seconds", "target", "objects_csv", "model_loads", "block_voxels",
         "block_seconds", "block_parts_seconds", "phase_seconds"}``; ``model_loads`` maps
         each worker to the times it loaded the model (1: once per worker, not per block);
@@ -666,8 +715,8 @@ def run_volume_job(
     """
     from mitoseg.objects import combine_moments, rows_from_moments, write_object_table
 
-    if block_z < 1:
-        raise ValueError(f"block_z must be >= 1, got {block_z}")
+    if block_z is not None and (isinstance(block_z, bool) or block_z < 1):
+        raise ValueError(f"block_z must be None or >= 1, got {block_z}")
     if block_yx is not None and (isinstance(block_yx, bool) or block_yx < 1):
         raise ValueError(f"block_yx must be None or >= 1, got {block_yx}")
     if block_yx is not None and plan.seed_threshold is not None:
@@ -685,6 +734,8 @@ def run_volume_job(
     start = time.perf_counter()
     vol = open_volume(source, voxel_size_nm)
     vol.close()
+    if block_z is None:
+        block_z = auto_block_z(plan, vol.shape, block_yx)
     plan_json = plan.model_dump_json()
     job = {
         "source": source,
@@ -817,6 +868,7 @@ def run_volume_job(
     return {
         "shape": list(vol.shape),
         "blocks": spec.n_blocks,
+        "block_z": spec.block_z,
         "skipped": spec.n_blocks - len(todo),
         "objects": n_objects,
         "foreground": fg,

@@ -147,6 +147,7 @@ def predict_region(
     zs: tuple[int, int],
     region: tuple[int, int, int, int],
     ranges: Sequence[tuple[float, float] | None],
+    predict: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Per-slice probabilities of a region, identical to whole-slice prediction.
 
@@ -162,6 +163,8 @@ def predict_region(
         zs: ``(r0, r1)`` slices of the stack.
         region: ``(y0, y1, x0, x1)``, the part of each slice to return.
         ranges: ``r1 - r0`` results of :func:`slice_normalization` (None: blank).
+        predict: ``(i0, i1)``, the stack's slices (``r0 + i0 .. r0 + i1 - 1``) to
+            predict; the others are context alone, left as blank slices are (None: all).
 
     Returns:
         ``(r1 - r0, y1 - y0, x1 - x0, C)`` float32 probabilities (before z-averaging).
@@ -174,6 +177,9 @@ def predict_region(
     depth, k, c_out = r1 - r0, plan.z_context, plan.out_channels
     if len(ranges) != depth:
         raise ValueError(f"predict_region: {len(ranges)} slice ranges for {depth} slices")
+    i0, i1 = (0, depth) if predict is None else predict
+    if not 0 <= i0 < i1 <= depth:
+        raise ValueError(f"predict_region: predict={predict} outside the {depth} slices")
     th, top, ys, iy = _axis(shape[0], plan)
     tw, left, xs, ix = _axis(shape[1], plan)
     py0, py1, px0, px1 = y0 + top, y1 + top, x0 + left, x1 + left
@@ -185,7 +191,7 @@ def predict_region(
     acc = np.zeros_like(out) if not single else None
     norm = np.zeros((y1 - y0, x1 - x0), dtype=np.float32)
     weights = window_2d(th, width=tw)
-    live = [i for i in range(depth) if ranges[i] is not None]
+    live = [i for i in range(i0, i1) if ranges[i] is not None]
 
     def overlaps(y: int, x: int) -> bool:
         return y < py1 and y + th > py0 and x < px1 and x + tw > px0
