@@ -27,6 +27,7 @@ from mitoseg.volume.job import (
     BLOCK_PARTS,
     auto_block_z,
     face_pairs,
+    kept_regions,
     run_volume_job,
     stitch_labels,
 )
@@ -154,8 +155,9 @@ def test_z_halo_plans_read_context_across_blocks(
 @pytest.mark.parametrize(
     ("fields", "block_yx"),
     [({}, 16), ({}, 7), ({"z_context": 1, "z_average": 1}, 20), ({"tta": True}, 24),
-     ({"tile_size": 64}, 16)],
-    ids=["yx16", "yx7-odd", "z-halo", "tta", "one-tile"],
+     ({"tile_size": 64}, 16), ({"seed_threshold": 0.6}, 16),
+     ({"seed_threshold": 0.55, "z_average": 1}, 7)],
+    ids=["yx16", "yx7-odd", "z-halo", "tta", "one-tile", "hysteresis", "hysteresis-z-odd"],
 )  # fmt: skip
 def test_yx_blocks_equal_whole_slice_predict(
     client: Client, tmp_path: Path, fields: dict, block_yx: int
@@ -374,12 +376,6 @@ def test_bad_inputs_are_named_and_leave_no_output(
         ({"block_yx": 0}, ValueError, "block_yx must be None or >= 1, got 0"),
         ({"ngff_version": "0.3"}, ValueError, "ngff_version must be one of"),
         ({"voxel_size_nm": (1, 2)}, ValueError, "expected 3 positive numbers"),
-        (
-            {"block_yx": 16, "plan": {"seed_threshold": 0.8}},
-            ValueError,
-            r"block_yx: the plan's hysteresis \(seed_threshold 0.8\) keeps or drops regions "
-            "of whole slices",
-        ),
     ],
 )
 def test_argument_errors(client: Client, tmp_path: Path, kwargs, exc, message: str) -> None:
@@ -418,18 +414,33 @@ def slow_blur(batch):
     return ndimage.uniform_filter(x, size=(1, 5, 5, 1), mode="nearest").astype(np.float32)
 
 
+def plan_and_blocks(hysteresis):
+    # the plan and block shape: whole slices, or 16-px YX blocks of a hysteresis plan
+    seed = {"seed_threshold": 0.6} if hysteresis else {}
+    plan = InferencePlan.default_for(1, 1, tile_size=32, halo=6, batch_size=3,
+                                     threshold=0.45, **seed)
+    return plan, ({"block_z": 2, "block_yx": 16} if hysteresis else {"block_z": 1})
+
+
 if __name__ == "__main__":
-    plan = InferencePlan.default_for(1, 1, tile_size=32, halo=6, batch_size=3, threshold=0.45)
+    plan, blocks = plan_and_blocks(sys.argv[3] == "hysteresis")
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                       dashboard_address=None) as cluster, Client(cluster) as client:
-        s = run_volume_job(sys.argv[1], sys.argv[2], slow_blur, plan, client=client, block_z=1)
-    print("skipped", s["skipped"])
+        s = run_volume_job(sys.argv[1], sys.argv[2], slow_blur, plan, client=client, **blocks)
+    print("skipped", s["skipped"], "regions_skipped", s["regions_skipped"])
 """
 
 
-def test_sigkill_mid_job_then_restart_matches_uninterrupted(tmp_path: Path) -> None:
-    """A job process killed with SIGKILL once 2 blocks are recorded; the restarted process
-    skips them and the output equals an uninterrupted run."""
+@pytest.mark.parametrize(
+    ("mode", "record", "z", "blocks"),
+    [("slices", ngff.DONE_ARRAY, 12, 12), ("hysteresis", ngff.REGIONS_DONE_ARRAY, 4, 24)],
+)
+def test_sigkill_mid_job_then_restart_matches_uninterrupted(
+    tmp_path: Path, mode: str, record: str, z: int, blocks: int
+) -> None:
+    """A job process killed with SIGKILL once 2 blocks are recorded (whole-slice blocks;
+    or the regions of YX blocks with hysteresis, in their first pass); the restarted
+    process skips them and the output equals an uninterrupted run."""
     import os
     import signal
     import subprocess
@@ -438,16 +449,16 @@ def test_sigkill_mid_job_then_restart_matches_uninterrupted(tmp_path: Path) -> N
 
     script = tmp_path / "job.py"
     script.write_text(_KILL_SCRIPT)
-    data = _volume(z=12, seed=6)
+    data = _volume(z=z, seed=6)
     src = _ome(tmp_path / "in.ome.zarr", data, "0.5")
     out = tmp_path / "out.ome.zarr"
-    cmd = [sys.executable, str(script), src, str(out)]
+    cmd = [sys.executable, str(script), src, str(out), mode]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
 
     def recorded() -> int:
         try:
-            return int((zarr.open_group(str(out), mode="r")[ngff.DONE_ARRAY][:][:, 0] > 0).sum())
+            return int((zarr.open_group(str(out), mode="r")[record][:][:, 0] > 0).sum())
         except Exception:
             return 0
 
@@ -456,43 +467,76 @@ def test_sigkill_mid_job_then_restart_matches_uninterrupted(tmp_path: Path) -> N
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     done = recorded()
-    assert 2 <= done < 12, f"killed too late: {done} of 12 blocks recorded"
+    assert 2 <= done < blocks, f"killed too late: {done} of {blocks} blocks recorded"
     assert dict(zarr.open_group(str(out), mode="r").attrs)["mitoseg"]["status"] == "running"
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"skipped {done}" in resumed.stdout
+    skipped = (0, done) if mode == "hysteresis" else (done, 0)
+    assert f"skipped {skipped[0]} regions_skipped {skipped[1]}" in resumed.stdout
     sys.path.insert(0, str(tmp_path))
     try:
-        from job import slow_blur  # the same predictor, in this process
+        from job import plan_and_blocks, slow_blur  # the same predictor, in this process
     finally:
         sys.path.remove(str(tmp_path))
+        sys.modules.pop("job", None)
     fresh = tmp_path / "fresh.ome.zarr"
-    plan = InferencePlan.default_for(1, 1, tile_size=32, halo=6, batch_size=3, threshold=0.45)
+    plan, kwargs = plan_and_blocks(mode == "hysteresis")
     with (
         LocalCluster(
             n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
         ) as cluster,
         Client(cluster) as c,
     ):
-        run_volume_job(src, str(fresh), slow_blur, plan, client=c, block_z=1)
+        run_volume_job(src, str(fresh), slow_blur, plan, client=c, **kwargs)
     a, b = zarr.open_group(str(out), mode="r"), zarr.open_group(str(fresh), mode="r")
     for name in ("0", "labels/mask/0", "labels/instances/0"):
         np.testing.assert_array_equal(a[name][:], b[name][:])
+    np.testing.assert_array_equal(b["labels/mask/0"][:], segment_stack(blur, data, plan))
     assert (out / "objects.csv").read_text() == (fresh / "objects.csv").read_text()
     assert dict(a.attrs)["mitoseg"]["status"] == "complete"
 
 
-def test_hysteresis_plans_run_on_whole_slice_blocks(client: Client, tmp_path: Path) -> None:
-    """A plan's seed threshold decides per whole slice: blocks of slices match predict."""
-    data = _volume(z=5, seed=3)
-    data[:, 2:9, 2:9] = 140  # a faint region: above the threshold, never reaching the seed
-    plan = _plan(seed_threshold=0.7)
+def _bar_volume() -> np.ndarray:
+    """A faint bar across a 45 x 52 slice (through many 8-px tiles) that reaches the seed
+    in one place only, and a faint square that never does."""
+    data = np.zeros((3, 45, 52), np.uint8)
+    data[:, 2, 0] = 255  # the same intensity range in every slice
+    data[:, 20:25, 2:50] = 150  # above the threshold, below the seed ...
+    data[:, 20:25, 40:46] = 250  # ... except here
+    data[:, 33:41, 5:13] = 150  # never seeded: dropped
+    return data
+
+
+def test_hysteresis_on_yx_blocks_keeps_regions_seeded_in_another_tile(
+    client: Client, tmp_path: Path
+) -> None:
+    """Regions crossing YX blocks are kept or dropped whole: the bar crosses 14 of the
+    8-px blocks of a slice and reaches the seed in two of them, yet all of it is kept, as
+    on the whole slice."""
+    data = _bar_volume()
+    plan = _plan(seed_threshold=0.8)
     src = _ome(tmp_path / "in.ome.zarr", data, "0.5")
     out = str(tmp_path / "out.ome.zarr")
-    run_volume_job(src, out, blur, plan, client=client, block_z=2)
+    summary = run_volume_job(src, out, blur, plan, client=client, block_z=2, block_yx=8)
     expected = segment_stack(blur, data, plan)
-    np.testing.assert_array_equal(zarr.open_group(out, mode="r")["labels/mask/0"][:], expected)
-    assert expected.sum() < segment_stack(blur, data, _plan()).sum()  # faint regions dropped
+    root = zarr.open_group(out, mode="r")
+    np.testing.assert_array_equal(root["labels/mask/0"][:], expected)
+    assert expected[:, 22, 3:49].all() and not expected[:, 33:41, 5:13].any()
+    assert segment_stack(blur, data, _plan())[:, 33:41, 5:13].any()  # threshold alone keeps it
+    assert summary["objects"] == 1 and summary["regions_skipped"] == 0
+    assert {"regions", "seams"} <= set(summary["phase_seconds"])
+    for name in (ngff.LOCAL_ARRAY, ngff.REGIONS_ARRAY, ngff.REGIONS_DONE_ARRAY):
+        assert name not in root
+
+
+def test_kept_regions_by_hand() -> None:
+    pairs = np.array([[1, 2], [2, 4], [5, 6]], np.int64)
+    seeded = np.array([False, False, False, False, True, False, False])
+    keep = kept_regions(6, pairs, seeded)  # 1-2-4 seeded through 4; 3 alone; 5-6 unseeded
+    assert keep.tolist() == [False, True, True, False, True, False, False]
+    assert kept_regions(2, np.zeros((0, 2), np.int64), np.array([0, 1, 0], bool)).tolist() == [
+        False, True, False,
+    ]  # fmt: skip
 
 
 def test_int8_plans_reach_the_workers_with_their_calibration(

@@ -94,7 +94,7 @@ _THRESHOLD_OPT = typer.Option(
 _NO_HYSTERESIS_OPT = typer.Option(
     False,
     "--no-hysteresis",
-    help="threshold alone: drop the plan's seed threshold (hysteresis), e.g. for --block-yx",
+    help="threshold alone: drop the plan's seed threshold (hysteresis)",
 )
 _ENGINE_OPT = typer.Option(
     None, "--engine", help="inference engine RUNTIME/PRECISION (default: the plan's)"

@@ -24,7 +24,12 @@ Phases (the output layout is in :mod:`mitoseg.volume.ngff`):
    probabilities and per-block instance labels (26-connected components, ids
    ``1 .. n_b``) with their pyramids; then the block's row of the completion record.
    A block killed half-way has no row and is redone on restart: it is either fully
-   written or redone.
+   written or redone. YX blocks of a plan with hysteresis split this in three: each
+   block's 8-connected 2D regions of the thresholded slices with a seeded flag (their
+   own completion record), the regions touching across tile faces in a slice merged
+   (a merged region is kept when any part reaches the seed threshold, as
+   :func:`mitoseg.inference.keep_seeded_regions` decides on the whole slice), then each
+   block's mask from its kept regions, instance labels and completion row.
 2. **stitch** (cellpose distributed style): ids are offset by the running count of the
    previous blocks, labels touching across each block's upper z, y and x faces
    (26-connectivity, so across edges and corners too) are merged with a graph's
@@ -71,6 +76,7 @@ __all__ = [
     "auto_block_z",
     "block_bounds",
     "face_pairs",
+    "kept_regions",
     "local_cluster",
     "run_volume_job",
     "stitch_global",
@@ -291,34 +297,223 @@ def _predict_block(
     the block reads (:func:`mitoseg.volume.tiles.slice_normalization`).
     """
     from mitoseg.inference import decide_mask
-    from mitoseg.objects import instance_labels
 
     started = time.perf_counter()
     plan = spec.plan()
-    z0, z1, y0, y1, x0, x1 = spec.region(b)
     raw, stream = _block_probabilities(spec, plan, b, ranges)
     marks = [time.perf_counter()]
     mask = np.zeros(raw.shape, dtype=np.uint8)
-    probs = (
-        np.zeros((plan.out_channels, *raw.shape), dtype=np.uint8) if spec.probabilities else None
-    )
+    probs = _probability_buffer(spec, plan, raw.shape)
     for i, p in enumerate(stream):
         mask[i] = decide_mask(p, plan)
-        if probs is not None:
-            probs[:, i] = np.rint(np.clip(p, 0, 1) * 255).astype(np.uint8).transpose(2, 0, 1)
+        _store_probabilities(probs, i, p)
     marks.append(time.perf_counter())
     root = ngff.open_output(spec.target)
+    _write_image(spec, root, b, raw, probs)
+    _write_mask(spec, root, b, mask)
+    marks.append(time.perf_counter())
+    n, fg = _finish_block(spec, root, b, mask)
+    marks.append(time.perf_counter())
+    parts = dict(zip(BLOCK_PARTS, np.diff([started, *marks]).round(4).tolist(), strict=True))
+    return b, n, fg, time.perf_counter() - started, parts
+
+
+def _probability_buffer(
+    spec: JobSpec, plan: InferencePlan, shape: tuple[int, ...]
+) -> np.ndarray | None:
+    """``(C, z, y, x)`` uint8 buffer for the stored probabilities (None: not stored)."""
+    return np.zeros((plan.out_channels, *shape), dtype=np.uint8) if spec.probabilities else None
+
+
+def _store_probabilities(probs: np.ndarray | None, i: int, p: np.ndarray) -> None:
+    if probs is not None:
+        probs[:, i] = np.rint(np.clip(p, 0, 1) * 255).astype(np.uint8).transpose(2, 0, 1)
+
+
+def _write_image(
+    spec: JobSpec, root: Any, b: int, raw: np.ndarray, probs: np.ndarray | None
+) -> None:
+    """Block ``b``'s image copy and probabilities, with their pyramids."""
+    z0, _, y0, _, x0, _ = spec.region(b)
     ngff.write_levels(root, raw, z0, False, y0, x0)
-    ngff.write_levels(root["labels/mask"], mask, z0, True, y0, x0)
     if probs is not None:
         ngff.write_levels(root["probabilities"], probs, z0, False, y0, x0)
-    marks.append(time.perf_counter())
+
+
+def _write_mask(spec: JobSpec, root: Any, b: int, mask: np.ndarray) -> None:
+    z0, _, y0, _, x0, _ = spec.region(b)
+    ngff.write_levels(root["labels/mask"], mask, z0, True, y0, x0)
+
+
+def _finish_block(spec: JobSpec, root: Any, b: int, mask: np.ndarray) -> tuple[int, int]:
+    """Block ``b``'s instance labels (26-connected, ids ``1 .. n``), then its row of the
+    completion record, last; returns ``(n, foreground voxels)``."""
+    from mitoseg.objects import instance_labels
+
+    z0, z1, y0, y1, x0, x1 = spec.region(b)
     n = 0
     if spec.instance_class is not None:
         local, n = instance_labels(mask == spec.instance_class)
         root[ngff.LOCAL_ARRAY][z0:z1, y0:y1, x0:x1] = local
     fg = int(np.count_nonzero(mask))
     root[ngff.DONE_ARRAY][b] = np.array([n + 1, fg], dtype=np.int64)  # last: block complete
+    return n, fg
+
+
+def _two_pass(spec: JobSpec, plan: InferencePlan) -> bool:
+    """YX blocks of a binary plan with hysteresis: a region kept or dropped may cross
+    blocks, so the mask is decided after the blocks' regions are stitched."""
+    return (
+        spec.block_yx is not None and plan.seed_threshold is not None and (plan.out_channels == 1)
+    )
+
+
+def _regions_block(
+    spec: JobSpec, b: int, ranges: dict[int, Any] | None
+) -> tuple[int, int, float, dict[str, float]]:
+    """Hysteresis pass 1 for YX block ``b``: image and probabilities as
+    :func:`_predict_block`, and the 8-connected regions of each slice's thresholded mask
+    (ids ``1 .. n`` over the block's slices) into :data:`~mitoseg.volume.ngff.
+    REGIONS_ARRAY` as ``id << 1 | seeded`` (seeded: a pixel reaches the plan's
+    ``seed_threshold``); then the block's regions row. Returns ``(b, n, seconds,
+    {part: seconds})`` (``instances``: 0 here)."""
+    from scipy import ndimage
+
+    started = time.perf_counter()
+    plan = spec.plan()
+    assert plan.seed_threshold is not None
+    raw, stream = _block_probabilities(spec, plan, b, ranges)
+    marks = [time.perf_counter()]
+    regions = np.zeros(raw.shape, dtype=np.uint32)
+    probs = _probability_buffer(spec, plan, raw.shape)
+    eight, n = np.ones((3, 3), bool), 0
+    for i, p in enumerate(stream):
+        _store_probabilities(probs, i, p)
+        labels, k = ndimage.label(p[..., 0] >= plan.decision, structure=eight)
+        if k == 0:
+            continue
+        seeded = np.zeros(k + 1, dtype=np.uint32)
+        seeded[labels[(p[..., 0] >= plan.seed_threshold) & (labels > 0)]] = 1
+        ids = np.arange(k + 1, dtype=np.uint32) + n
+        code = (ids << 1) | seeded
+        code[0] = 0
+        regions[i] = code[labels]
+        n += k
+    if n >= 2**31:
+        raise ValueError(f"block {b}: {n} regions do not fit the region record; use a smaller "
+                         "--block-z or --block-yx")  # fmt: skip
+    marks.append(time.perf_counter())
+    root = ngff.open_output(spec.target)
+    _write_image(spec, root, b, raw, probs)
+    z0, z1, y0, y1, x0, x1 = spec.region(b)
+    root[ngff.REGIONS_ARRAY][z0:z1, y0:y1, x0:x1] = regions
+    root[ngff.REGIONS_DONE_ARRAY][b] = np.array([n + 1], dtype=np.int64)  # last
+    marks.append(time.perf_counter())
+    parts = dict(zip(BLOCK_PARTS, [*np.diff([started, *marks]).round(4).tolist(), 0.0],
+                     strict=True))  # fmt: skip
+    return b, n, time.perf_counter() - started, parts
+
+
+def _line_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairs ``(a[u, v], b[u, v + dv])`` with both > 0, ``dv`` in ``0 .. 2``: ``a`` is
+    ``(U, V)``, ``b`` is ``(U, V + 2)`` (one more on each side of ``v``; ``u`` is z, so
+    regions touch within one slice only)."""
+    found = [np.zeros((0, 2), dtype=np.int64)]
+    w = a.shape[1]
+    for dv in (0, 1, 2):
+        other = b[:, dv : dv + w]
+        both = (a > 0) & (other > 0)
+        if both.any():
+            found.append(np.stack([a[both], other[both]], axis=1).astype(np.int64))
+    return np.unique(np.concatenate(found), axis=0)
+
+
+def _seam_task(spec: JobSpec, b: int, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hysteresis pass 2 for YX block ``b``: global ids of its regions touching the
+    blocks after it on y or x in the same slice (8-connected: with the in-plane diagonal
+    neighbours), and its regions' seeded flags.
+
+    Returns:
+        ``(pairs (N, 2) int64 global ids, seeded (n_b,) bool)``.
+    """
+    z0, z1, y0, y1, x0, x1 = spec.region(b)
+    lo, hi = (z0, y0, x0), (z1, y1, x1)
+    arr = ngff.open_output(spec.target)[ngff.REGIONS_ARRAY]
+    own = np.asarray(arr[z0:z1, y0:y1, x0:x1])
+    _, ny, nx = spec.grid
+    per_z = ny * nx
+
+    def global_ids(codes: np.ndarray, ys: int, xs: int) -> np.ndarray:
+        """Region codes of a ``(z, y, x)`` box of this z-block at ``(z0, ys, xs)``."""
+        yb = (np.arange(codes.shape[1]) + ys) // spec.block_shape[1]
+        xb = (np.arange(codes.shape[2]) + xs) // spec.block_shape[2]
+        block = (b // per_z) * per_z + yb[:, None] * nx + xb[None, :]
+        return np.where(codes > 0, (codes >> 1).astype(np.int64) + offsets[block][None], 0)
+
+    pairs = [np.zeros((0, 2), dtype=np.int64)]
+    for axis in (1, 2):
+        if hi[axis] >= spec.shape[axis]:
+            continue
+        other_axis = 3 - axis
+        start = [z0, y0, x0]
+        start[axis] = hi[axis] - 1
+        a = global_ids(own.take([-1], axis=axis), start[1], start[2])
+        wide = [slice(z0, z1), slice(y0, y1), slice(x0, x1)]
+        wide[axis] = slice(hi[axis], hi[axis] + 1)
+        o_lo, o_hi = max(0, lo[other_axis] - 1), min(spec.shape[other_axis], hi[other_axis] + 1)
+        wide[other_axis] = slice(o_lo, o_hi)
+        other = global_ids(np.asarray(arr[tuple(wide)]), wide[1].start, wide[2].start)
+        pad = [(0, 0)] * 3
+        pad[other_axis] = (1 - (lo[other_axis] - o_lo), 1 - (o_hi - hi[other_axis]))
+        other = np.pad(other, pad)  # zeros past the volume's edges
+        pairs.append(_line_pairs(np.squeeze(a, axis), np.squeeze(other, axis)))
+    count = int(offsets[b + 1] - offsets[b])
+    seeded = np.zeros(count + 1, dtype=bool)
+    fg = own > 0
+    seeded[(own[fg] >> 1).astype(np.int64)] = (own[fg] & 1).astype(bool)
+    return np.concatenate(pairs), seeded[1:]
+
+
+def kept_regions(total: int, pairs: np.ndarray, seeded: np.ndarray) -> np.ndarray:
+    """Hysteresis across blocks: which regions a whole slice keeps.
+
+    Args:
+        total: global region ids ``1 .. total``.
+        pairs: ``(N, 2)`` int64 ids of regions that touch (in one slice).
+        seeded: ``(total + 1,)`` bool, a region reaches the seed threshold (entry 0 unused).
+
+    Returns:
+        ``(total + 1,)`` bool: the region's merged region has a seed (``[0]`` False).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    r, c = (pairs[:, 0], pairs[:, 1]) if pairs.size else (np.zeros(0, np.int64),) * 2
+    graph = coo_matrix((np.ones(r.size, dtype=np.int8), (r, c)), shape=(total + 1, total + 1))
+    _, comp = connected_components(graph, directed=False)
+    any_seed = np.zeros(comp.max() + 1, dtype=bool)
+    np.logical_or.at(any_seed, comp, np.asarray(seeded, dtype=bool))
+    keep = any_seed[comp]
+    keep[0] = False
+    return keep
+
+
+def _decide_block(
+    spec: JobSpec, b: int, offset: int, keep: np.ndarray
+) -> tuple[int, int, int, float, dict[str, float]]:
+    """Hysteresis pass 3 for YX block ``b``: the mask is its kept regions; then mask,
+    instance labels and the completion record as :func:`_predict_block` (same result)."""
+    started = time.perf_counter()
+    z0, z1, y0, y1, x0, x1 = spec.region(b)
+    root = ngff.open_output(spec.target)
+    codes = np.asarray(root[ngff.REGIONS_ARRAY][z0:z1, y0:y1, x0:x1])
+    marks = [time.perf_counter()]
+    ids = np.where(codes > 0, (codes >> 1).astype(np.int64) + offset, 0)
+    mask = keep[ids].astype(np.uint8)
+    marks.append(time.perf_counter())
+    _write_mask(spec, root, b, mask)
+    marks.append(time.perf_counter())
+    n, fg = _finish_block(spec, root, b, mask)
     marks.append(time.perf_counter())
     parts = dict(zip(BLOCK_PARTS, np.diff([started, *marks]).round(4).tolist(), strict=True))
     return b, n, fg, time.perf_counter() - started, parts
@@ -520,13 +715,14 @@ def _plugin_loads(name: str, dask_worker: Any = None) -> int:
     return int(getattr(plugin, "loads", 0))
 
 
-def _read_done(root: Any, n_blocks: int) -> np.ndarray:
-    """The completion record; a row that cannot be read (killed mid-write) counts as 0."""
-    arr = root[ngff.DONE_ARRAY]
+def _read_done(root: Any, n_blocks: int, name: str = ngff.DONE_ARRAY) -> np.ndarray:
+    """A completion record (``name``: the blocks' or, for hysteresis on YX blocks, their
+    regions'); a row that cannot be read (killed mid-write) counts as 0."""
+    arr = root[name]
     try:
         return np.asarray(arr[:])
     except Exception:
-        out = np.zeros((n_blocks, 2), dtype=np.int64)
+        out = np.zeros((n_blocks, arr.shape[1]), dtype=np.int64)
         for b in range(n_blocks):
             try:
                 out[b] = arr[b]
@@ -636,6 +832,74 @@ def local_cluster(workers: int) -> Any:
         )
 
 
+def _hysteresis_blocks(
+    client: Any,
+    spec: JobSpec,
+    root: Any,
+    todo: list[int],
+    ranges: dict[int, Any],
+    fingerprint: str,
+    progress: bool,
+) -> tuple[list[Any], dict[str, float]]:
+    """The predict phase of YX blocks with hysteresis, in three passes: each unfinished
+    block's 2D regions (:func:`_regions_block`, skipped where recorded), the regions
+    touching across block faces within a slice merged with their seeds
+    (:func:`_seam_task`, :func:`kept_regions`), then each unfinished block's mask, its
+    kept regions (:func:`_decide_block`). Returns the blocks' results as
+    :func:`_predict_block` gives them (seconds and parts of both passes added) and the
+    wall time of ``regions`` and ``seams`` (with ``regions_skipped``: unfinished blocks
+    whose regions an earlier run recorded)."""
+    plan, n_blocks = spec.plan(), spec.n_blocks
+    recorded = _read_done(root, n_blocks, ngff.REGIONS_DONE_ARRAY)
+    futures = [
+        client.submit(
+            _regions_block, spec, b, _block_ranges(spec, b, plan.z_halo, ranges),
+            key=f"mitoseg-regions-{fingerprint}-{b}", pure=False,
+        )
+        for b in todo if recorded[b, 0] == 0
+    ]  # fmt: skip
+    phases: dict[str, float] = {"regions_skipped": len(todo) - len(futures)}
+    phase = time.perf_counter()
+    first = {r[0]: r for r in _gather(client, futures, "regions", progress)}
+    phases["regions"] = time.perf_counter() - phase
+    recorded = _read_done(root, n_blocks, ngff.REGIONS_DONE_ARRAY)
+    if (recorded[:, 0] == 0).any():
+        raise RuntimeError(
+            f"{spec.target}: regions of blocks {np.flatnonzero(recorded[:, 0] == 0).tolist()} "
+            "not recorded"
+        )
+    offsets = np.concatenate([[0], np.cumsum(recorded[:, 0] - 1)]).astype(np.int64)
+    phase = time.perf_counter()
+    [offsets_future] = client.scatter([offsets], broadcast=True)
+    seam_futures = [
+        client.submit(
+            _seam_task, spec, b, offsets_future, key=f"mitoseg-seam-{fingerprint}-{b}",
+            pure=False,
+        )
+        for b in range(n_blocks)
+    ]  # fmt: skip
+    seams = _gather(client, seam_futures, "seams", progress, ordered=True)
+    seeded = np.concatenate([np.zeros(1, bool), *[s for _, s in seams]])
+    keep = kept_regions(int(offsets[-1]), np.concatenate([p for p, _ in seams]), seeded)
+    [keep_future] = client.scatter([keep], broadcast=True)
+    phases["seams"] = time.perf_counter() - phase
+    futures = [
+        client.submit(
+            _decide_block, spec, b, int(offsets[b]), keep_future,
+            key=f"mitoseg-decide-{fingerprint}-{b}", pure=False,
+        )
+        for b in todo
+    ]  # fmt: skip
+    results = []
+    for b, n, fg, seconds, parts in _gather(client, futures, "blocks", progress):
+        if b in first:  # this run made the block's regions too
+            _, _, more, more_parts = first[b]
+            seconds += more
+            parts = {k: parts[k] + more_parts[k] for k in BLOCK_PARTS}
+        results.append((b, n, fg, seconds, parts))
+    return results, phases
+
+
 def _connect(workers: int, scheduler: str | None) -> tuple[Any, Callable[[], None]]:
     from distributed import Client
 
@@ -689,8 +953,9 @@ def run_volume_job(
             for one worker): the slices' normalisation is computed first and each tile
             runs the tiles of the global grid it overlaps (:mod:`mitoseg.volume.tiles`),
             so the result equals whole-slice prediction. None: whole slices. Pyramid
-            levels are limited to ``1 +`` the power of two in ``block_yx``. Not with a
-            plan that has hysteresis (``seed_threshold``), which needs whole slices.
+            levels are limited to ``1 +`` the power of two in ``block_yx``. A plan with
+            hysteresis (``seed_threshold``) keeps or drops whole regions of a slice: its
+            regions are stitched across the tiles first (:func:`_hysteresis_blocks`).
         probabilities: also store ``(C, Z, Y, X)`` uint8 probabilities.
         force: replace an existing output (a complete one, another job's, or a non-output).
         voxel_size_nm: ``(z, y, x)`` nm overriding the input's metadata.
@@ -698,14 +963,17 @@ def run_volume_job(
         progress: progress bars over blocks.
 
     Returns:
-        ``{"shape", "blocks", "block_z", "skipped", "objects", "foreground", "voxel_size_nm",
-        "seconds", "target", "objects_csv", "model_loads", "block_voxels",
-        "block_seconds", "block_parts_seconds", "phase_seconds"}``; ``model_loads`` maps
-        each worker to the times it loaded the model (1: once per worker, not per block);
-        ``block_seconds`` summarises the predict tasks of this run (``n``, ``mean``,
-        ``median``, ``max``), ``block_parts_seconds`` sums their parts
-        (:data:`BLOCK_PARTS`) over the blocks, and ``phase_seconds`` is the wall time of
-        ``predict``, ``stitch`` and ``relabel``.
+        ``{"shape", "blocks", "block_z", "skipped", "regions_skipped", "objects",
+        "foreground", "voxel_size_nm", "seconds", "target", "objects_csv", "model_loads",
+        "block_voxels", "block_seconds", "block_parts_seconds", "phase_seconds"}``;
+        ``skipped``: blocks an earlier run finished, ``regions_skipped``: unfinished
+        blocks whose hysteresis regions an earlier run recorded (YX blocks with
+        hysteresis; else 0); ``model_loads`` maps each worker to the times it loaded the
+        model (1: once per worker, not per block); ``block_seconds`` summarises the
+        predict tasks of this run (``n``, ``mean``, ``median``, ``max``),
+        ``block_parts_seconds`` sums their parts (:data:`BLOCK_PARTS`) over the blocks,
+        and ``phase_seconds`` is the wall time of ``predict`` (with hysteresis on YX
+        blocks also of its ``regions`` and ``seams`` passes), ``stitch`` and ``relabel``.
 
     Raises:
         DataError: unreadable input (named).
@@ -719,12 +987,6 @@ def run_volume_job(
         raise ValueError(f"block_z must be None or >= 1, got {block_z}")
     if block_yx is not None and (isinstance(block_yx, bool) or block_yx < 1):
         raise ValueError(f"block_yx must be None or >= 1, got {block_yx}")
-    if block_yx is not None and plan.seed_threshold is not None:
-        raise ValueError(
-            f"block_yx: the plan's hysteresis (seed_threshold {plan.seed_threshold:g}) keeps "
-            "or drops regions of whole slices, which YX blocks cannot see; use whole-slice "
-            "blocks, or the threshold alone (mitoseg predict --no-hysteresis)"
-        )
     if ngff_version not in ngff.NGFF_VERSIONS:
         raise ValueError(
             f"ngff_version must be one of {sorted(ngff.NGFF_VERSIONS)}, got {ngff_version!r}"
@@ -780,7 +1042,7 @@ def run_volume_job(
             instances=spec.instance_class is not None,
             probability_channels=plan.out_channels if probabilities else 0,
             job={**job, "blocks": spec.n_blocks, "started": time.time()},
-            block_yx=spec.block_yx,
+            block_yx=spec.block_yx, regions=_two_pass(spec, plan),
         )  # fmt: skip
     else:
         root = ngff.open_output(target)
@@ -793,16 +1055,22 @@ def run_volume_job(
         plugin = PredictorPlugin(_model_payload(model), plan_json, plan.calibration_images())
         client.register_plugin(plugin, name=spec.plugin)
         ranges = _slice_ranges(client, spec, todo, plan.z_halo, fingerprint, progress)
-        futures = [
-            client.submit(
-                _predict_block, spec, b, _block_ranges(spec, b, plan.z_halo, ranges),
-                key=f"mitoseg-predict-{fingerprint}-{b}", pure=False,
-            )
-            for b in todo
-        ]  # fmt: skip
         phase = time.perf_counter()
-        results = _gather(client, futures, "blocks", progress)
-        phases = {"predict": time.perf_counter() - phase}
+        if _two_pass(spec, plan):
+            results, phases = _hysteresis_blocks(
+                client, spec, root, todo, ranges, fingerprint, progress
+            )
+        else:
+            futures = [
+                client.submit(
+                    _predict_block, spec, b, _block_ranges(spec, b, plan.z_halo, ranges),
+                    key=f"mitoseg-predict-{fingerprint}-{b}", pure=False,
+                )
+                for b in todo
+            ]  # fmt: skip
+            results, phases = _gather(client, futures, "blocks", progress), {}
+        phases["predict"] = time.perf_counter() - phase
+        regions_skipped = int(phases.pop("regions_skipped", 0))
         block_seconds = [r[3] for r in results]
         block_parts = {k: round(sum(r[4][k] for r in results), 3) for k in BLOCK_PARTS}
         loads = client.run(_plugin_loads, spec.plugin)
@@ -863,13 +1131,15 @@ def run_volume_job(
     )
     root.attrs.update({"mitoseg": info})
     # after "complete": a kill before this line leaves only a temporary array behind
-    if ngff.LOCAL_ARRAY in root:
-        del root[ngff.LOCAL_ARRAY]
+    for name in (ngff.LOCAL_ARRAY, ngff.REGIONS_ARRAY, ngff.REGIONS_DONE_ARRAY):
+        if name in root:
+            del root[name]
     return {
         "shape": list(vol.shape),
         "blocks": spec.n_blocks,
         "block_z": spec.block_z,
         "skipped": spec.n_blocks - len(todo),
+        "regions_skipped": regions_skipped,
         "objects": n_objects,
         "foreground": fg,
         "voxel_size_nm": list(spec.voxel_size_nm) if spec.voxel_size_nm else None,

@@ -15,7 +15,9 @@ The root's ``mitoseg`` attribute says how it was made and whether the job comple
 ``mitoseg_done`` is written by the block's task only after all of that block's data:
 ``[local objects + 1, foreground voxels]``; ``0`` means not done. While running,
 ``mitoseg_local`` holds the per-block instance labels before stitching; it is removed when
-the job completes.
+the job completes. YX blocks of a plan with hysteresis first write each block's 2D regions
+of the thresholded mask (``mitoseg_regions``, recorded in ``mitoseg_regions_done``), also
+removed at completion.
 
 Image pyramids are 2 x 2 means in y, x (with the matching half-pixel translation); label
 pyramids take every second voxel (no translation), as label values must not be averaged.
@@ -36,6 +38,8 @@ __all__ = [
     "LOCAL_ARRAY",
     "MIN_SIDE",
     "NGFF_VERSIONS",
+    "REGIONS_ARRAY",
+    "REGIONS_DONE_ARRAY",
     "create_output",
     "downsample",
     "open_output",
@@ -52,6 +56,9 @@ __all__ = [
 DONE_ARRAY = "mitoseg_done"
 #: Per-block (unstitched) instance labels while the job runs.
 LOCAL_ARRAY = "mitoseg_local"
+#: YX blocks with hysteresis, while the job runs: each block's 2D regions of the
+#: thresholded mask (``id << 1 | seeded``) and their completion record.
+REGIONS_ARRAY, REGIONS_DONE_ARRAY = "mitoseg_regions", "mitoseg_regions_done"
 #: Pyramid levels are added while both y and x of the next level stay at least this.
 MIN_SIDE = 64
 #: Maximum pyramid levels.
@@ -196,6 +203,7 @@ def create_output(
     probability_channels: int = 0,
     job: dict[str, Any] | None = None,
     block_yx: int | None = None,
+    regions: bool = False,
 ) -> Any:
     """Create an empty output store (see the module docstring) and return its root group.
 
@@ -213,6 +221,8 @@ def create_output(
         job: the job description stored in the ``mitoseg`` attribute.
         block_yx: YX side of a block (None: whole slices); sets the chunk sides and
             limits the pyramid levels (:func:`yx_levels`, :func:`yx_chunk`).
+        regions: create :data:`REGIONS_ARRAY` and :data:`REGIONS_DONE_ARRAY` (YX blocks
+            of a plan with hysteresis).
 
     Raises:
         ValueError: an unknown NGFF version.
@@ -262,12 +272,18 @@ def create_output(
         DONE_ARRAY, shape=(n_blocks, 2), chunks=(1, 2), dtype="int64", fill_value=0,
         compressors=None, **extra,
     )  # fmt: skip
-    if instances:
-        c = yx_chunk(block_yx, 0)
-        chunks = (block_z, min(c, shape[1]), min(c, shape[2]))
+    c = yx_chunk(block_yx, 0)
+    chunks = (block_z, min(c, shape[1]), min(c, shape[2]))
+    for name, wanted in ((LOCAL_ARRAY, instances), (REGIONS_ARRAY, regions)):
+        if wanted:
+            root.create_array(
+                name, shape=shape, chunks=chunks, dtype="uint32", fill_value=0, **extra
+            )
+    if regions:
         root.create_array(
-            LOCAL_ARRAY, shape=shape, chunks=chunks, dtype="uint32", fill_value=0, **extra
-        )
+            REGIONS_DONE_ARRAY, shape=(n_blocks, 1), chunks=(1, 1), dtype="int64",
+            fill_value=0, compressors=None, **extra,
+        )  # fmt: skip
     root.attrs.update({**attrs, "mitoseg": {"status": "running", **(job or {})}})
     return root
 
