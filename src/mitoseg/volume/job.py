@@ -310,12 +310,7 @@ def _predict_block(
     marks.append(time.perf_counter())
     root = ngff.open_output(spec.target)
     _write_image(spec, root, b, raw, probs)
-    _write_mask(spec, root, b, mask)
-    marks.append(time.perf_counter())
-    n, fg = _finish_block(spec, root, b, mask)
-    marks.append(time.perf_counter())
-    parts = dict(zip(BLOCK_PARTS, np.diff([started, *marks]).round(4).tolist(), strict=True))
-    return b, n, fg, time.perf_counter() - started, parts
+    return _mask_out(spec, root, b, mask, started, marks)
 
 
 def _probability_buffer(
@@ -340,24 +335,26 @@ def _write_image(
         ngff.write_levels(root["probabilities"], probs, z0, False, y0, x0)
 
 
-def _write_mask(spec: JobSpec, root: Any, b: int, mask: np.ndarray) -> None:
-    z0, _, y0, _, x0, _ = spec.region(b)
-    ngff.write_levels(root["labels/mask"], mask, z0, True, y0, x0)
-
-
-def _finish_block(spec: JobSpec, root: Any, b: int, mask: np.ndarray) -> tuple[int, int]:
-    """Block ``b``'s instance labels (26-connected, ids ``1 .. n``), then its row of the
-    completion record, last; returns ``(n, foreground voxels)``."""
+def _mask_out(
+    spec: JobSpec, root: Any, b: int, mask: np.ndarray, started: float, marks: list[float]
+) -> tuple[int, int, int, float, dict[str, float]]:
+    """Block ``b``'s mask with its pyramid (``write`` goes on from ``marks[-1]``), its
+    instance labels (26-connected, ids ``1 .. n``), then its row of the completion
+    record, last; returns the predict task's result (see :func:`_predict_block`)."""
     from mitoseg.objects import instance_labels
 
     z0, z1, y0, y1, x0, x1 = spec.region(b)
+    ngff.write_levels(root["labels/mask"], mask, z0, True, y0, x0)
+    marks.append(time.perf_counter())
     n = 0
     if spec.instance_class is not None:
         local, n = instance_labels(mask == spec.instance_class)
         root[ngff.LOCAL_ARRAY][z0:z1, y0:y1, x0:x1] = local
     fg = int(np.count_nonzero(mask))
     root[ngff.DONE_ARRAY][b] = np.array([n + 1, fg], dtype=np.int64)  # last: block complete
-    return n, fg
+    marks.append(time.perf_counter())
+    parts = dict(zip(BLOCK_PARTS, np.diff([started, *marks]).round(4).tolist(), strict=True))
+    return b, n, fg, time.perf_counter() - started, parts
 
 
 def _two_pass(spec: JobSpec, plan: InferencePlan) -> bool:
@@ -511,12 +508,7 @@ def _decide_block(
     ids = np.where(codes > 0, (codes >> 1).astype(np.int64) + offset, 0)
     mask = keep[ids].astype(np.uint8)
     marks.append(time.perf_counter())
-    _write_mask(spec, root, b, mask)
-    marks.append(time.perf_counter())
-    n, fg = _finish_block(spec, root, b, mask)
-    marks.append(time.perf_counter())
-    parts = dict(zip(BLOCK_PARTS, np.diff([started, *marks]).round(4).tolist(), strict=True))
-    return b, n, fg, time.perf_counter() - started, parts
+    return _mask_out(spec, root, b, mask, started, marks)
 
 
 def _ranges_task(spec: JobSpec, z0: int, z1: int) -> dict[int, Any]:
