@@ -463,6 +463,7 @@ def readme_table(data: dict[str, Any]) -> str:
         f"({s['ratio']:.2f}x) |",
         f"| Dask predict phase vs in-process `segment_stack` (goal +10 %) | "
         f"{o['overhead_predict']:+.1%} (whole job {o['overhead_total']:+.1%}) |",
+        *_same_work_rows(o),
         f"| peak RSS per worker, {sizes} GB volume | {peaks} MB |",
         f"| kill -9 after a third of the blocks, restart | "
         f"{'identical' if k['identical'] else 'DIFFERENT'} (SHA-256; "
@@ -471,6 +472,26 @@ def readme_table(data: dict[str, Any]) -> str:
         f"| 1 TB on 8 / 64 GPU workers (model, assumed {speedup:g}x a CPU worker: hours, $) "
         f"| {tb('gpu')} |",
     ])  # fmt: skip
+
+
+def _same_work_rows(o: dict[str, Any]) -> list[str]:
+    """README rows for the same-work reference and the worker environment (newer runs)."""
+    rows = []
+    if "overhead_vs_same_outputs" in o:
+        same = o["same_outputs_in_process"]
+        rows.append(
+            "| whole job vs the same work in one process without Dask (`segment_stack`, "
+            f"then the same outputs; {same['seconds']:.1f} s) | "
+            f"{o['overhead_vs_same_outputs']:+.1%} |"
+        )
+    env = o.get("worker_environment")
+    if env:
+        rows.append(
+            f"| predict part with Dask's default worker environment ({', '.join(env['dropped'])} "
+            f"set) vs without | {env['predict_part_s_dask_default']:.1f} s vs "
+            f"{env['predict_part_s']:.1f} s |"
+        )
+    return rows
 
 
 # ------------------------------------------------------------------ main

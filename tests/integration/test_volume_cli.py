@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from typer.testing import CliRunner
 from mitoseg.cli import app
 from mitoseg.io import write_stack
 from mitoseg.plan import InferencePlan
+from mitoseg.volume.job import DROPPED_WORKER_ENV, EXTERNAL_WORKER_ENV, local_cluster
 from servers import free_port
 from volumes import write_ome_zarr
 
@@ -139,6 +141,21 @@ def test_yx_tiles_match_whole_slice_predict(reference: dict, model: Path, tmp_pa
     assert root["1"].chunks == (3, 24, 24)  # 48 = 16 x 3: levels stay aligned
 
 
+def _worker_env(c: Any) -> list[tuple[str | None, str | None]]:
+    """``(MALLOC_TRIM_THRESHOLD_, OMP_NUM_THREADS)`` in each worker's environment."""
+    trim, omp = (c.run(os.getenv, k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS"))
+    return [(trim[w], omp[w]) for w in sorted(trim)]
+
+
+def test_embedded_cluster_workers_start_without_malloc_trim_threshold() -> None:
+    from distributed import Client
+
+    assert DROPPED_WORKER_ENV == ("MALLOC_TRIM_THRESHOLD_",)
+    with local_cluster(2) as cluster, Client(cluster) as c:
+        c.wait_for_workers(2, timeout=60)
+        assert _worker_env(c) == [(None, "1"), (None, "1")]
+
+
 def test_attached_to_dask_scheduler_and_worker_processes(
     reference: dict, model: Path, tmp_path: Path
 ) -> None:
@@ -173,6 +190,7 @@ def test_attached_to_dask_scheduler_and_worker_processes(
                     "1",
                     "--no-dashboard",
                 ],
+                env={**os.environ, **EXTERNAL_WORKER_ENV},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -181,6 +199,8 @@ def test_attached_to_dask_scheduler_and_worker_processes(
 
         with Client(address, timeout="60s") as c:
             c.wait_for_workers(1, timeout=60)
+            # the documented worker environment: Dask's defaults less DROPPED_WORKER_ENV
+            assert _worker_env(c) == [(None, "1")]
         out = str(tmp_path / "out.ome.zarr")
         result = runner.invoke(
             app, ["--no-progress", "predict", "--model", str(model), reference["ome"], "--out",

@@ -804,9 +804,16 @@ def _block_ranges(
 #: Worker environment variables Dask's nanny sets by default that the volume path drops:
 #: ``MALLOC_TRIM_THRESHOLD_`` switches off glibc's dynamic mmap threshold, so every
 #: temporary over 128 KiB (a tile batch, a slice of probabilities) is mapped, faulted in
-#: page by page and unmapped again: twice the page faults and 5-10 % slower prediction
-#: (``benchmarks/volume.py``, ``worker_environment``).
+#: page by page and unmapped again: twice the page faults and 7-20 % slower prediction
+#: (``benchmarks/volume.py``, ``worker_environment``). External ``dask worker`` processes
+#: drop it when started with the environment in :data:`EXTERNAL_WORKER_ENV`.
 DROPPED_WORKER_ENV = ("MALLOC_TRIM_THRESHOLD_",)
+
+#: What to set for ``dask worker`` to start without :data:`DROPPED_WORKER_ENV`: Dask
+#: merges configuration dicts, and a ``None`` value unsets one of the nanny's variables.
+EXTERNAL_WORKER_ENV = {
+    "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": repr(dict.fromkeys(DROPPED_WORKER_ENV))
+}
 
 
 def local_cluster(workers: int) -> Any:
