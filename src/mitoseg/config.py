@@ -208,7 +208,9 @@ class TrainConfig(_Strict):
         0.0, ge=0, le=1, description="crops centred on dark background (myelin, membranes)"
     )
     augment: bool = True
-    early_stopping_patience: int = Field(8, ge=1)
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many epochs without a better val_loss; None: off"
+    )
     reduce_lr_patience: int = Field(3, ge=1)
     reduce_lr_factor: float = Field(0.5, gt=0, lt=1)
     min_lr: float = Field(1e-6, ge=0)
@@ -228,6 +230,24 @@ class TrainConfig(_Strict):
     )
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     distribute: Literal["auto", "none", "mirrored"] = "auto"
+    warmup_fraction: float = Field(
+        0.0, ge=0, lt=0.5, description="cosine schedule: linear warm-up over this share of steps"
+    )
+    clipnorm: float | None = Field(None, gt=0, description="clip the global gradient norm")
+    ema_momentum: float | None = Field(
+        None, gt=0, lt=1, description="keep an exponential moving average of the weights"
+    )
+    keep: Literal["best", "last"] = Field(
+        "best",
+        description="weights saved: best epoch by the monitored loss, or the last epoch's "
+        "(the moving average when ema_momentum is set)",
+    )
+    precise_bn_patches: int = Field(
+        0,
+        ge=0,
+        description="re-estimate BatchNorm statistics on this many unbiased training patches "
+        "before each validation and on all of them before saving; 0: off",
+    )
 
     @model_validator(mode="after")
     def _crop_probabilities(self) -> TrainConfig:
@@ -280,6 +300,16 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         # its training slices), the rest uniform; chosen on the gap-split benchmark
         "foreground_crop_prob": 0.4,
         "hard_negative_prob": 0.3,
+        # stability (issue 19): BatchNorm statistics re-estimated on whole training patches
+        # (training crops are biased towards mitochondria and dark background), warm-up,
+        # clipping, a moving average of the weights, and the last weights kept: no
+        # checkpoint picked, and no run ended, at one noisy validation epoch
+        "warmup_fraction": 0.05,
+        "clipnorm": 1.0,
+        "ema_momentum": 0.99,
+        "keep": "last",
+        "precise_bn_patches": 16,
+        "early_stopping_patience": None,
     },
 }
 

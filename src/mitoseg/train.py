@@ -821,8 +821,14 @@ def train_model(
 
         learning_rate: Any = cfg.learning_rate
         if cfg.lr_schedule == "cosine" and cfg.max_train_seconds is None:
+            total = cfg.epochs * steps
+            warmup = min(round(cfg.warmup_fraction * total), total - 1)
             learning_rate = keras.optimizers.schedules.CosineDecay(
-                cfg.learning_rate, cfg.epochs * steps, alpha=lr_min / cfg.learning_rate
+                lr_min if warmup else cfg.learning_rate,
+                total - warmup,
+                alpha=lr_min / cfg.learning_rate,
+                warmup_target=cfg.learning_rate if warmup else None,
+                warmup_steps=warmup,
             )
         strategy, mixed = _setup_devices(cfg)
         previous_policy = keras.config.dtype_policy()
@@ -832,7 +838,12 @@ def train_model(
             with strategy.scope():
                 model = build_unet(cfg.model, n_classes, data.in_channels)
                 model.compile(
-                    optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+                    optimizer=keras.optimizers.Adam(
+                        learning_rate=learning_rate,
+                        global_clipnorm=cfg.clipnorm,
+                        use_ema=cfg.ema_momentum is not None,
+                        ema_momentum=cfg.ema_momentum or 0.99,
+                    ),
                     loss=get_loss(cfg.loss, n_classes, cfg.foreground_weight),
                     metrics=[*get_metrics(n_classes), _accuracy(n_classes)],
                 )
@@ -846,13 +857,21 @@ def train_model(
         prior_best = _best(prior.rows, monitor)[1]
         timer = mcb.TimeBudget(cfg.max_train_seconds, prior.elapsed, backup_dir / _TIME_FILE)
         early = mcb.ResumableEarlyStopping(
-            monitor=monitor, mode="min", patience=cfg.early_stopping_patience
+            monitor=monitor,
+            mode="min",
+            # off: patience beyond the last epoch
+            patience=cfg.early_stopping_patience or cfg.epochs + 1,
         )
         cbs: list[Any] = []
         if cfg.lr_schedule == "cosine" and cfg.max_train_seconds is not None:
             cbs.append(
                 mcb.BudgetCosineDecay(
-                    cfg.learning_rate, lr_min, cfg.epochs * steps, cfg.max_train_seconds, timer
+                    cfg.learning_rate,
+                    lr_min,
+                    cfg.epochs * steps,
+                    cfg.max_train_seconds,
+                    timer,
+                    warmup_fraction=cfg.warmup_fraction,
                 )
             )
         cbs += [
@@ -860,16 +879,24 @@ def train_model(
             mcb.LearningRateLogger(),
             timer,
             mcb.HistoryCSVLogger(backup_dir / _HISTORY_FILE, HISTORY_COLUMNS),
-            keras.callbacks.ModelCheckpoint(
-                str(backup_dir / _BEST_FILE),
-                monitor=monitor,
-                mode="min",
-                save_best_only=True,
-                save_weights_only=True,
-                initial_value_threshold=math.inf if prior_best is None else prior_best,
-            ),
-            early,
         ]
+        if cfg.precise_bn_patches and mcb.batch_norm_layers(model):
+            patches = (
+                data.train_images if data.train_images.ndim == 4 else data.train_images[..., None]
+            )
+            cbs.append(mcb.PreciseBatchNorm(patches, cfg.precise_bn_patches, cfg.batch_size, seed))
+        if cfg.keep == "best":
+            cbs.append(
+                keras.callbacks.ModelCheckpoint(
+                    str(backup_dir / _BEST_FILE),
+                    monitor=monitor,
+                    mode="min",
+                    save_best_only=True,
+                    save_weights_only=True,
+                    initial_value_threshold=math.inf if prior_best is None else prior_best,
+                )
+            )
+        cbs.append(early)
         if cfg.lr_schedule == "plateau":
             plateau = mcb.ResumableReduceLROnPlateau(
                 monitor=monitor,
@@ -904,7 +931,9 @@ def train_model(
 
         rows = _read_history_csv(backup_dir / _HISTORY_FILE) or []
         best_epoch, _ = _best(rows, monitor)
-        if best_epoch is not None and (backup_dir / _BEST_FILE).is_file():
+        if cfg.keep == "last":  # the final (averaged, BN re-estimated) weights
+            best_epoch = rows[-1]["epoch"] if rows else 0
+        elif best_epoch is not None and (backup_dir / _BEST_FILE).is_file():
             model.load_weights(backup_dir / _BEST_FILE)
         else:  # no finite monitored value ever: keep the final weights
             best_epoch = rows[-1]["epoch"] if rows else 0

@@ -1,0 +1,250 @@
+"""How much a recipe's quality depends on chance: the same recipe over several seeds.
+
+One run of a recipe proves nothing here: the same recipe gave bundled-sample test IoU
+0.671, 0.747 and 0.796 on three machines, and two seeds of one recipe differ by 0.02-0.03.
+This benchmark is the yardstick every recipe change is judged on. Each recipe is trained
+at **equal optimizer steps** (``--steps``, default 1200 = ``make run``'s 30 epochs x 40)
+with each of ``--seeds`` (the training seed: initial weights, dropout, data order, crop
+positions and augmentation; the patchify seed, so the validation block, stays 42), then
+gets the evaluate stage's own plan decision on the validation block
+(:func:`mitoseg.planner.make_plan`, Keras FP32) and is scored on the test slices.
+
+Datasets (``--datasets``):
+
+* ``gap``: CDeep3M (``../shared/data/cdeep3m``), train slices 0-9 (2 of them the
+  validation block), skip 10-14, test 15-19: slices separated from training by a gap;
+* ``sample``: the bundled VNC sample as ``make run`` uses it (train 0-14, test 15-19:
+  adjacent slices, the figure a fresh clone reproduces).
+
+Per run it records test IoU, Dice, precision, recall, object F1, the plan's choices, the
+fraction called mitochondria on the unlabelled CDeep3M slices 081-085 (50+ sections away)
+and how much the validation curve swings: the mean and largest epoch-to-epoch change of
+``val_iou`` over the second half of training, and the epochs whose validation pixel
+accuracy collapsed below 0.5. Per dataset and recipe: mean, sd, min and max over seeds.
+
+Usage:
+    python benchmarks/stability.py --datasets gap sample --recipes default v2 \\
+        --seeds 0 1 2 3 4 --steps 1200
+Writes ``benchmarks/results/stability<tag>.json`` after every run; ``--resume`` skips the
+runs already in that file (a stopped benchmark continues where it was).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from accuracy import RECIPES, _score, patchify, prepare
+from common import RESULTS, ROOT, machine, save
+from mitoseg.config import AugmentConfig, BaseConfig, PatchifyConfig, resolve_train_config
+from mitoseg.data.fetch import fetch
+
+#: ``v2``: the default recipe before issue 19 (what ``make run`` trained at 4f67f1a):
+#: BatchNorm moving averages as trained, no warm-up, clipping or weight average, the
+#: best epoch by patch val_loss kept, early stopping after 8 epochs without improvement.
+V2_TRAIN: dict[str, Any] = {
+    "preset": "default",
+    "warmup_fraction": 0.0,
+    "clipnorm": None,
+    "ema_momentum": None,
+    "keep": "best",
+    "precise_bn_patches": 0,
+    "early_stopping_patience": 8,
+}
+STABILITY_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {},  # today's preset
+    "v2": {"train": V2_TRAIN},
+    # one change at a time over v2, to see what the default's parts buy
+    "v2+precise_bn": {"train": {**V2_TRAIN, "precise_bn_patches": 16}},
+    "v2+last_ema": {
+        "train": {**V2_TRAIN, "keep": "last", "ema_momentum": 0.99, "early_stopping_patience": None}
+    },
+    "v1": RECIPES["v1"],
+}
+STEPS_PER_EPOCH = 40
+
+
+def prepare_sample(work: Path) -> tuple[Path, BaseConfig]:
+    """The bundled sample in the canonical layout ``work/raw`` (as ``make run`` fetches it)."""
+    raw = work / "raw"
+    fetch("sample", raw, progress=False, force=True)
+    return raw, BaseConfig(seed=42)
+
+
+def val_swing(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Epoch-to-epoch movement of the validation curve.
+
+    Args:
+        history: the training history rows (``epoch``, ``val_iou``, ``val_accuracy``).
+
+    Returns:
+        ``mean_abs_delta_val_iou`` and ``max_drop_val_iou`` over the second half of the
+        epochs (where a settled recipe should move little), and ``collapsed_epochs``: the
+        epochs whose validation pixel accuracy fell below 0.5 (most pixels called wrong).
+    """
+    rows = [r for r in history if r.get("val_iou") is not None]
+    ious = [float(r["val_iou"]) for r in rows]
+    half = ious[len(ious) // 2 :]
+    deltas = [b - a for a, b in itertools.pairwise(half)]
+    return {
+        "mean_abs_delta_val_iou": round(statistics.fmean(abs(d) for d in deltas), 4)
+        if deltas
+        else None,
+        "max_drop_val_iou": round(-min(deltas), 4) if deltas and min(deltas) < 0 else 0.0,
+        "collapsed_epochs": [
+            int(r["epoch"])
+            for r in rows
+            if r.get("val_accuracy") is not None and float(r["val_accuracy"]) < 0.5
+        ],
+    }
+
+
+def summarise(values: list[float]) -> dict[str, Any]:
+    """Mean, sample sd, min and max of ``values`` (sd ``None`` for fewer than 2)."""
+    return {
+        "n": len(values),
+        "mean": round(statistics.fmean(values), 4),
+        "sd": round(statistics.stdev(values), 4) if len(values) > 1 else None,
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+    }
+
+
+def run_one(
+    recipe_name: str, seed: int, steps: int, raw: Path, base: BaseConfig, work: Path,
+    figure: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Train ``recipe_name`` with training seed ``seed`` for ``steps`` steps and score it."""
+    import keras
+
+    from mitoseg.train import train_model
+
+    recipe = STABILITY_RECIPES[recipe_name]
+    cfg = resolve_train_config(
+        {
+            **recipe.get("train", {}),
+            "epochs": max(1, round(steps / STEPS_PER_EPOCH)),
+            "steps_per_epoch": STEPS_PER_EPOCH,
+        }
+    )
+    augment = AugmentConfig(**recipe.get("augment", {}))
+    patches = patchify(raw, work, base, PatchifyConfig(**recipe.get("patchify", {})))
+    label = f"{recipe_name}_s{seed}"
+    out, ckpt = work / f"train_{label}", work / "ckpt" / label
+    for d in (out, ckpt):
+        if d.exists():
+            shutil.rmtree(d)
+    t0 = time.perf_counter()
+    res = train_model(
+        patches, augment, cfg, base.n_classes, seed, out, ckpt, progress=False
+    )  # fmt: skip
+    wall = time.perf_counter() - t0
+    model = keras.saving.load_model(res.model_path, compile=False)
+    scores = _score(
+        model, raw, patches, base, out / "distant.png" if figure else None, recipe.get("evaluate")
+    )
+    return {
+        "recipe": recipe_name,
+        "seed": seed,
+        "steps": res.epochs_run * STEPS_PER_EPOCH,
+        "epochs_run": res.epochs_run,
+        "saved_epoch": res.best_epoch,
+        "stop_reason": res.stop_reason,
+        "train_wall_s": round(wall, 1),
+        "validation_curve": val_swing(res.history),
+        "val_iou_per_epoch": [
+            None if r.get("val_iou") is None else round(float(r["val_iou"]), 4) for r in res.history
+        ],
+        **scores,
+    }
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per dataset and recipe: test IoU (and object F1) over seeds, and the val swing."""
+    out: dict[str, Any] = {}
+    for run in runs:
+        key = f"{run['dataset']}/{run['recipe']}"
+        out.setdefault(key, []).append(run)
+    return {
+        key: {
+            "seeds": [r["seed"] for r in group],
+            "test_iou": summarise([r["iou"] for r in group]),
+            "object_f1": summarise([r["object_f1"] for r in group]),
+            "mean_abs_delta_val_iou": summarise(
+                [
+                    r["validation_curve"]["mean_abs_delta_val_iou"]
+                    for r in group
+                    if r["validation_curve"]["mean_abs_delta_val_iou"] is not None
+                ]
+                or [0.0]
+            ),
+            "runs_with_collapsed_validation": sum(
+                bool(r["validation_curve"]["collapsed_epochs"]) for r in group
+            ),
+        }
+        for key, group in out.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--datasets", nargs="+", default=["gap", "sample"], choices=["gap", "sample"]
+    )
+    parser.add_argument("--recipes", nargs="+", default=["default", "v2"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps per run")
+    parser.add_argument("--tag", default="", help="suffix of the result file name")
+    parser.add_argument("--resume", action="store_true", help="skip runs already in the file")
+    args = parser.parse_args()
+    unknown = [r for r in args.recipes if r not in STABILITY_RECIPES]
+    if unknown:
+        parser.error(f"unknown recipe(s) {unknown}; choose from {sorted(STABILITY_RECIPES)}")
+
+    name = f"stability{args.tag}"
+    path = RESULTS / f"{name}.json"
+    runs: list[dict[str, Any]] = []
+    if args.resume and path.is_file():
+        runs = json.loads(path.read_text())["runs"]
+    done = {(r["dataset"], r["recipe"], r["seed"]) for r in runs}
+    host = machine()
+    # seed-major order: a stopped run still has every recipe at the first seeds
+    for seed in args.seeds:
+        for dataset in args.datasets:
+            work = ROOT / "benchmarks" / ".work" / f"stability_{dataset}"
+            if dataset == "gap":
+                raw, base, _ = prepare("cdeep3m", "gap", work)
+            else:
+                raw, base = prepare_sample(work)
+            for recipe in args.recipes:
+                if (dataset, recipe, seed) in done:
+                    continue
+                run = run_one(
+                    recipe, seed, args.steps, raw, base, work, figure=seed == args.seeds[0]
+                )
+                runs.append({"dataset": dataset, **run})
+                print(json.dumps(runs[-1]), flush=True)
+                save(
+                    name,
+                    {
+                        "what": "each recipe trained at equal optimizer steps with each training "
+                        "seed (patchify seed 42); the evaluate stage's plan chosen on the "
+                        "validation block (Keras FP32) and scored on the test slices. gap: "
+                        "CDeep3M train 0-9 (validation block inside), test 15-19; sample: the "
+                        "bundled VNC sample, train 0-14, test 15-19 (adjacent)",
+                        "steps": args.steps,
+                        "machine": host,
+                        "summary": summary(runs),
+                        "runs": runs,
+                    },
+                )
+
+
+if __name__ == "__main__":
+    main()
