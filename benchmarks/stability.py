@@ -44,6 +44,7 @@ from accuracy import RECIPES, _score, patchify, prepare
 from common import RESULTS, ROOT, machine, save
 from mitoseg.config import AugmentConfig, BaseConfig, PatchifyConfig, resolve_train_config
 from mitoseg.data.fetch import fetch
+from mitoseg.stability import StabilityReport
 
 #: ``v2``: the default recipe before issue 19 (what ``make run`` trained at 4f67f1a):
 #: BatchNorm moving averages as trained, no warm-up, clipping or weight average, the
@@ -68,6 +69,12 @@ STABILITY_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "v1": RECIPES["v1"],
 }
 STEPS_PER_EPOCH = 40
+WHAT = (
+    "each recipe trained at equal optimizer steps with each training seed (patchify seed 42); "
+    "the evaluate stage's plan chosen on the validation block (Keras FP32) and scored on the "
+    "test slices. gap: CDeep3M train 0-9 (validation block inside), test 15-19; sample: the "
+    "bundled VNC sample, train 0-14, test 15-19 (adjacent)"
+)
 
 
 def prepare_sample(work: Path) -> tuple[Path, BaseConfig]:
@@ -232,17 +239,15 @@ def main() -> None:
                 print(json.dumps(runs[-1]), flush=True)
                 save(
                     name,
-                    {
-                        "what": "each recipe trained at equal optimizer steps with each training "
-                        "seed (patchify seed 42); the evaluate stage's plan chosen on the "
-                        "validation block (Keras FP32) and scored on the test slices. gap: "
-                        "CDeep3M train 0-9 (validation block inside), test 15-19; sample: the "
-                        "bundled VNC sample, train 0-14, test 15-19 (adjacent)",
-                        "steps": args.steps,
-                        "machine": host,
-                        "summary": summary(runs),
-                        "runs": runs,
-                    },
+                    StabilityReport.model_validate(
+                        {
+                            "what": WHAT,
+                            "steps": args.steps,
+                            "machine": host,
+                            "summary": summary(runs),
+                            "runs": runs,
+                        }
+                    ).model_dump(mode="json"),
                 )
 
 

@@ -6,7 +6,9 @@ Reads ``base`` and ``train`` from the params file, ``n_classes``/``class_names``
 resumes from its last epoch (backups under ``--checkpoints``) when rerun with the same
 configuration and data; its MLflow run is then ended as KILLED and the new run holds the
 full history. ``train.init_from`` (a ``.keras`` file or a ``models:/``/``runs:/`` URI)
-starts from that model's weights; the run is tagged with the model it started from.
+starts from that model's weights; the run is tagged with the model it started from, its
+seed, and the spread over seeds that ``benchmarks/stability.py`` measured for its recipe
+(``--stability``), so a run says how far another seed may land.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from mitoseg.augment import read_augment_spec
 from mitoseg.config import ConfigError, TrainConfig, load_section
 from mitoseg.io import DataError, read_json_object
+from mitoseg.stability import read_stability, spread_tags
 from mitoseg.train_info import TRAIN_INFO_FILE, TrainInfo
 
 
@@ -62,12 +65,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--no-progress", action="store_true", help="no per-epoch lines")
+    parser.add_argument(
+        "--stability",
+        type=Path,
+        help="benchmarks/stability.py results: the recipe's measured spread over seeds is "
+        "logged with the run",
+    )
     args = parser.parse_args(argv)
     try:
         base = load_section("base", args.params)
         cfg = load_section("train", args.params)
         class_names = _read_meta(args.patches, base.n_classes)
         augment_cfg, _ = read_augment_spec(args.augment)
+        spread = (
+            spread_tags(read_stability(args.stability), cfg.preset)
+            if args.stability is not None
+            else {"stability.measured_at": "no stability results given"}
+        )
     except (ConfigError, DataError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 1
@@ -93,7 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         "seed": base.seed,
         "n_classes": base.n_classes,
     }
-    tags = {**tracking.lineage_tags(Path.cwd()), **init_tags, "train_budget": _budget(cfg)}
+    tags = {
+        **tracking.lineage_tags(Path.cwd()),
+        **init_tags,
+        **spread,
+        "train_budget": _budget(cfg),
+        "seed": str(base.seed),
+    }
     run_name = f"{cfg.preset}-{cfg.model.variant}-d{cfg.model.depth}-f{cfg.model.base_filters}"
     try:
         with tracking.start_training_run(params, tags, run_name) as run:

@@ -69,6 +69,7 @@ STALLED = {
     "model": {**TINY["model"], "batch_norm": False},
     "learning_rate": 1e-12,
     "early_stopping_patience": 1,
+    "keep": "best",
     "lr_schedule": "plateau",
     "min_lr": 0.0,
 }
@@ -210,24 +211,26 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(reader)
 
 
-def test_train_model_end_to_end(tmp_path, patches):
+@pytest.mark.parametrize("keep", ["last", "best"])
+def test_train_model_end_to_end(tmp_path, patches, keep):
     import keras
 
-    cfg = resolve_train_config(TINY)
+    cfg = resolve_train_config({**TINY, "keep": keep})
     out, ck = tmp_path / "out", tmp_path / "ck"
     result = train_model(patches, AugmentConfig(), cfg, 2, 0, out, ck, progress=False)
     assert result.model_path == out / "model.keras" and result.model_path.is_file()
     assert result.epochs_run == 2 and not result.resumed
     assert result.stop_reason == "completed"
-    assert 1 <= result.best_epoch <= 2
+    assert result.best_epoch == 2 if keep == "last" else 1 <= result.best_epoch <= 2
     assert result.patches_per_second > 0 and result.train_seconds > 0
     assert [r["epoch"] for r in result.history] == [1, 2]
     assert all(set(r) == set(HISTORY_COLUMNS) for r in result.history)
     rows = _read_csv(out / "history.csv")
     assert len(rows) == 2 and all(rows[0][c] != "" for c in HISTORY_COLUMNS)
     assert all(0.0 <= r[c] <= 1.0 for r in result.history for c in ("accuracy", "val_accuracy"))
-    val_losses = [r["val_loss"] for r in result.history]
-    assert result.history[result.best_epoch - 1]["val_loss"] == min(val_losses)
+    if keep == "best":
+        val_losses = [r["val_loss"] for r in result.history]
+        assert result.history[result.best_epoch - 1]["val_loss"] == min(val_losses)
     # cosine schedule: the learning rate decreases from the configured value
     assert result.history[0]["lr"] == pytest.approx(cfg.learning_rate)
     assert result.history[1]["lr"] < result.history[0]["lr"]
@@ -461,3 +464,56 @@ def test_train_model_25d_builds_a_model_with_context_channels(tmp_path):
 
     model = keras.saving.load_model(res.model_path, compile=False)
     assert model.input_shape[-1] == 3 and model.output_shape[-1] == 1
+
+
+def test_train_model_warms_up_and_saves_re_estimated_batch_norm(tmp_path, patches):
+    """Warm-up over the first steps; the last epoch's (EMA) weights are saved, with
+    BatchNorm statistics re-estimated on the training patches."""
+    import keras
+
+    from mitoseg.model.callbacks import batch_norm_layers
+
+    cfg = resolve_train_config(
+        {
+            **TINY,
+            "epochs": 4,
+            "steps_per_epoch": 5,
+            "warmup_fraction": 0.25,  # 5 of 20 steps
+            "ema_momentum": 0.5,
+            "precise_bn_patches": 2,
+        }
+    )
+    assert cfg.keep == "last" and cfg.early_stopping_patience is None
+    assert cfg.model.batch_norm
+    result = train_model(
+        patches, AugmentConfig(), cfg, 2, 0, tmp_path / "o", tmp_path / "ck", progress=False
+    )
+    lrs = [r["lr"] for r in result.history]
+    assert lrs[0] == pytest.approx(cfg.min_lr)  # warm-up starts at min_lr
+    assert lrs[1] == pytest.approx(cfg.learning_rate, rel=1e-3)  # the peak after 5 steps
+    assert lrs[2] < lrs[1] and lrs[3] < lrs[2]
+    assert result.epochs_run == 4 and result.best_epoch == 4
+    model = keras.saving.load_model(result.model_path)
+    bns = batch_norm_layers(model)
+    assert bns
+    # BatchNorm statistics left by training would have a momentum-0.99 average close to
+    # the initial (0, 1); the re-estimated ones are the patches' own
+    assert not np.allclose(bns[0].moving_variance.numpy(), 1.0, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"warmup_fraction": 0.5}, "warmup_fraction"),
+        ({"ema_momentum": 1.0}, "ema_momentum"),
+        ({"clipnorm": 0}, "clipnorm"),
+        ({"keep": "first"}, "keep"),
+        ({"precise_bn_patches": -1}, "precise_bn_patches"),
+        ({"early_stopping_patience": 0}, "early_stopping_patience"),
+    ],
+)
+def test_train_config_stability_fields_are_validated(override, message):
+    from mitoseg.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"train.{message}"):
+        resolve_train_config({**TINY, **override})
