@@ -55,14 +55,14 @@ V2_TRAIN: dict[str, Any] = {
     "clipnorm": None,
     "ema_momentum": None,
     "keep": "best",
-    "precise_bn_patches": 0,
+    "precise_bn_batches": 0,
     "early_stopping_patience": 8,
 }
 STABILITY_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "default": {},  # today's preset
     "v2": {"train": V2_TRAIN},
     # one change at a time over v2, to see what the default's parts buy
-    "v2+precise_bn": {"train": {**V2_TRAIN, "precise_bn_patches": 16}},
+    "v2+precise_bn": {"train": {**V2_TRAIN, "precise_bn_batches": 10}},
     "v2+last_ema": {
         "train": {**V2_TRAIN, "keep": "last", "ema_momentum": 0.99, "early_stopping_patience": None}
     },

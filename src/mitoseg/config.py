@@ -242,11 +242,11 @@ class TrainConfig(_Strict):
         description="weights saved: best epoch by the monitored loss, or the last epoch's "
         "(the moving average when ema_momentum is set)",
     )
-    precise_bn_patches: int = Field(
+    precise_bn_batches: int = Field(
         0,
         ge=0,
-        description="re-estimate BatchNorm statistics on this many unbiased training patches "
-        "before each validation and on all of them before saving; 0: off",
+        description="re-estimate BatchNorm statistics from this many of the epoch's training "
+        "batches before each validation, and from the whole last epoch before saving; 0: off",
     )
 
     @model_validator(mode="after")
@@ -300,15 +300,15 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         # its training slices), the rest uniform; chosen on the gap-split benchmark
         "foreground_crop_prob": 0.4,
         "hard_negative_prob": 0.3,
-        # stability (issue 19): BatchNorm statistics re-estimated on whole training patches
-        # (training crops are biased towards mitochondria and dark background), warm-up,
-        # clipping, a moving average of the weights, and the last weights kept: no
-        # checkpoint picked, and no run ended, at one noisy validation epoch
+        # stability (issue 19): BatchNorm statistics re-estimated from training batches
+        # (the moving averages lag the weights), warm-up, clipping, a moving average of the
+        # weights, and the last weights kept: no checkpoint picked, and no run ended, at
+        # one noisy validation epoch
         "warmup_fraction": 0.05,
         "clipnorm": 1.0,
         "ema_momentum": 0.99,
         "keep": "last",
-        "precise_bn_patches": 16,
+        "precise_bn_batches": 10,
         "early_stopping_patience": None,
     },
 }

@@ -880,11 +880,15 @@ def train_model(
             timer,
             mcb.HistoryCSVLogger(backup_dir / _HISTORY_FILE, HISTORY_COLUMNS),
         ]
-        if cfg.precise_bn_patches and mcb.batch_norm_layers(model):
-            patches = (
-                data.train_images if data.train_images.ndim == 4 else data.train_images[..., None]
-            )
-            cbs.append(mcb.PreciseBatchNorm(patches, cfg.precise_bn_patches, cfg.batch_size, seed))
+        if cfg.precise_bn_batches and mcb.batch_norm_layers(model):
+
+            def draw(epoch: int, b: int) -> np.ndarray:
+                first = epoch * samples_per_epoch + b * cfg.batch_size
+                return np.stack(
+                    [sampler.sample(k)[0] for k in range(first, first + cfg.batch_size)]
+                )
+
+            cbs.append(mcb.PreciseBatchNorm(draw, cfg.precise_bn_batches, steps))
         if cfg.keep == "best":
             cbs.append(
                 keras.callbacks.ModelCheckpoint(

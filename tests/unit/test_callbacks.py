@@ -112,30 +112,32 @@ def _bn_model(dropout: float = 0.0) -> Any:
     return keras.Model(inp, out)
 
 
-def _precise(model: Any, patches: np.ndarray, n: int = 2, batch: int = 2) -> Any:
-    cb = mcb.PreciseBatchNorm(patches, n, batch, seed=0)
+PATCHES = np.random.default_rng(1).random((6, 8, 8, 1)).astype(np.float32)
+
+
+def _draw(epoch: int, b: int) -> np.ndarray:
+    """Batch ``b`` of every epoch: patches 3b .. 3b+2."""
+    return PATCHES[3 * b : 3 * b + 3]
+
+
+def _precise(model: Any, n: int = 2, final: int = 2) -> Any:
+    cb = mcb.PreciseBatchNorm(_draw, n, final)
     cb.set_model(model)
     return cb
 
 
-PATCHES = (np.random.default_rng(1).random((6, 8, 8, 1)) * 255).astype(np.uint8)
-
-
 def test_precise_bn_sets_the_average_batch_moments_of_each_layer_input() -> None:
     model = _bn_model()
-    cb = _precise(model, PATCHES, batch=3)
-    cb.estimate(np.arange(6))
+    _precise(model).estimate(_draw(0, b) for b in range(2))
     # bn1's input does not depend on any BatchNorm: compute its moments by hand
-    x = PATCHES.astype(np.float32) / 255.0
     conv = keras.Model(model.inputs, model.get_layer("c1").output)
-    feats = np.asarray(conv(x, training=False))
+    feats = np.asarray(conv(PATCHES, training=False))
     means = [feats[i : i + 3].mean(axis=(0, 1, 2)) for i in (0, 3)]
     variances = [feats[i : i + 3].var(axis=(0, 1, 2)) for i in (0, 3)]
     bn1 = model.get_layer("bn1")
     np.testing.assert_allclose(bn1.moving_mean.numpy(), np.mean(means, axis=0), rtol=1e-5)
     np.testing.assert_allclose(bn1.moving_variance.numpy(), np.mean(variances, axis=0), rtol=1e-4)
-    # bn2 sees bn1's output normalised with batch statistics (training mode), so it is
-    # standardised: its conv input has the statistics of a fixed linear map of it
+    # bn2 gets its own statistics, not Keras' initial (0, 1)
     bn2 = model.get_layer("bn2")
     assert not np.allclose(bn2.moving_mean.numpy(), 0.0)
     assert not np.allclose(bn2.moving_variance.numpy(), 1.0)
@@ -145,24 +147,26 @@ def test_precise_bn_turns_dropout_off_and_restores_it() -> None:
     with_drop, without = _bn_model(dropout=0.5), _bn_model()
     without.set_weights(with_drop.get_weights())
     for model in (with_drop, without):
-        _precise(model, PATCHES, batch=6).estimate(np.arange(6))
+        _precise(model).estimate([PATCHES])
     for name in ("bn1", "bn2"):
         a, b = with_drop.get_layer(name), without.get_layer(name)
         np.testing.assert_allclose(a.moving_variance.numpy(), b.moving_variance.numpy(), rtol=1e-5)
     assert with_drop.get_layer("drop").rate == 0.5
 
 
-def test_precise_bn_before_each_validation_and_on_all_patches_at_the_end() -> None:
+def test_precise_bn_before_each_validation_and_from_the_final_batches_at_the_end() -> None:
     model = _bn_model()
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy")
-    cb = _precise(model, PATCHES, n=2, batch=2)
-    x = PATCHES.astype(np.float32) / 255.0
-    y = (x > 0.5).astype(np.float32)
-    model.fit(x, y, validation_data=(x, y), epochs=2, batch_size=2, verbose=0, callbacks=[cb])
+    cb = _precise(model, n=1, final=2)
+    y = (PATCHES > 0.5).astype(np.float32)
+    model.fit(
+        PATCHES, y, validation_data=(PATCHES, y), epochs=2, batch_size=2, verbose=0,
+        callbacks=[cb],
+    )  # fmt: skip
     assert cb.calls == 2  # once per validation
     want = _bn_model()
     want.set_weights(model.get_weights())
-    _precise(want, PATCHES, batch=2).estimate(np.arange(6))
+    _precise(want).estimate(_draw(1, b) for b in range(2))
     for name in ("bn1", "bn2"):
         np.testing.assert_allclose(
             model.get_layer(name).moving_mean.numpy(),
@@ -173,17 +177,15 @@ def test_precise_bn_before_each_validation_and_on_all_patches_at_the_end() -> No
 
 
 @pytest.mark.parametrize(
-    ("shape", "n", "batch", "message"),
+    ("n", "final", "message"),
     [
-        ((0, 8, 8, 1), 1, 1, r"patches must be \(N, P, P, C\) with N >= 1, got \(0, 8, 8, 1\)"),
-        ((2, 8, 8), 1, 1, r"patches must be \(N, P, P, C\) with N >= 1, got \(2, 8, 8\)"),
-        ((2, 8, 8, 1), 0, 1, "n_patches and batch_size must be >= 1, got 0, 1"),
-        ((2, 8, 8, 1), 1, 0, "n_patches and batch_size must be >= 1, got 1, 0"),
+        (0, 1, "n_batches and final_batches must be >= 1, got 0, 1"),
+        (1, 0, "n_batches and final_batches must be >= 1, got 1, 0"),
     ],
 )
-def test_precise_bn_errors(shape: tuple, n: int, batch: int, message: str) -> None:
+def test_precise_bn_errors(n: int, final: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        mcb.PreciseBatchNorm(np.zeros(shape, np.uint8), n, batch, seed=0)
+        mcb.PreciseBatchNorm(_draw, n, final)
 
 
 # -------------------------------------------------------------------- seeds, time

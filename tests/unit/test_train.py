@@ -468,7 +468,7 @@ def test_train_model_25d_builds_a_model_with_context_channels(tmp_path):
 
 def test_train_model_warms_up_and_saves_re_estimated_batch_norm(tmp_path, patches):
     """Warm-up over the first steps; the last epoch's (EMA) weights are saved, with
-    BatchNorm statistics re-estimated on the training patches."""
+    BatchNorm statistics re-estimated from training batches."""
     import keras
 
     from mitoseg.model.callbacks import batch_norm_layers
@@ -480,7 +480,7 @@ def test_train_model_warms_up_and_saves_re_estimated_batch_norm(tmp_path, patche
             "steps_per_epoch": 5,
             "warmup_fraction": 0.25,  # 5 of 20 steps
             "ema_momentum": 0.5,
-            "precise_bn_patches": 2,
+            "precise_bn_batches": 2,
         }
     )
     assert cfg.keep == "last" and cfg.early_stopping_patience is None
@@ -497,7 +497,7 @@ def test_train_model_warms_up_and_saves_re_estimated_batch_norm(tmp_path, patche
     bns = batch_norm_layers(model)
     assert bns
     # BatchNorm statistics left by training would have a momentum-0.99 average close to
-    # the initial (0, 1); the re-estimated ones are the patches' own
+    # the initial (0, 1) after 20 steps; the re-estimated ones are the batches' own
     assert not np.allclose(bns[0].moving_variance.numpy(), 1.0, atol=0.05)
 
 
@@ -508,7 +508,7 @@ def test_train_model_warms_up_and_saves_re_estimated_batch_norm(tmp_path, patche
         ({"ema_momentum": 1.0}, "ema_momentum"),
         ({"clipnorm": 0}, "clipnorm"),
         ({"keep": "first"}, "keep"),
-        ({"precise_bn_patches": -1}, "precise_bn_patches"),
+        ({"precise_bn_batches": -1}, "precise_bn_batches"),
         ({"early_stopping_patience": 0}, "early_stopping_patience"),
     ],
 )

@@ -26,7 +26,7 @@ import math
 import re
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -175,55 +175,55 @@ def batch_norm_layers(model: keras.Model) -> list[keras.layers.BatchNormalizatio
 
 
 class PreciseBatchNorm(keras.callbacks.Callback):
-    """Re-estimate BatchNorm statistics on unbiased training patches ("precise BN").
+    """Re-estimate BatchNorm statistics from training batches ("precise BN").
 
-    Training crops are biased on purpose (centred on mitochondria and on dark background)
-    and the weights move fast at the peak learning rate, so the moving averages that
-    BatchNorm keeps (momentum 0.99, about the last 100 batches) describe neither the current
-    weights nor whole slices: validation then swings from epoch to epoch (once to accuracy
-    0.11, every pixel called mitochondria) and the saved model inherits the mismatch.
-    Following Wu & Johnson (2021), *Rethinking "Batch" in BatchNorm*, this callback replaces
-    each layer's moving mean and variance by the average batch mean and variance of its
-    inputs over whole training patches, with the current weights and dropout off:
+    BatchNorm keeps moving averages of its batch statistics (momentum 0.99: about the last
+    100 batches) for inference. While the weights move fast at the peak learning rate those
+    averages describe weights of many steps ago, so a validation in the middle of training
+    measures the lag as much as the model: the patch validation IoU jumped by up to 0.3
+    between epochs, and the checkpoint picked by it was a draw. Following Wu & Johnson
+    (2021), *Rethinking "Batch" in BatchNorm*, this callback replaces each layer's moving
+    mean and variance by the average batch mean and variance of its inputs over training
+    batches, computed with the current weights and dropout off:
 
-    * before every validation (``on_test_begin``) from ``n_patches`` patches drawn with a
-      generator seeded by ``(seed, epoch)``, so the validation curve measures the weights
-      and not the lag of the moving averages;
-    * when training ends (after Keras swaps in the weight average of ``use_ema``) from all
-      patches, in order: the statistics that are saved.
+    * before every validation (``on_test_begin``) from the first ``n_batches`` batches of
+      the epoch that just ran;
+    * when training ends (after Keras swaps in the weight average of ``use_ema``) from the
+      first ``final_batches`` batches of the last epoch: the statistics that are saved.
 
-    Training itself is unchanged: in training mode BatchNorm normalises with the statistics
-    of the batch, and the moving averages are only read at inference.
+    The batches come from the training stream itself (``draw``), so the statistics keep the
+    distribution the network was trained to normalise with; statistics of other images
+    (whole unbiased patches instead of the recipe's centred crops) shifted the output
+    towards foreground (benchmarks/results/stability.json, recipe ``unbiased_bn``). Training
+    is unchanged: in training mode BatchNorm normalises with the statistics of the batch,
+    and the moving averages are only read at inference.
 
     Args:
-        patches: ``(N, P, P, C) uint8`` training patches (intensity * 255).
-        n_patches: patches per validation (``>= 1``).
-        batch_size: patches per forward pass.
-        seed: base seed of the per-epoch draw.
+        draw: ``draw(epoch, b)`` -> batch ``b`` of training epoch ``epoch`` (0-based),
+            ``(B, H, W, C) float32``, the network's input.
+        n_batches: batches per validation (``>= 1``).
+        final_batches: batches at the end (``>= 1``).
 
     Raises:
-        ValueError: no patches, ``n_patches < 1`` or ``batch_size < 1``.
+        ValueError: ``n_batches < 1`` or ``final_batches < 1``.
     """
 
-    def __init__(self, patches: np.ndarray, n_patches: int, batch_size: int, seed: int) -> None:
+    def __init__(
+        self, draw: Callable[[int, int], np.ndarray], n_batches: int, final_batches: int
+    ) -> None:
         super().__init__()
-        if patches.ndim != 4 or len(patches) == 0:
+        if n_batches < 1 or final_batches < 1:
             raise ValueError(
-                f"PreciseBatchNorm: patches must be (N, P, P, C) with N >= 1, got {patches.shape}"
+                f"PreciseBatchNorm: n_batches and final_batches must be >= 1, got {n_batches}, "
+                f"{final_batches}"
             )
-        if n_patches < 1 or batch_size < 1:
-            raise ValueError(
-                f"PreciseBatchNorm: n_patches and batch_size must be >= 1, got {n_patches}, "
-                f"{batch_size}"
-            )
-        self.patches = patches
-        self.n_patches = min(int(n_patches), len(patches))
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
+        self.draw = draw
+        self.n_batches = int(n_batches)
+        self.final_batches = int(final_batches)
         self._epoch = 0
         self._fn: Any = None
         self._layers: list[keras.layers.BatchNormalization] = []
-        #: epochs whose validation used re-estimated statistics (for tests and logs)
+        #: validations that used re-estimated statistics (for tests and logs)
         self.calls = 0
 
     def _stats_fn(self) -> Any:
@@ -240,28 +240,30 @@ class PreciseBatchNorm(keras.callbacks.Callback):
 
         return stats
 
-    def estimate(self, index: np.ndarray) -> None:
-        """Set every BatchNorm layer's moving statistics from ``patches[index]``."""
+    def estimate(self, batches: Iterable[np.ndarray]) -> None:
+        """Set every BatchNorm layer's moving statistics from ``batches``
+        (``(B, H, W, C) float32`` each; their average batch moments)."""
         dropouts = [la for la in self.model.layers if isinstance(la, keras.layers.Dropout)]
         rates = [la.rate for la in dropouts]
         try:
-            for la in dropouts:  # traced once with dropout off; reset on every call anyway
+            for la in dropouts:  # traced with dropout off; reset on every call anyway
                 la.rate = 0.0
             if self._fn is None:
                 self._fn = self._stats_fn()
             if not self._layers:
                 return
             sums = [[0.0, 0.0] for _ in self._layers]
-            batches = 0
-            for start in range(0, len(index), self.batch_size):
-                x = self.patches[index[start : start + self.batch_size]].astype(np.float32) / 255.0
+            count = 0
+            for x in batches:
                 for acc, (mean, var) in zip(sums, self._fn(x), strict=True):
                     acc[0] = acc[0] + mean.numpy()
                     acc[1] = acc[1] + var.numpy()
-                batches += 1
+                count += 1
+            if count == 0:
+                return
             for layer, (mean, var) in zip(self._layers, sums, strict=True):
-                layer.moving_mean.assign(mean / batches)
-                layer.moving_variance.assign(var / batches)
+                layer.moving_mean.assign(mean / count)
+                layer.moving_variance.assign(var / count)
         finally:
             for la, rate in zip(dropouts, rates, strict=True):
                 la.rate = rate
@@ -270,12 +272,11 @@ class PreciseBatchNorm(keras.callbacks.Callback):
         self._epoch = epoch
 
     def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
-        rng = np.random.default_rng([self.seed, self._epoch, 0xB4])
-        self.estimate(np.sort(rng.choice(len(self.patches), self.n_patches, replace=False)))
+        self.estimate(self.draw(self._epoch, b) for b in range(self.n_batches))
         self.calls += 1
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        self.estimate(np.arange(len(self.patches)))
+        self.estimate(self.draw(self._epoch, b) for b in range(self.final_batches))
 
 
 # -------------------------------------------------------------------------- seeds
