@@ -17,7 +17,7 @@ SERVE_PORT  ?= 3000
 MODEL       ?= models:/mitoseg-unet@champion
 PYTEST_ARGS ?=
 
-.PHONY: help setup lock run test test-random test-all lint format stack stack-down stack-status stack-env ui serve bento bench clean
+.PHONY: help setup lock run test test-random test-all lint docs format stack stack-down stack-status stack-env ui serve bento bench clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -60,6 +60,9 @@ lint: setup ## ruff (lint + format check) and actionlint on the workflows
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/actionlint .github/workflows/*.yml
+
+docs: setup ## Build the documentation site into site/ (mkdocs build --strict: warnings fail)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 format: setup ## Auto-format and fix with ruff
 	$(BIN)/ruff format .

@@ -1,5 +1,5 @@
-"""The real BentoML service on loopback: results, guard rails, budget, auth, docs, README,
-and volume jobs from the endpoint.
+"""The real BentoML service on loopback: results, guard rails, budget, auth, docs, the
+examples of docs/SERVING.md, and volume jobs from the endpoint.
 
 The server is the session's shared ``mitoseg_server`` (``tests/servers.py``): started the
 way users start it (``mitoseg serve`` on a ``.keras`` file with its
@@ -392,7 +392,7 @@ def test_client_errors_are_logged_as_one_warning_line(server: Server) -> None:
     assert "[ERROR]" not in log
 
 
-# ----------------------------------------------------------------- auth, docs, README
+# ----------------------------------------------------- auth, docs, the serving page
 
 
 def test_auth(server: Server) -> None:
@@ -426,21 +426,22 @@ def test_docs_serves_the_openapi_page(server: Server) -> None:
         assert requests.get(f"{server.url}/{asset}", timeout=30).status_code == 200, asset
 
 
-def _readme_snippets() -> dict[str, str]:
-    text = (REPO / "README.md").read_text()
-    section = text.split("\n## Serving\n", 1)[1].split("\n## ", 1)[0]
+def _serving_examples() -> dict[str, str]:
+    """The bash and python blocks of the serving page's Examples (docs/SERVING.md)."""
+    text = (REPO / "docs" / "SERVING.md").read_text()
+    section = text.split("\n## Examples\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```(bash|python)\n(.*?)```", section, re.DOTALL)
     found = {lang: code for lang, code in blocks}
-    assert set(found) == {"bash", "python"}, "README Serving needs one bash and one python block"
+    assert set(found) == {"bash", "python"}, "SERVING.md Examples: one bash, one python block"
     return found
 
 
 @pytest.mark.parametrize("lang", ["bash", "python"])
-def test_readme_examples_run(server: Server, lang: str, tmp_path: Path) -> None:
+def test_serving_page_examples_run(server: Server, lang: str, tmp_path: Path) -> None:
     img = vnc_slice(2)[:192, :256]
     tifffile.imwrite(tmp_path / "slice.tif", img)
     Image.fromarray(img).save(tmp_path / "slice.png")
-    code = _readme_snippets()[lang]
+    code = _serving_examples()[lang]
     assert "http://127.0.0.1:3000" in code
     code = code.replace("http://127.0.0.1:3000", server.url)
     cmd = (

@@ -109,7 +109,7 @@ def test_ci_runs_make_targets_with_python_311_and_pip_cache() -> None:
     assert on["push"]["branches"] == ["main"]
     assert workflow["permissions"] == {"contents": "read"}
     scripts = run_scripts(workflow)
-    for target in ("make setup", "make lint", "make test", "make run"):
+    for target in ("make setup", "make lint", "make docs", "make test", "make run"):
         assert target in scripts, target
     setups = [s for s in steps(workflow) if s.get("uses", "").startswith("actions/setup-python@")]
     assert setups
