@@ -184,3 +184,30 @@ def test_instance_metrics_ignore_objects_on_unlabelled_voxels() -> None:
     pred[:, 0:2, 4:6] = 1  # on unlabelled voxels only
     m = instance_metrics(truth, pred, ["background", "mitochondria"])
     assert (m["n_true"], m["n_pred"], m["iou_50"]["tp"], m["iou_50"]["fp"]) == (1, 1, 1, 0)
+
+
+def test_evaluate_stack_and_threshold_choice_score_labelled_pixels_only() -> None:
+    from mitoseg.evaluate import choose_threshold, evaluate_stack
+    from mitoseg.plan import InferencePlan
+
+    # pixelwise identity model: probability = normalised intensity (here v / 255). Slice 0:
+    # left half 255 (mitochondria, labelled), right half 0 (labelled background); slice 1:
+    # left half 255 (truth 1), right half unlabelled: column 8 is 0, columns 9-15 are 200,
+    # a predicted object on unlabelled pixels only, neither a false positive nor an object
+    images = np.zeros((2, 16, 16), np.uint8)
+    images[:, :, :8] = 255
+    images[1, :, 9:] = 200
+    truth = np.zeros((2, 16, 16), np.uint8)
+    truth[:, :, :8] = 1
+    truth[1, :, 8:] = X
+    plan = InferencePlan(
+        n_classes=2, class_names=["background", "mito"], tile_size=16, halo=4, batch_size=4,
+        threshold=0.5, min_object_size=0,
+    )  # fmt: skip
+    result = evaluate_stack(lambda b: b.copy(), images, truth, plan)
+    assert result.metrics["iou"] == 1.0 and result.metrics["precision"] == 1.0
+    assert result.metrics["objects"]["n_pred"] == 2 and result.metrics["objects"]["precision"] == 1
+    assert result.metrics["instances"]["n_pred"] == 1  # one 3D object through both slices
+    assert result.metrics["calibration"]["pixels"] == 16 * 16 + 16 * 8
+    choice = choose_threshold(lambda b: b.copy(), images, truth, plan)
+    assert choice.iou == 1.0
