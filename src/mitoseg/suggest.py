@@ -60,6 +60,7 @@ __all__ = [
     "flip_passes",
     "score_passes",
     "suggest_stack",
+    "tile_corners",
     "tile_means",
     "write_suggestions",
 ]
@@ -123,6 +124,7 @@ class SuggestReport(_Strict):
         source: the input stack or volume.
         model: the model (path or URI) that was run.
         shape: ``(Z, Y, X)`` of the input.
+        voxel_size_nm: ``(z, y, x)`` nm of the input (napari scale), None when unknown.
         tile_size: tile side, pixels.
         flips: the test-time flips run besides the plain pass.
         weights: the score's weights (terms that could not be measured have weight 0).
@@ -135,6 +137,7 @@ class SuggestReport(_Strict):
     source: str
     model: str
     shape: tuple[int, int, int]
+    voxel_size_nm: tuple[float, float, float] | None = None
     tile_size: int = Field(ge=1)
     flips: list[Flip]
     weights: SuggestWeights
@@ -484,15 +487,21 @@ def _write_csv(path: Path, rows: Sequence[BaseModel], columns: Sequence[str]) ->
 
 def _write_napari_shapes(path: Path, tiles: Sequence[TileScore]) -> None:
     """napari's Shapes CSV (``index, shape-type, vertex-index, axis-0..2``): one rectangle
-    per tile on its slice, corners in (z, y, x) pixels, clockwise from the top-left."""
+    per tile on its slice, corners in (z, y, x) pixels (:func:`tile_corners`)."""
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["index", "shape-type", "vertex-index", "axis-0", "axis-1", "axis-2"])
         for i, t in enumerate(tiles):
-            bottom, right = t.top + t.height, t.left + t.width
-            corners = [(t.top, t.left), (t.top, right), (bottom, right), (bottom, t.left)]
-            for v, (y, x) in enumerate(corners):
-                writer.writerow([i, "rectangle", v, t.slice, y, x])
+            for v, corner in enumerate(tile_corners(t).tolist()):
+                writer.writerow([i, "rectangle", v, *corner])
+
+
+def tile_corners(tile: TileScore) -> np.ndarray:
+    """``(4, 3)`` int64 ``(z, y, x)`` pixel corners of a tile, clockwise from the top-left
+    (a napari rectangle; the bottom/right edges lie on the pixel borders after the tile)."""
+    bottom, right = tile.top + tile.height, tile.left + tile.width
+    yx = [(tile.top, tile.left), (tile.top, right), (bottom, right), (bottom, tile.left)]
+    return np.array([(tile.slice, y, x) for y, x in yx], dtype=np.int64)
 
 
 def write_suggestions(
@@ -507,6 +516,7 @@ def write_suggestions(
     flips: Sequence[str],
     weights: SuggestWeights,
     top: int = 20,
+    voxel_size_nm: Sequence[float] | None = None,
 ) -> dict[str, Path]:
     """Write the ranking (each file atomically).
 
@@ -525,6 +535,7 @@ def write_suggestions(
         flips: the flips used.
         weights: the weights used.
         top: tiles in the JSON report and the napari layer (>= 1).
+        voxel_size_nm: ``(z, y, x)`` nm of the input, for the report (None: unknown).
 
     Returns:
         ``{"json", "slices", "tiles", "napari"}`` -> path.
@@ -540,6 +551,7 @@ def write_suggestions(
         source=source,
         model=model,
         shape=tuple(int(s) for s in shape),  # type: ignore[arg-type]
+        voxel_size_nm=None if voxel_size_nm is None else tuple(voxel_size_nm),  # type: ignore[arg-type]
         tile_size=tile_size,
         flips=list(flips),  # type: ignore[arg-type]
         weights=weights,

@@ -287,7 +287,7 @@ def _stack() -> np.ndarray:
 
 
 def test_cli_suggest_tiff(model: Path, tmp_path: Path) -> None:
-    write_stack(tmp_path / "stack.tif", _stack())
+    write_stack(tmp_path / "stack.tif", _stack(), (50.0, 5.0, 5.0))
     out = tmp_path / "out"
     result = runner.invoke(
         app,
@@ -298,6 +298,7 @@ def test_cli_suggest_tiff(model: Path, tmp_path: Path) -> None:
     assert "most unsure slices 2 (" in result.output
     report = SuggestReport.model_validate(json.loads((out / "suggestions.json").read_text()))
     assert report.slices[0].slice == 2 and report.shape == (4, 40, 48)
+    assert report.voxel_size_nm == (50.0, 5.0, 5.0)
     assert report.flips == ["h"] and len(report.tiles) == 5 and report.n_tiles == 4 * 3 * 3
     assert report.tiles[0].slice == 2
     # --z-range: slices 1..2 keep their numbers
@@ -326,6 +327,7 @@ def test_cli_suggest_ome_zarr(model: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     report = SuggestReport.model_validate(json.loads((out / "suggestions.json").read_text()))
     assert report.slices[0].slice == 2 and report.shape == (2, 40, 48)
+    assert report.voxel_size_nm == (50.0, 5.0, 5.0)
 
 
 @pytest.mark.parametrize(
@@ -355,3 +357,34 @@ def test_cli_suggest_missing_input(model: Path, tmp_path: Path) -> None:
     assert result.exit_code == 1 and f"error: input not found: {tmp_path / 'nope.tif'}" in (
         result.output
     )
+
+
+def test_napari_reader_opens_suggestions_as_a_shapes_layer(tmp_path: Path) -> None:
+    from napari.layers import Shapes
+
+    from mitoseg.io import DataError
+    from mitoseg.napari._reader import get_reader
+
+    passes = [[_const(v, shape=(4, 6))] for v in (0.5, 0.1)]
+    slices, tiles, used = score_passes(passes, 2, tile_size=4)
+    paths = write_suggestions(
+        tmp_path / "s", slices, tiles, source="/data/in.tif", model="m.keras",
+        shape=(2, 4, 6), tile_size=4, flips=[], weights=used, top=3,
+        voxel_size_nm=(50.0, 4.6, 4.6),
+    )  # fmt: skip
+    reader = get_reader(str(paths["json"]))
+    assert reader is not None
+    ((data, kwargs, kind),) = reader(str(paths["json"]))
+    assert kind == "shapes" and len(data) == 3
+    np.testing.assert_array_equal(data[0], [[0, 0, 0], [0, 0, 4], [0, 4, 4], [0, 4, 0]])
+    assert kwargs["scale"] == (50.0, 4.6, 4.6) and kwargs["units"] == ("nm", "nm", "nm")
+    assert [s["slice"] for s in kwargs["metadata"]["slices"]] == [0, 1]
+    layer = Shapes(data, **kwargs)  # napari accepts the layer as it is (no viewer needed)
+    assert layer.nshapes == 3 and list(layer.features["rank"]) == [1, 2, 3]
+    assert layer.name == "suggestions (in.tif)"
+    assert get_reader(str(tmp_path / "other.json")) is None
+    bad = tmp_path / "b" / "suggestions.json"
+    bad.parent.mkdir()
+    bad.write_text("{}")
+    with pytest.raises(DataError, match=r"suggestions\.json: not a mitoseg suggestions report"):
+        get_reader(str(bad))(str(bad))

@@ -42,9 +42,10 @@ def _parse_z_range(text: str | None, depth: int, source: str) -> tuple[int, int]
     return start, stop
 
 
-def _read_input(source: str, z_range: str | None) -> tuple[Any, int]:
-    """``((Z, H, W) stack, first slice index)`` of a TIFF stack / image or a volume."""
-    from mitoseg.io import DataError, read_stack
+def _read_input(source: str, z_range: str | None) -> tuple[Any, int, Any]:
+    """``((Z, H, W) stack, first slice index, voxel size nm or None)`` of a TIFF stack /
+    image or a volume."""
+    from mitoseg.io import DataError, read_stack, read_voxel_size
     from mitoseg.volume.store import is_volume_uri
 
     try:
@@ -54,17 +55,18 @@ def _read_input(source: str, z_range: str | None) -> tuple[Any, int]:
             volume = open_volume(source)
             try:
                 start, stop = _parse_z_range(z_range, volume.shape[0], source)
-                return volume.read(start, stop), start
+                return volume.read(start, stop), start, volume.voxel_size_nm
             finally:
                 volume.close()
         if not Path(source).is_file():
             fail(f"input not found: {source}")
         stack = read_stack(source)
+        voxel_size = read_voxel_size(source)
     except (DataError, ValueError) as exc:
         fail(str(exc))
     stack = stack[None] if stack.ndim == 2 else stack
     start, stop = _parse_z_range(z_range, stack.shape[0], source)
-    return stack[start:stop], start
+    return stack[start:stop], start, voxel_size
 
 
 @app.command("suggest")
@@ -97,7 +99,9 @@ def suggest(
     ),
 ) -> None:
     """Rank slices and tiles by how unsure the model is; write OUT/suggestions.json,
-    slices.csv, tiles.csv and tiles_napari.csv (a napari Shapes layer of the top tiles).
+    slices.csv, tiles.csv and tiles_napari.csv (a napari Shapes layer of the top tiles,
+    in pixels; napari with the mitoseg plugin opens suggestions.json on the input's voxel
+    size).
 
     Score per pixel: the weighted mean of the entropy of the probabilities, the
     disagreement between test-time flips and the disagreement with the neighbouring
@@ -111,7 +115,7 @@ def suggest(
 
     flip_list = _parse_flips(flips)
     weights = SuggestWeights(entropy=w_entropy, flip=w_flip, neighbour=w_neighbour)
-    stack, first = _read_input(image, z_range)
+    stack, first, voxel_size = _read_input(image, z_range)
     overrides = _overrides(None, None, batch_size, False, None, engine)
     net, plan = load_model_and_plan(model, **overrides, z_average=0)
     try:
@@ -125,7 +129,7 @@ def suggest(
     paths = write_suggestions(
         out, slices, tiles, source=image, model=model,
         shape=(stack.shape[0], *stack.shape[1:]), tile_size=tile, flips=flip_list,
-        weights=used, top=top,
+        weights=used, top=top, voxel_size_nm=voxel_size,
     )  # fmt: skip
     best = ", ".join(f"{s.slice} ({s.score:.3f})" for s in slices[:3])
     typer.echo(f"{image} {tuple(stack.shape)}: most unsure slices {best} -> {paths['json']}")
