@@ -661,12 +661,11 @@ def op_determinism(enabled: bool) -> Iterator[None]:
 
 
 def _accuracy(n_classes: int) -> Any:
-    """Pixel accuracy metric named ``accuracy`` (binary: p >= 0.5; multiclass: argmax)."""
-    import keras
+    """Pixel accuracy metric named ``accuracy`` over the labelled pixels (binary:
+    p >= 0.5; multiclass: argmax)."""
+    from mitoseg.model.losses import PixelAccuracy
 
-    if n_classes == 2:
-        return keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.5)
-    return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+    return PixelAccuracy(n_classes)
 
 
 def _setup_devices(cfg: TrainConfig) -> tuple[Any, bool]:

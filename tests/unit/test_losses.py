@@ -207,3 +207,23 @@ def test_metrics_leave_ignored_pixels_out():
     # a batch with nothing labelled adds nothing: 1.0 (empty-vs-empty)
     none = np.full((1, 2, 2, 1), IGNORE_INDEX, np.uint8)
     assert _metric(ForegroundIoU(2), [(none, pred)]) == 1.0
+
+
+def test_pixel_accuracy_counts_labelled_pixels_only():
+    from mitoseg.model.losses import PixelAccuracy
+
+    # binary: thresholded [1, 0, 0, 0] vs truth [1, 0, 1, 0]: 3 of 4 right
+    assert _metric(PixelAccuracy(2), [(B_TRUE, B_PRED)]) == pytest.approx(3 / 4)
+    # [1, 1, 0, 0] vs [1, ign, 1, 0]: labelled pixels 0, 2, 3 -> 2 of 3 right
+    pred = np.array([0.9, 0.9, 0.4, 0.1], np.float32).reshape(1, 2, 2, 1)
+    assert _metric(PixelAccuracy(2), [(B_TRUE_IGN, pred)]) == pytest.approx(2 / 3)
+    # 3 classes: argmax [0, 1, 1, 2] vs [0, 1, 2, 1]: 2 of 4; with pixel 1 unlabelled 1 of 3
+    assert _metric(PixelAccuracy(3), [(M_TRUE, M_PRED)]) == pytest.approx(2 / 4)
+    assert _metric(PixelAccuracy(3), [(M_TRUE_IGN, M_PRED)]) == pytest.approx(1 / 3)
+    none = np.full((1, 2, 2, 1), IGNORE_INDEX, np.uint8)
+    assert _metric(PixelAccuracy(2), [(none, pred)]) == 1.0
+    restored = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(PixelAccuracy(4))
+    )
+    assert isinstance(restored, PixelAccuracy) and restored.n_classes == 4
+    assert restored.name == "accuracy"

@@ -25,6 +25,7 @@ __all__ = [
     "LOSSES",
     "ForegroundDice",
     "ForegroundIoU",
+    "PixelAccuracy",
     "SegmentationLoss",
     "get_loss",
     "get_metrics",
@@ -232,6 +233,49 @@ class ForegroundDice(_ForegroundOverlap):
 
     def __init__(self, n_classes: int = 2, threshold: float = 0.5, name: str = "dice", **kw: Any):
         super().__init__(n_classes=n_classes, threshold=threshold, name=name, **kw)
+
+
+@keras.saving.register_keras_serializable(package="mitoseg")
+class PixelAccuracy(keras.metrics.Metric):
+    """Share of the labelled pixels classified right, over all batches (metric
+    ``accuracy``): binary probability ``>= threshold`` (0.5), multiclass argmax.
+    Unlabelled pixels (``IGNORE_INDEX``) are left out; 1.0 before any labelled pixel."""
+
+    def __init__(
+        self, n_classes: int = 2, threshold: float = 0.5, name: str = "accuracy", **kwargs: Any
+    ) -> None:
+        _check_n_classes("PixelAccuracy", n_classes)
+        super().__init__(name=name, **kwargs)
+        self.n_classes = int(n_classes)
+        self.threshold = float(threshold)
+        self.correct = self.add_variable((), initializer="zeros", name="correct")
+        self.total = self.add_variable((), initializer="zeros", name="total")
+
+    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
+        """Add a batch: ``y_true (N,H,W,1)`` indices, ``y_pred (N,H,W,C)`` probabilities."""
+        idx = ops.cast(y_true, "int32")
+        valid = ops.cast(idx != IGNORE_INDEX, "float32")
+        y_pred = ops.cast(y_pred, "float32")
+        if self.n_classes == 2:
+            pred = ops.cast(y_pred >= self.threshold, "int32")
+        else:
+            pred = ops.expand_dims(ops.cast(ops.argmax(y_pred, axis=-1), "int32"), -1)
+        right = ops.cast(pred == idx, "float32") * valid
+        self.correct.assign_add(ops.sum(right))
+        self.total.assign_add(ops.sum(valid))
+
+    def result(self) -> Any:
+        """Correct / labelled pixels (1.0 when none was labelled)."""
+        return ops.where(self.total > 0, self.correct / ops.maximum(self.total, 1.0), 1.0)
+
+    def reset_state(self) -> None:
+        """Zero the accumulators."""
+        for var in (self.correct, self.total):
+            var.assign(ops.zeros_like(var))
+
+    def get_config(self) -> dict[str, Any]:
+        """Serializable configuration."""
+        return {**super().get_config(), "n_classes": self.n_classes, "threshold": self.threshold}
 
 
 def get_metrics(n_classes: int) -> list[keras.metrics.Metric]:
