@@ -227,3 +227,19 @@ def test_pixel_accuracy_counts_labelled_pixels_only():
     )
     assert isinstance(restored, PixelAccuracy) and restored.n_classes == 4
     assert restored.name == "accuracy"
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_pixel_accuracy_equals_keras_accuracy_on_fully_labelled_data(n_classes):
+    from mitoseg.model.losses import PixelAccuracy
+
+    rng = np.random.default_rng(n_classes)
+    y_true = rng.integers(0, n_classes, (3, 8, 8, 1)).astype(np.uint8)
+    if n_classes == 2:
+        y_pred = rng.random((3, 8, 8, 1), dtype=np.float32)
+        reference = keras.metrics.BinaryAccuracy(threshold=0.5)
+    else:
+        y_pred = rng.dirichlet(np.ones(n_classes), (3, 8, 8)).astype(np.float32)
+        reference = keras.metrics.SparseCategoricalAccuracy()
+    batches = [(y_true[:2], y_pred[:2]), (y_true[2:], y_pred[2:])]
+    assert _metric(PixelAccuracy(n_classes), batches) == pytest.approx(_metric(reference, batches))
