@@ -388,3 +388,18 @@ def test_napari_reader_opens_suggestions_as_a_shapes_layer(tmp_path: Path) -> No
     bad.write_text("{}")
     with pytest.raises(DataError, match=r"suggestions\.json: not a mitoseg suggestions report"):
         get_reader(str(bad))(str(bad))
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_cli_suggest_progress_bar_follows_no_progress(
+    model: Path, tmp_path: Path, progress: bool
+) -> None:
+    write_stack(tmp_path / "stack.tif", _stack())
+    flag = [] if progress else ["--no-progress"]
+    result = runner.invoke(
+        app,
+        [*flag, "suggest", str(tmp_path / "stack.tif"), "--model", str(model),
+         "--out", str(tmp_path / "o"), "--flips", "none"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert ("suggest" in result.output and "4/4" in result.output) is progress
