@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mitoseg.labels import IGNORE_INDEX
+
 __all__ = [
     "VNC_CLASSES",
     "AugmentConfig",
@@ -59,12 +61,19 @@ class BaseConfig(_Strict):
     stacks. The first entry is the background. Two entries means binary segmentation
     (a single sigmoid output); more means multiclass (softmax over N classes). Several
     raw values may map to one class by giving a list, e.g. ``membrane: [0, 32, 64, 96]``.
+
+    ``ignore_value`` is the raw mask value of an *unlabelled* pixel (the ignore label,
+    :mod:`mitoseg.labels`): such pixels are mapped to class index
+    :data:`~mitoseg.labels.IGNORE_INDEX` and weigh nothing in training and evaluation, so
+    a few labelled slices (or regions) of a stack can be the training data. None: every
+    pixel is labelled. It must not be a value of ``classes``.
     """
 
     seed: int = 42
     classes: dict[str, int | list[int]] = Field(
         default_factory=lambda: {"background": 0, "mitochondria": 255}
     )
+    ignore_value: int | None = Field(default=None, ge=0, le=65535)
 
     @field_validator("classes")
     @classmethod
@@ -82,7 +91,22 @@ class BaseConfig(_Strict):
                 if x in seen:
                     raise ValueError(f"base.classes.{name}: mask value {x} is used twice")
                 seen.add(x)
+        if len(v) > IGNORE_INDEX:
+            raise ValueError(
+                f"base.classes has {len(v)} classes; at most {IGNORE_INDEX} are supported "
+                f"(class index {IGNORE_INDEX} marks unlabelled pixels)"
+            )
         return v
+
+    @model_validator(mode="after")
+    def _check_ignore_value(self) -> BaseConfig:
+        values = {x for v in self.classes.values() for x in (v if isinstance(v, list) else [v])}
+        if self.ignore_value is not None and self.ignore_value in values:
+            raise ValueError(
+                f"base.ignore_value {self.ignore_value} is a mask value of base.classes; "
+                "choose a raw value no class uses"
+            )
+        return self
 
     @property
     def n_classes(self) -> int:
@@ -101,13 +125,16 @@ class BaseConfig(_Strict):
 
     def value_to_index(self) -> dict[int, int]:
         """Map raw mask value -> class index. For binary tables a mask value of 1 is also
-        accepted for the foreground (masks stored 0/1 instead of 0/255)."""
+        accepted for the foreground (masks stored 0/1 instead of 0/255), unless it is the
+        ``ignore_value``, which maps to :data:`~mitoseg.labels.IGNORE_INDEX`."""
         out: dict[int, int] = {}
         for idx, values in enumerate(self.classes.values()):
             for x in values if isinstance(values, list) else [values]:
                 out[int(x)] = idx
-        if self.is_binary and 1 not in out:
+        if self.is_binary and 1 not in out and self.ignore_value != 1:
             out[1] = 1
+        if self.ignore_value is not None and self.ignore_value not in out:
+            out[int(self.ignore_value)] = IGNORE_INDEX
         return out
 
 

@@ -29,7 +29,8 @@ from mitoseg.checks import check_stack
 from mitoseg.data.patches import map_mask_to_classes
 from mitoseg.inference import decide_mask, iter_stack_probabilities
 from mitoseg.io import DataError, atomic_dir, atomic_path, normalize_slice, write_json
-from mitoseg.metrics import evaluate_masks
+from mitoseg.labels import labelled
+from mitoseg.metrics import evaluate_masks, labelled_part
 from mitoseg.plan import Calibration, InferencePlan
 
 __all__ = [
@@ -166,7 +167,8 @@ class ProbabilityHistogram:
 
         Args:
             probs: ``(H, W)`` or ``(H, W, 1)`` float foreground probabilities in [0, 1].
-            truth: ``(H, W)`` class indexes 0/1.
+            truth: ``(H, W)`` class indexes 0/1; unlabelled pixels (``IGNORE_INDEX``) are
+                not added.
 
         Raises:
             ValueError: shapes differ, or more than one probability channel.
@@ -178,11 +180,13 @@ class ProbabilityHistogram:
                     f"ProbabilityHistogram: expected one probability channel, got {p.shape[-1]}"
                 )
             p = p[..., 0]
-        t = np.asarray(truth) != 0
-        if p.shape != t.shape:
-            raise ValueError(f"ProbabilityHistogram: probs {p.shape} != truth {t.shape}")
-        idx = np.clip(np.floor(p * self.bins).astype(np.int64), 0, self.bins - 1).ravel()
-        tf = t.ravel()
+        truth = np.asarray(truth)
+        if p.shape != truth.shape:
+            raise ValueError(f"ProbabilityHistogram: probs {p.shape} != truth {truth.shape}")
+        keep = labelled(truth)
+        p, t = p[keep], truth[keep] != 0
+        idx = np.clip(np.floor(p * self.bins).astype(np.int64), 0, self.bins - 1)
+        tf = t
         self.fg += np.bincount(idx[tf], minlength=self.bins)
         self.bg += np.bincount(idx[~tf], minlength=self.bins)
         self.psum += np.bincount(idx, weights=p.ravel(), minlength=self.bins)
@@ -418,7 +422,8 @@ def instance_metrics(
     The objects are the 26-connected components of the mitochondria class (class 1 of a
     binary table, the class named ``mitochondria`` of a multiclass one) in truth and
     prediction, smaller than ``min_object_size`` voxels dropped from both, matched
-    one-to-one at IoU 0.5 and 0.75.
+    one-to-one at IoU 0.5 and 0.75. Predicted objects are cut to the labelled truth voxels
+    (:func:`mitoseg.metrics.labelled_part`: one only on unlabelled voxels does not count).
 
     Args:
         truth: ``(Z, H, W)`` ground-truth class indexes.
@@ -435,8 +440,10 @@ def instance_metrics(
     k = mitochondria_class(class_names)
     if k is None:
         return None
-    truth_labels, _ = instance_labels(np.asarray(truth) == k, min_object_size)
-    pred_labels, _ = instance_labels(np.asarray(pred) == k, min_object_size)
+    truth = np.asarray(truth)
+    truth_labels, _ = instance_labels(truth == k, min_object_size)
+    pred_labels, n_pred = instance_labels(np.asarray(pred) == k, min_object_size)
+    pred_labels, _ = labelled_part(pred_labels, n_pred, labelled(truth))
     scores = instance_scores(truth_labels, pred_labels)
     return {
         "class": class_names[k],
@@ -449,9 +456,10 @@ def instance_metrics(
 def _overlay(gray: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """``(H, W, 3)`` float RGB: grey input with TP/FP/FN coloured (see module docstring)."""
     rgb = np.repeat(gray[..., None], 3, axis=-1).astype(np.float32)
+    known = labelled(truth)
     tp = (pred != 0) & (pred == truth)
-    fp = (pred != 0) & (pred != truth)
-    fn = (truth != 0) & (pred == 0)
+    fp = (pred != 0) & (pred != truth) & known
+    fn = (truth != 0) & (pred == 0) & known
     for sel, key in ((tp, "tp"), (fp, "fp"), (fn, "fn")):
         rgb[sel] = 0.5 * rgb[sel] + 0.5 * np.asarray(OVERLAY_COLORS[key], dtype=np.float32)
     return rgb

@@ -26,10 +26,20 @@ as ``1.0``: nothing to find and nothing found is a perfect score. Hence
 
 The same rule applies to object-level precision/recall/F1.
 
+**Unlabelled pixels.** Truth pixels with class index :data:`~mitoseg.labels.IGNORE_INDEX`
+(the ignore label) are left out of every pixel count: they enter no confusion matrix, so
+IoU/Dice/precision/recall/accuracy are those of the labelled pixels only. A slice without
+a labelled pixel has no per-slice scores that count: it is left out of ``slice_mean``.
+
 **Objects.** Foreground (class != 0) of truth and prediction is split into connected
 components with :func:`scipy.ndimage.label` using 8-connectivity; components smaller than
 ``min_object_size`` pixels are discarded from both. A truth object and a predicted object
 match when their IoU is ``>= 0.5``; matching is one-to-one (greedy by decreasing IoU).
+With unlabelled truth pixels: truth objects are components of the *labelled* foreground
+(an unlabelled pixel is never part of one); predicted objects are components of the whole
+prediction (size filter on their whole size), then cut to the labelled pixels: an object
+lying only on unlabelled pixels does not count at all, one that reaches labelled pixels
+counts and is matched by the IoU of its labelled part.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from mitoseg.checks import check_array, check_stack
+from mitoseg.labels import IGNORE_INDEX, labelled
 
 __all__ = [
     "MATCH_IOU",
@@ -47,6 +58,7 @@ __all__ = [
     "confusion_matrix",
     "evaluate_masks",
     "label_objects",
+    "labelled_part",
     "match_objects",
     "object_counts",
     "object_scores",
@@ -77,20 +89,21 @@ def safe_ratio(num: float, den: float) -> float:
 
 
 def confusion_matrix(truth: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """Confusion matrix of two class-index maps.
+    """Confusion matrix of two class-index maps (unlabelled truth pixels left out).
 
     Args:
-        truth: ``(...)`` integer class indexes in ``0 .. n_classes-1``.
+        truth: ``(...)`` integer class indexes in ``0 .. n_classes-1``, or
+            :data:`~mitoseg.labels.IGNORE_INDEX` for an unlabelled pixel.
         pred: same shape as ``truth``, integer class indexes.
         n_classes: number of classes, background included (``>= 2``).
 
     Returns:
-        ``(n_classes, n_classes)`` int64 array, ``cm[t, p]`` = number of pixels with truth
-        class ``t`` predicted as class ``p``.
+        ``(n_classes, n_classes)`` int64 array, ``cm[t, p]`` = number of labelled pixels
+        with truth class ``t`` predicted as class ``p``.
 
     Raises:
         ValueError: shapes differ, non-integer dtype, ``n_classes < 2`` or a value outside
-            ``0 .. n_classes-1``.
+            ``0 .. n_classes-1`` (``IGNORE_INDEX`` is allowed in ``truth`` only).
     """
     truth = np.asarray(truth)
     pred = np.asarray(pred)
@@ -105,10 +118,15 @@ def confusion_matrix(truth: np.ndarray, pred: np.ndarray, n_classes: int) -> np.
             raise ValueError(
                 f"confusion_matrix: {name} must be integer class indexes, got {arr.dtype}"
             )
+    keep = labelled(truth) if np.issubdtype(truth.dtype, np.integer) else None
+    if keep is not None and not keep.all():
+        truth, pred = truth[keep], pred[keep]
+    for name, arr in (("truth", truth), ("prediction", pred)):
         if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= n_classes):
+            allowed = f"0..{n_classes - 1}" + (f" or {IGNORE_INDEX}" if name == "truth" else "")
             raise ValueError(
                 f"confusion_matrix: {name} has values in [{int(arr.min())}, {int(arr.max())}], "
-                f"expected 0..{n_classes - 1}"
+                f"expected {allowed}"
             )
     flat = truth.astype(np.int64).ravel() * n_classes + pred.astype(np.int64).ravel()
     counts = np.bincount(flat, minlength=n_classes * n_classes)
@@ -176,7 +194,8 @@ def label_objects(mask: np.ndarray, min_object_size: int = 0) -> tuple[np.ndarra
     """Connected components (8-connectivity) of the foreground of a 2D mask.
 
     Args:
-        mask: ``(H, W)`` class indexes or booleans; foreground is ``mask != 0``.
+        mask: ``(H, W)`` class indexes or booleans; foreground is ``mask != 0`` and
+            labelled (``!= IGNORE_INDEX``).
         min_object_size: components with fewer pixels are dropped.
 
     Returns:
@@ -190,7 +209,8 @@ def label_objects(mask: np.ndarray, min_object_size: int = 0) -> tuple[np.ndarra
     mask = check_array(mask, "label_objects", ndim=2)
     if min_object_size < 0:
         raise ValueError(f"label_objects: min_object_size must be >= 0, got {min_object_size}")
-    labels, n = ndimage.label(mask != 0, structure=_EIGHT)
+    fg = mask != 0 if mask.dtype == bool else (mask != 0) & labelled(mask)
+    labels, n = ndimage.label(fg, structure=_EIGHT)
     labels = labels.astype(np.int32)
     if n and min_object_size > 0:
         sizes = np.bincount(labels.ravel(), minlength=n + 1)
@@ -260,7 +280,8 @@ def object_counts(
     """Object counts of one 2D slice.
 
     Args:
-        truth: ``(H, W)`` class indexes (foreground = non-zero).
+        truth: ``(H, W)`` class indexes (foreground = non-zero; ``IGNORE_INDEX`` =
+            unlabelled, see the module docstring for objects on unlabelled pixels).
         pred: ``(H, W)`` class indexes.
         min_object_size: objects with fewer pixels are ignored in both.
         iou_threshold: IoU needed for a match.
@@ -276,7 +297,33 @@ def object_counts(
         )
     lt, nt = label_objects(truth, min_object_size)
     lp, np_ = label_objects(pred, min_object_size)
+    if truth.dtype != bool and np_:
+        lp, np_ = labelled_part(lp, np_, labelled(truth))
     return nt, np_, len(match_objects(lt, nt, lp, np_, iou_threshold))
+
+
+def labelled_part(labels: np.ndarray, n: int, keep: np.ndarray) -> tuple[np.ndarray, int]:
+    """Predicted objects cut to the labelled pixels (the module docstring's rule).
+
+    Args:
+        labels: object labels ``1 .. n`` (0 = none), any shape (2D or 3D).
+        n: number of objects.
+        keep: bool array of ``labels``' shape, True on labelled truth pixels
+            (:func:`mitoseg.labels.labelled`).
+
+    Returns:
+        ``(labels, n')``: objects without a kept pixel dropped, the others renumbered
+        ``1 .. n'`` in order (int32; the input itself when every pixel is kept).
+    """
+    if keep.all():
+        return labels, n
+    cut = np.where(keep, labels, 0)
+    present = np.zeros(n + 1, dtype=bool)
+    present[np.unique(cut)] = True
+    present[0] = False
+    relabel = np.zeros(n + 1, dtype=np.int32)
+    relabel[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
+    return relabel[cut], int(present.sum())
 
 
 def object_scores(n_true: int, n_pred: int, n_matched: int) -> dict[str, float | int]:
@@ -320,7 +367,9 @@ def evaluate_masks(
         ``match_iou``), ``slice_mean`` (mean of the per-slice ``iou, dice, accuracy,
         precision, recall, mean_iou``) and ``n_slices``. ``rows`` has one dict per slice with
         ``slice, iou, dice, accuracy, precision, recall, mean_iou, fg_true, fg_pred,
-        objects_true, objects_pred, objects_matched``.
+        objects_true, objects_pred, objects_matched, labelled_pixels``. Unlabelled truth
+        pixels (``IGNORE_INDEX``) count nowhere; slices with ``labelled_pixels == 0`` are
+        left out of ``slice_mean`` (``n_labelled_slices`` counts the others).
 
     Raises:
         ValueError: shapes differ, wrong rank, or values out of range.
@@ -352,6 +401,7 @@ def evaluate_masks(
                 "objects_true": counts[0],
                 "objects_pred": counts[1],
                 "objects_matched": counts[2],
+                "labelled_pixels": int(cm.sum()),
             }
         )
     agg = scores_from_confusion(total, class_names)
@@ -365,8 +415,11 @@ def evaluate_masks(
         "min_object_size": int(min_object_size),
         "match_iou": MATCH_IOU,
     }
+    scored = [r for r in rows if r["labelled_pixels"] > 0]
     summary["slice_mean"] = {
-        k: float(np.mean([r[k] for r in rows])) for k in (*SCORE_NAMES, "mean_iou")
+        k: float(np.mean([r[k] for r in scored])) if scored else float("nan")
+        for k in (*SCORE_NAMES, "mean_iou")
     }
     summary["n_slices"] = len(rows)
+    summary["n_labelled_slices"] = len(scored)
     return summary, rows

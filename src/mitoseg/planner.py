@@ -265,12 +265,14 @@ def _choose_seed_threshold(
     if plan.n_classes != 2 or setting != "auto":
         return plan, {}  # a fixed setting is set by make_plan
     from mitoseg.inference import decide_mask, iter_stack_probabilities
+    from mitoseg.labels import labelled
 
-    truth = np.asarray(masks) != 0
+    known = labelled(masks)  # unlabelled pixels count nowhere
+    truth = (np.asarray(masks) != 0) & known
     probs = list(iter_stack_probabilities(predict, images, plan))
 
     def iou(candidate: InferencePlan) -> float:
-        pred = np.stack([decide_mask(p, candidate) for p in probs]) != 0
+        pred = (np.stack([decide_mask(p, candidate) for p in probs]) != 0) & known
         union = int((pred | truth).sum())
         return round(int((pred & truth).sum()) / union, 6) if union else 1.0
 

@@ -58,6 +58,7 @@ import numpy as np
 from mitoseg.augment import augment_pair, is_identity
 from mitoseg.config import AugmentConfig, TrainConfig
 from mitoseg.io import DataError, atomic_path
+from mitoseg.labels import IGNORE_INDEX, has_labels, labelled
 
 if TYPE_CHECKING:
     import keras
@@ -182,7 +183,8 @@ def load_patches(patches_dir: str | Path, n_classes: int) -> PatchData:
 
     Args:
         patches_dir: directory written by ``make_patch_dataset``.
-        n_classes: classes including background; every mask value must be below it.
+        n_classes: classes including background; every mask value must be below it or
+            be :data:`~mitoseg.labels.IGNORE_INDEX` (unlabelled).
 
     Returns:
         The four arrays (see :class:`PatchData`).
@@ -203,9 +205,10 @@ def load_patches(patches_dir: str | Path, n_classes: int) -> PatchData:
             raise DataError(
                 f"{mask_path}: shape {masks.shape} differs from {img_path.name} {images.shape}"
             )
-        if masks.size and int(masks.max()) >= n_classes:
+        bad = masks[(masks >= n_classes) & (masks != IGNORE_INDEX)] if masks.size else masks
+        if bad.size:
             raise DataError(
-                f"{mask_path}: mask class index {int(masks.max())} >= n_classes ({n_classes})"
+                f"{mask_path}: mask class index {int(bad.max())} >= n_classes ({n_classes})"
             )
         arrays[f"{split}_images"], arrays[f"{split}_masks"] = images, masks
     if len(arrays["train_images"]) == 0:
@@ -304,9 +307,15 @@ class CropSampler:
     ``N`` elements); crop position, foreground centring and augmentation come from a
     generator seeded with ``(seed, epoch, i)``.
 
+    Unlabelled pixels (:data:`~mitoseg.labels.IGNORE_INDEX`): patches without a labelled
+    pixel are never visited (``N`` counts the others), no crop is centred on an unlabelled
+    pixel, and a uniform crop without a labelled pixel is drawn again (up to
+    :attr:`MAX_DRAWS` times, then centred on a random labelled pixel), so every crop
+    carries labels. With fully labelled patches the crops are the same as without this.
+
     Args:
         images: ``(N, P, P)`` or ``(N, P, P, C)`` uint8 patches.
-        masks: ``(N, P, P) uint8`` class indices.
+        masks: ``(N, P, P) uint8`` class indices (``IGNORE_INDEX`` = unlabelled).
         crop_size: crop side, ``None`` for full patches.
         foreground_crop_prob: probability to centre the crop on a random foreground pixel
             (falls back to a uniform crop when the patch has no foreground).
@@ -319,8 +328,12 @@ class CropSampler:
         samples_per_epoch: elements per epoch (``steps_per_epoch * batch_size``).
 
     Raises:
-        ValueError: ``crop_size`` larger than the patches, or ``samples_per_epoch < 1``.
+        ValueError: ``crop_size`` larger than the patches, ``samples_per_epoch < 1``, or
+            no patch with a labelled pixel.
     """
+
+    #: Uniform crop positions tried before centring on a labelled pixel.
+    MAX_DRAWS = 8
 
     def __init__(
         self,
@@ -343,8 +356,15 @@ class CropSampler:
             raise ValueError(f"train.crop_size ({crop_size}) exceeds the patch size ({size})")
         if samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
+        usable = np.flatnonzero(has_labels(masks, axis=(1, 2)))
+        if not usable.size:
+            raise ValueError(
+                f"none of the {len(masks)} training patches has a labelled pixel "
+                f"(all are {IGNORE_INDEX}, unlabelled)"
+            )
         self.images = images
         self.masks = masks
+        self.usable = usable
         self.crop = crop_size or size
         self.foreground_crop_prob = foreground_crop_prob
         self.hard_negative_prob = hard_negative_prob
@@ -357,9 +377,9 @@ class CropSampler:
 
     @staticmethod
     def _dark_level(images: np.ndarray, masks: np.ndarray) -> int:
-        """Median uint8 intensity of the foreground pixels (centre channel)."""
+        """Median uint8 intensity of the labelled foreground pixels (centre channel)."""
         centre = images if images.ndim == 3 else images[..., images.shape[-1] // 2]
-        fg = centre[masks != 0]
+        fg = centre[(masks != 0) & labelled(masks)]
         return int(np.median(fg)) if fg.size else 0
 
     def _centre_on(self, candidates: np.ndarray, rng: np.random.Generator, size: int):
@@ -369,8 +389,19 @@ class CropSampler:
         c = self.crop
         return min(max(r - c // 2, 0), size - c), min(max(col - c // 2, 0), size - c)
 
+    def _uniform(self, mask: np.ndarray, rng: np.random.Generator, size: int) -> tuple[int, int]:
+        """A uniform crop position whose crop has a labelled pixel (see the class doc)."""
+        c = self.crop
+        for _ in range(self.MAX_DRAWS):
+            top, left = (int(v) for v in rng.integers(0, size - c + 1, size=2))
+            if has_labels(mask[top : top + c, left : left + c]):
+                return top, left
+        top, left = self._centre_on(np.flatnonzero(labelled(mask)), rng, size)
+        assert top is not None and left is not None  # only patches with labels are visited
+        return top, left
+
     def _patch_index(self, epoch: int, i: int) -> int:
-        n = len(self.images)
+        n = len(self.usable)
         key = (epoch, i // n)
         with self._lock:
             perm = self._perms.get(key)
@@ -379,7 +410,7 @@ class CropSampler:
                     self._perms.clear()
                 rng = np.random.default_rng([self.seed, epoch, key[1], 0x5EED])
                 perm = self._perms[key] = rng.permutation(n)
-        return int(perm[i % n])
+        return int(self.usable[perm[i % n]])
 
     def sample(self, k: int | np.integer) -> tuple[np.ndarray, np.ndarray]:
         """Training element ``k``.
@@ -397,13 +428,14 @@ class CropSampler:
             top = left = None
             u = rng.random() if self.foreground_crop_prob + self.hard_negative_prob > 0 else 1.0
             if u < self.foreground_crop_prob:
-                top, left = self._centre_on(np.flatnonzero(mask), rng, size)
+                fg = (mask != 0) & labelled(mask)
+                top, left = self._centre_on(np.flatnonzero(fg), rng, size)
             elif u < self.foreground_crop_prob + self.hard_negative_prob:
                 centre = image if image.ndim == 2 else image[..., image.shape[-1] // 2]
                 dark = (centre <= self.dark_level) & (mask == 0)
                 top, left = self._centre_on(np.flatnonzero(dark), rng, size)
             if top is None or left is None:
-                top, left = (int(v) for v in rng.integers(0, size - c + 1, size=2))
+                top, left = self._uniform(mask, rng, size)
             image = image[top : top + c, left : left + c]
             mask = mask[top : top + c, left : left + c]
         img = image.astype(np.float32) / np.float32(255.0)
@@ -629,12 +661,11 @@ def op_determinism(enabled: bool) -> Iterator[None]:
 
 
 def _accuracy(n_classes: int) -> Any:
-    """Pixel accuracy metric named ``accuracy`` (binary: p >= 0.5; multiclass: argmax)."""
-    import keras
+    """Pixel accuracy metric named ``accuracy`` over the labelled pixels (binary:
+    p >= 0.5; multiclass: argmax)."""
+    from mitoseg.model.losses import PixelAccuracy
 
-    if n_classes == 2:
-        return keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.5)
-    return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+    return PixelAccuracy(n_classes)
 
 
 def _setup_devices(cfg: TrainConfig) -> tuple[Any, bool]:

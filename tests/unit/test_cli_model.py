@@ -27,20 +27,10 @@ runner = CliRunner()
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import keras
 
+    from tiny_models import save_sigmoid_model
+
     root = tmp_path_factory.mktemp("models")
-    inp = keras.Input((None, None, 1))
-    out = keras.layers.Conv2D(
-        1,
-        1,
-        activation="sigmoid",
-        kernel_initializer=keras.initializers.Constant(8.0),
-        bias_initializer=keras.initializers.Constant(-4.0),
-    )(inp)
-    binary = root / "binary.keras"
-    keras.Model(inp, out).save(binary)
-    InferencePlan.default_for(1, 1, tile_size=32, halo=4, source="evaluate").write(
-        root / "binary.inference_plan.json"
-    )
+    binary = save_sigmoid_model(root)
     inp3 = keras.Input((None, None, 1))
     out3 = keras.layers.Conv2D(3, 1, activation="softmax", kernel_initializer="ones")(inp3)
     multi = root / "multi.keras"

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+from mitoseg.labels import IGNORE_INDEX
 from mitoseg.model.losses import (
     ForegroundDice,
     ForegroundIoU,
@@ -149,3 +150,96 @@ def test_errors():
         get_loss("weighted_bce", 2, 0)
     with pytest.raises(ValueError, match="ForegroundIoU: n_classes must be >= 2, got 1"):
         ForegroundIoU(1)
+
+
+# Ignore label: pixel 1 of each example is unlabelled (IGNORE_INDEX); its prediction must
+# not matter. Binary labelled pixels: truth [1, 1, 0], probabilities [0.9, 0.4, 0.1].
+B_TRUE_IGN = np.array([1, IGNORE_INDEX, 1, 0], np.float32).reshape(1, 2, 2, 1)
+B_BCE_IGN = -(math.log(0.9) + math.log(0.4) + math.log(0.9)) / 3
+B_WBCE2_IGN = -(2 * math.log(0.9) + 2 * math.log(0.4) + math.log(0.9)) / 3
+B_DICE_IGN = 1 - (2 * 1.3 + 1) / (2 + 1.4 + 1)  # I 1.3, |T| 2, |P| 0.9 + 0.4 + 0.1
+# 3 classes, labelled pixels 0, 2, 3: truth [0, 2, 1], rows [.7 .2 .1], [.2 .5 .3], [.3 .3 .4].
+M_TRUE_IGN = np.array([0, IGNORE_INDEX, 2, 1], np.uint8).reshape(1, 2, 2, 1)
+M_CE_IGN = -(math.log(0.7) + math.log(0.3) + math.log(0.3)) / 3
+M_WCE3_IGN = -(math.log(0.7) + 3 * math.log(0.3) + 3 * math.log(0.3)) / 3
+# class 1: t [0, 0, 1], p [.2, .5, .3] -> I .3, P 1.0; class 2: t [0, 1, 0], p [.1, .3, .4].
+M_DICE_IGN = 1 - ((2 * 0.3 + 1) / (1 + 1.0 + 1) + (2 * 0.3 + 1) / (1 + 0.8 + 1)) / 2
+
+
+@pytest.mark.parametrize(
+    ("name", "n_classes", "weight", "y_true", "y_pred", "expected"),
+    [
+        ("bce", 2, 1.0, B_TRUE_IGN, B_PRED, B_BCE_IGN),
+        ("weighted_bce", 2, 2.0, B_TRUE_IGN, B_PRED, B_WBCE2_IGN),
+        ("dice", 2, 1.0, B_TRUE_IGN, B_PRED, B_DICE_IGN),
+        ("bce_dice", 2, 1.0, B_TRUE_IGN, B_PRED, B_BCE_IGN + B_DICE_IGN),
+        ("bce", 3, 1.0, M_TRUE_IGN, M_PRED, M_CE_IGN),
+        ("weighted_bce", 3, 3.0, M_TRUE_IGN, M_PRED, M_WCE3_IGN),
+        ("dice", 3, 1.0, M_TRUE_IGN, M_PRED, M_DICE_IGN),
+        ("bce_dice", 3, 1.0, M_TRUE_IGN, M_PRED, M_CE_IGN + M_DICE_IGN),
+    ],
+)
+def test_losses_give_ignored_pixels_zero_weight(name, n_classes, weight, y_true, y_pred, expected):
+    assert _loss(name, n_classes, y_true, y_pred, weight) == pytest.approx(expected, rel=1e-5)
+    # any other prediction on the ignored pixel gives the same loss
+    other = y_pred.copy()
+    other[0, 0, 1] = other[0, 0, 1][::-1] if n_classes > 2 else 0.97
+    assert not np.array_equal(other, y_pred)
+    assert _loss(name, n_classes, y_true, other, weight) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bce", "weighted_bce", "dice", "bce_dice"])
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_loss_of_a_batch_without_labels_is_zero(name, n_classes):
+    y_true = np.full((1, 2, 2, 1), IGNORE_INDEX, np.uint8)
+    y_pred = B_PRED if n_classes == 2 else M_PRED
+    assert _loss(name, n_classes, y_true, y_pred, 2.0) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_metrics_leave_ignored_pixels_out():
+    # binary: thresholded [1, 1, 0, 0] vs truth [1, ign, 1, 0] -> labelled: I 1, P 1, T 2
+    pred = np.array([0.9, 0.9, 0.4, 0.1], np.float32).reshape(1, 2, 2, 1)
+    assert _metric(ForegroundIoU(2), [(B_TRUE_IGN, pred)]) == pytest.approx(1 / 2)
+    assert _metric(ForegroundDice(2), [(B_TRUE_IGN, pred)]) == pytest.approx(2 / 3)
+    # 3 classes: argmax [0, 1, 1, 2] vs truth [0, ign, 2, 1]: class 1 truth {3} pred {2},
+    # class 2 truth {2} pred {3} -> IoU 0 for both (pixel 1's class-1 vote is left out)
+    assert _metric(ForegroundIoU(3), [(M_TRUE_IGN, M_PRED)]) == pytest.approx(0.0)
+    # a batch with nothing labelled adds nothing: 1.0 (empty-vs-empty)
+    none = np.full((1, 2, 2, 1), IGNORE_INDEX, np.uint8)
+    assert _metric(ForegroundIoU(2), [(none, pred)]) == 1.0
+
+
+def test_pixel_accuracy_counts_labelled_pixels_only():
+    from mitoseg.model.losses import PixelAccuracy
+
+    # binary: thresholded [1, 0, 0, 0] vs truth [1, 0, 1, 0]: 3 of 4 right
+    assert _metric(PixelAccuracy(2), [(B_TRUE, B_PRED)]) == pytest.approx(3 / 4)
+    # [1, 1, 0, 0] vs [1, ign, 1, 0]: labelled pixels 0, 2, 3 -> 2 of 3 right
+    pred = np.array([0.9, 0.9, 0.4, 0.1], np.float32).reshape(1, 2, 2, 1)
+    assert _metric(PixelAccuracy(2), [(B_TRUE_IGN, pred)]) == pytest.approx(2 / 3)
+    # 3 classes: argmax [0, 1, 1, 2] vs [0, 1, 2, 1]: 2 of 4; with pixel 1 unlabelled 1 of 3
+    assert _metric(PixelAccuracy(3), [(M_TRUE, M_PRED)]) == pytest.approx(2 / 4)
+    assert _metric(PixelAccuracy(3), [(M_TRUE_IGN, M_PRED)]) == pytest.approx(1 / 3)
+    none = np.full((1, 2, 2, 1), IGNORE_INDEX, np.uint8)
+    assert _metric(PixelAccuracy(2), [(none, pred)]) == 1.0
+    restored = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(PixelAccuracy(4))
+    )
+    assert isinstance(restored, PixelAccuracy) and restored.n_classes == 4
+    assert restored.name == "accuracy"
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_pixel_accuracy_equals_keras_accuracy_on_fully_labelled_data(n_classes):
+    from mitoseg.model.losses import PixelAccuracy
+
+    rng = np.random.default_rng(n_classes)
+    y_true = rng.integers(0, n_classes, (3, 8, 8, 1)).astype(np.uint8)
+    if n_classes == 2:
+        y_pred = rng.random((3, 8, 8, 1), dtype=np.float32)
+        reference = keras.metrics.BinaryAccuracy(threshold=0.5)
+    else:
+        y_pred = rng.dirichlet(np.ones(n_classes), (3, 8, 8)).astype(np.float32)
+        reference = keras.metrics.SparseCategoricalAccuracy()
+    batches = [(y_true[:2], y_pred[:2]), (y_true[2:], y_pred[2:])]
+    assert _metric(PixelAccuracy(n_classes), batches) == pytest.approx(_metric(reference, batches))

@@ -7,6 +7,7 @@ from mitoseg.cli import deploy as _deploy  # noqa: F401
 from mitoseg.cli import export as _export  # noqa: F401
 from mitoseg.cli import model as _model  # noqa: F401
 from mitoseg.cli import serve as _serve  # noqa: F401
+from mitoseg.cli import suggest as _suggest  # noqa: F401
 from mitoseg.cli import validate as _validate  # noqa: F401
 from mitoseg.cli.app import app
 

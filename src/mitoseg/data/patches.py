@@ -14,6 +14,7 @@ validation. Test slices are never patchified: evaluation works on whole slices.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from mitoseg.checks import check_array
 from mitoseg.config import BaseConfig, PatchifyConfig
 from mitoseg.data.layout import read_split, split_paths
 from mitoseg.io import DataError, atomic_dir, normalize_slice, write_json
+from mitoseg.labels import IGNORE_INDEX, has_labels, labelled
 from mitoseg.plan import context_window
 from mitoseg.progress import progress_iter
 
@@ -276,7 +278,8 @@ def map_mask_to_classes(
         where: text naming the file and slice, used in the error message.
 
     Returns:
-        Array of ``mask``'s shape, uint8 class indices ``0..C-1``.
+        Array of ``mask``'s shape, uint8 class indices ``0..C-1`` (and
+        :data:`~mitoseg.labels.IGNORE_INDEX` where the raw value is ``base.ignore_value``).
 
     Raises:
         DataError: a value is not in the class table (message names ``where`` and values).
@@ -293,7 +296,9 @@ def map_mask_to_classes(
     return lut[inverse].reshape(np.shape(mask))
 
 
-def split_slices(n_slices: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def split_slices(
+    n_slices: int, val_fraction: float, seed: int, labelled: Sequence[bool] | None = None
+) -> tuple[list[int], list[int]]:
     """Seeded split of slice indices into train and validation.
 
     ``round(n * val_fraction)`` slices go to validation, at least one when
@@ -302,27 +307,68 @@ def split_slices(n_slices: int, val_fraction: float, seed: int) -> tuple[list[in
     plan is validated on them as a stack (2.5D context and z-averaging see true
     neighbours there).
 
+    Sparse labels (``labelled``): the block is placed only where it holds a labelled slice
+    and leaves one outside it; unlabelled slices stay in the block (as neighbours; the
+    metrics skip their pixels) and never go to training. One labelled slice: no
+    validation. With every slice labelled the split is the same as without ``labelled``.
+
+    Args:
+        n_slices: slices in the stack.
+        val_fraction: share of the slices in the validation block, in ``[0, 1)``.
+        seed: seed of the block position.
+        labelled: per slice, whether it has a labelled pixel; None: all have.
+
     Returns:
-        ``(train_slices, val_slices)``: sorted, disjoint, together ``0..n-1``.
+        ``(train_slices, val_slices)``: sorted, disjoint; together ``0..n-1`` less the
+        unlabelled slices outside the block.
 
     Raises:
-        ValueError: ``n_slices < 1`` or ``val_fraction`` outside ``[0, 1)``.
+        ValueError: ``n_slices < 1``, ``val_fraction`` outside ``[0, 1)``, ``labelled`` of
+            the wrong length or without a labelled slice, or no block position holding a
+            labelled slice that leaves one for training.
     """
     if n_slices < 1:
         raise ValueError(f"split_slices: need at least 1 slice, got {n_slices}")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"split_slices: val_fraction must be in [0, 1), got {val_fraction}")
+    flags = [True] * n_slices if labelled is None else [bool(x) for x in labelled]
+    if len(flags) != n_slices:
+        raise ValueError(f"split_slices: {len(flags)} labelled flags for {n_slices} slices")
+    n_labelled = sum(flags)
+    if not n_labelled:
+        raise ValueError("split_slices: no slice has a labelled pixel")
     n_val = round(n_slices * val_fraction)
     if val_fraction > 0 and n_slices >= 2:
         n_val = max(1, n_val)
-    n_val = min(n_val, n_slices - 1)
-    start = int(np.random.default_rng(seed).integers(0, n_slices - n_val + 1))
+    n_val = min(n_val, n_slices - 1) if n_labelled >= 2 else 0
+    starts = [
+        s
+        for s in range(n_slices - n_val + 1)
+        if n_val == 0 or 0 < sum(flags[s : s + n_val]) < n_labelled
+    ]
+    if not starts:
+        where = [z for z in range(n_slices) if flags[z]]
+        raise ValueError(
+            f"split_slices: no block of {n_val} consecutive slices holds a labelled slice "
+            f"and leaves one for training (labelled slices: {where}); lower "
+            "patchify.val_fraction or label slices further apart"
+        )
+    start = starts[int(np.random.default_rng(seed).integers(0, len(starts)))]
     val = list(range(start, start + n_val))
-    return [i for i in range(n_slices) if i not in val], val
+    return [i for i in range(n_slices) if i not in val and flags[i]], val
 
 
 def _fg_fraction(masks: np.ndarray) -> float:
-    return float((masks != 0).mean()) if masks.size else 0.0
+    """Foreground share of the labelled pixels (0.0 when none is labelled)."""
+    known = labelled(masks)
+    n = int(known.sum())
+    return float(((masks != 0) & known).sum() / n) if n else 0.0
+
+
+def _with_labels(images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The patches that have a labelled pixel."""
+    keep = has_labels(masks, axis=(1, 2)) if len(masks) else np.zeros(0, bool)
+    return images[keep], masks[keep]
 
 
 def make_patch_dataset(
@@ -349,6 +395,10 @@ def make_patch_dataset(
     ``val_masks.npy`` (same, from the validation slices; ``N = 0`` when there are none) and
     ``meta.json``.
 
+    Sparse labels (``base.ignore_value``): slices without a labelled pixel give no
+    patches (they still serve as 2.5D context), the validation block holds a labelled
+    slice (:func:`split_slices`), and patches without a labelled pixel are dropped.
+
     Args:
         raw_dir: canonical raw directory (only ``train/`` is read).
         out_dir: output directory (``artifacts/patches``).
@@ -361,11 +411,14 @@ def make_patch_dataset(
         The ``meta.json`` content: ``patch_size, step, pad_mode, z_context, n_classes,
         class_names,
         train_slices, val_slices, slice_shape, padded_shape, patches_per_slice,
-        n_train_patches, n_val_patches, foreground_fraction {train, val}, seed``.
-        ``foreground_fraction`` is the fraction of non-background patch pixels.
+        n_train_patches, n_val_patches, foreground_fraction {train, val}, labelled_slices,
+        labelled_fraction {train, val}, seed``. ``foreground_fraction`` is the fraction of
+        non-background pixels among the labelled patch pixels, ``labelled_fraction`` the
+        share of labelled patch pixels.
 
     Raises:
-        DataError: missing/unreadable train stacks, or mask values outside the class table.
+        DataError: missing/unreadable train stacks, mask values outside the class table,
+            no labelled slice, or no validation block that holds a labelled slice.
     """
     images, masks = read_split(raw_dir, "train", require_masks=True)
     assert masks is not None  # read_split(require_masks=True) raises otherwise
@@ -379,7 +432,18 @@ def make_patch_dataset(
         except ValueError as exc:
             raise DataError(f"{img_path} slice {z}: {exc}") from None
         classes[z] = map_mask_to_classes(masks[z], v2i, where=f"{mask_path} slice {z}")
-    train_idx, val_idx = split_slices(images.shape[0], cfg.val_fraction, seed)
+    slice_labelled = has_labels(classes, axis=(1, 2))
+    if not slice_labelled.any():
+        raise DataError(
+            f"{mask_path}: no slice has a labelled pixel (every mask value is "
+            f"base.ignore_value {base.ignore_value}, class index {IGNORE_INDEX})"
+        )
+    try:
+        train_idx, val_idx = split_slices(
+            images.shape[0], cfg.val_fraction, seed, slice_labelled.tolist()
+        )
+    except ValueError as exc:
+        raise DataError(f"{mask_path}: {exc}") from None
     p, s, mode = cfg.patch_size, cfg.step, cfg.pad_mode
     grid = patch_grid(images.shape[1:], p, s, mode)
 
@@ -397,12 +461,11 @@ def make_patch_dataset(
         channels = [cut(norm, [w[j] for w in windows]) for j in range(2 * k + 1)]
         return np.stack(channels, axis=-1) if idx else np.empty((0, p, p, 2 * k + 1), np.uint8)
 
-    arrays = {
-        "train_images": cut_images(train_idx),
-        "train_masks": cut(classes, train_idx),
-        "val_images": cut_images(val_idx),
-        "val_masks": cut(classes, val_idx),
-    }
+    arrays: dict[str, np.ndarray] = {}
+    for split, idx in (("train", train_idx), ("val", val_idx)):
+        arrays[f"{split}_images"], arrays[f"{split}_masks"] = _with_labels(
+            cut_images(idx), cut(classes, idx)
+        )
     meta: dict[str, Any] = {
         "patch_size": p,
         "step": s,
@@ -420,6 +483,13 @@ def make_patch_dataset(
         "foreground_fraction": {
             "train": _fg_fraction(arrays["train_masks"]),
             "val": _fg_fraction(arrays["val_masks"]),
+        },
+        "labelled_slices": np.flatnonzero(slice_labelled).tolist(),
+        "labelled_fraction": {
+            split: float(labelled(arrays[f"{split}_masks"]).mean())
+            if arrays[f"{split}_masks"].size
+            else 0.0
+            for split in ("train", "val")
         },
         "seed": seed,
     }

@@ -37,6 +37,7 @@ import pandas as pd
 from mitoseg.config import BaseConfig, ValidateConfig
 from mitoseg.data.layout import DATASET_FILE, SPLITS, split_paths
 from mitoseg.io import DataError, atomic_path, read_stack, write_json
+from mitoseg.labels import IGNORE_INDEX
 
 __all__ = [
     "MASK_KINDS",
@@ -360,9 +361,10 @@ def slice_table(
         intensity_range, has_mask, mask_dtype, mask_height, mask_width, shape_match,
         mask_values, unexpected_mask_values, mask_values_allowed, foreground_fraction``
         plus ``class_fraction_<name>`` for every class. Mask columns are None/NaN where the
-        slice has no mask. ``foreground_fraction`` is the fraction of pixels in a
-        non-background class; ``mask_values``/``unexpected_mask_values`` are comma-joined
-        raw values (those not in ``base.value_to_index()`` are unexpected).
+        slice has no mask. ``foreground_fraction`` is the fraction of the labelled pixels
+        (those not ``base.ignore_value``; 0.0 when none is) in a non-background class;
+        ``mask_values``/``unexpected_mask_values`` are comma-joined raw values (those not
+        in ``base.value_to_index()`` are unexpected).
     """
     raw = Path(raw_dir)
     v2i = base.value_to_index()
@@ -415,9 +417,11 @@ def slice_table(
                 idx = v2i.get(int(key)) if math.isfinite(key) and key.is_integer() else None
                 if idx is None:
                     unexpected.append(_fmt_value(v))
+                elif idx == IGNORE_INDEX:  # base.ignore_value: unlabelled, in no class
+                    total -= c
                 else:
                     per_class[idx] += c
-            fractions = per_class / total
+            fractions = per_class / max(total, 1.0)
             row.update(
                 mask_dtype=str(mask.dtype),
                 mask_height=int(mask.shape[0]),

@@ -2,7 +2,9 @@
 
 Conventions shared by every loss and metric here:
 
-* ``y_true``: ``(N, H, W, 1)`` class indices (any numeric dtype; 0 = background).
+* ``y_true``: ``(N, H, W, 1)`` class indices (any numeric dtype; 0 = background;
+  :data:`~mitoseg.labels.IGNORE_INDEX` = unlabelled: such pixels weigh 0 in every loss and
+  metric, and a batch without a labelled pixel has loss 0).
 * ``y_pred``: ``(N, H, W, 1)`` sigmoid foreground probability when ``n_classes == 2``,
   else ``(N, H, W, n_classes)`` softmax probabilities (see ``build_unet``).
 
@@ -17,10 +19,13 @@ from typing import Any
 import keras
 from keras import ops
 
+from mitoseg.labels import IGNORE_INDEX
+
 __all__ = [
     "LOSSES",
     "ForegroundDice",
     "ForegroundIoU",
+    "PixelAccuracy",
     "SegmentationLoss",
     "get_loss",
     "get_metrics",
@@ -37,31 +42,37 @@ def _check_n_classes(where: str, n_classes: int) -> None:
         raise ValueError(f"{where}: n_classes must be >= 2, got {n_classes}")
 
 
-def _targets(y_true: Any, n_classes: int) -> Any:
-    """Class indices ``(N, H, W, 1)`` -> float32 targets shaped like the predictions."""
+def _targets(y_true: Any, n_classes: int) -> tuple[Any, Any]:
+    """Class indices ``(N, H, W, 1)`` -> (float32 targets shaped like the predictions,
+    float32 ``(N, H, W, 1)`` weight: 1 on labelled pixels, 0 on ignored ones)."""
+    idx = ops.cast(y_true, "int32")
+    valid = ops.cast(idx != IGNORE_INDEX, "float32")
     if n_classes == 2:
-        return ops.cast(ops.cast(y_true, "int32") == 1, "float32")
-    idx = ops.cast(ops.squeeze(y_true, axis=-1), "int32")
-    return ops.one_hot(idx, n_classes, dtype="float32")
+        return ops.cast(idx == 1, "float32"), valid
+    idx = ops.where(idx == IGNORE_INDEX, 0, idx)
+    return ops.one_hot(ops.squeeze(idx, axis=-1), n_classes, dtype="float32"), valid
 
 
-def _cross_entropy(t: Any, p: Any, n_classes: int, foreground_weight: float) -> Any:
-    """Mean per-pixel (class-weighted) cross-entropy; background weight 1."""
+def _cross_entropy(t: Any, p: Any, valid: Any, n_classes: int, foreground_weight: float) -> Any:
+    """Mean per-pixel (class-weighted) cross-entropy over the labelled pixels; background
+    weight 1."""
     p = ops.clip(p, _EPS, 1.0 - _EPS)
     if n_classes == 2:
         per_pixel = -(foreground_weight * t * ops.log(p) + (1.0 - t) * ops.log(1.0 - p))
-        return ops.mean(per_pixel)
-    weights = ops.convert_to_tensor(
-        [1.0] + [float(foreground_weight)] * (n_classes - 1), dtype="float32"
-    )
-    per_pixel = -ops.sum(weights * t * ops.log(p), axis=-1)
-    return ops.mean(per_pixel)
+    else:
+        weights = ops.convert_to_tensor(
+            [1.0] + [float(foreground_weight)] * (n_classes - 1), dtype="float32"
+        )
+        per_pixel = -ops.sum(weights * t * ops.log(p), axis=-1, keepdims=True)
+    return ops.sum(per_pixel * valid) / ops.maximum(ops.sum(valid), 1.0)
 
 
-def _soft_dice_loss(t: Any, p: Any, n_classes: int) -> Any:
-    """1 - mean over foreground classes of the batch soft Dice (smoothing 1)."""
+def _soft_dice_loss(t: Any, p: Any, valid: Any, n_classes: int) -> Any:
+    """1 - mean over foreground classes of the batch soft Dice (smoothing 1) over the
+    labelled pixels (0 when no pixel is labelled)."""
     if n_classes > 2:
         t, p = t[..., 1:], p[..., 1:]
+    t, p = t * valid, p * valid
     axes = (0, 1, 2)
     inter = ops.sum(t * p, axis=axes)
     denom = ops.sum(t, axis=axes) + ops.sum(p, axis=axes)
@@ -107,14 +118,14 @@ class SegmentationLoss(keras.losses.Loss):
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         """Scalar loss for a batch (see module docstring for shapes)."""
-        t = _targets(y_true, self.n_classes)
+        t, valid = _targets(y_true, self.n_classes)
         p = ops.cast(y_pred, "float32")
         weight = self.foreground_weight if self.kind == "weighted_bce" else 1.0
         if self.kind == "dice":
-            return _soft_dice_loss(t, p, self.n_classes)
-        ce = _cross_entropy(t, p, self.n_classes, weight)
+            return _soft_dice_loss(t, p, valid, self.n_classes)
+        ce = _cross_entropy(t, p, valid, self.n_classes, weight)
         if self.kind == "bce_dice":
-            return ce + _soft_dice_loss(t, p, self.n_classes)
+            return ce + _soft_dice_loss(t, p, valid, self.n_classes)
         return ce
 
     def get_config(self) -> dict[str, Any]:
@@ -160,13 +171,13 @@ class _ForegroundOverlap(keras.metrics.Metric):
     def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
         """Add a batch: ``y_true (N,H,W,1)`` indices, ``y_pred (N,H,W,C)`` probabilities."""
         y_pred = ops.cast(y_pred, "float32")
+        true, valid = _targets(y_true, self.n_classes)
         if self.n_classes == 2:
-            pred = ops.cast(y_pred >= self.threshold, "float32")
-            true = ops.cast(ops.cast(y_true, "int32") == 1, "float32")
+            pred = ops.cast(y_pred >= self.threshold, "float32") * valid
         else:
             idx = ops.argmax(y_pred, axis=-1)
-            pred = ops.one_hot(idx, self.n_classes, dtype="float32")[..., 1:]
-            true = _targets(y_true, self.n_classes)[..., 1:]
+            pred = ops.one_hot(idx, self.n_classes, dtype="float32")[..., 1:] * valid
+            true = true[..., 1:]
         axes = tuple(range(len(pred.shape) - 1))
         self.intersection.assign_add(ops.sum(pred * true, axis=axes))
         self.pred_sum.assign_add(ops.sum(pred, axis=axes))
@@ -222,6 +233,49 @@ class ForegroundDice(_ForegroundOverlap):
 
     def __init__(self, n_classes: int = 2, threshold: float = 0.5, name: str = "dice", **kw: Any):
         super().__init__(n_classes=n_classes, threshold=threshold, name=name, **kw)
+
+
+@keras.saving.register_keras_serializable(package="mitoseg")
+class PixelAccuracy(keras.metrics.Metric):
+    """Share of the labelled pixels classified right, over all batches (metric
+    ``accuracy``): binary probability ``>= threshold`` (0.5), multiclass argmax.
+    Unlabelled pixels (``IGNORE_INDEX``) are left out; 1.0 before any labelled pixel."""
+
+    def __init__(
+        self, n_classes: int = 2, threshold: float = 0.5, name: str = "accuracy", **kwargs: Any
+    ) -> None:
+        _check_n_classes("PixelAccuracy", n_classes)
+        super().__init__(name=name, **kwargs)
+        self.n_classes = int(n_classes)
+        self.threshold = float(threshold)
+        self.correct = self.add_variable((), initializer="zeros", name="correct")
+        self.total = self.add_variable((), initializer="zeros", name="total")
+
+    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
+        """Add a batch: ``y_true (N,H,W,1)`` indices, ``y_pred (N,H,W,C)`` probabilities."""
+        idx = ops.cast(y_true, "int32")
+        valid = ops.cast(idx != IGNORE_INDEX, "float32")
+        y_pred = ops.cast(y_pred, "float32")
+        if self.n_classes == 2:
+            pred = ops.cast(y_pred >= self.threshold, "int32")
+        else:
+            pred = ops.expand_dims(ops.cast(ops.argmax(y_pred, axis=-1), "int32"), -1)
+        right = ops.cast(pred == idx, "float32") * valid
+        self.correct.assign_add(ops.sum(right))
+        self.total.assign_add(ops.sum(valid))
+
+    def result(self) -> Any:
+        """Correct / labelled pixels (1.0 when none was labelled)."""
+        return ops.where(self.total > 0, self.correct / ops.maximum(self.total, 1.0), 1.0)
+
+    def reset_state(self) -> None:
+        """Zero the accumulators."""
+        for var in (self.correct, self.total):
+            var.assign(ops.zeros_like(var))
+
+    def get_config(self) -> dict[str, Any]:
+        """Serializable configuration."""
+        return {**super().get_config(), "n_classes": self.n_classes, "threshold": self.threshold}
 
 
 def get_metrics(n_classes: int) -> list[keras.metrics.Metric]:

@@ -12,6 +12,9 @@ OME-Zarr (a ``.zarr`` directory with NGFF 0.4 or 0.5 ``multiscales`` metadata, a
 volume path writes it): the image (every pyramid level, lazily) as an ``image`` layer and
 each entry of its ``labels/`` group as a ``labels`` layer.
 
+``suggestions.json`` (``mitoseg suggest``): the top tiles as a ``shapes`` layer
+(:mod:`mitoseg.napari._suggestions`).
+
 Every layer gets the voxel size in nm (``z, y, x``, or ``y, x``) as ``scale`` and ``nm``
 as ``units``; ``metadata`` holds ``voxel_size_nm`` (None when the file has no
 calibration: the scale is then 1) and the source path. TIFF calibration is read by
@@ -29,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from mitoseg.io import DataError
+from mitoseg.napari._suggestions import SUGGESTIONS_FILE, read_suggestions
 
 __all__ = ["NGFF_UNIT_NM", "get_reader", "read_ome_zarr", "read_tiff"]
 
@@ -67,7 +71,7 @@ def get_reader(path: str | Sequence[str]) -> ReaderFunction | None:
     if not paths:
         return None
     for p in map(Path, paths):
-        if p.suffix.lower() in _TIFF_SUFFIXES:
+        if p.suffix.lower() in _TIFF_SUFFIXES or p.name == SUGGESTIONS_FILE:
             continue
         if _is_ome_zarr(p):
             continue
@@ -76,11 +80,17 @@ def get_reader(path: str | Sequence[str]) -> ReaderFunction | None:
 
 
 def read_layers(path: str | Sequence[str]) -> list[LayerData]:
-    """Read one or more mitoseg outputs (TIFF or OME-Zarr) into layer data tuples."""
+    """Read one or more mitoseg outputs (TIFF, OME-Zarr or ``suggestions.json``) into
+    layer data tuples."""
     paths = [path] if isinstance(path, str | Path) else list(path)
     layers: list[LayerData] = []
     for p in map(Path, paths):
-        layers.extend(read_tiff(p) if p.suffix.lower() in _TIFF_SUFFIXES else read_ome_zarr(p))
+        if p.name == SUGGESTIONS_FILE:
+            layers.extend(read_suggestions(p))
+        elif p.suffix.lower() in _TIFF_SUFFIXES:
+            layers.extend(read_tiff(p))
+        else:
+            layers.extend(read_ome_zarr(p))
     return layers
 
 
