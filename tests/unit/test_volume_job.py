@@ -132,6 +132,31 @@ def test_ome_zarr_job_matches_whole_stack_predict(
     assert any("labels" in str(n.zarr) for n in nodes)
 
 
+def test_scale_without_unit_comes_out_unchanged(
+    client: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An input scale without a unit (NGFF allows it) is carried to every image of the
+    output as it is (it used to come out as 1, 1, 1), and the missing unit is reported."""
+    import logging
+
+    from mitoseg.volume.ngff_meta import PhysicalScale, read_multiscale
+
+    data = _volume(z=4, seed=3)
+    src = write_ome_zarr(tmp_path / "in.zarr", data, VOXEL, (2, 45, 52), "0.4", unit=None)
+    out = str(tmp_path / "out.ome.zarr")
+    with caplog.at_level(logging.WARNING, logger="mitoseg.volume"):
+        summary = run_volume_job(src, out, blur, _plan(), client=client, block_z=2)
+    assert f"{src}: axes z, y, x have a scale but no unit" in caplog.text
+    assert summary["voxel_size_nm"] is None
+    want = PhysicalScale(scale=VOXEL, units=(None, None, None))
+    root = zarr.open_group(out, mode="r")
+    for path in ("", "labels/mask", "labels/instances"):
+        ms = read_multiscale(root[path] if path else root, path)
+        assert ms is not None and ms.physical() == want
+        assert all("unit" not in a for a in ms.axes)
+    assert dict(root.attrs)["mitoseg"]["scale"] == want.model_dump(mode="json")
+
+
 @pytest.mark.parametrize(
     "fields", [{"z_context": 1}, {"z_average": 1}, {"z_context": 1, "z_average": 2}]
 )

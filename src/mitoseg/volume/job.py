@@ -1006,6 +1006,8 @@ def run_volume_job(
         "probabilities": bool(probabilities),
         "ngff": ngff_version,
         "voxel_size_nm": list(vol.voxel_size_nm) if vol.voxel_size_nm else None,
+        # the input's scale as written to the output (axes without a unit keep theirs)
+        "scale": None if vol.scale is None else vol.scale.model_dump(mode="json"),
         "plan_sha256": hashlib.sha256(plan_json.encode()).hexdigest(),
     }
     if block_yx is not None:
@@ -1036,7 +1038,7 @@ def run_volume_job(
     )
     if status is None:
         root = ngff.create_output(
-            target, shape=vol.shape, dtype=vol.dtype, voxel_size_nm=spec.voxel_size_nm,
+            target, shape=vol.shape, dtype=vol.dtype, scale=vol.scale,
             block_z=block_z, n_blocks=spec.n_blocks, ngff=ngff_version,
             instances=spec.instance_class is not None,
             probability_channels=plan.out_channels if probabilities else 0,
