@@ -1,0 +1,16 @@
+"""The CLI's global options live on Typer's context, not in a module global (the root
+callback sets them for each invocation; ``--no-progress`` runs through every CLI test)."""
+
+from __future__ import annotations
+
+import click
+
+from mitoseg.cli.app import Options, options
+
+
+def test_options_come_from_the_context_of_the_running_command() -> None:
+    assert options() == Options(progress=True)  # outside a command: the defaults
+    root = click.Context(click.Command("mitoseg"), obj=Options(progress=False))
+    with root, click.Context(click.Command("predict"), parent=root):
+        assert options().progress is False  # found on a parent context
+    assert options() == Options(progress=True)  # nothing left behind
