@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from mitoseg.cli import app
 from mitoseg.io import write_stack
 from mitoseg.plan import InferencePlan
-from mitoseg.volume.job import DROPPED_WORKER_ENV, EXTERNAL_WORKER_ENV, local_cluster
+from mitoseg.volume.cluster import DROPPED_WORKER_ENV, EXTERNAL_WORKER_ENV, local_cluster
 from servers import free_port
 from volumes import write_ome_zarr
 

@@ -23,14 +23,9 @@ from mitoseg.io import DataError
 from mitoseg.objects import instance_labels, measure_objects
 from mitoseg.plan import InferencePlan
 from mitoseg.volume import ngff
-from mitoseg.volume.job import (
-    BLOCK_PARTS,
-    auto_block_z,
-    face_pairs,
-    kept_regions,
-    run_volume_job,
-    stitch_labels,
-)
+from mitoseg.volume.job import BLOCK_PARTS, run_volume_job
+from mitoseg.volume.spec import auto_block_z
+from mitoseg.volume.stitch import kept_regions, plane_pairs, stitch_global
 from mitoseg.volume.store import is_volume_uri, open_volume
 from volumes import write_ome_zarr
 
@@ -336,14 +331,18 @@ def test_block_z_defaults_to_the_plan_s_choice(client: Client, tmp_path: Path) -
     np.testing.assert_array_equal(mask[:], segment_stack(blur, data, plan))
 
 
-def test_face_pairs_and_stitch_by_hand() -> None:
+def test_plane_pairs_and_stitch_global_by_hand() -> None:
     last = np.array([[1, 0, 0], [0, 0, 0], [0, 0, 2]])
     first = np.array([[0, 3, 0], [0, 0, 0], [0, 0, 0]])
-    assert face_pairs(last, first).tolist() == [[1, 3]]  # diagonal neighbours touch
-    # block 0: ids 1, 2; block 1: id 1 touching block 0's 2; block 2: id 1 alone
-    mapping, n = stitch_labels([2, 1, 1], {0: np.array([[2, 1]]), 1: np.zeros((0, 2))})
+    assert plane_pairs(last, np.pad(first, 1)).tolist() == [[1, 3]]  # diagonals touch
+    # global ids 1, 2 (block 0), 3 touching 2 (block 1), 4 alone (block 2), in scan order
+    mapping, n = stitch_global(4, np.array([[2, 3]]), np.arange(5))
     assert n == 3 and mapping.tolist() == [0, 1, 2, 2, 3]
-    assert stitch_labels([0, 0], {0: np.zeros((0, 2), np.int64)}) == (pytest.approx(np.zeros(1)), 0)
+    # final ids follow the first voxel of each merged set, not the global ids
+    mapping, n = stitch_global(3, np.array([[1, 3]]), np.array([0, 50, 10, 70]))
+    assert n == 2 and mapping.tolist() == [0, 2, 1, 2]
+    mapping, n = stitch_global(0, np.zeros((0, 2), np.int64), np.zeros(1, np.int64))
+    assert n == 0 and mapping.tolist() == [0]
 
 
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[str, str]]:
