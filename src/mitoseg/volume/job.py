@@ -439,13 +439,10 @@ def run_volume_job(
         client: an existing ``distributed.Client`` (used as it is, not closed).
         block_z: slices per block (and chunk depth of the output); None:
             :func:`~mitoseg.volume.spec.auto_block_z` for the plan and the volume.
-        block_yx: cut each block further into YX tiles of this side (for slices too large
-            for one worker): the slices' normalisation is computed first and each tile
-            runs the tiles of the global grid it overlaps (:mod:`mitoseg.volume.tiles`),
-            so the result equals whole-slice prediction. None: whole slices. Pyramid
-            levels are limited to ``1 +`` the power of two in ``block_yx``. A plan with
-            hysteresis (``seed_threshold``) keeps or drops whole regions of a slice: its
-            regions are stitched across the tiles first (:func:`_hysteresis_blocks`).
+        block_yx: cut each block further into YX tiles of this side (slices too large
+            for one worker), computed as the whole slice (:mod:`mitoseg.volume.tiles`;
+            hysteresis regions stitched across tiles first, :func:`_hysteresis_blocks`).
+            None: whole slices. Pyramid levels: ``1 +`` the power of two in ``block_yx``.
         probabilities: also store ``(C, Z, Y, X)`` uint8 probabilities.
         force: replace an existing output (a complete one, another job's, or a non-output).
         voxel_size_nm: ``(z, y, x)`` nm overriding the input's metadata.
@@ -506,17 +503,37 @@ def run_volume_job(
         close()
     fg = float(done[:, 1].sum()) / float(np.prod(vol.shape))
     _complete(root, n_objects, fg)
+    return _summary(
+        spec, todo=todo, regions_skipped=regions_skipped, objects=n_objects, foreground=fg,
+        started=start, table=table, loads=loads, results=results, phases=phases,
+    )  # fmt: skip
+
+
+def _summary(
+    spec: JobSpec,
+    *,
+    todo: list[int],
+    regions_skipped: int,
+    objects: int,
+    foreground: float,
+    started: float,
+    table: str | None,
+    loads: dict[str, int],
+    results: list[Any],
+    phases: dict[str, float],
+) -> dict[str, Any]:
+    """The summary :func:`run_volume_job` returns (its keys are listed there)."""
     return {
-        "shape": list(vol.shape),
+        "shape": list(spec.shape),
         "blocks": spec.n_blocks,
         "block_z": spec.block_z,
         "skipped": spec.n_blocks - len(todo),
         "regions_skipped": regions_skipped,
-        "objects": n_objects,
-        "foreground": fg,
+        "objects": objects,
+        "foreground": foreground,
         "voxel_size_nm": list(spec.voxel_size_nm) if spec.voxel_size_nm else None,
-        "seconds": round(time.perf_counter() - start, 3),
-        "target": target,
+        "seconds": round(time.perf_counter() - started, 3),
+        "target": spec.target,
         "objects_csv": table,
         "model_loads": {str(k): int(v) for k, v in loads.items()},
         "block_voxels": int(np.prod(spec.block_shape)),
