@@ -132,6 +132,8 @@ def test_scale_without_unit_is_kept_and_reported(
 INVALID = [
     ("unit", "nanometer", lambda ms: ms["axes"][1].update({"unit": "furlong"}),
      r"unit\.zarr: image axis 'y' has unknown unit 'furlong' \(known: .*nanometer"),
+    ("zero", None, lambda ms: ms["datasets"][0]["coordinateTransformations"][0].update(
+        {"scale": [0, 4.6, 4.6]}), r"zero\.zarr: image axis 'z': scale 0\.0 is not positive"),
     ("axes", None, lambda ms: [ms["axes"][i].update({"type": "channel"}) for i in (0, 1)],
      r"axes\.zarr: image: invalid OME-Zarr metadata \(Only 1 axis can be type"),
     ("ct", None, lambda ms: ms["datasets"][0]["coordinateTransformations"][0].update(
