@@ -57,7 +57,8 @@ from typing import Any
 import numpy as np
 
 from common import RESULTS, ROOT, machine, save
-from mitoseg.volume.job import DROPPED_WORKER_ENV, MIN_BLOCK_Z, auto_block_z
+from mitoseg.volume.cluster import DROPPED_WORKER_ENV
+from mitoseg.volume.spec import MIN_BLOCK_Z, auto_block_z
 
 GB = 1e9
 SKIPPABLE = ("memory", "kill")  # scaling, overhead and capacity always run
@@ -175,12 +176,13 @@ class RssSampler:
 def run_job(src: str, out: Path, net: Any, plan: Any, workers: int, block_z: int | None,
             block_yx: int | None = None, dask_environ: bool = False) -> dict[str, Any]:  # fmt: skip
     """One job on a fresh ``LocalCluster`` of ``workers`` processes (the job's own
-    :func:`~mitoseg.volume.job.local_cluster`, or with ``dask_environ`` Dask's default
+    :func:`~mitoseg.volume.cluster.local_cluster`, or with ``dask_environ`` Dask's default
     worker environment); the summary plus ``voxels_per_s`` (whole job),
     ``predict_voxels_per_s`` and ``peak_rss_mb`` per worker."""
     from distributed import Client, LocalCluster
 
-    from mitoseg.volume.job import local_cluster, run_volume_job
+    from mitoseg.volume.cluster import local_cluster
+    from mitoseg.volume.job import run_volume_job
 
     shutil.rmtree(out, ignore_errors=True)
     cluster = (

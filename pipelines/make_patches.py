@@ -11,7 +11,7 @@ import sys
 
 from mitoseg.config import ConfigError, load_section
 from mitoseg.data.patches import make_patch_dataset
-from mitoseg.data.validate import require_valid_report
+from mitoseg.data.validate_report import require_valid_report
 from mitoseg.io import DataError
 
 

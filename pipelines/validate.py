@@ -11,7 +11,8 @@ import argparse
 import sys
 
 from mitoseg.config import ConfigError, load_section
-from mitoseg.data.validate import format_failures, validate_dataset, write_report
+from mitoseg.data.validate import validate_dataset
+from mitoseg.data.validate_report import format_failures, write_report
 from mitoseg.io import DataError
 
 

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from mitoseg.cli import app
 from mitoseg.io import write_stack
 from mitoseg.plan import InferencePlan
-from mitoseg.volume.job import DROPPED_WORKER_ENV, EXTERNAL_WORKER_ENV, local_cluster
+from mitoseg.volume.cluster import DROPPED_WORKER_ENV, EXTERNAL_WORKER_ENV, local_cluster
 from servers import free_port
 from volumes import write_ome_zarr
 
@@ -120,6 +120,31 @@ def test_local_cluster_matches_tiff_predict(reference: dict, model: Path, tmp_pa
     result = runner.invoke(app, [*args, "--workers", "1", "--block-z", "2"])
     assert result.exit_code != 0
     assert f"{out}: exists (a completed job); use --force to replace it" in result.output
+
+
+def test_scale_without_unit_comes_through_predict(
+    crop: np.ndarray, model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``mitoseg predict`` on an OME-Zarr whose axes have a scale but no unit: the output
+    carries that scale unchanged (not 1, 1, 1), and the missing unit is reported."""
+    import logging
+
+    from mitoseg.volume.ngff_meta import PhysicalScale
+    from mitoseg.volume.store import open_volume
+
+    src = write_ome_zarr(tmp_path / "nounit.ome.zarr", crop[:2], VOXEL, (2, 64, 64), unit=None)
+    out = str(tmp_path / "out.ome.zarr")
+    with caplog.at_level(logging.WARNING, logger="mitoseg.volume"):
+        result = runner.invoke(
+            app, ["--no-progress", "predict", "--model", str(model), src, "--out", out,
+                  "--workers", "1"],
+        )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"{src}: axes z, y, x have a scale but no unit" in caplog.text
+    want = PhysicalScale(scale=VOXEL, units=(None, None, None))
+    for path in ("", "/labels/mask", "/labels/instances"):
+        back = open_volume(out + path)
+        assert back.scale == want and back.voxel_size_nm is None
 
 
 def test_yx_tiles_match_whole_slice_predict(reference: dict, model: Path, tmp_path: Path) -> None:

@@ -27,8 +27,10 @@ from typer.testing import CliRunner
 
 from mitoseg.cli.deploy import deploy_app
 from mitoseg.deploy import aws as dep
-from mitoseg.deploy.aws import (
-    AwsClients,
+from mitoseg.deploy import config as cfg
+from mitoseg.deploy import smoke
+from mitoseg.deploy.aws import AwsClients
+from mitoseg.deploy.config import (
     DeployConfig,
     DeployConfigError,
     DeployError,
@@ -145,23 +147,23 @@ def test_config_defaults_and_log_group() -> None:
 )
 def test_check_image_uri_rejects(uri: str, message: str) -> None:
     with pytest.raises(DeployConfigError, match=f"^{re.escape(message)}"):
-        dep.check_image_uri(uri)
+        cfg.check_image_uri(uri)
 
 
 def test_check_image_uri_accepts_tag_digest_and_registry_port() -> None:
-    dep.check_image_uri(IMAGE_V1)
-    dep.check_image_uri(f"{REPO_URI}@sha256:{'a' * 64}")
-    dep.check_image_uri("localhost:5000/mitoseg:v1.2.0-rc1")
+    cfg.check_image_uri(IMAGE_V1)
+    cfg.check_image_uri(f"{REPO_URI}@sha256:{'a' * 64}")
+    cfg.check_image_uri("localhost:5000/mitoseg:v1.2.0-rc1")
 
 
 def test_image_uri_joins_and_validates() -> None:
-    assert dep.image_uri(REPO_URI, "v1.0.0-abc123") == f"{REPO_URI}:v1.0.0-abc123"
+    assert cfg.image_uri(REPO_URI, "v1.0.0-abc123") == f"{REPO_URI}:v1.0.0-abc123"
     with pytest.raises(DeployConfigError, match=r"^image tag 'v1/x' is invalid"):
-        dep.image_uri(REPO_URI, "v1/x")
+        cfg.image_uri(REPO_URI, "v1/x")
     with pytest.raises(DeployConfigError, match=r"already has a tag or digest$"):
-        dep.image_uri(IMAGE_V1, "v2")
+        cfg.image_uri(IMAGE_V1, "v2")
     with pytest.raises(DeployConfigError, match=r"^repository_uri must not be empty$"):
-        dep.image_uri("", "v2")
+        cfg.image_uri("", "v2")
 
 
 # --------------------------------------------------------------- task definition
@@ -170,7 +172,7 @@ def test_image_uri_joins_and_validates() -> None:
 def test_task_definition_requests_gpu_secret_healthcheck_and_logs() -> None:
     secret = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:mitoseg/api-token-AbCdEf"
     config = make_config(api_token_secret_arn=secret, environment={"LOG_LEVEL": "info"})
-    request = dep.build_task_definition(config, IMAGE_V2)
+    request = cfg.build_task_definition(config, IMAGE_V2)
     (container,) = request["containerDefinitions"]
     assert request["requiresCompatibilities"] == ["EC2"]
     assert (request["cpu"], request["memory"]) == ("4096", "14336")
@@ -191,7 +193,7 @@ def test_task_definition_requests_gpu_secret_healthcheck_and_logs() -> None:
 
 
 def test_task_definition_cpu_only_and_bridge_mode() -> None:
-    request = dep.build_task_definition(make_config(gpu_count=0, network_mode="bridge"), IMAGE_V1)
+    request = cfg.build_task_definition(make_config(gpu_count=0, network_mode="bridge"), IMAGE_V1)
     (container,) = request["containerDefinitions"]
     assert "resourceRequirements" not in container
     assert "secrets" not in container
@@ -200,7 +202,7 @@ def test_task_definition_cpu_only_and_bridge_mode() -> None:
 
 
 def test_health_check_command_runs_and_fails_on_closed_port() -> None:
-    command = dep.health_check_command(1, "/readyz")[1]
+    command = cfg.health_check_command(1, "/readyz")[1]
     probe = command.split('python -c "', 1)[1].rsplit('" || exit 1', 1)[0]
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=30)
     assert proc.returncode != 0
@@ -421,7 +423,7 @@ def test_http_smoke_test_success_sends_tiff_and_token(endpoint: tuple[str, Any])
     url, state = endpoint
     state.ready_codes = [503, 503, 200]
     clock = FakeClock()
-    details = dep.http_smoke_test(url + "/", token="s3cret", attempts=3, sleep=clock.sleep)
+    details = smoke.http_smoke_test(url + "/", token="s3cret", attempts=3, sleep=clock.sleep)
     assert details["url"] == url
     assert (details["readyz_status"], details["segment_status"]) == (200, 200)
     assert details["segment_bytes"] == len(b"II*\x00mask")
@@ -438,7 +440,7 @@ def test_tiny_test_image_is_a_64px_uint8_tiff() -> None:
     import numpy as np
     import tifffile
 
-    image = tifffile.imread(io.BytesIO(dep.tiny_test_image()))
+    image = tifffile.imread(io.BytesIO(smoke.tiny_test_image()))
     assert image.shape == (64, 64)
     assert image.dtype == np.uint8
     assert image.std() > 2.0
@@ -449,7 +451,7 @@ def test_http_smoke_test_not_ready(endpoint: tuple[str, Any]) -> None:
     state.ready_codes = [503]
     message = f"GET {url}/readyz not ready after 2 attempt(s): status 503"
     with pytest.raises(SmokeTestError, match=f"^{re.escape(message)}$"):
-        dep.http_smoke_test(url, attempts=2, sleep=FakeClock().sleep)
+        smoke.http_smoke_test(url, attempts=2, sleep=FakeClock().sleep)
     assert state.gets == 2
 
 
@@ -459,23 +461,23 @@ def test_http_smoke_test_segment_error(endpoint: tuple[str, Any]) -> None:
     with pytest.raises(
         SmokeTestError, match=f"^{re.escape(f'POST {url}/segment returned 500: boom')}$"
     ):
-        dep.http_smoke_test(url)
+        smoke.http_smoke_test(url)
 
 
 def test_http_smoke_test_empty_body(endpoint: tuple[str, Any]) -> None:
     url, state = endpoint
     state.segment_body = b""
     with pytest.raises(SmokeTestError, match=r"/segment returned an empty body$"):
-        dep.http_smoke_test(url)
+        smoke.http_smoke_test(url)
 
 
 def test_http_smoke_test_bad_url_and_connection_refused() -> None:
     with pytest.raises(SmokeTestError, match=r"^smoke URL 'ftp://x' must start with http"):
-        dep.http_smoke_test("ftp://x")
+        smoke.http_smoke_test("ftp://x")
     with pytest.raises(ValueError, match=r"^attempts must be >= 1, got 0$"):
-        dep.http_smoke_test("http://127.0.0.1:1", attempts=0)
+        smoke.http_smoke_test("http://127.0.0.1:1", attempts=0)
     with pytest.raises(SmokeTestError, match=r"not ready after 1 attempt\(s\): ConnectionError"):
-        dep.http_smoke_test("http://127.0.0.1:1", attempts=1, timeout_s=2)
+        smoke.http_smoke_test("http://127.0.0.1:1", attempts=1, timeout_s=2)
 
 
 # ------------------------------------------------------------------------- moto

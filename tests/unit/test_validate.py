@@ -14,13 +14,12 @@ import pytest
 from typer.testing import CliRunner
 
 from mitoseg.config import VNC_CLASSES, BaseConfig, ValidateConfig
-from mitoseg.data.validate import (
+from mitoseg.data.validate import build_slice_suite, validate_dataset
+from mitoseg.data.validate_report import (
     ValidationReport,
-    build_slice_suite,
     format_failures,
     report_to_dict,
     require_valid_report,
-    validate_dataset,
     write_report,
 )
 from mitoseg.io import DataError, write_stack

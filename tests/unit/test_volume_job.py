@@ -23,14 +23,9 @@ from mitoseg.io import DataError
 from mitoseg.objects import instance_labels, measure_objects
 from mitoseg.plan import InferencePlan
 from mitoseg.volume import ngff
-from mitoseg.volume.job import (
-    BLOCK_PARTS,
-    auto_block_z,
-    face_pairs,
-    kept_regions,
-    run_volume_job,
-    stitch_labels,
-)
+from mitoseg.volume.job import BLOCK_PARTS, run_volume_job
+from mitoseg.volume.spec import auto_block_z
+from mitoseg.volume.stitch import kept_regions, plane_pairs, stitch_global
 from mitoseg.volume.store import is_volume_uri, open_volume
 from volumes import write_ome_zarr
 
@@ -130,6 +125,31 @@ def test_ome_zarr_job_matches_whole_stack_predict(
     nodes = list(Reader(parse_url(out))())
     assert nodes and nodes[0].metadata["axes"][0]["name"] == "z"
     assert any("labels" in str(n.zarr) for n in nodes)
+
+
+def test_scale_without_unit_comes_out_unchanged(
+    client: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An input scale without a unit (NGFF allows it) is carried to every image of the
+    output as it is (it used to come out as 1, 1, 1), and the missing unit is reported."""
+    import logging
+
+    from mitoseg.volume.ngff_meta import PhysicalScale, read_multiscale
+
+    data = _volume(z=4, seed=3)
+    src = write_ome_zarr(tmp_path / "in.zarr", data, VOXEL, (2, 45, 52), "0.4", unit=None)
+    out = str(tmp_path / "out.ome.zarr")
+    with caplog.at_level(logging.WARNING, logger="mitoseg.volume"):
+        summary = run_volume_job(src, out, blur, _plan(), client=client, block_z=2)
+    assert f"{src}: axes z, y, x have a scale but no unit" in caplog.text
+    assert summary["voxel_size_nm"] is None
+    want = PhysicalScale(scale=VOXEL, units=(None, None, None))
+    root = zarr.open_group(out, mode="r")
+    for path in ("", "labels/mask", "labels/instances"):
+        ms = read_multiscale(root[path] if path else root, path)
+        assert ms is not None and ms.physical() == want
+        assert all("unit" not in a for a in ms.axes)
+    assert dict(root.attrs)["mitoseg"]["scale"] == want.model_dump(mode="json")
 
 
 @pytest.mark.parametrize(
@@ -311,14 +331,18 @@ def test_block_z_defaults_to_the_plan_s_choice(client: Client, tmp_path: Path) -
     np.testing.assert_array_equal(mask[:], segment_stack(blur, data, plan))
 
 
-def test_face_pairs_and_stitch_by_hand() -> None:
+def test_plane_pairs_and_stitch_global_by_hand() -> None:
     last = np.array([[1, 0, 0], [0, 0, 0], [0, 0, 2]])
     first = np.array([[0, 3, 0], [0, 0, 0], [0, 0, 0]])
-    assert face_pairs(last, first).tolist() == [[1, 3]]  # diagonal neighbours touch
-    # block 0: ids 1, 2; block 1: id 1 touching block 0's 2; block 2: id 1 alone
-    mapping, n = stitch_labels([2, 1, 1], {0: np.array([[2, 1]]), 1: np.zeros((0, 2))})
+    assert plane_pairs(last, np.pad(first, 1)).tolist() == [[1, 3]]  # diagonals touch
+    # global ids 1, 2 (block 0), 3 touching 2 (block 1), 4 alone (block 2), in scan order
+    mapping, n = stitch_global(4, np.array([[2, 3]]), np.arange(5))
     assert n == 3 and mapping.tolist() == [0, 1, 2, 2, 3]
-    assert stitch_labels([0, 0], {0: np.zeros((0, 2), np.int64)}) == (pytest.approx(np.zeros(1)), 0)
+    # final ids follow the first voxel of each merged set, not the global ids
+    mapping, n = stitch_global(3, np.array([[1, 3]]), np.array([0, 50, 10, 70]))
+    assert n == 2 and mapping.tolist() == [0, 2, 1, 2]
+    mapping, n = stitch_global(0, np.zeros((0, 2), np.int64), np.zeros(1, np.int64))
+    assert n == 0 and mapping.tolist() == [0]
 
 
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[str, str]]:

@@ -1,13 +1,16 @@
 """The ``mitoseg`` Typer application and its shared options.
 
 Sub-command modules (``cli/data.py``, ``cli/model.py``, ``cli/serve.py``) register
-their commands on the apps defined here. Nothing heavy is imported at module level.
+their commands on the apps defined here. The global options live on Typer's context
+(``ctx.obj``, an :class:`Options`), set by the root callback for each invocation, and
+commands read them with :func:`options`. Nothing heavy is imported at module level.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import click
 import typer
 
 app = typer.Typer(
@@ -29,23 +32,33 @@ app.add_typer(bento_app, name="bento")
 app.add_typer(export_app, name="export")
 
 
-@dataclass
-class State:
-    """Global CLI options."""
+@dataclass(frozen=True)
+class Options:
+    """Global CLI options (``mitoseg [OPTIONS] COMMAND``), kept in ``ctx.obj``."""
 
     progress: bool = True
 
 
-STATE = State()
-
-
 @app.callback()
 def _root(
+    ctx: typer.Context,
     no_progress: bool = typer.Option(
         False, "--no-progress", help="Hide progress bars (for logs and CI)."
     ),
 ) -> None:
-    STATE.progress = not no_progress
+    ctx.obj = Options(progress=not no_progress)
+
+
+def options() -> Options:
+    """The global options of the running command: the :class:`Options` on Typer's
+    context or one of its parents; the defaults outside a command."""
+    # Typer >= 0.24 runs its commands on its own copy of click (typer._click), so the
+    # running command's context is on that copy's stack, not on click's
+    from typer._click.globals import get_current_context
+
+    ctx = get_current_context(silent=True) or click.get_current_context(silent=True)
+    found = ctx.find_object(Options) if ctx is not None else None
+    return found if found is not None else Options()
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from mitoseg.cli.app import STATE, data_app, fail
+from mitoseg.cli.app import data_app, fail, options
 
 
 class MaskKind(str, Enum):
@@ -81,7 +81,7 @@ def fetch_command(
             source,
             out,
             mask_kind=mask_kind.value,
-            progress=STATE.progress,
+            progress=options().progress,
             force=force,
             base_url=base_url,
             checksums=checksums,

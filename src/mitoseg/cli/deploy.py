@@ -50,7 +50,8 @@ def ecr_repo(
     region: str = typer.Option(..., "--region", envvar="AWS_REGION", help="AWS region."),
 ) -> None:
     """Create the ECR repository if missing (idempotent) and print its URI."""
-    from mitoseg.deploy.aws import DeployConfigError, check_region, ensure_ecr_repository
+    from mitoseg.deploy.aws import ensure_ecr_repository
+    from mitoseg.deploy.config import DeployConfigError, check_region
 
     _setup_logging()
     try:
@@ -99,7 +100,8 @@ def aws(
     result: Path | None = typer.Option(None, "--result", help="Write the result JSON here."),
 ) -> None:
     """Register a GPU task definition for IMAGE, roll it out, smoke-test, roll back on failure."""
-    from mitoseg.deploy.aws import DeployConfig, DeployConfigError, DeployError, deploy
+    from mitoseg.deploy.aws import deploy
+    from mitoseg.deploy.config import DeployConfig, DeployConfigError, DeployError
 
     _setup_logging()
     try:

@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from mitoseg.cli.app import STATE, app, fail
+from mitoseg.cli.app import app, fail, options
 
 #: Output file name of ``mitoseg predict`` for an input ``NAME.ext``.
 MASK_SUFFIX = "_mask.tif"
@@ -238,7 +238,7 @@ def _predict_volume(
             force=force,
             voxel_size_nm=voxel_size,
             ngff_version=ngff,
-            progress=STATE.progress,
+            progress=options().progress,
         )
     except (DataError, ValueError, FileExistsError) as exc:
         fail(str(exc))
@@ -276,7 +276,7 @@ def _predict_files(
         try:
             stack = read_stack(path)
             vs = voxel_size if voxel_size is not None else read_voxel_size(path)
-            mask = segment_stack(predict_batch, stack, plan, progress=STATE.progress)
+            mask = segment_stack(predict_batch, stack, plan, progress=options().progress)
         except (DataError, ValueError) as exc:
             fail(str(exc))
         image = mask_to_image(mask, plan.n_classes)
@@ -366,7 +366,7 @@ def evaluate(
             f"but the class table has {base.n_classes} ({', '.join(base.class_names)})"
         )
     try:
-        result = evaluate_split(net, plan, image_stack, truth, progress=STATE.progress)
+        result = evaluate_split(net, plan, image_stack, truth, progress=options().progress)
     except ValueError as exc:
         fail(str(exc))
     metrics = result.metrics

@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from mitoseg.cli.app import STATE, app, fail
+from mitoseg.cli.app import app, fail, options
 
 
 def _parse_flips(text: str) -> list[str]:
@@ -122,7 +122,7 @@ def suggest(
         predict_batch = predictor_for_plan(net, plan)
         slices, tiles, used = suggest_stack(
             predict_batch, stack, plan, flips=flip_list, tile_size=tile, weights=weights,
-            first_slice=first, progress=STATE.progress,
+            first_slice=first, progress=options().progress,
         )  # fmt: skip
     except (DataError, ValueError) as exc:
         fail(str(exc))

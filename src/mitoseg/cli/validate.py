@@ -26,12 +26,8 @@ def validate_command(
 ) -> None:
     """Validate DIR with the great-expectations suite; exit 1 naming every bad file/slice."""
     from mitoseg.config import BaseConfig, ConfigError, ValidateConfig, load_section
-    from mitoseg.data.validate import (
-        format_failures,
-        report_to_dict,
-        validate_dataset,
-        write_report,
-    )
+    from mitoseg.data.validate import validate_dataset
+    from mitoseg.data.validate_report import format_failures, report_to_dict, write_report
     from mitoseg.io import DataError
 
     try:

@@ -18,13 +18,14 @@ each entry of its ``labels/`` group as a ``labels`` layer.
 Every layer gets the voxel size in nm (``z, y, x``, or ``y, x``) as ``scale`` and ``nm``
 as ``units``; ``metadata`` holds ``voxel_size_nm`` (None when the file has no
 calibration: the scale is then 1) and the source path. TIFF calibration is read by
-:func:`mitoseg.io.read_voxel_size`; OME-Zarr calibration from the ``scale``
-coordinate transformation of the first dataset and the axes' units.
+:func:`mitoseg.io.read_voxel_size`; OME-Zarr metadata by the volume path's NGFF reader
+(:func:`mitoseg.volume.ngff_meta.read_multiscale`, through ome-zarr): an axis with a
+scale but no unit keeps that scale (no ``units``; ``metadata["ngff_scale"]``), and an
+unknown unit is an error naming the axis.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,21 +35,12 @@ import numpy as np
 from mitoseg.io import DataError
 from mitoseg.napari._suggestions import SUGGESTIONS_FILE, read_suggestions
 
-__all__ = ["NGFF_UNIT_NM", "get_reader", "read_ome_zarr", "read_tiff"]
+__all__ = ["get_reader", "read_ome_zarr", "read_tiff"]
 
 #: A napari layer data tuple: ``(data, layer kwargs, layer type)``.
 LayerData = tuple[Any, dict[str, Any], str]
 ReaderFunction = Callable[[str | Sequence[str]], list[LayerData]]
 
-#: Nanometres per unit for the NGFF (UDUNITS-2) spatial units.
-NGFF_UNIT_NM: dict[str, float] = {
-    "angstrom": 0.1,
-    "nanometer": 1.0,
-    "micrometer": 1e3,
-    "millimeter": 1e6,
-    "centimeter": 1e7,
-    "meter": 1e9,
-}
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _LABEL_WORDS = ("instance", "label")
 _MASK_WORDS = ("mask",)
@@ -115,6 +107,19 @@ def _kwargs(
     return kwargs
 
 
+def _ngff_kwargs(
+    name: str, sizes: Sizes | None, ndim: int, source: Path, **extra: Any
+) -> dict[str, Any]:
+    """:func:`_kwargs` for an OME-Zarr multiscale: nm when every spatial axis has a unit;
+    else its scale as it is, without units, and ``metadata["ngff_scale"]``."""
+    if sizes is None or None not in sizes[1]:
+        return _kwargs(name, None if sizes is None else sizes[0], ndim, source, **extra)
+    kwargs = _kwargs(name, None, ndim, source, **extra)
+    kwargs["scale"] = tuple(float(v) for v in sizes[0])[-ndim:]
+    kwargs["metadata"]["ngff_scale"] = {"scale": list(sizes[0]), "units": list(sizes[1])}
+    return kwargs
+
+
 def _tiff_kind(stem: str, arr: np.ndarray) -> str:
     """``labels`` (instances), ``mask`` (class indexes) or ``image``."""
     name = stem.lower()
@@ -162,67 +167,40 @@ def read_tiff(path: str | Path) -> list[LayerData]:
     return [(arr, _kwargs(p.stem, vs, arr.ndim, p, opacity=0.6), "labels")]
 
 
-def _attrs(group_dir: Path) -> dict[str, Any]:
-    """The OME attributes of a Zarr group: NGFF 0.5 (``zarr.json`` ``attributes.ome``) or
-    0.4 (``.zattrs``)."""
-    v3 = group_dir / "zarr.json"
-    if v3.is_file():
-        attrs = json.loads(v3.read_text()).get("attributes", {})
-        return dict(attrs.get("ome", attrs))
-    v2 = group_dir / ".zattrs"
-    return json.loads(v2.read_text()) if v2.is_file() else {}
+#: Level 0 size of the spatial axes and their units (``nanometer``, or None: no unit).
+Sizes = tuple[list[float], list[str | None]]
 
 
-def _multiscale(group_dir: Path, what: str) -> tuple[list[Any], list[float] | None, list[str]]:
-    """Open the pyramid levels of an NGFF multiscale group lazily.
+def _multiscale(group_dir: Path, what: str) -> tuple[list[Any], Sizes | None, list[str]]:
+    """Open the pyramid levels of an NGFF multiscale group lazily, its metadata read by
+    :func:`mitoseg.volume.ngff_meta.read_multiscale` (the volume path's reader).
 
     Returns:
-        ``(levels, voxel size in nm of the spatial axes of level 0 or None, axis names)``.
+        ``(levels, size of the spatial axes of level 0 or None, axis names)``: nm where
+        an axis has a unit, its scale as it is where it has none (reported).
 
     Raises:
-        DataError: no ``multiscales`` metadata, or an unknown axis unit.
+        DataError: no ``multiscales`` metadata, invalid metadata, or an unknown unit.
     """
     import zarr
 
-    attrs = _attrs(group_dir)
-    multiscales = attrs.get("multiscales")
-    if not multiscales:
-        raise DataError(f"{group_dir}: {what} has no OME-Zarr 'multiscales' metadata")
-    ms = multiscales[0]
-    axes = [a if isinstance(a, dict) else {"name": a} for a in ms.get("axes", [])]
-    datasets = ms.get("datasets") or []
-    if not datasets:
-        raise DataError(f"{group_dir}: {what} multiscales lists no datasets")
+    from mitoseg.volume.ngff_meta import read_multiscale
+
     group = zarr.open_group(str(group_dir), mode="r")
-    levels = [group[d["path"]] for d in datasets]
-    names = [str(a.get("name", "")) for a in axes] or ["z", "y", "x"][-levels[0].ndim :]
-    scale = np.ones(levels[0].ndim)
-    found = False
-    # The first dataset's scale, times the multiscale-wide one when present.
-    for transforms in (datasets[0], ms):
-        for t in transforms.get("coordinateTransformations") or []:
-            if t.get("type") == "scale":
-                scale = scale * np.asarray(t["scale"], dtype=float)
-                found = True
-    spatial = [i for i, a in enumerate(axes) if a.get("type", "space") == "space"] or list(
-        range(levels[0].ndim)
-    )
-    voxel: list[float] | None = None
-    if found:
-        voxel = []
-        for i in spatial:
-            unit = axes[i].get("unit") if i < len(axes) else None
-            factor = NGFF_UNIT_NM.get(str(unit).lower()) if unit else 1.0
-            if factor is None:
-                raise DataError(f"{group_dir}: {what} axis {names[i]!r} has unknown unit {unit!r}")
-            voxel.append(float(scale[i]) * factor)
+    ms = read_multiscale(group, f"{group_dir}: {what}")
+    if ms is None:
+        raise DataError(f"{group_dir}: {what} has no OME-Zarr 'multiscales' metadata")
+    levels = [group[path] for path in ms.paths]
+    names = ms.names
+    spatial = [i for i, a in enumerate(ms.axes) if a.get("type", "space") == "space"]
+    sizes = ms.sizes(spatial)
     if len(spatial) != levels[0].ndim:
         import dask.array as da
 
         index = tuple(slice(None) if i in spatial else 0 for i in range(levels[0].ndim))
         levels = [da.from_zarr(level)[index] for level in levels]
         names = [names[i] for i in spatial]
-    return levels, voxel, names
+    return levels, sizes, names
 
 
 def read_ome_zarr(path: str | Path) -> list[LayerData]:
@@ -244,16 +222,22 @@ def read_ome_zarr(path: str | Path) -> list[LayerData]:
         return lv if len(lv) > 1 else lv[0]
 
     layers: list[LayerData] = [
-        (data(levels), _kwargs(name, voxel, ndim, p, multiscale=len(levels) > 1), "image")
+        (data(levels), _ngff_kwargs(name, voxel, ndim, p, multiscale=len(levels) > 1), "image")
     ]
     labels_dir = p / "labels"
-    names = _attrs(labels_dir).get("labels", []) if labels_dir.is_dir() else []
+    names: list[Any] = []
+    if labels_dir.is_dir():
+        import zarr
+
+        from mitoseg.volume.ngff_meta import ome_attrs
+
+        names = ome_attrs(zarr.open_group(str(labels_dir), mode="r")).get("labels", [])
     for label in names:
         ldir = labels_dir / str(label)
         if not ldir.is_dir():
             raise DataError(f"{p}: labels/{label} is listed in labels/ but missing")
         lv, lvox, _ = _multiscale(ldir, f"labels/{label}")
-        kwargs = _kwargs(
+        kwargs = _ngff_kwargs(
             str(label), lvox if lvox is not None else voxel, lv[0].ndim, ldir,
             multiscale=len(lv) > 1, opacity=0.6,
         )  # fmt: skip

@@ -124,7 +124,7 @@ class VolumeJobRequest(BaseModel):
         input_uri: OME-Zarr / Zarr store or TIFF stack (absolute path or ``s3://``).
         output_uri: output store, ending in ``.zarr`` (absolute path or ``s3://``).
         block_z: slices per block (None: from the plan,
-            :func:`mitoseg.volume.job.auto_block_z`).
+            :func:`mitoseg.volume.spec.auto_block_z`).
         block_yx: YX tile side of a block (None: whole slices).
         force: replace an existing output.
         probabilities: also store uint8 probabilities.

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from mitoseg.io import DataError
+from mitoseg.volume.ngff_meta import PhysicalScale, write_image_metadata, write_labels_metadata
 from mitoseg.volume.store import is_s3, open_store
 
 __all__ = [
@@ -103,52 +104,6 @@ def downsample(block: np.ndarray, label: bool) -> np.ndarray:
     return mean.astype(block.dtype)
 
 
-def _axes(voxel_size_nm: tuple[float, float, float] | None, channels: bool) -> list[dict]:
-    unit = {"unit": "nanometer"} if voxel_size_nm is not None else {}
-    axes = [{"name": n, "type": "space", **unit} for n in ("z", "y", "x")]
-    return ([{"name": "c", "type": "channel"}] if channels else []) + axes
-
-
-def _multiscale(
-    name: str,
-    shapes: list[tuple[int, ...]],
-    voxel_size_nm: tuple[float, float, float] | None,
-    label: bool,
-    channels: bool,
-    ngff: str,
-) -> dict[str, Any]:
-    z, y, x = voxel_size_nm if voxel_size_nm is not None else (1.0, 1.0, 1.0)
-    datasets = []
-    for level in range(len(shapes)):
-        f = 2.0**level
-        scale = [z, y * f, x * f]
-        transforms: list[dict[str, Any]] = [
-            {"type": "scale", "scale": ([1.0] if channels else []) + scale}
-        ]
-        if level and not label:
-            shift = [0.0, (f - 1) / 2 * y, (f - 1) / 2 * x]
-            transforms.append(
-                {"type": "translation", "translation": ([0.0] if channels else []) + shift}
-            )
-        datasets.append({"path": str(level), "coordinateTransformations": transforms})
-    ms: dict[str, Any] = {
-        "name": name,
-        "axes": _axes(voxel_size_nm, channels),
-        "datasets": datasets,
-        "type": "nearest" if label else "mean",
-    }
-    if ngff == "0.4":
-        ms["version"] = "0.4"
-    return ms
-
-
-def _image_attrs(ngff: str, ms: dict[str, Any], extra: dict[str, Any] | None = None) -> dict:
-    body: dict[str, Any] = {"multiscales": [ms], **(extra or {})}
-    if ngff == "0.5":
-        return {"ome": {"version": "0.5", **body}}
-    return body
-
-
 def yx_levels(block_yx: int | None) -> int:
     """Most pyramid levels for blocks of ``block_yx`` pixels in y and x: a block must
     start on an even pixel of every level but the last, so ``block_yx`` must be divisible
@@ -195,7 +150,7 @@ def create_output(
     *,
     shape: tuple[int, int, int],
     dtype: Any,
-    voxel_size_nm: tuple[float, float, float] | None,
+    voxel_size_nm: tuple[float, float, float] | None = None,
     block_z: int,
     n_blocks: int,
     ngff: str = "0.5",
@@ -204,6 +159,7 @@ def create_output(
     job: dict[str, Any] | None = None,
     block_yx: int | None = None,
     regions: bool = False,
+    scale: PhysicalScale | None = None,
 ) -> Any:
     """Create an empty output store (see the module docstring) and return its root group.
 
@@ -211,7 +167,7 @@ def create_output(
         uri: the output location (path or ``s3://``); must not exist.
         shape: ``(Z, Y, X)`` of the input.
         dtype: dtype of the input image.
-        voxel_size_nm: ``(z, y, x)`` nm, or None (scale 1, no unit).
+        voxel_size_nm: ``(z, y, x)`` nm, or None (scale 1, no unit; or ``scale``).
         block_z: slices per block, also the chunk depth of every array (blocks never
             share a chunk, so concurrent block writes are safe).
         n_blocks: number of blocks (rows of the completion record).
@@ -223,48 +179,42 @@ def create_output(
             limits the pyramid levels (:func:`yx_levels`, :func:`yx_chunk`).
         regions: create :data:`REGIONS_ARRAY` and :data:`REGIONS_DONE_ARRAY` (YX blocks
             of a plan with hysteresis).
+        scale: the input's physical scale instead of ``voxel_size_nm`` (an axis without
+            a unit is written with its scale and no unit).
 
     Raises:
-        ValueError: an unknown NGFF version.
+        ValueError: an unknown NGFF version, or both ``voxel_size_nm`` and ``scale``.
     """
     import zarr
 
     if ngff not in NGFF_VERSIONS:
         raise ValueError(f"ngff version must be one of {sorted(NGFF_VERSIONS)}, got {ngff!r}")
+    if scale is not None and voxel_size_nm is not None:
+        raise ValueError("give voxel_size_nm or scale, not both")
+    if scale is None and voxel_size_nm is not None:
+        scale = PhysicalScale.from_voxel_size_nm(voxel_size_nm)
     fmt = NGFF_VERSIONS[ngff]
     root = zarr.open_group(store=open_store(uri, read_only=False), mode="w", zarr_format=fmt)
+    meta = {"scale": scale, "ngff": ngff}
     shapes = _create_pyramid(root, shape, dtype, block_z, fmt, block_yx)
-    attrs = _image_attrs(ngff, _multiscale("image", shapes, voxel_size_nm, False, False, ngff))
+    write_image_metadata(root, name="image", levels=len(shapes), label=False, channels=False,
+                         **meta)  # fmt: skip
     labels = root.create_group("labels")
-    names = ["mask", *(["instances"] if instances else [])]
-    labels.attrs.update(
-        {"ome": {"version": "0.5", "labels": names}} if ngff == "0.5" else {"labels": names}
-    )
     for name, dt in (("mask", "uint8"), ("instances", "uint32")):
-        if name not in names:
+        if name == "instances" and not instances:
             continue
         g = labels.create_group(name)
         lshapes = _create_pyramid(g, shape, dt, block_z, fmt, block_yx)
-        image_label: dict[str, Any] = {"source": {"image": "../../"}}
-        if ngff == "0.4":
-            image_label["version"] = "0.4"
-        g.attrs.update(
-            _image_attrs(
-                ngff,
-                _multiscale(name, lshapes, voxel_size_nm, True, False, ngff),
-                {"image-label": image_label},
-            )
-        )
+        write_image_metadata(g, name=name, levels=len(lshapes), label=True, channels=False,
+                             **meta)  # fmt: skip
+        write_labels_metadata(labels, name, ngff)
     if probability_channels:
         g = root.create_group("probabilities")
         pshapes = _create_pyramid(
             g, (probability_channels, *shape), "uint8", block_z, fmt, block_yx
         )
-        g.attrs.update(
-            _image_attrs(
-                ngff, _multiscale("probabilities", pshapes, voxel_size_nm, False, True, ngff)
-            )
-        )
+        write_image_metadata(g, name="probabilities", levels=len(pshapes), label=False,
+                             channels=True, **meta)  # fmt: skip
     extra: dict[str, Any] = {}
     if fmt == 2:
         extra["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
@@ -284,7 +234,7 @@ def create_output(
             REGIONS_DONE_ARRAY, shape=(n_blocks, 1), chunks=(1, 1), dtype="int64",
             fill_value=0, compressors=None, **extra,
         )  # fmt: skip
-    root.attrs.update({**attrs, "mitoseg": {"status": "running", **(job or {})}})
+    root.attrs.update({"mitoseg": {"status": "running", **(job or {})}})
     return root
 
 

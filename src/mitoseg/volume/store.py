@@ -7,9 +7,10 @@ URIs (fsspec / s3fs); the S3 endpoint comes from ``AWS_ENDPOINT_URL_S3`` or
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
 ``AWS_DEFAULT_REGION`` / ``AWS_REGION``), as for the DVC remote.
 
-The voxel size (nm, ``z, y, x``) is read from the OME-Zarr ``coordinateTransformations``
-(scale of the first dataset times the multiscale's own scale, in the axes' units) or the
-TIFF / ImageJ calibration (:func:`mitoseg.io.read_voxel_size`); an explicit value wins.
+The voxel size (nm, ``z, y, x``) is read from the OME-Zarr metadata by the one NGFF reader
+(:func:`mitoseg.volume.ngff_meta.read_multiscale`: an axis with a scale but no unit keeps
+its scale in :attr:`Volume.scale` and is reported) or the TIFF / ImageJ calibration
+(:func:`mitoseg.io.read_voxel_size`); an explicit value wins.
 
 TIFF stacks are read through tifffile's Zarr store (no full read). zarr 3.0.x is used
 because zarr >= 3.1 needs numpy 2 and patchify pins numpy < 2; tifffile's store lacks
@@ -27,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from mitoseg.io import _UNIT_NM, DataError, check_voxel_size
+from mitoseg.io import DataError, check_voxel_size
+from mitoseg.volume.ngff_meta import PhysicalScale, read_multiscale
 
 __all__ = [
     "Volume",
@@ -104,6 +106,8 @@ class Volume:
         chunks: storage chunk shape ``(z, y, x)``.
         voxel_size_nm: ``(z, y, x)`` nm, or None when unknown.
         ngff_version: ``0.4`` / ``0.5`` for OME-Zarr, else None.
+        scale: the physical scale (nm; an OME-Zarr axis without a unit keeps its scale
+            as it is, and ``voxel_size_nm`` is then None), or None when unknown.
     """
 
     uri: str
@@ -113,6 +117,7 @@ class Volume:
     chunks: tuple[int, int, int]
     voxel_size_nm: tuple[float, float, float] | None
     ngff_version: str | None = None
+    scale: PhysicalScale | None = None
     _array: Any = field(default=None, repr=False)
     _lead: tuple[int, ...] = field(default=(), repr=False)
     _close: Any = field(default=None, repr=False)
@@ -198,14 +203,15 @@ def _open_tiff(path: str, voxel_size: tuple[float, float, float] | None) -> Volu
     except Exception as exc:
         tif.close()
         raise DataError(f"{p}: cannot open TIFF lazily ({type(exc).__name__}: {exc})") from None
-    return _as_volume(str(p), "tiff", arr, vs, None, tif.close)
+    scale = None if vs is None else PhysicalScale.from_voxel_size_nm(vs)
+    return _as_volume(str(p), "tiff", arr, scale, None, tif.close)
 
 
 def _as_volume(
     uri: str,
     kind: str,
     arr: Any,
-    voxel_size: tuple[float, float, float] | None,
+    scale: PhysicalScale | None,
     ngff: str | None,
     close: Any = None,
 ) -> Volume:
@@ -227,50 +233,13 @@ def _as_volume(
         shape=shape[-3:],  # type: ignore[arg-type]
         dtype=dtype,
         chunks=chunks,  # type: ignore[arg-type]
-        voxel_size_nm=voxel_size,
+        voxel_size_nm=None if scale is None else scale.voxel_size_nm,
         ngff_version=ngff,
+        scale=scale,
         _array=arr,
         _lead=(0,) * len(lead),
         _close=close,
     )
-
-
-def _ngff_multiscale(attrs: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
-    if isinstance(attrs.get("ome"), dict) and "multiscales" in attrs["ome"]:
-        return attrs["ome"]["multiscales"][0], str(attrs["ome"].get("version", "0.5"))
-    if "multiscales" in attrs:
-        ms = attrs["multiscales"][0]
-        return ms, str(ms.get("version", "0.4"))
-    return None
-
-
-def _scale_of(transforms: list[dict[str, Any]] | None, n: int) -> np.ndarray:
-    scale = np.ones(n)
-    for t in transforms or []:
-        if t.get("type") == "scale" and "scale" in t:
-            scale = scale * np.asarray(t["scale"], dtype=np.float64)
-    return scale
-
-
-def _ngff_voxel_size(ms: dict[str, Any], uri: str) -> tuple[float, float, float] | None:
-    """z, y, x nm from the multiscale's axes units and its first dataset's scale."""
-    axes = ms.get("axes") or []
-    names = [a["name"] if isinstance(a, dict) else str(a) for a in axes]
-    if [n for n in names if n in ("z", "y", "x")] != ["z", "y", "x"]:
-        raise DataError(f"{uri}: expected axes z, y, x in the OME-Zarr multiscale, got {names}")
-    n = len(names)
-    scale = _scale_of(ms["datasets"][0].get("coordinateTransformations"), n) * _scale_of(
-        ms.get("coordinateTransformations"), n
-    )
-    out = []
-    for axis in ("z", "y", "x"):
-        i = names.index(axis)
-        unit = axes[i].get("unit") if isinstance(axes[i], dict) else None
-        factor = _UNIT_NM.get(str(unit).lower()) if unit else None
-        if factor is None:
-            return None
-        out.append(float(scale[i]) * factor)
-    return check_voxel_size(out, f"{uri} coordinateTransformations")
 
 
 def open_volume(uri: str, voxel_size_nm: Any | None = None) -> Volume:
@@ -304,23 +273,21 @@ def open_volume(uri: str, voxel_size_nm: Any | None = None) -> Volume:
     except Exception as exc:  # zarr raises many types for broken metadata
         raise DataError(f"{text}: cannot open Zarr store ({type(exc).__name__}: {exc})") from None
     if isinstance(node, zarr.Array):
-        return _as_volume(text, "zarr", node, vs, None)
-    found = _ngff_multiscale(dict(node.attrs))
-    if found is None:
+        scale = None if vs is None else PhysicalScale.from_voxel_size_nm(vs)
+        return _as_volume(text, "zarr", node, scale, None)
+    ms = read_multiscale(node, text)
+    if ms is None:
         arrays = sorted(node.array_keys())
         raise DataError(
             f"{text}: a Zarr group without OME-Zarr multiscales metadata; open one of its "
             f"arrays instead ({', '.join(f'{text}/{a}' for a in arrays) or 'it has none'})"
         )
-    ms, version = found
-    try:
-        path = ms["datasets"][0]["path"]
-    except (KeyError, IndexError, TypeError):
-        raise DataError(f"{text}: OME-Zarr multiscales has no datasets") from None
+    path = ms.paths[0]
     try:
         arr = node[path]
     except KeyError:
         raise DataError(f"{text}: OME-Zarr dataset {path!r} is missing") from None
-    if vs is None:
-        vs = _ngff_voxel_size(ms, text)
-    return _as_volume(text, "ome-zarr", arr, vs, version)
+    if [n for n in ms.names if n in ("z", "y", "x")] != ["z", "y", "x"]:
+        raise DataError(f"{text}: expected axes z, y, x in the OME-Zarr multiscale, got {ms.names}")
+    scale = PhysicalScale.from_voxel_size_nm(vs) if vs is not None else ms.physical()
+    return _as_volume(text, "ome-zarr", arr, scale, ms.version)
