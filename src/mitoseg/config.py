@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mitoseg.errors import ConfigError
+
 __all__ = [
     "VNC_CLASSES",
     "AugmentConfig",
@@ -30,10 +32,6 @@ __all__ = [
     "load_section",
     "resolve_train_config",
 ]
-
-
-class ConfigError(ValueError):
-    """Raised when ``params.yaml`` (or a section of it) is missing or invalid."""
 
 
 class _Strict(BaseModel):

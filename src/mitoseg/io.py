@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mitoseg.checks import check_array
+from mitoseg.errors import DataError
 
 __all__ = [
     "DataError",
@@ -39,10 +40,6 @@ __all__ = [
 
 #: File suffixes read as single 2D images or TIFF stacks.
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
-
-
-class DataError(ValueError):
-    """Bad input data. The message always names the file (and slice where relevant)."""
 
 
 @contextlib.contextmanager
@@ -210,15 +207,6 @@ def read_image(path: str | Path) -> np.ndarray:
     if stack.shape[0] != 1:
         raise DataError(f"{path}: expected one 2D image, found a stack of {stack.shape[0]} pages")
     return stack[0]
-
-
-def to_gray(rgb: np.ndarray) -> np.ndarray:
-    """Convert ``(H, W, 3|4)`` RGB(A) to ``(H, W)`` luma, keeping the integer dtype."""
-    weights = np.array([0.299, 0.587, 0.114], dtype=np.float64)
-    gray = rgb[..., :3].astype(np.float64) @ weights
-    if np.issubdtype(rgb.dtype, np.integer):
-        return np.clip(np.rint(gray), 0, np.iinfo(rgb.dtype).max).astype(rgb.dtype)
-    return gray.astype(rgb.dtype)
 
 
 #: Length of one unit in nm, for TIFF / ImageJ / OME units (lower case).

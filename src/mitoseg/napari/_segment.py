@@ -54,7 +54,7 @@ def as_stack(data: Any, rgb: bool = False) -> np.ndarray:
     Raises:
         ValueError: not a 2D image or a 3D stack.
     """
-    from mitoseg.io import to_gray
+    from mitoseg.pixels import to_gray
 
     if isinstance(data, list | tuple):
         data = data[0]
