@@ -30,7 +30,7 @@ from mitoseg.data.patches import map_mask_to_classes
 from mitoseg.inference import decide_mask, iter_stack_probabilities
 from mitoseg.io import DataError, atomic_dir, atomic_path, normalize_slice, write_json
 from mitoseg.metrics import evaluate_masks
-from mitoseg.plan import Calibration, InferencePlan
+from mitoseg.plan import Calibration, InferencePlan, foreground_class
 
 __all__ = [
     "OVERLAY_COLORS",
@@ -379,14 +379,6 @@ def evaluate_stack(
     )
 
 
-def mitochondria_class(class_names: list[str]) -> int | None:
-    """Index of the objects' class: 1 of a binary table, the class named ``mitochondria``
-    of a multiclass one, else None."""
-    if len(class_names) == 2:
-        return 1
-    return class_names.index("mitochondria") if "mitochondria" in class_names else None
-
-
 def predicted_objects(
     result: EvaluationResult,
     class_names: list[str],
@@ -395,12 +387,12 @@ def predicted_objects(
 ) -> list[dict[str, Any]]:
     """Measurement rows (:func:`mitoseg.objects.measure_objects`) of the predicted 3D
     objects of the test stack: the 26-connected components of the mitochondria class
-    (:func:`mitochondria_class`), smaller than ``min_object_size`` voxels dropped, with
+    (:func:`mitoseg.plan.foreground_class`), smaller than ``min_object_size`` voxels dropped, with
     the raw images' mean intensity and, with ``voxel_size`` (``(z, y, x)`` nm), volumes;
     empty for a table without a mitochondria class."""
     from mitoseg.objects import instance_labels, measure_objects
 
-    k = mitochondria_class(class_names)
+    k = foreground_class(class_names)
     if k is None:
         return []
     labels, _ = instance_labels(np.asarray(result.predictions) == k, min_object_size)
@@ -415,8 +407,8 @@ def instance_metrics(
 ) -> dict[str, Any] | None:
     """3D instance metrics of a predicted stack (MitoEM-style, :mod:`mitoseg.objects`).
 
-    The objects are the 26-connected components of the mitochondria class (class 1 of a
-    binary table, the class named ``mitochondria`` of a multiclass one) in truth and
+    The objects are the 26-connected components of the mitochondria class
+    (:func:`mitoseg.plan.foreground_class`) in truth and
     prediction, smaller than ``min_object_size`` voxels dropped from both, matched
     one-to-one at IoU 0.5 and 0.75.
 
@@ -432,7 +424,7 @@ def instance_metrics(
     """
     from mitoseg.objects import instance_labels, instance_scores
 
-    k = mitochondria_class(class_names)
+    k = foreground_class(class_names)
     if k is None:
         return None
     truth_labels, _ = instance_labels(np.asarray(truth) == k, min_object_size)

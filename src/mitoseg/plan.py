@@ -42,6 +42,7 @@ __all__ = [
     "Normalization",
     "context_window",
     "dtype_range",
+    "foreground_class",
     "normalize_for_plan",
     "plan_path_for",
 ]
@@ -53,6 +54,9 @@ PLAN_FILE = "inference_plan.json"
 CALIBRATION_FILE = "inference_calibration.npy"
 #: Schema version written into every plan; bumped on incompatible changes.
 PLAN_VERSION = 1
+
+#: The name of the class that every consumer counts, measures and exports as mitochondria.
+FOREGROUND_NAME = "mitochondria"
 
 Runtime = Literal["keras", "openvino"]
 Precision = Literal["fp32", "bf16", "int8"]
@@ -234,6 +238,11 @@ class InferencePlan(_Strict):
     def out_channels(self) -> int:
         """Output channels of the network: 1 (sigmoid) for binary, else ``n_classes``."""
         return 1 if self.n_classes == 2 else self.n_classes
+
+    @property
+    def foreground_class(self) -> int | None:
+        """Index of the mitochondria class (:func:`foreground_class` of ``class_names``)."""
+        return foreground_class(self.class_names)
 
     @property
     def in_channels(self) -> int:
@@ -430,6 +439,27 @@ class InferencePlan(_Strict):
                 )
             plan._calibration_npy = raw
         return plan
+
+
+def foreground_class(class_names: list[str]) -> int | None:
+    """Which class is mitochondria: the one rule of evaluation, instances, the service,
+    napari and the bioimage.io export.
+
+    The class named exactly ``"mitochondria"`` (class 0 is always the background and is
+    never it); else, in a two-class table, class 1 (the one foreground class, whatever its
+    name: a one-channel network's output); else None (a multiclass table without a class
+    of that name has no mitochondria: no objects are counted or measured).
+
+    Args:
+        class_names: class names in index order, background first.
+
+    Returns:
+        The class index, or None.
+    """
+    names = list(class_names)
+    if FOREGROUND_NAME in names[1:]:
+        return names.index(FOREGROUND_NAME, 1)
+    return 1 if len(class_names) == 2 else None
 
 
 def context_window(z: int, depth: int, k: int) -> list[int]:

@@ -302,9 +302,7 @@ def _write_instances(
     from mitoseg.io import write_stack
     from mitoseg.objects import instance_labels, measure_objects, write_object_table
 
-    k = 1 if plan.n_classes == 2 else None
-    if k is None and "mitochondria" in plan.class_names:
-        k = plan.class_names.index("mitochondria")
+    k = plan.foreground_class
     if k is None:
         fail(
             "--instances needs a binary model or a class named 'mitochondria' "

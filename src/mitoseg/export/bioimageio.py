@@ -502,7 +502,11 @@ def build_model_description(
 
     y_nm, x_nm = voxel_size_nm
     in_names = _channel_names(in_channels)
-    out_names = [plan.class_names[-1]] if plan.out_channels == 1 else list(plan.class_names)
+    out_names = (
+        [plan.class_names[plan.foreground_class or 1]]  # binary: always class 1
+        if plan.out_channels == 1
+        else list(plan.class_names)
+    )
     size = v.ParameterizedSize(min=_min_side(plan), step=plan.divisor)
     norm = plan.normalization
     input_descr = v.InputTensorDescr(

@@ -278,10 +278,12 @@ def mask_layers(
         ``[(classes, kwargs, "labels"), (uint32 instance labels, kwargs, "labels")]``.
     """
     from mitoseg.objects import instance_labels
-    from mitoseg.serving.analysis import foreground_index
+    from mitoseg.plan import foreground_class
 
-    fg = foreground_index(list(class_names))
-    instances, n = instance_labels(classes == fg, min_object_size)
+    fg = foreground_class(list(class_names))
+    instances, n = instance_labels(
+        classes == fg if fg is not None else np.zeros(classes.shape, bool), min_object_size
+    )
     colors: dict[int | None, Any] = {0: "transparent", None: "transparent"}
     if len(class_names) == 2:
         colors[1] = MASK_COLOR

@@ -9,16 +9,7 @@ import numpy as np
 from mitoseg.checks import check_array
 from mitoseg.metrics import label_objects
 
-__all__ = ["foreground_index", "mask_stats"]
-
-
-def foreground_index(class_names: list[str]) -> int:
-    """Class index counted as mitochondria: the class named ``mitochondria`` (any case),
-    else class 1."""
-    for i, name in enumerate(class_names):
-        if name.lower() in ("mitochondria", "mitochondrion", "mito"):
-            return i
-    return 1
+__all__ = ["mask_stats"]
 
 
 def mask_stats(

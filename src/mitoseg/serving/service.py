@@ -63,7 +63,7 @@ from starlette.responses import JSONResponse, Response
 from mitoseg.config import ServeConfig
 from mitoseg.inference import mask_to_image, segment_stack
 from mitoseg.plan import PLAN_FILE, InferencePlan
-from mitoseg.serving.analysis import foreground_index, mask_stats
+from mitoseg.serving.analysis import mask_stats
 from mitoseg.serving.bento import BENTO_MODEL_NAME, MODEL_FILE, MODEL_TAG_ENV
 from mitoseg.serving.codec import (
     Limits,
@@ -371,7 +371,10 @@ class MitoSeg:
         except UploadError as exc:
             return _error(exc)  # type: ignore[return-value]
         plan = self.plan
-        fg = foreground_index(plan.class_names)
+        fg = plan.foreground_class
+        if fg is None:
+            msg = f"the model has no class named 'mitochondria' (classes: {plan.class_names})"
+            return _error(UploadError(422, "no_mitochondria_class", msg))  # type: ignore[return-value]
         if pixel_size_nm is not None:
             pixel: tuple[float, float] | None = (pixel_size_nm, pixel_size_nm)
         elif plan.voxel_size_nm is not None:

@@ -736,14 +736,6 @@ def _model_payload(model: Any) -> bytes | Any:
     )
 
 
-def _instance_class(plan: InferencePlan) -> int | None:
-    if plan.n_classes == 2:
-        return 1
-    if "mitochondria" in plan.class_names:
-        return plan.class_names.index("mitochondria")
-    return None
-
-
 def _gather(
     client: Any, futures: list[Any], description: str, progress: bool, ordered: bool = False
 ) -> list[Any]:
@@ -1030,7 +1022,7 @@ def run_volume_job(
         block_z=block_z,
         plan_json=plan_json,
         plugin=f"mitoseg-predictor-{fingerprint}",
-        instance_class=_instance_class(plan),
+        instance_class=plan.foreground_class,
         probabilities=bool(probabilities),
         block_yx=None if block_yx is None else int(block_yx),
     )
