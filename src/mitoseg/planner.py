@@ -87,7 +87,9 @@ def draft_plan(
     class_names: Sequence[str],
     voxel_size_nm: Sequence[float] | None = None,
 ) -> tuple[InferencePlan, dict[str, int]]:
-    """The plan before anything is chosen on data (threshold 0.5, Keras FP32).
+    """The plan before anything is chosen on data (threshold 0.5, Keras FP32): the
+    network's default plan (:func:`mitoseg.model.analysis.default_plan`) with the
+    ``evaluate:`` settings and the measured receptive field and halo.
 
     Args:
         model: the trained Keras model.
@@ -102,13 +104,7 @@ def draft_plan(
         ValueError: the class table does not match the model's outputs, or invalid
             tiling settings.
     """
-    from mitoseg.model.analysis import (
-        flops_per_pixel,
-        halo_for,
-        model_divisor,
-        receptive_field,
-        z_context_of,
-    )
+    from mitoseg.model.analysis import default_plan, halo_for, receptive_field
     from mitoseg.runtime import compile_predictor
 
     channels = int(model.output_shape[-1])
@@ -118,29 +114,24 @@ def draft_plan(
             f"the model predicts {n_classes} classes but base.classes lists "
             f"{len(class_names)} ({', '.join(class_names)})"
         )
-    divisor = model_divisor(model)
-    probe = max(512, divisor * 4)
-    z_context = z_context_of(model)
-    field_ = receptive_field(compile_predictor(model), probe=probe, channels=2 * z_context + 1)
+    base = default_plan(model, list(class_names))  # the one default plan of a network
+    probe = max(512, base.divisor * 4)
+    field_ = receptive_field(compile_predictor(model), probe=probe, channels=base.in_channels)
     halo = halo_for(field_["effective"]) if cfg.halo == "auto" else int(cfg.halo)
-    plan = InferencePlan(
-        source="evaluate",
-        n_classes=n_classes,
-        class_names=list(class_names),
-        divisor=divisor,
-        z_context=z_context,
-        z_average=0 if cfg.z_average == "auto" else int(cfg.z_average),
-        receptive_field=field_["full"],
-        normalization=Normalization(blank_range=cfg.blank_range),
-        tile_size=cfg.tile_size,
-        halo=halo,
-        batch_size=cfg.batch_size,
-        tta=cfg.tta,
-        threshold=0.5 if n_classes == 2 else None,
-        threshold_source="default" if n_classes == 2 else "argmax",
-        min_object_size=cfg.min_object_size,
-        voxel_size_nm=list(voxel_size_nm) if voxel_size_nm is not None else None,
-        flops_per_pixel=flops_per_pixel(model, probe=max(256, divisor)) or None,
+    plan = InferencePlan.model_validate(
+        {
+            **base.model_dump(),
+            "source": "evaluate",
+            "z_average": 0 if cfg.z_average == "auto" else int(cfg.z_average),
+            "receptive_field": field_["full"],
+            "normalization": Normalization(blank_range=cfg.blank_range),
+            "tile_size": cfg.tile_size,
+            "halo": halo,
+            "batch_size": cfg.batch_size,
+            "tta": cfg.tta,
+            "min_object_size": cfg.min_object_size,
+            "voxel_size_nm": list(voxel_size_nm) if voxel_size_nm is not None else None,
+        }
     )
     return plan, dict(field_)
 
