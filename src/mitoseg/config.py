@@ -317,7 +317,7 @@ class EvaluateConfig(_Strict):
     """Whole-slice evaluation and the inference plan it decides (``evaluate:``).
 
     The tiling, threshold and engine chosen here are written into the model's inference
-    plan (:mod:`mitoseg.plan`), which every later consumer reads.
+    plan (:mod:`mitoseg.inference.plan`), which every later consumer reads.
     """
 
     tile_size: int = Field(
@@ -381,7 +381,7 @@ class ServeConfig(_Strict):
     """Serving guard rails, compute budget and batching (``serve:``).
 
     How a model runs (tile size, halo, threshold, engine) is not set here: the model's
-    inference plan decides (:class:`mitoseg.plan.InferencePlan`).
+    inference plan decides (:class:`mitoseg.inference.plan.InferencePlan`).
 
     A request's cost is its pixel count times ``plan.flops_per_pixel`` (x8 with TTA), in
     GFLOP; for a plan without ``flops_per_pixel`` it is the pixel count (x8 with TTA), in

@@ -10,7 +10,7 @@
    (:func:`mitoseg.evaluate.choose_threshold`, fine search, with calibration), the image
    border padding, the z-averaging radius, hysteresis (a seed threshold a region must
    reach) and the inference engine: every engine this build
-   runs (:data:`mitoseg.runtime.ENGINES`) is timed on the validation slices and the
+   runs (:data:`mitoseg.inference.runtime.ENGINES`) is timed on the validation slices and the
    fastest one whose validation score stays within ``engine_tolerance`` of Keras FP32
    is kept.
 
@@ -30,8 +30,9 @@ import numpy as np
 
 from mitoseg.config import EvaluateConfig
 from mitoseg.evaluate import EvaluationResult, choose_threshold, evaluate_stack
+from mitoseg.inference.normalize import Normalization
+from mitoseg.inference.plan import InferencePlan
 from mitoseg.metrics import confusion_matrix, scores_from_confusion
-from mitoseg.plan import InferencePlan, Normalization
 
 __all__ = [
     "EngineTrial",
@@ -104,8 +105,8 @@ def draft_plan(
         ValueError: the class table does not match the model's outputs, or invalid
             tiling settings.
     """
+    from mitoseg.inference.runtime import compile_predictor
     from mitoseg.model.analysis import default_plan, halo_for, receptive_field
-    from mitoseg.runtime import compile_predictor
 
     channels = int(model.output_shape[-1])
     n_classes = 2 if channels == 1 else channels
@@ -181,7 +182,7 @@ class MemoPredictor:
 
 def _score(predict: Any, images: np.ndarray, masks: np.ndarray, plan: InferencePlan) -> float:
     """Foreground IoU (binary) or mean IoU (multiclass) of ``plan`` on labelled slices."""
-    from mitoseg.inference import segment_stack
+    from mitoseg.inference.predict import segment_stack
 
     pred = segment_stack(predict, images, plan)
     cm = confusion_matrix(masks, pred, plan.n_classes)
@@ -255,7 +256,7 @@ def _choose_seed_threshold(
     and the scores (``"none"``, ``"<threshold>/<seed>"``)."""
     if plan.n_classes != 2 or setting != "auto":
         return plan, {}  # a fixed setting is set by make_plan
-    from mitoseg.inference import decide_mask, iter_stack_probabilities
+    from mitoseg.inference.predict import decide_mask, iter_stack_probabilities
 
     truth = np.asarray(masks) != 0
     probs = list(iter_stack_probabilities(predict, images, plan))
@@ -291,7 +292,7 @@ def _select_engine(
     tolerance: float,
     calibration: np.ndarray | None,
 ) -> tuple[InferencePlan, list[EngineTrial]]:
-    from mitoseg.runtime import compile_predictor
+    from mitoseg.inference.runtime import compile_predictor
 
     trials: list[EngineTrial] = []
     reference: float | None = None
@@ -356,7 +357,7 @@ def make_plan(
     has_val = val_images is not None and val_masks is not None and len(val_images) > 0
     predict: Any = None
     if has_val:  # Keras FP32 for every choice but the engine's, each tile run once
-        from mitoseg.runtime import compile_predictor
+        from mitoseg.inference.runtime import compile_predictor
 
         predict = MemoPredictor(compile_predictor(model))
     if plan.n_classes == 2:
@@ -383,7 +384,7 @@ def make_plan(
             predict, plan, val_images, val_masks, cfg.seed_threshold
         )
         report.forward_passes = {"run": predict.misses, "remembered": predict.hits}
-        from mitoseg.runtime import available_engines
+        from mitoseg.inference.runtime import available_engines
 
         candidates = [e for e in available_engines() if f"{e[0]}/{e[1]}" in cfg.engines]
         plan, report.engines = _select_engine(
@@ -415,6 +416,6 @@ def evaluate_split(
         masks: ``(Z, H, W)`` class indexes.
         progress: show a progress bar.
     """
-    from mitoseg.runtime import predictor_for_plan
+    from mitoseg.inference.runtime import predictor_for_plan
 
     return evaluate_stack(predictor_for_plan(model, plan), images, masks, plan, progress)

@@ -17,8 +17,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mitoseg.cli import app
+from mitoseg.inference.plan import InferencePlan
 from mitoseg.io import write_stack
-from mitoseg.plan import InferencePlan
 
 runner = CliRunner()
 

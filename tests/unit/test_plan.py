@@ -11,17 +11,16 @@ import pytest
 from pydantic import ValidationError
 from scipy import ndimage
 
-from mitoseg.io import DataError
-from mitoseg.model.analysis import halo_for, receptive_field
-from mitoseg.plan import (
+from mitoseg.inference.normalize import Normalization, normalize_for_plan
+from mitoseg.inference.plan import (
     CALIBRATION_FILE,
     PLAN_FILE,
     InferencePlan,
-    Normalization,
     foreground_class,
-    normalize_for_plan,
     plan_path_for,
 )
+from mitoseg.io import DataError
+from mitoseg.model.analysis import halo_for, receptive_field
 
 BINARY = {"n_classes": 2, "class_names": ["background", "mitochondria"]}
 

@@ -263,9 +263,9 @@ def _predict_files(
     voxel_size: tuple[float, float, float] | None,
     instances: bool,
 ) -> None:
-    from mitoseg.inference import mask_to_image, segment_stack
+    from mitoseg.inference.predict import mask_to_image, segment_stack
+    from mitoseg.inference.runtime import predictor_for_plan
     from mitoseg.io import DataError, read_stack, read_voxel_size, write_stack
-    from mitoseg.runtime import predictor_for_plan
 
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
@@ -319,8 +319,8 @@ def _write_instances(
     squeeze: bool,
 ) -> str:
     """Instance labels + object table of one predicted stack; returns a note for the log."""
+    from mitoseg.inference.objects import instance_labels, measure_objects, write_object_table
     from mitoseg.io import write_stack
-    from mitoseg.objects import instance_labels, measure_objects, write_object_table
 
     k = plan.foreground_class
     if k is None:

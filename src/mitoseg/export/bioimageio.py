@@ -36,8 +36,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from mitoseg.checks import check_stack
+from mitoseg.inference.normalize import Normalization, normalize_for_plan
+from mitoseg.inference.plan import InferencePlan
 from mitoseg.io import atomic_dir, atomic_path
-from mitoseg.plan import InferencePlan, Normalization, normalize_for_plan
 
 __all__ = [
     "INPUT_ID",

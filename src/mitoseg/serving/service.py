@@ -61,8 +61,8 @@ import numpy as np
 from starlette.responses import JSONResponse, Response
 
 from mitoseg.config import ServeConfig
-from mitoseg.inference import mask_to_image, segment_stack
-from mitoseg.plan import PLAN_FILE, InferencePlan
+from mitoseg.inference.plan import PLAN_FILE, InferencePlan
+from mitoseg.inference.predict import mask_to_image, segment_stack
 from mitoseg.serving.analysis import mask_stats
 from mitoseg.serving.bento import BENTO_MODEL_NAME, MODEL_FILE, MODEL_TAG_ENV
 from mitoseg.serving.codec import (
@@ -203,7 +203,7 @@ class UNetRunner:
         import keras
 
         import mitoseg.model.unet  # noqa: F401  (registers custom objects, if any)
-        from mitoseg.runtime import predictor_for_plan
+        from mitoseg.inference.runtime import predictor_for_plan
 
         self.deployment = load_deployment(type(self).model_ref)
         model = keras.saving.load_model(self.deployment.path / MODEL_FILE, compile=False)
@@ -388,7 +388,7 @@ class MitoSeg:
     def preview(self, image: Path) -> Path:
         """The first page of an upload as an 8-bit PNG (robust 0.5-99.5 % intensity
         range), for the web page: browsers do not display TIFF."""
-        from mitoseg.io import normalize_slice
+        from mitoseg.inference.normalize import normalize_slice
 
         try:
             page = decode_upload(self._upload_bytes(image), self.limits, max_pages=1)[0]

@@ -66,7 +66,7 @@ from typing import Any
 import numpy as np
 from distributed import WorkerPlugin
 
-from mitoseg.plan import InferencePlan
+from mitoseg.inference.plan import InferencePlan
 from mitoseg.volume import ngff
 from mitoseg.volume.store import Volume, open_volume
 
@@ -194,7 +194,7 @@ class PredictorPlugin(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         """Called once when the plugin reaches a worker: load the model."""
-        from mitoseg.inference import as_predict_batch
+        from mitoseg.inference.predict import as_predict_batch
 
         plan = InferencePlan.model_validate_json(self.plan_json)
         net = self.model
@@ -206,7 +206,7 @@ class PredictorPlugin(WorkerPlugin):
                 path.write_bytes(net)
                 net = keras.models.load_model(path, compile=False)
         if hasattr(net, "predict_on_batch"):
-            from mitoseg.runtime import predictor_for_plan
+            from mitoseg.inference.runtime import predictor_for_plan
 
             self.predict_batch = predictor_for_plan(net, plan, calibration=self.calibration)
         else:
@@ -241,7 +241,7 @@ def _block_probabilities(
 ) -> tuple[np.ndarray, Any]:
     """``(raw, probabilities)`` of block ``b``: its own raw voxels ``(z, y, x)`` and an
     iterator of its slices' ``(y, x, C)`` float32 probabilities."""
-    from mitoseg.inference import iter_stack_probabilities
+    from mitoseg.inference.predict import iter_stack_probabilities
 
     vol = _volume(spec)
     z0, z1, y0, y1, x0, x1 = spec.region(b)
@@ -266,17 +266,11 @@ def _block_probabilities(
 def _z_averaged(per_slice: np.ndarray, plan: InferencePlan, r0: int, z0: int, z1: int) -> Any:
     """Slices ``z0 .. z1-1`` of a ``(depth, y, x, C)`` stack read from ``r0``, averaged
     over ``z - r .. z + r`` as :func:`mitoseg.inference.iter_stack_probabilities` does."""
-    from mitoseg.plan import context_window
+    from mitoseg.inference.predict import z_mean
 
     depth, r = per_slice.shape[0], plan.z_average
     for z in range(z0, z1):
-        if r == 0:
-            yield per_slice[z - r0]
-            continue
-        idx = context_window(z - r0, depth, r)
-        yield (np.sum([per_slice[i] for i in idx], axis=0) / np.float32(len(idx))).astype(
-            np.float32
-        )
+        yield per_slice[z - r0] if r == 0 else z_mean(per_slice, z - r0, depth, r)
 
 
 #: Parts of a predict task, timed in each block (``block_parts_seconds`` of the summary).
@@ -296,7 +290,7 @@ def _predict_block(
     ``ranges`` (YX blocks only): ``{z: (lo, hi) or None}`` normalisation of every slice
     the block reads (:func:`mitoseg.volume.tiles.slice_normalization`).
     """
-    from mitoseg.inference import decide_mask
+    from mitoseg.inference.predict import decide_mask
 
     started = time.perf_counter()
     plan = spec.plan()
@@ -341,7 +335,7 @@ def _mask_out(
     """Block ``b``'s mask with its pyramid (``write`` goes on from ``marks[-1]``), its
     instance labels (26-connected, ids ``1 .. n``), then its row of the completion
     record, last; returns the predict task's result (see :func:`_predict_block`)."""
-    from mitoseg.objects import instance_labels
+    from mitoseg.inference.objects import instance_labels
 
     z0, z1, y0, y1, x0, x1 = spec.region(b)
     ngff.write_levels(root["labels/mask"], mask, z0, True, y0, x0)
@@ -580,7 +574,7 @@ def _face_task(spec: JobSpec, b: int, offsets: np.ndarray) -> tuple[np.ndarray, 
     Returns:
         ``(pairs (N, 2) int64 global ids, firsts (n_b,) int64)``.
     """
-    from mitoseg.objects import first_voxels
+    from mitoseg.inference.objects import first_voxels
 
     region = spec.region(b)
     lo, hi = region[0::2], region[1::2]
@@ -689,7 +683,7 @@ def _relabel_task(
     """Final ids of block ``b`` (local ids ``1 .. count``, global ``offset + local``) into
     ``labels/instances``; returns the final ids and moments of its parts (a final object
     may have several parts in one block, merged through another block)."""
-    from mitoseg.objects import object_moments
+    from mitoseg.inference.objects import object_moments
 
     z0, z1, y0, y1, x0, x1 = spec.region(b)
     root = ngff.open_output(spec.target)
@@ -972,7 +966,7 @@ def run_volume_job(
             ``force``).
         ValueError: bad arguments, or an unreachable scheduler.
     """
-    from mitoseg.objects import combine_moments, rows_from_moments, write_object_table
+    from mitoseg.inference.objects import combine_moments, rows_from_moments, write_object_table
 
     if block_z is not None and (isinstance(block_z, bool) or block_z < 1):
         raise ValueError(f"block_z must be None or >= 1, got {block_z}")
