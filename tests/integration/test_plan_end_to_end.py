@@ -186,3 +186,17 @@ def test_serve_returns_the_mask_predict_writes(project: dict) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         log.close()
+
+
+def test_export_bioimageio_takes_the_data_voxel_size(project: dict) -> None:
+    """``mitoseg export bioimageio --model models:/mitoseg-unet@champion`` with no
+    ``--voxel-size``: the pixel size comes from the data, through the plan."""
+    from bioimageio.spec import load_description
+
+    root, out = project["root"], project["root"] / "pkg"
+    _run([*MITOSEG, "--no-progress", "export", "bioimageio", "--model",
+          "models:/mitoseg-unet@champion", "--out", str(out), "--weights", "keras_v3",
+          "--max-side", "128", "--no-test"], root, project["env"])  # fmt: skip
+    descr = load_description(out / "rdf.yaml")
+    _, y_nm, x_nm = project["voxel"]
+    assert [a.scale for a in descr.inputs[0].axes[1:3]] == pytest.approx([y_nm, x_nm])
