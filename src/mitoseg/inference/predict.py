@@ -1,7 +1,7 @@
 """Tiled whole-image inference: one implementation for evaluate, ``mitoseg predict``, the
 BentoML service and the volume path.
 
-Why one module of about 650 lines: it is the one inference implementation (tiling,
+Why one module of about 670 lines: it is the one inference implementation (tiling,
 blending, 2.5D context, z-averaging, decision) that every consumer calls; together it
 stays one pure function family over arrays.
 
