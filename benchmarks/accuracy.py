@@ -164,7 +164,7 @@ DISTANT = "cdeep3m/cdeep3m_test_raw.tif"
 def _distant(model: Any, plan: Any, figure: Path | None) -> dict[str, Any] | None:
     """Foreground fraction and objects per slice on :data:`DISTANT` (no labels), and an
     overlay of its first slice written to ``figure``."""
-    from mitoseg.inference import segment_stack
+    from mitoseg.inference.predict import segment_stack
     from mitoseg.io import read_stack
     from mitoseg.metrics import label_objects
 

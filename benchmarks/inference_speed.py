@@ -3,7 +3,7 @@ single-tile inference (halo from the measured receptive field) on every engine.
 
 "Today" is the old default: Keras FP32, 256-pixel tiles at overlap 0.5 (halo 64),
 batch 8, blended. Each new variant runs on one engine of
-:func:`mitoseg.runtime.available_engines` with the planner's halo
+:func:`mitoseg.inference.runtime.available_engines` with the planner's halo
 (``halo_for(receptive_field.effective)``) and either one adaptive tile per slice
 (``tile_size`` 1536, so a 1024x1024 slice is one 1184x1184 forward pass) or the tiled
 path (512-pixel tiles, for images larger than memory allows). Every variant is scored
@@ -95,7 +95,7 @@ def _iou(preds: list[np.ndarray], truths: list[np.ndarray]) -> float:
 
 def _tiles(length: int, tiling: dict[str, Any], divisor: int) -> tuple[int, int]:
     """``(tiles, side)`` along one axis of ``length`` pixels, as predict_tiled lays them."""
-    from mitoseg.inference import tile_layout
+    from mitoseg.inference.predict import tile_layout
 
     t = int(tiling["tile_size"])
     halo = tiling.get("halo")
@@ -159,10 +159,10 @@ def main() -> None:
     import openvino
     import tifffile
 
-    from mitoseg.inference import predict_tiled
-    from mitoseg.io import normalize_slice
+    from mitoseg.inference.normalize import normalize_slice
+    from mitoseg.inference.predict import predict_tiled
+    from mitoseg.inference.runtime import available_engines, compile_predictor
     from mitoseg.model.analysis import halo_for, model_divisor, receptive_field
-    from mitoseg.runtime import available_engines, compile_predictor
 
     model = keras.saving.load_model(str(model_path), compile=False)
     divisor = model_divisor(model)

@@ -190,9 +190,9 @@ def in_process_latency(stored_path: str, img: np.ndarray, meta: dict, repeats: i
     """Latency of the same ``segment_stack`` call in-process (model and plan loaded once)."""
     import keras
 
-    from mitoseg.inference import segment_stack
-    from mitoseg.plan import PLAN_FILE, InferencePlan
-    from mitoseg.runtime import predictor_for_plan
+    from mitoseg.inference.plan import PLAN_FILE, InferencePlan
+    from mitoseg.inference.predict import segment_stack
+    from mitoseg.inference.runtime import predictor_for_plan
     from mitoseg.serving.bento import MODEL_FILE
 
     model = keras.saving.load_model(os.path.join(stored_path, MODEL_FILE), compile=False)

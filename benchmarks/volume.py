@@ -13,7 +13,7 @@ Measures (all into ``benchmarks/results/volume.json`` with the machine and git c
 1. **scaling**: the same volume (``--scale-gb``) with 1 and 2 Dask workers
    (``LocalCluster``, one process each): voxels/s and the ratio.
 2. **overhead**: the 1-worker job against in-process
-   :func:`mitoseg.inference.segment_stack` on the same voxels (read into memory first):
+   :func:`mitoseg.inference.predict.segment_stack` on the same voxels (read into memory first):
    ``overhead_predict`` compares the predict phase (blocks: read, predict, write image,
    mask and local labels), ``overhead_total`` the whole job (plus stitching, instance
    ids, pyramids and ``objects.csv``). Goal: predict within 10 %. The predict phase is
@@ -126,9 +126,9 @@ def build_model(workdir: Path, model: Path | None) -> tuple[Path, Any, Any]:
     import keras
 
     from mitoseg.config import ModelConfig
-    from mitoseg.inference import iter_stack_probabilities
+    from mitoseg.inference.plan import InferencePlan
+    from mitoseg.inference.predict import iter_stack_probabilities
     from mitoseg.model.unet import build_unet
-    from mitoseg.plan import InferencePlan
 
     keras.utils.set_random_seed(7)
     net = build_unet(ModelConfig(depth=2, base_filters=4, batch_norm=False, dropout=0.0), 2)
@@ -207,7 +207,7 @@ def run_job(src: str, out: Path, net: Any, plan: Any, workers: int, block_z: int
 
 def in_process(src: str, net: Any, plan: Any) -> dict[str, float]:
     """``segment_stack`` on the whole volume in memory (read time excluded)."""
-    from mitoseg.inference import segment_stack
+    from mitoseg.inference.predict import segment_stack
     from mitoseg.volume.store import open_volume
 
     vol = open_volume(src)
@@ -223,8 +223,8 @@ def in_process_outputs(src: str, net: Any, plan: Any, out: Path, block_z: int) -
     volume in memory (read time excluded), then the same outputs written with the job's
     own writers (image, mask and instance pyramids, ``objects.csv``), instance labels
     and measurements of the whole mask at once. Seconds per part."""
-    from mitoseg.inference import segment_stack
-    from mitoseg.objects import instance_labels, measure_objects, write_object_table
+    from mitoseg.inference.objects import instance_labels, measure_objects, write_object_table
+    from mitoseg.inference.predict import segment_stack
     from mitoseg.volume import ngff
     from mitoseg.volume.store import open_volume
 

@@ -347,7 +347,7 @@ class Server:
     def expected(self, stack: np.ndarray) -> np.ndarray:
         """In-process reference: ``(Z, H, W)`` uint8 0/255 by the same segment_stack call
         with the same plan."""
-        from mitoseg.inference import mask_to_image, segment_stack
+        from mitoseg.inference.predict import mask_to_image, segment_stack
 
         return mask_to_image(segment_stack(self.model, stack, self.plan), 2)
 
@@ -369,9 +369,9 @@ def _write_model(tmp: Path) -> tuple[Any, Any, Path]:
     import keras
 
     from mitoseg.config import ModelConfig
-    from mitoseg.inference import iter_stack_probabilities
+    from mitoseg.inference.plan import PLAN_FILE, InferencePlan
+    from mitoseg.inference.predict import iter_stack_probabilities
     from mitoseg.model.unet import build_unet
-    from mitoseg.plan import PLAN_FILE, InferencePlan
 
     keras.utils.set_random_seed(7)
     model = build_unet(

@@ -13,7 +13,7 @@ def save_sigmoid_model(root: Path, name: str = "binary") -> Path:
     threshold 0.5) beside it; returns the model's path."""
     import keras
 
-    from mitoseg.plan import InferencePlan
+    from mitoseg.inference.plan import InferencePlan
 
     inp = keras.Input((None, None, 1))
     out = keras.layers.Conv2D(

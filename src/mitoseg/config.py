@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mitoseg.errors import ConfigError
 from mitoseg.labels import IGNORE_INDEX
 
 __all__ = [
@@ -32,10 +33,6 @@ __all__ = [
     "load_section",
     "resolve_train_config",
 ]
-
-
-class ConfigError(ValueError):
-    """Raised when ``params.yaml`` (or a section of it) is missing or invalid."""
 
 
 class _Strict(BaseModel):
@@ -376,7 +373,7 @@ class EvaluateConfig(_Strict):
     """Whole-slice evaluation and the inference plan it decides (``evaluate:``).
 
     The tiling, threshold and engine chosen here are written into the model's inference
-    plan (:mod:`mitoseg.plan`), which every later consumer reads.
+    plan (:mod:`mitoseg.inference.plan`), which every later consumer reads.
     """
 
     tile_size: int = Field(
@@ -440,7 +437,7 @@ class ServeConfig(_Strict):
     """Serving guard rails, compute budget and batching (``serve:``).
 
     How a model runs (tile size, halo, threshold, engine) is not set here: the model's
-    inference plan decides (:class:`mitoseg.plan.InferencePlan`).
+    inference plan decides (:class:`mitoseg.inference.plan.InferencePlan`).
 
     A request's cost is its pixel count times ``plan.flops_per_pixel`` (x8 with TTA), in
     GFLOP; for a plan without ``flops_per_pixel`` it is the pixel count (x8 with TTA), in

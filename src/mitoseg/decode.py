@@ -5,13 +5,13 @@ the same error.
 TIFF (single or multi-page, classic or BigTIFF), PNG and (files only) JPEG, recognised by
 their magic bytes, never by the file name or declared content type. Pages are read one
 by one from their headers: ``(H, W)`` grayscale, ``(H, W, 3|4)`` RGB(A) (converted to luma
-with :func:`mitoseg.io.to_gray`, keeping the dtype) or a separate-plane ``(S, H, W)`` page
+with :func:`mitoseg.pixels.to_gray`, keeping the dtype) or a separate-plane ``(S, H, W)`` page
 (read as ``S`` slices); every page must have the same size. Every check an upload needs
 (:class:`Limits`: bytes, pages, pixels, side; the accepted pixel types) runs on the
 headers before any pixel data is decompressed, so :func:`probe_image` can price a
 request without decoding it. Files are read with no limits and any numeric pixel type.
 
-Every rejection is an :class:`ImageError` (a :class:`mitoseg.io.DataError`) with the HTTP
+Every rejection is an :class:`ImageError` (a :class:`mitoseg.errors.DataError`) with the HTTP
 status the service answers, a stable ``code`` and a message naming the page; the file
 reader prefixes the path. Pure: numpy, tifffile and Pillow (imported inside functions).
 """
@@ -21,14 +21,12 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from mitoseg.io import DataError, to_gray
-
-if TYPE_CHECKING:
-    from mitoseg.config import ServeConfig
+from mitoseg.errors import DataError
+from mitoseg.pixels import to_gray
 
 __all__ = [
     "ACCEPTED_DTYPES",
@@ -76,6 +74,15 @@ class ImageError(DataError):
         return {"error": self.code, "message": self.message, "status": self.status}
 
 
+class LimitSettings(Protocol):
+    """What :meth:`Limits.from_config` reads (a :class:`mitoseg.config.ServeConfig`)."""
+
+    max_bytes: int
+    max_pixels: int
+    max_pages: int
+    max_side: int
+
+
 @dataclass(frozen=True)
 class Limits:
     """Upload size limits (see :class:`mitoseg.config.ServeConfig`).
@@ -99,7 +106,7 @@ class Limits:
         return cls(max_bytes=big, max_pixels=big, max_pages=big, max_side=big)
 
     @classmethod
-    def from_config(cls, cfg: ServeConfig) -> Limits:
+    def from_config(cls, cfg: LimitSettings) -> Limits:
         """Take the limits from a ``serve:`` config section."""
         return cls(
             max_bytes=cfg.max_bytes,

@@ -4,7 +4,7 @@ Why one module of about 600 lines: threshold search, metrics, tables and figures
 the same :class:`EvaluationResult` of one pass over the test slices.
 
 Slices are segmented with the same tiled inference as ``mitoseg predict`` and the service
-(:func:`mitoseg.inference.segment_stack`); scores come from :mod:`mitoseg.metrics`.
+(:func:`mitoseg.inference.predict.segment_stack`); scores come from :mod:`mitoseg.metrics`.
 
 Figure colours (overlay panel, drawn over the grey input at 50 % opacity):
 
@@ -27,11 +27,12 @@ import numpy as np
 
 from mitoseg.checks import check_stack
 from mitoseg.data.patches import map_mask_to_classes
-from mitoseg.inference import decide_mask, iter_stack_probabilities
-from mitoseg.io import DataError, atomic_dir, atomic_path, normalize_slice, write_json
+from mitoseg.inference.normalize import normalize_slice
+from mitoseg.inference.plan import Calibration, InferencePlan, foreground_class
+from mitoseg.inference.predict import decide_mask, iter_stack_probabilities
+from mitoseg.io import DataError, atomic_dir, atomic_path, write_json
 from mitoseg.labels import labelled
 from mitoseg.metrics import evaluate_masks, labelled_part
-from mitoseg.plan import Calibration, InferencePlan
 
 __all__ = [
     "OVERLAY_COLORS",
@@ -383,28 +384,21 @@ def evaluate_stack(
     )
 
 
-def mitochondria_class(class_names: list[str]) -> int | None:
-    """Index of the objects' class: 1 of a binary table, the class named ``mitochondria``
-    of a multiclass one, else None."""
-    if len(class_names) == 2:
-        return 1
-    return class_names.index("mitochondria") if "mitochondria" in class_names else None
-
-
 def predicted_objects(
     result: EvaluationResult,
     class_names: list[str],
     min_object_size: int = 0,
     voxel_size: Any = None,
 ) -> list[dict[str, Any]]:
-    """Measurement rows (:func:`mitoseg.objects.measure_objects`) of the predicted 3D
-    objects of the test stack: the 26-connected components of the mitochondria class
-    (:func:`mitochondria_class`), smaller than ``min_object_size`` voxels dropped, with
-    the raw images' mean intensity and, with ``voxel_size`` (``(z, y, x)`` nm), volumes;
-    empty for a table without a mitochondria class."""
-    from mitoseg.objects import instance_labels, measure_objects
+    """Measurement rows (:func:`mitoseg.inference.objects.measure_objects`) of the
+    predicted 3D objects of the test stack: the 26-connected components of the
+    mitochondria class (:func:`mitoseg.inference.plan.foreground_class`), smaller than
+    ``min_object_size`` voxels dropped, with the raw images' mean intensity and, with
+    ``voxel_size`` (``(z, y, x)`` nm), volumes; empty for a table without a mitochondria
+    class."""
+    from mitoseg.inference.objects import instance_labels, measure_objects
 
-    k = mitochondria_class(class_names)
+    k = foreground_class(class_names)
     if k is None:
         return []
     labels, _ = instance_labels(np.asarray(result.predictions) == k, min_object_size)
@@ -417,10 +411,10 @@ def instance_metrics(
     class_names: list[str],
     min_object_size: int = 0,
 ) -> dict[str, Any] | None:
-    """3D instance metrics of a predicted stack (MitoEM-style, :mod:`mitoseg.objects`).
+    """3D instance metrics of a predicted stack (MitoEM-style, :mod:`mitoseg.inference.objects`).
 
-    The objects are the 26-connected components of the mitochondria class (class 1 of a
-    binary table, the class named ``mitochondria`` of a multiclass one) in truth and
+    The objects are the 26-connected components of the mitochondria class
+    (:func:`mitoseg.inference.plan.foreground_class`) in truth and
     prediction, smaller than ``min_object_size`` voxels dropped from both, matched
     one-to-one at IoU 0.5 and 0.75. Predicted objects are cut to the labelled truth voxels
     (:func:`mitoseg.metrics.labelled_part`: one only on unlabelled voxels does not count).
@@ -432,12 +426,12 @@ def instance_metrics(
         min_object_size: object filter, voxels.
 
     Returns:
-        :func:`mitoseg.objects.instance_scores` plus ``class``, ``min_object_size`` and
+        :func:`mitoseg.inference.objects.instance_scores` plus ``class``, ``min_object_size`` and
         ``connectivity``; None for a multiclass table without a ``mitochondria`` class.
     """
-    from mitoseg.objects import instance_labels, instance_scores
+    from mitoseg.inference.objects import instance_labels, instance_scores
 
-    k = mitochondria_class(class_names)
+    k = foreground_class(class_names)
     if k is None:
         return None
     truth = np.asarray(truth)
@@ -560,7 +554,7 @@ def write_outputs(
     Returns:
         ``{"metrics": Path, "per_slice": Path, "objects": Path, "figures": [Path, ...]}``.
     """
-    from mitoseg.objects import write_object_table
+    from mitoseg.inference.objects import write_object_table
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

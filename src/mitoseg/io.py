@@ -19,30 +19,24 @@ from typing import Any
 import numpy as np
 
 from mitoseg.checks import check_array
+from mitoseg.errors import DataError
 
 __all__ = [
     "DataError",
     "atomic_dir",
     "atomic_path",
     "check_voxel_size",
-    "normalize_slice",
     "read_image",
     "read_json_object",
     "read_mapping",
     "read_stack",
     "read_voxel_size",
-    "robust_range",
-    "scale_unit",
     "write_json",
     "write_stack",
 ]
 
 #: File suffixes read as single 2D images or TIFF stacks.
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
-
-
-class DataError(ValueError):
-    """Bad input data. The message always names the file (and slice where relevant)."""
 
 
 @contextlib.contextmanager
@@ -212,15 +206,6 @@ def read_image(path: str | Path) -> np.ndarray:
     return stack[0]
 
 
-def to_gray(rgb: np.ndarray) -> np.ndarray:
-    """Convert ``(H, W, 3|4)`` RGB(A) to ``(H, W)`` luma, keeping the integer dtype."""
-    weights = np.array([0.299, 0.587, 0.114], dtype=np.float64)
-    gray = rgb[..., :3].astype(np.float64) @ weights
-    if np.issubdtype(rgb.dtype, np.integer):
-        return np.clip(np.rint(gray), 0, np.iinfo(rgb.dtype).max).astype(rgb.dtype)
-    return gray.astype(rgb.dtype)
-
-
 #: Length of one unit in nm, for TIFF / ImageJ / OME units (lower case).
 _UNIT_NM: dict[str, float] = {
     "nm": 1.0,
@@ -361,59 +346,3 @@ def read_voxel_size(path: str | Path) -> tuple[float, float, float] | None:
         raise DataError(str(exc)) from None
     except Exception as exc:  # tifffile raises many types for corrupt files
         raise DataError(f"{p}: cannot read TIFF metadata ({type(exc).__name__}: {exc})") from None
-
-
-def robust_range(
-    image: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5
-) -> tuple[np.ndarray, float, float]:
-    """Percentiles ``low_pct`` and ``high_pct`` of one slice.
-
-    Args:
-        image: ``(H, W)`` (or any shape) integer or float array.
-        low_pct: lower percentile.
-        high_pct: upper percentile.
-
-    Returns:
-        ``(x, lo, hi)``: the slice as float32 and its two percentiles.
-
-    Raises:
-        ValueError: non-finite values, or percentiles out of order.
-    """
-    if not 0 <= low_pct < high_pct <= 100:
-        raise ValueError(
-            f"normalize_slice: need 0 <= low_pct < high_pct <= 100, got {low_pct}, {high_pct}"
-        )
-    x = np.asarray(image, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise ValueError("normalize_slice: image contains NaN or infinite values")
-    lo, hi = np.percentile(x, [low_pct, high_pct])
-    return x, float(lo), float(hi)
-
-
-def scale_unit(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """``clip((x - lo) / (hi - lo), 0, 1)`` as float32; zeros when ``hi <= lo``."""
-    if hi <= lo:
-        return np.zeros_like(x, dtype=np.float32)
-    return np.clip((x - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0).astype(np.float32)
-
-
-def normalize_slice(image: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
-    """Scale one slice to ``float32`` in ``[0, 1]`` by robust percentiles.
-
-    The same rule is used for training patches, evaluation, ``mitoseg predict`` and the
-    service (through :func:`mitoseg.plan.normalize_for_plan`, which also recognises blank
-    slices), so 8-bit and 16-bit inputs of the same scene give the same network input.
-
-    Args:
-        image: ``(H, W)`` (or any shape) integer or float array.
-        low_pct: percentile mapped to 0.
-        high_pct: percentile mapped to 1.
-
-    Returns:
-        Array of the same shape, ``float32`` in ``[0, 1]``. A constant image maps to 0.
-
-    Raises:
-        ValueError: non-finite values, or percentiles out of order.
-    """
-    x, lo, hi = robust_range(image, low_pct, high_pct)
-    return scale_unit(x, lo, hi)

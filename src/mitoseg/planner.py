@@ -10,7 +10,7 @@
    (:func:`mitoseg.evaluate.choose_threshold`, fine search, with calibration), the image
    border padding, the z-averaging radius, hysteresis (a seed threshold a region must
    reach) and the inference engine: every engine this build
-   runs (:data:`mitoseg.runtime.ENGINES`) is timed on the validation slices and the
+   runs (:data:`mitoseg.inference.runtime.ENGINES`) is timed on the validation slices and the
    fastest one whose validation score stays within ``engine_tolerance`` of Keras FP32
    is kept.
 
@@ -30,8 +30,9 @@ import numpy as np
 
 from mitoseg.config import EvaluateConfig
 from mitoseg.evaluate import EvaluationResult, choose_threshold, evaluate_stack
+from mitoseg.inference.normalize import Normalization
+from mitoseg.inference.plan import InferencePlan
 from mitoseg.metrics import confusion_matrix, scores_from_confusion
-from mitoseg.plan import InferencePlan, Normalization
 
 __all__ = [
     "EngineTrial",
@@ -87,7 +88,9 @@ def draft_plan(
     class_names: Sequence[str],
     voxel_size_nm: Sequence[float] | None = None,
 ) -> tuple[InferencePlan, dict[str, int]]:
-    """The plan before anything is chosen on data (threshold 0.5, Keras FP32).
+    """The plan before anything is chosen on data (threshold 0.5, Keras FP32): the
+    network's default plan (:func:`mitoseg.model.analysis.default_plan`) with the
+    ``evaluate:`` settings and the measured receptive field and halo.
 
     Args:
         model: the trained Keras model.
@@ -102,14 +105,8 @@ def draft_plan(
         ValueError: the class table does not match the model's outputs, or invalid
             tiling settings.
     """
-    from mitoseg.model.analysis import (
-        flops_per_pixel,
-        halo_for,
-        model_divisor,
-        receptive_field,
-        z_context_of,
-    )
-    from mitoseg.runtime import compile_predictor
+    from mitoseg.inference.runtime import compile_predictor
+    from mitoseg.model.analysis import default_plan, halo_for, receptive_field
 
     channels = int(model.output_shape[-1])
     n_classes = 2 if channels == 1 else channels
@@ -118,29 +115,24 @@ def draft_plan(
             f"the model predicts {n_classes} classes but base.classes lists "
             f"{len(class_names)} ({', '.join(class_names)})"
         )
-    divisor = model_divisor(model)
-    probe = max(512, divisor * 4)
-    z_context = z_context_of(model)
-    field_ = receptive_field(compile_predictor(model), probe=probe, channels=2 * z_context + 1)
+    base = default_plan(model, list(class_names))  # the one default plan of a network
+    probe = max(512, base.divisor * 4)
+    field_ = receptive_field(compile_predictor(model), probe=probe, channels=base.in_channels)
     halo = halo_for(field_["effective"]) if cfg.halo == "auto" else int(cfg.halo)
-    plan = InferencePlan(
-        source="evaluate",
-        n_classes=n_classes,
-        class_names=list(class_names),
-        divisor=divisor,
-        z_context=z_context,
-        z_average=0 if cfg.z_average == "auto" else int(cfg.z_average),
-        receptive_field=field_["full"],
-        normalization=Normalization(blank_range=cfg.blank_range),
-        tile_size=cfg.tile_size,
-        halo=halo,
-        batch_size=cfg.batch_size,
-        tta=cfg.tta,
-        threshold=0.5 if n_classes == 2 else None,
-        threshold_source="default" if n_classes == 2 else "argmax",
-        min_object_size=cfg.min_object_size,
-        voxel_size_nm=list(voxel_size_nm) if voxel_size_nm is not None else None,
-        flops_per_pixel=flops_per_pixel(model, probe=max(256, divisor)) or None,
+    plan = InferencePlan.model_validate(
+        {
+            **base.model_dump(),
+            "source": "evaluate",
+            "z_average": 0 if cfg.z_average == "auto" else int(cfg.z_average),
+            "receptive_field": field_["full"],
+            "normalization": Normalization(blank_range=cfg.blank_range),
+            "tile_size": cfg.tile_size,
+            "halo": halo,
+            "batch_size": cfg.batch_size,
+            "tta": cfg.tta,
+            "min_object_size": cfg.min_object_size,
+            "voxel_size_nm": list(voxel_size_nm) if voxel_size_nm is not None else None,
+        }
     )
     return plan, dict(field_)
 
@@ -190,7 +182,7 @@ class MemoPredictor:
 
 def _score(predict: Any, images: np.ndarray, masks: np.ndarray, plan: InferencePlan) -> float:
     """Foreground IoU (binary) or mean IoU (multiclass) of ``plan`` on labelled slices."""
-    from mitoseg.inference import segment_stack
+    from mitoseg.inference.predict import segment_stack
 
     pred = segment_stack(predict, images, plan)
     cm = confusion_matrix(masks, pred, plan.n_classes)
@@ -264,7 +256,7 @@ def _choose_seed_threshold(
     and the scores (``"none"``, ``"<threshold>/<seed>"``)."""
     if plan.n_classes != 2 or setting != "auto":
         return plan, {}  # a fixed setting is set by make_plan
-    from mitoseg.inference import decide_mask, iter_stack_probabilities
+    from mitoseg.inference.predict import decide_mask, iter_stack_probabilities
     from mitoseg.labels import labelled
 
     known = labelled(masks)  # unlabelled pixels count nowhere
@@ -302,7 +294,7 @@ def _select_engine(
     tolerance: float,
     calibration: np.ndarray | None,
 ) -> tuple[InferencePlan, list[EngineTrial]]:
-    from mitoseg.runtime import compile_predictor
+    from mitoseg.inference.runtime import compile_predictor
 
     trials: list[EngineTrial] = []
     reference: float | None = None
@@ -367,7 +359,7 @@ def make_plan(
     has_val = val_images is not None and val_masks is not None and len(val_images) > 0
     predict: Any = None
     if has_val:  # Keras FP32 for every choice but the engine's, each tile run once
-        from mitoseg.runtime import compile_predictor
+        from mitoseg.inference.runtime import compile_predictor
 
         predict = MemoPredictor(compile_predictor(model))
     if plan.n_classes == 2:
@@ -394,7 +386,7 @@ def make_plan(
             predict, plan, val_images, val_masks, cfg.seed_threshold
         )
         report.forward_passes = {"run": predict.misses, "remembered": predict.hits}
-        from mitoseg.runtime import available_engines
+        from mitoseg.inference.runtime import available_engines
 
         candidates = [e for e in available_engines() if f"{e[0]}/{e[1]}" in cfg.engines]
         plan, report.engines = _select_engine(
@@ -426,6 +418,6 @@ def evaluate_split(
         masks: ``(Z, H, W)`` class indexes.
         progress: show a progress bar.
     """
-    from mitoseg.runtime import predictor_for_plan
+    from mitoseg.inference.runtime import predictor_for_plan
 
     return evaluate_stack(predictor_for_plan(model, plan), images, masks, plan, progress)

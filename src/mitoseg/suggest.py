@@ -1,7 +1,7 @@
 """Which slices and tiles to label next (``mitoseg suggest``): uncertainty ranking.
 
 The model is run over a stack (the plan's tiling and normalisation, as ``mitoseg
-predict`` runs it, through :func:`mitoseg.inference.iter_stack_probabilities`) once as it
+predict`` runs it, through :func:`mitoseg.inference.predict.iter_stack_probabilities`) once as it
 is and once per test-time flip (the input flipped, the output flipped back). Three
 per-pixel uncertainty maps, each in ``[0, 1]``, come out of those probabilities:
 
@@ -397,14 +397,14 @@ def flip_passes(
 ) -> Iterator[list[np.ndarray]]:
     """Per slice, the probabilities of the plain pass and of each flipped pass.
 
-    Every pass is :func:`mitoseg.inference.iter_stack_probabilities` (the function behind
+    Every pass is :func:`mitoseg.inference.predict.iter_stack_probabilities` (the function behind
     ``mitoseg predict``) over the whole stack, flipped in y and/or x; its output is flipped
     back. The passes run slice by slice in lockstep.
 
     Args:
         model_or_fn: Keras model (run on the plan's engine) or batch-predict callable.
         stack: ``(Z, H, W)`` raw intensities.
-        plan: the :class:`~mitoseg.plan.InferencePlan` to run.
+        plan: the :class:`~mitoseg.inference.plan.InferencePlan` to run.
         flips: any of :data:`FLIPS`, each at most once.
         progress: a progress bar over the slices (of the plain pass).
 
@@ -414,7 +414,7 @@ def flip_passes(
     Raises:
         ValueError: an unknown or repeated flip.
     """
-    from mitoseg.inference import iter_stack_probabilities
+    from mitoseg.inference.predict import iter_stack_probabilities
 
     bad = [f for f in flips if f not in FLIPS]
     if bad or len(set(flips)) != len(flips):
@@ -451,7 +451,7 @@ def suggest_stack(
     Args:
         model_or_fn: Keras model or batch-predict callable.
         stack: ``(Z, H, W)`` (or ``(H, W)``) raw intensities.
-        plan: the model's :class:`~mitoseg.plan.InferencePlan`.
+        plan: the model's :class:`~mitoseg.inference.plan.InferencePlan`.
         flips: test-time flips besides the plain pass (:data:`FLIPS`; empty: none).
         tile_size: tile side of the tile ranking, pixels.
         weights: the score's weights.

@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=240)
     args = parser.parse_args()
 
-    from mitoseg.inference import segment_stack
+    from mitoseg.inference.predict import segment_stack
     from mitoseg.metrics import evaluate_masks
     from mitoseg.train import train_model
 

@@ -41,7 +41,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import keras
 
     from mitoseg.config import ModelConfig
-    from mitoseg.io import normalize_slice
+    from mitoseg.inference.normalize import normalize_slice
     from mitoseg.model.analysis import default_plan
     from mitoseg.model.unet import build_unet
 
@@ -151,9 +151,9 @@ def test_package_output_matches_mitoseg_predict(
 ) -> None:
     import zipfile
 
-    from mitoseg.inference import predict_slice
-    from mitoseg.plan import InferencePlan
-    from mitoseg.runtime import predictor_for_plan
+    from mitoseg.inference.plan import InferencePlan
+    from mitoseg.inference.predict import predict_slice
+    from mitoseg.inference.runtime import predictor_for_plan
     from mitoseg.tracking import load_model
 
     with zipfile.ZipFile(package[0]) as zf:

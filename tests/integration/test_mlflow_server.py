@@ -79,7 +79,7 @@ def test_log_register_and_load_through_server(
     figure = tmp_path / "figure.png"
     figure.write_bytes(b"not really a png")
     tracking.log_evaluation(run_id, {"iou": 0.6, "threshold": 0.45}, [figure])
-    from mitoseg.plan import InferencePlan
+    from mitoseg.inference.plan import InferencePlan
 
     plan = InferencePlan.default_for(1, 2, tile_size=64, halo=8, threshold=0.45)
     tracking.log_inference_plan(run_id, plan.write(tmp_path / "plan.json"))

@@ -65,7 +65,12 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict:
             stack = tifffile.imread(SAMPLE / split / f"{name}.tif")[:4, :256, :320]
             (raw / split).mkdir(parents=True, exist_ok=True)
             tifffile.imwrite(raw / split / f"{name}.tif", stack)
-    (raw / "dataset.json").write_text(json.dumps({"source": "test", "mask_kind": "binary"}))
+    from mitoseg.data.fetch import sample_voxel_size
+
+    voxel = sample_voxel_size(SAMPLE)  # as `mitoseg data fetch --source sample` records it
+    (raw / "dataset.json").write_text(
+        json.dumps({"source": "test", "mask_kind": "binary", "voxel_size_nm": voxel})
+    )
     patches = root / "artifacts" / "patches"
     patches.mkdir(parents=True)
     (patches / "meta.json").write_text(json.dumps({"val_slices": [1, 3]}))
@@ -109,7 +114,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict:
           "--train-info", "artifacts/train/train.json",
           "--metrics", "artifacts/evaluate/metrics.json",
           "--out", "artifacts/register/registration.json"], root, env)  # fmt: skip
-    return {"root": root, "env": env, "raw": raw}
+    return {"root": root, "env": env, "raw": raw, "voxel": voxel}
 
 
 def test_the_registry_returns_the_plan_the_stage_wrote(project: dict) -> None:
@@ -117,6 +122,8 @@ def test_the_registry_returns_the_plan_the_stage_wrote(project: dict) -> None:
     written = json.loads((root / "artifacts" / "train" / "inference_plan.json").read_text())
     assert written["source"] == "evaluate" and written["threshold_source"] == "validation"
     assert written["receptive_field"] > 1 and written["halo"] > 0
+    # the data's voxel size travels into the plan (what the bioimage.io export reads)
+    assert written["voxel_size_nm"] == project["voxel"] == [50.0, 4.6, 4.6]
     code = (
         "import json; from mitoseg import tracking; "
         "print(json.dumps(tracking.load_inference_plan('models:/mitoseg-unet@champion')"
@@ -179,3 +186,17 @@ def test_serve_returns_the_mask_predict_writes(project: dict) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         log.close()
+
+
+def test_export_bioimageio_takes_the_data_voxel_size(project: dict) -> None:
+    """``mitoseg export bioimageio --model models:/mitoseg-unet@champion`` with no
+    ``--voxel-size``: the pixel size comes from the data, through the plan."""
+    from bioimageio.spec import load_description
+
+    root, out = project["root"], project["root"] / "pkg"
+    _run([*MITOSEG, "--no-progress", "export", "bioimageio", "--model",
+          "models:/mitoseg-unet@champion", "--out", str(out), "--weights", "keras_v3",
+          "--max-side", "128", "--no-test"], root, project["env"])  # fmt: skip
+    descr = load_description(out / "rdf.yaml")
+    _, y_nm, x_nm = project["voxel"]
+    assert [a.scale for a in descr.inputs[0].axes[1:3]] == pytest.approx([y_nm, x_nm])

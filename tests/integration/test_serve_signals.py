@@ -80,8 +80,8 @@ def model_dir(tmp_path: Path) -> Path:
     import keras
 
     from mitoseg.config import ModelConfig
+    from mitoseg.inference.plan import PLAN_FILE, InferencePlan
     from mitoseg.model.unet import build_unet
-    from mitoseg.plan import PLAN_FILE, InferencePlan
 
     keras.utils.set_random_seed(1)
     model = build_unet(

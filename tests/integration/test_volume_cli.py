@@ -24,8 +24,8 @@ import zarr
 from typer.testing import CliRunner
 
 from mitoseg.cli import app
+from mitoseg.inference.plan import InferencePlan
 from mitoseg.io import write_stack
-from mitoseg.plan import InferencePlan
 from mitoseg.volume.cluster import DROPPED_WORKER_ENV, EXTERNAL_WORKER_ENV, local_cluster
 from servers import free_port
 from volumes import write_ome_zarr
@@ -50,7 +50,7 @@ def _model(root: Path, crop: np.ndarray, width: int = 6, size: int = 3) -> Path:
     crop, so about a quarter of it is foreground, in blobs."""
     import keras
 
-    from mitoseg.io import normalize_slice
+    from mitoseg.inference.normalize import normalize_slice
 
     keras.utils.set_random_seed(7)
     inp = keras.Input((None, None, 1))

@@ -63,7 +63,7 @@ def test_page_and_sample_are_served_without_a_token(server: Server) -> None:
 
 
 def test_preview_is_the_normalised_first_page(server: Server) -> None:
-    from mitoseg.io import normalize_slice
+    from mitoseg.inference.normalize import normalize_slice
 
     img = tifffile.imread(VNC)[3, :200, :300].astype(np.uint16) * 200  # 16-bit upload
     r = server.post("/preview", tiff_bytes(img))
@@ -92,8 +92,8 @@ def test_preview_errors(
 
 
 def test_napari_widget_client_against_the_endpoint(server: Server) -> None:
+    from mitoseg.inference.objects import instance_labels
     from mitoseg.napari._segment import mask_layers, segment_remote
-    from mitoseg.objects import instance_labels
 
     stack = tifffile.imread(VNC)[:2, :160, :224]
     classes, meta = segment_remote(stack, server.url + "/", token=TOKEN)

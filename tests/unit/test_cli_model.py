@@ -17,8 +17,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mitoseg.cli import app
+from mitoseg.inference.plan import InferencePlan
 from mitoseg.io import write_stack
-from mitoseg.plan import InferencePlan
 
 runner = CliRunner()
 
@@ -260,3 +260,36 @@ def test_no_hysteresis_drops_the_plans_seed_threshold(
     assert "seed_threshold 0.99 needs a binary plan with a lower threshold" in result.stderr
     args = ["--out", str(tmp_path / "high"), "--threshold", "0.995", "--no-hysteresis"]
     assert _run(*base, *args).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("input_voxel", "flag", "expected", "note"),
+    [
+        (None, None, (50.0, 4.6, 4.6), True),  # the input says nothing: the plan's
+        ((30.0, 2.0, 2.0), None, (30.0, 2.0, 2.0), False),  # the input's own wins
+        (None, "10,3,3", (10.0, 3.0, 3.0), False),  # --voxel-size wins
+    ],
+    ids=["from_plan", "from_input", "from_flag"],
+)
+def test_predict_carries_the_voxel_size(
+    models: dict[str, Path],
+    tmp_path: Path,
+    input_voxel: tuple[float, float, float] | None,
+    flag: str | None,
+    expected: tuple[float, float, float],
+    note: bool,
+) -> None:
+    from mitoseg.io import read_voxel_size
+
+    model = tmp_path / "m.keras"
+    model.write_bytes(models["binary"].read_bytes())
+    InferencePlan.default_for(
+        1, 1, tile_size=32, halo=4, source="evaluate", voxel_size_nm=[50.0, 4.6, 4.6]
+    ).write(tmp_path / "inference_plan.json")
+    write_stack(tmp_path / "a.tif", _disc_stack(2, 32, 32), input_voxel)
+    args = ["predict", "--model", str(model), str(tmp_path / "a.tif"), "--out", str(tmp_path)]
+    result = _run(*args, *(["--voxel-size", flag] if flag else []))
+    assert result.exit_code == 0, result.output
+    assert read_voxel_size(tmp_path / "a_mask.tif") == pytest.approx(expected)
+    said = "no voxel size in the input; using the model's training data's 50,4.6,4.6 nm"
+    assert (said in result.stderr) is note

@@ -27,8 +27,8 @@ from mitoseg.evaluate import (
     write_figures,
     write_outputs,
 )
+from mitoseg.inference.plan import InferencePlan
 from mitoseg.io import DataError
-from mitoseg.plan import InferencePlan
 
 PLAN = InferencePlan(
     n_classes=2,

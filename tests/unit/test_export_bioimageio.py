@@ -17,8 +17,8 @@ from mitoseg.export.bioimageio import (
     resolve_voxel_size,
     select_test_sample,
 )
+from mitoseg.inference.plan import InferencePlan
 from mitoseg.io import DataError
-from mitoseg.plan import InferencePlan
 
 
 def plan(**fields: object) -> InferencePlan:
@@ -116,7 +116,7 @@ def test_select_test_sample_errors(stack, kwargs, match) -> None:
 
 
 def test_network_input_is_mitoseg_normalisation() -> None:
-    from mitoseg.io import normalize_slice
+    from mitoseg.inference.normalize import normalize_slice
 
     raw = em_stack()[0][..., None]
     x = network_input(raw, plan())

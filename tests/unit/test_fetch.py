@@ -615,3 +615,76 @@ def test_parse_checksums() -> None:
         _parse_checksums(["=abc"])
     with pytest.raises(ValueError, match=r"--sha256 'a=xyz': the checksum must be 64 hex digits"):
         _parse_checksums(["a=xyz"])
+
+
+# ---------------------------------------------------------------- voxel size
+
+
+def test_sample_records_its_voxel_size(tmp_path: Path) -> None:
+    summary = fetch("sample", tmp_path / "raw", progress=False)
+    meta = json.loads((tmp_path / "raw" / "dataset.json").read_text())
+    assert meta["voxel_size_nm"] == summary["voxel_size_nm"] == [50.0, 4.6, 4.6]
+
+
+@pytest.mark.parametrize(
+    ("voxels", "expected"),
+    [
+        ({}, None),  # no calibration anywhere: nothing is invented
+        ({"training.tif": (40.0, 5.0, 5.0), "testing.tif": (40.0, 5.0, 5.0)}, [40.0, 5.0, 5.0]),
+        ({"testing.tif": (30.0, 6.0, 6.0)}, [30.0, 6.0, 6.0]),  # stacks without one agree
+    ],
+    ids=["untagged", "imagej_tags", "one_stack_tagged"],
+)
+def test_folder_voxel_size_from_tiff_tags(
+    tmp_path: Path, voxels: dict[str, tuple[float, float, float]], expected: list[float] | None
+) -> None:
+    from mitoseg.io import read_voxel_size, write_stack
+
+    arrays = _epfl_folder(tmp_path / "epfl")
+    for name, vs in voxels.items():
+        write_stack(tmp_path / "epfl" / name, arrays[name], vs)
+    summary = fetch(str(tmp_path / "epfl"), tmp_path / "raw", progress=False)
+    meta = json.loads((tmp_path / "raw" / "dataset.json").read_text())
+    assert meta["voxel_size_nm"] == summary["voxel_size_nm"]
+    for split in ("train", "test"):  # the written stacks carry it too
+        for name in ("images.tif", "masks.tif"):
+            got = read_voxel_size(tmp_path / "raw" / split / name)
+            assert got == (None if expected is None else pytest.approx(expected))
+    if expected is None:
+        assert meta["voxel_size_nm"] is None
+    else:
+        assert meta["voxel_size_nm"] == pytest.approx(expected)
+
+
+def test_folder_stacks_with_different_voxel_sizes(tmp_path: Path) -> None:
+    from mitoseg.io import write_stack
+
+    arrays = _epfl_folder(tmp_path / "epfl")
+    write_stack(tmp_path / "epfl" / "training.tif", arrays["training.tif"], (40.0, 5.0, 5.0))
+    write_stack(tmp_path / "epfl" / "testing.tif", arrays["testing.tif"], (40.0, 8.0, 8.0))
+    message = (
+        f"{tmp_path / 'epfl' / 'testing.tif'}: voxel size [40.0, 8.0, 8.0] nm differs from "
+        f"{tmp_path / 'epfl' / 'training.tif'}: [40.0, 5.0, 5.0] nm"
+    )
+    with pytest.raises(DataError, match="^" + message.replace("[", r"\[").replace(".", r"\.")):
+        fetch(str(tmp_path / "epfl"), tmp_path / "raw", progress=False)
+    assert not (tmp_path / "raw").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "sample voxel size not found"),
+        ('{"voxel_size_nm": [4.6, 4.6]}', "voxel_size_nm: expected 3 positive numbers"),
+        ('{"voxel_size_nm": [50, 0, 4.6]}', "voxel_size_nm: expected 3 positive numbers"),
+        ("[50, 4.6, 4.6]", "expected a JSON object"),
+    ],
+    ids=["missing", "two_numbers", "zero", "not_an_object"],
+)
+def test_sample_voxel_size_errors(tmp_path: Path, content: str | None, message: str) -> None:
+    from mitoseg.data.fetch import sample_voxel_size
+
+    if content is not None:
+        (tmp_path / "voxel_size.json").write_text(content)
+    with pytest.raises(DataError, match=f"^{tmp_path / 'voxel_size.json'}.*{message}"):
+        sample_voxel_size(tmp_path)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from mitoseg.data.fetch import fetch
+from mitoseg.data.fetch import EPFL_VOXEL_SIZE_NM, fetch
 from mitoseg.data.layout import read_split
 from mitoseg.data.sources_remote import _cache_name, download_url
-from mitoseg.io import DataError
+from mitoseg.io import DataError, read_voxel_size
 from servers import HttpServer
 
 EPFL = ("training.tif", "training_groundtruth.tif", "testing.tif", "testing_groundtruth.tif")
@@ -110,6 +110,11 @@ def test_epfl_download_with_checksums(tmp_path: Path, served: Site) -> None:
     assert meta["base_url"] == served.base
     assert {i["name"].rsplit("/", 1)[1]: i["sha256"] for i in meta["inputs"]} == sums
     assert meta["license"] is None
+    # untagged EPFL files: the dataset's published 5 nm voxels, also in the TIFF tags
+    assert meta["voxel_size_nm"] == summary["voxel_size_nm"] == list(EPFL_VOXEL_SIZE_NM)
+    assert read_voxel_size(tmp_path / "raw" / "train" / "images.tif") == pytest.approx(
+        EPFL_VOXEL_SIZE_NM
+    )
     assert sorted(p for p, _ in served.server.requests) == sorted(
         f"/%20ElectronMicroscopy_Hippocampus/{n}" for n in EPFL
     )

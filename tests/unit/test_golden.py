@@ -2,7 +2,7 @@
 
 The data come from ``tests/golden/regenerate.py`` (a small UNet trained on the bundled VNC
 sample; the crop is from the sample's held-out test split). The test runs the current
-``mitoseg.inference.segment_stack`` on the crop and checks Dice against the stored
+``mitoseg.inference.predict.segment_stack`` on the crop and checks Dice against the stored
 ground-truth mask, and agreement with the mask predicted at generation time.
 """
 
@@ -24,7 +24,7 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 def prediction() -> tuple[np.ndarray, dict]:
     import keras
 
-    from mitoseg.inference import segment_stack
+    from mitoseg.inference.predict import segment_stack
     from mitoseg.model.analysis import default_plan
 
     spec = json.loads((GOLDEN / "golden.json").read_text())

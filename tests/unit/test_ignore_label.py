@@ -188,7 +188,7 @@ def test_instance_metrics_ignore_objects_on_unlabelled_voxels() -> None:
 
 def test_evaluate_stack_and_threshold_choice_score_labelled_pixels_only() -> None:
     from mitoseg.evaluate import choose_threshold, evaluate_stack
-    from mitoseg.plan import InferencePlan
+    from mitoseg.inference.plan import InferencePlan
 
     # pixelwise identity model: probability = normalised intensity (here v / 255). Slice 0:
     # left half 255 (mitochondria, labelled), right half 0 (labelled background); slice 1:

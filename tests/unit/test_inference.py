@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from mitoseg.inference import (
+from mitoseg.inference.normalize import normalize_slice
+from mitoseg.inference.plan import InferencePlan
+from mitoseg.inference.predict import (
     WINDOW_FLOOR,
     as_predict_batch,
     check_tiling,
@@ -22,8 +24,6 @@ from mitoseg.inference import (
     tile_positions,
     window_2d,
 )
-from mitoseg.io import normalize_slice
-from mitoseg.plan import InferencePlan
 
 
 def pixelwise(batch: np.ndarray) -> np.ndarray:

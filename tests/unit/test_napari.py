@@ -310,8 +310,8 @@ def test_napari_opens_tiff_and_ome_zarr_with_the_plugin(
 @pytest.mark.parametrize("ngff", ["0.4", "0.5"])
 def test_reader_reads_the_volume_path_output(tmp_path: Path, ngff: str) -> None:
     """The store ``mitoseg predict`` writes for volumes (:mod:`mitoseg.volume.ngff`)."""
+    from mitoseg.inference.objects import instance_labels
     from mitoseg.napari._reader import get_reader
-    from mitoseg.objects import instance_labels
     from mitoseg.volume.ngff import create_output, write_levels
 
     img = vnc(2, 160, 192)
@@ -395,9 +395,9 @@ def _tiny_model(tmp: Path) -> tuple[Path, Any]:
     import keras
 
     from mitoseg.config import ModelConfig
-    from mitoseg.inference import iter_stack_probabilities
+    from mitoseg.inference.plan import PLAN_FILE, InferencePlan
+    from mitoseg.inference.predict import iter_stack_probabilities
     from mitoseg.model.unet import build_unet
-    from mitoseg.plan import PLAN_FILE, InferencePlan
 
     keras.utils.set_random_seed(3)
     model = build_unet(ModelConfig(depth=2, base_filters=4, batch_norm=False, dropout=0.0), 2)
@@ -444,7 +444,7 @@ def test_segment_worker_keeps_models_and_restarts(tmp_path: Path) -> None:
     after the file is gone, errors raised in the caller, a dead worker replaced."""
     import keras
 
-    from mitoseg.inference import segment_stack
+    from mitoseg.inference.predict import segment_stack
     from mitoseg.napari._segment import SegmentWorker
     from mitoseg.tracking import ModelNotFoundError
 
@@ -486,8 +486,8 @@ def test_widget_segments_the_selected_layer_and_screenshot(
         # Parent (TensorFlow allowed): the tiny model and the reference result.
         import keras
 
-        from mitoseg.inference import segment_stack
-        from mitoseg.objects import instance_labels
+        from mitoseg.inference.objects import instance_labels
+        from mitoseg.inference.predict import segment_stack
 
         model_path, plan = _tiny_model(tmp_path)
         expected = segment_stack(keras.saving.load_model(model_path), img, plan)

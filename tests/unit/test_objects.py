@@ -7,8 +7,8 @@ import csv
 import numpy as np
 import pytest
 
-from mitoseg import objects
-from mitoseg.objects import (
+from mitoseg.inference import objects
+from mitoseg.inference.objects import (
     OBJECT_COLUMNS,
     first_voxels,
     instance_labels,
@@ -214,7 +214,7 @@ def test_evaluate_instance_metrics_binary_and_multiclass() -> None:
 
 
 def test_moments_of_blocks_combine_to_the_whole_volume() -> None:
-    from mitoseg.objects import combine_moments, object_moments, rows_from_moments
+    from mitoseg.inference.objects import combine_moments, object_moments, rows_from_moments
 
     rng = np.random.default_rng(3)
     labels, _ = instance_labels(rng.random((7, 12, 11)) > 0.6)
@@ -234,7 +234,7 @@ def test_instance_metrics_reach_mlflow(tmp_path, monkeypatch) -> None:
 
     from mitoseg import tracking
     from mitoseg.evaluate import evaluate_stack
-    from mitoseg.plan import InferencePlan
+    from mitoseg.inference.plan import InferencePlan
     from tracking_state import reset_tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -24,8 +24,8 @@ from mitoseg.data.patches import (
     unpatchify_slice,
     unpatchify_stack,
 )
+from mitoseg.inference.plan import context_window
 from mitoseg.io import DataError, read_stack, write_stack
-from mitoseg.plan import context_window
 
 SAMPLE = Path(str(files("mitoseg") / "sample_data" / "vnc"))
 FILES = ["meta.json", "train_images.npy", "train_masks.npy", "val_images.npy", "val_masks.npy"]

@@ -11,18 +11,39 @@ import pytest
 from pydantic import ValidationError
 from scipy import ndimage
 
-from mitoseg.io import DataError
-from mitoseg.model.analysis import halo_for, receptive_field
-from mitoseg.plan import (
+from mitoseg.inference.normalize import Normalization, normalize_for_plan
+from mitoseg.inference.plan import (
     CALIBRATION_FILE,
     PLAN_FILE,
     InferencePlan,
-    Normalization,
-    normalize_for_plan,
+    foreground_class,
     plan_path_for,
 )
+from mitoseg.io import DataError
+from mitoseg.model.analysis import halo_for, receptive_field
 
 BINARY = {"n_classes": 2, "class_names": ["background", "mitochondria"]}
+
+
+@pytest.mark.parametrize(
+    ("class_names", "expected"),
+    [
+        (["background", "mitochondria"], 1),
+        (["bg", "fg"], 1),  # binary: the one foreground class, whatever its name
+        (["mitochondria", "background"], 1),  # class 0 is the background, never it
+        (["background", "membrane", "mitochondria", "synapse"], 2),
+        (["background", "membrane", "Mitochondria"], None),  # the exact name only
+        (["background", "mito", "membrane"], None),
+        (["class_0", "class_1", "class_2"], None),
+    ],
+    ids=["binary_named", "binary_other_name", "binary_named_first", "multiclass_named",
+         "multiclass_other_case", "multiclass_short_name", "multiclass_unnamed"],
+)  # fmt: skip
+def test_foreground_class(class_names: list[str], expected: int | None) -> None:
+    assert foreground_class(class_names) == expected
+    plan = InferencePlan.default_for(1 if len(class_names) == 2 else len(class_names), 16,
+                                     class_names=class_names)  # fmt: skip
+    assert plan.foreground_class == expected
 
 
 def test_defaults_and_derived_fields() -> None:

@@ -1,7 +1,7 @@
 """Inference engines on a small real Keras UNet: agreement with Keras FP32, the batch
 contract (shapes, dtype, varying tile sizes), determinism and the error paths.
 
-Every engine of :data:`mitoseg.runtime.ENGINES` is exercised: those that run here are
+Every engine of :data:`mitoseg.inference.runtime.ENGINES` is exercised: those that run here are
 compared against Keras FP32, those that do not (e.g. bf16 on a CPU without BF16) must be
 refused with the exact message.
 """
@@ -14,8 +14,13 @@ import numpy as np
 import pytest
 
 from mitoseg.config import ModelConfig
-from mitoseg.plan import InferencePlan
-from mitoseg.runtime import ENGINES, available_engines, compile_predictor, predictor_for_plan
+from mitoseg.inference.plan import InferencePlan
+from mitoseg.inference.runtime import (
+    ENGINES,
+    available_engines,
+    compile_predictor,
+    predictor_for_plan,
+)
 
 #: Largest (mean, max) absolute probability difference to Keras FP32 per precision. INT8's
 #: single worst pixel depends on the CPU's int8 kernels (AVX-512 VNNI or AVX2): on this

@@ -14,7 +14,7 @@ from PIL import Image
 
 from encoded import png_bytes, tiff_bytes
 from mitoseg.config import ServeConfig
-from mitoseg.serving.analysis import foreground_index, mask_stats
+from mitoseg.serving.analysis import mask_stats
 from mitoseg.serving.codec import (
     Limits,
     UploadError,
@@ -355,12 +355,6 @@ def test_mask_stats_counts_areas_centroids() -> None:
     assert (empty["count"], empty["objects"], empty["area_fraction"]) == (0, [], 0.0)
     with pytest.raises(ValueError, match=r"^mask_stats: expected \(H, W\), got shape \(1, 4, 4\)$"):
         mask_stats(np.zeros((1, 4, 4), np.uint8))
-
-
-def test_foreground_index() -> None:
-    assert foreground_index(["background", "mitochondria"]) == 1
-    assert foreground_index(["background", "membrane", "Mitochondria"]) == 2
-    assert foreground_index(["bg", "fg"]) == 1
 
 
 # ---------------------------------------------------------------- middleware

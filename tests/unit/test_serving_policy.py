@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mitoseg.config import ServeConfig
-from mitoseg.plan import InferencePlan
+from mitoseg.inference.plan import InferencePlan
 from mitoseg.serving.settings import (
     ComputeBudget,
     OverBudget,
@@ -400,7 +400,7 @@ SERVICE_PROBE = r"""
 import json, sys
 import bentoml
 import mitoseg.serving.service as service
-from mitoseg.plan import PLAN_FILE, InferencePlan
+from mitoseg.inference.plan import PLAN_FILE, InferencePlan
 
 out = {"heavy_at_import": sorted(m for m in ("keras", "tensorflow") if m in sys.modules)}
 out["store_at_import"] = __import__("os").path.exists(sys.argv[1] + "/models")

@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mitoseg.cli import app
+from mitoseg.inference.plan import InferencePlan
 from mitoseg.io import write_stack
-from mitoseg.plan import InferencePlan
 from mitoseg.suggest import (
     SuggestReport,
     SuggestWeights,

@@ -506,7 +506,7 @@ def test_load_model_by_alias_version_and_info(logged: dict[str, Any]) -> None:
 def test_inference_plan_travels_with_the_registered_model(
     logged: dict[str, Any], tmp_path: Path
 ) -> None:
-    from mitoseg.plan import InferencePlan
+    from mitoseg.inference.plan import InferencePlan
 
     run_id = logged["run_id"]
     assert tracking.load_inference_plan(logged["uri"]) is None

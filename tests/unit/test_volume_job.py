@@ -2,7 +2,7 @@
 
 The "model" is a 5x5 box blur of the mean input channel (so tiles, halos and blending
 matter and a 2.5D plan's context slices change the answer); the reference is
-whole-stack :func:`mitoseg.inference.segment_stack` with the same plan. Inputs are
+whole-stack :func:`mitoseg.inference.predict.segment_stack` with the same plan. Inputs are
 OME-Zarr (NGFF 0.4 and 0.5), plain Zarr and TIFF with small odd chunks, so every block
 and chunk border is crossed.
 """
@@ -18,10 +18,10 @@ import tifffile
 import zarr
 from distributed import Client, LocalCluster
 
-from mitoseg.inference import segment_stack
+from mitoseg.inference.objects import instance_labels, measure_objects
+from mitoseg.inference.plan import InferencePlan
+from mitoseg.inference.predict import segment_stack
 from mitoseg.io import DataError
-from mitoseg.objects import instance_labels, measure_objects
-from mitoseg.plan import InferencePlan
 from mitoseg.volume import ngff
 from mitoseg.volume.job import BLOCK_PARTS, run_volume_job
 from mitoseg.volume.spec import auto_block_z
@@ -230,7 +230,7 @@ def test_yx_pyramid_levels_follow_the_block_side(client: Client, tmp_path: Path)
 
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16"])
 def test_slice_percentiles_from_histogram_equal_numpy(dtype: str) -> None:
-    from mitoseg.io import robust_range
+    from mitoseg.inference.normalize import robust_range
     from mitoseg.volume.tiles import percentiles_from_counts
 
     rng = np.random.default_rng(3)
@@ -426,7 +426,7 @@ _KILL_SCRIPT = """
 import sys, time
 import numpy as np
 from distributed import Client, LocalCluster
-from mitoseg.plan import InferencePlan
+from mitoseg.inference.plan import InferencePlan
 from mitoseg.volume.job import run_volume_job
 
 

@@ -13,9 +13,9 @@ import tifffile
 from typer.testing import CliRunner
 
 from mitoseg.cli import app
+from mitoseg.inference.objects import instance_labels
+from mitoseg.inference.plan import InferencePlan
 from mitoseg.io import DataError, read_voxel_size, write_stack
-from mitoseg.objects import instance_labels
-from mitoseg.plan import InferencePlan
 
 runner = CliRunner()
 

@@ -139,7 +139,8 @@ def predict(
     voxel_size: str | None = typer.Option(
         None,
         "--voxel-size",
-        help="Z,Y,X voxel size in nm (default: from the input's TIFF/ImageJ/OME metadata)",
+        help="Z,Y,X voxel size in nm (default: from the input's TIFF/ImageJ/OME metadata, "
+        "else the model's training data's, from its inference plan)",
     ),
     instances: bool = typer.Option(
         False,
@@ -176,7 +177,8 @@ def predict(
     """Segment images with the model's inference plan; write OUT/<name>_mask.tif each.
 
     Masks keep the input's (Z,) H, W shape; binary: 0/255, multiclass: class index. The
-    input's voxel size (or --voxel-size) is written into every output TIFF. A Zarr /
+    input's voxel size (or --voxel-size; else the plan's, that of the model's training
+    data) is written into every output TIFF. A Zarr /
     OME-Zarr input, or an --out ending in .zarr, runs blockwise on Dask (see
     :mod:`mitoseg.volume`): OME-Zarr image + pyramid, labels/mask, labels/instances and
     objects.csv; resumable after a kill.
@@ -220,10 +222,14 @@ def _predict_volume(
         )
 
     try:  # bad input is reported before the model is loaded
-        open_volume(source, voxel_size).close()
+        vol = open_volume(source, voxel_size)
+        own = vol.voxel_size_nm
+        vol.close()
     except (DataError, ValueError) as exc:
         fail(str(exc))
     net, plan = load_model_and_plan(model, **overrides)
+    if own is None:  # the input says nothing: the training data's, from the plan
+        voxel_size = _plan_voxel_size(plan, source)
     try:
         summary = run_volume_job(
             source,
@@ -257,9 +263,9 @@ def _predict_files(
     voxel_size: tuple[float, float, float] | None,
     instances: bool,
 ) -> None:
-    from mitoseg.inference import mask_to_image, segment_stack
+    from mitoseg.inference.predict import mask_to_image, segment_stack
+    from mitoseg.inference.runtime import predictor_for_plan
     from mitoseg.io import DataError, read_stack, read_voxel_size, write_stack
-    from mitoseg.runtime import predictor_for_plan
 
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
@@ -276,6 +282,7 @@ def _predict_files(
         try:
             stack = read_stack(path)
             vs = voxel_size if voxel_size is not None else read_voxel_size(path)
+            vs = vs if vs is not None else _plan_voxel_size(plan, str(path))
             mask = segment_stack(predict_batch, stack, plan, progress=options().progress)
         except (DataError, ValueError) as exc:
             fail(str(exc))
@@ -289,6 +296,19 @@ def _predict_files(
         typer.echo(f"{path} {tuple(stack.shape)} -> {target} (foreground {fg:.1%}){extra}")
 
 
+def _plan_voxel_size(plan: Any, where: str) -> tuple[float, float, float] | None:
+    """The plan's (training data's) voxel size for an input without one, said on stderr."""
+    if plan.voxel_size_nm is None:
+        return None
+    z, y, x = (float(v) for v in plan.voxel_size_nm)
+    typer.echo(
+        f"{where}: no voxel size in the input; using the model's training data's "
+        f"{z:g},{y:g},{x:g} nm (Z,Y,X; --voxel-size to set it)",
+        err=True,
+    )
+    return z, y, x
+
+
 def _write_instances(
     path: Path,
     stack: Any,
@@ -299,12 +319,10 @@ def _write_instances(
     squeeze: bool,
 ) -> str:
     """Instance labels + object table of one predicted stack; returns a note for the log."""
+    from mitoseg.inference.objects import instance_labels, measure_objects, write_object_table
     from mitoseg.io import write_stack
-    from mitoseg.objects import instance_labels, measure_objects, write_object_table
 
-    k = 1 if plan.n_classes == 2 else None
-    if k is None and "mitochondria" in plan.class_names:
-        k = plan.class_names.index("mitochondria")
+    k = plan.foreground_class
     if k is None:
         fail(
             "--instances needs a binary model or a class named 'mitochondria' "

@@ -109,8 +109,8 @@ def suggest(
     Slice numbers count from the start of the input, also with --z-range.
     """
     from mitoseg.cli.model import _overrides, load_model_and_plan
+    from mitoseg.inference.runtime import predictor_for_plan
     from mitoseg.io import DataError
-    from mitoseg.runtime import predictor_for_plan
     from mitoseg.suggest import SuggestWeights, suggest_stack, write_suggestions
 
     flip_list = _parse_flips(flips)

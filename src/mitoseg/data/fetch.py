@@ -24,7 +24,15 @@ values for ``"labels"``) as zlib multi-page TIFF, plus ``OUT/dataset.json``::
      "splits": {"train": {"n_slices", "height", "width", "dtype", "mask_dtype",
                           "sha256": {"images.tif": hex, "masks.tif": hex}}, "test": {...}},
      "license": str | null,
+     "voxel_size_nm": [z, y, x] | null,
      "inputs": [{"name": path or URL, "sha256": hex, "bytes": int}, ...]}
+
+Voxel size: read from the source - the sample's ``voxel_size.json``, the TIFF tags of
+the input stacks (:func:`mitoseg.io.read_voxel_size`: ImageJ spacing/unit, resolution
+tags; every stack that has one must agree), else for ``epfl`` the dataset's published
+:data:`EPFL_VOXEL_SIZE_NM` - and recorded in ``dataset.json`` and the written TIFF tags;
+the evaluate stage puts it into the inference plan, from where ``mitoseg predict``, the
+service and the bioimage.io export read it. None when the source does not say.
 
 Checksums: the published EPFL files have no official checksums, and the maintainers could
 not download them to pin any, so :data:`EPFL_SHA256` starts empty (``None`` = not
@@ -71,11 +79,20 @@ from mitoseg.data.sources_remote import (
     list_s3,
     sha256_file,
 )
-from mitoseg.io import DataError, atomic_dir, write_json, write_stack
+from mitoseg.errors import DataError
+from mitoseg.io import (
+    atomic_dir,
+    check_voxel_size,
+    read_json_object,
+    read_voxel_size,
+    write_json,
+    write_stack,
+)
 
 __all__ = [
     "EPFL_BASE_URL",
     "EPFL_SHA256",
+    "EPFL_VOXEL_SIZE_NM",
     "SAMPLE_LICENSE",
     "bundled_manifest",
     "fetch",
@@ -88,10 +105,15 @@ EPFL_BASE_URL = (
 )
 #: Pinned SHA-256 of the EPFL files; ``None`` = not pinned yet (see the module docstring).
 EPFL_SHA256: dict[str, str | None] = {name: None for pair in EPFL_FILES.values() for name in pair}
+#: ``(z, y, x)`` nm of the EPFL hippocampus volume ("approximately 5x5x5 nm" per voxel,
+#: the dataset's page), used when its TIFFs carry no calibration.
+EPFL_VOXEL_SIZE_NM = (5.0, 5.0, 5.0)
 #: Licence of the bundled sample (see ``sample_data/vnc/NOTICE.md``).
 SAMPLE_LICENSE = "CC BY-NC-SA 3.0 (Gerhard et al. 2013, doi:10.6084/m9.figshare.856713)"
 _SAMPLE_NAMES = ("vnc",)
 _NOTICE = "NOTICE.md"
+#: File of a bundled sample holding its ``voxel_size_nm`` (z, y, x).
+_VOXEL_FILE = "voxel_size.json"
 
 
 class _Unchanged(Exception):
@@ -184,13 +206,15 @@ def fetch(
                 refs, license_ = _refs(kind, resolved, base_url, Path(staging))
                 inputs: list[dict[str, Any]] = []
                 resolve = _resolver(cache, Path(staging), sums, progress, inputs)
-                info = _build_arrays(refs, tmp, mask_kind, resolve)
+                default = EPFL_VOXEL_SIZE_NM if kind == "epfl" else None
+                info, voxel = _build_arrays(refs, tmp, mask_kind, resolve, default)
                 info = {
                     "source": source,
                     "kind": kind,
                     "mask_kind": mask_kind,
                     "splits": info,
                     "license": license_,
+                    "voxel_size_nm": voxel,
                     "inputs": inputs,
                 }
                 if kind == "epfl":
@@ -340,11 +364,25 @@ def _build_arrays(
     tmp: Path,
     mask_kind: str,
     resolve: Callable[[str], tuple[Path, str]],
-) -> dict[str, Any]:
+    default_voxel: tuple[float, float, float] | None = None,
+) -> tuple[dict[str, Any], list[float] | None]:
+    """Write the splits of ``refs``; returns their ``dataset.json`` entries and the
+    voxel size (the image stacks' TIFF calibration, else ``default_voxel``)."""
     splits: dict[str, Any] = {}
     shapes: dict[str, tuple[int, ...]] = {}
+    found: dict[str, tuple[float, float, float]] = {}  # image location -> voxel size
+    image_locs = {ref.image for split in SPLITS for ref in refs[split]}
+
+    def resolve_and_measure(loc: str) -> tuple[Path, str]:
+        path, name = resolve(loc)
+        if loc in image_locs and path.is_file():
+            vs = read_voxel_size(path)
+            if vs is not None:
+                found[name] = vs
+        return path, name
+
     for split in SPLITS:
-        images, masks = load_split(split, refs[split], mask_kind, resolve)
+        images, masks = load_split(split, refs[split], mask_kind, resolve_and_measure)
         if shapes and images.shape[1:] != next(iter(shapes.values()))[1:]:
             first = next(iter(shapes))
             raise DataError(
@@ -352,11 +390,32 @@ def _build_arrays(
                 f"{first} slices {shapes[first][1:]}"
             )
         shapes[split] = images.shape
-        write_stack(tmp / split / IMAGES, images)
+        splits[split] = (images, masks)
+    voxel = _agreed_voxel_size(found) or default_voxel
+    for split, (images, masks) in splits.items():
+        write_stack(tmp / split / IMAGES, images, voxel)
         if masks is not None:
-            write_stack(tmp / split / MASKS, masks)
+            write_stack(tmp / split / MASKS, masks, voxel)
         splits[split] = _split_info(tmp / split, images, masks)
-    return splits
+    return splits, None if voxel is None else [float(v) for v in voxel]
+
+
+def _agreed_voxel_size(
+    found: dict[str, tuple[float, float, float]],
+) -> tuple[float, float, float] | None:
+    """The one voxel size of the input stacks that have one, or None.
+
+    Raises:
+        DataError: two stacks disagree (names both and their sizes).
+    """
+    items = list(found.items())
+    for name, vs in items[1:]:
+        if not np.allclose(vs, items[0][1], rtol=1e-3):
+            raise DataError(
+                f"{name}: voxel size {list(vs)} nm differs from {items[0][0]}: "
+                f"{list(items[0][1])} nm (one dataset, one voxel size)"
+            )
+    return items[0][1] if items else None
 
 
 def _split_info(folder: Path, images: np.ndarray, masks: np.ndarray | None) -> dict[str, Any]:
@@ -408,8 +467,23 @@ def _build_sample(folder: Path, tmp: Path, mask_kind: str, source: str) -> dict[
         "mask_kind": mask_kind,
         "splits": splits,
         "license": SAMPLE_LICENSE,
+        "voxel_size_nm": sample_voxel_size(folder),
         "inputs": inputs,
     }
+
+
+def sample_voxel_size(folder: str | Path) -> list[float]:
+    """``[z, y, x]`` nm of a bundled sample, from its ``voxel_size.json``.
+
+    Raises:
+        DataError: the file is missing or does not hold 3 positive numbers (named).
+    """
+    path = Path(folder) / _VOXEL_FILE
+    data = read_json_object(path, "sample voxel size")
+    try:
+        return list(check_voxel_size(data.get("voxel_size_nm"), f"{path} voxel_size_nm"))
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -432,6 +506,7 @@ def _summary(out: Path, source: str, status: str) -> dict[str, Any]:
         "kind": info["kind"],
         "mask_kind": info["mask_kind"],
         "status": status,
+        "voxel_size_nm": info.get("voxel_size_nm"),
         "splits": {
             split: {k: v for k, v in meta.items() if k != "sha256"}
             for split, meta in info["splits"].items()

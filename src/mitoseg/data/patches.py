@@ -25,9 +25,10 @@ from patchify import patchify, unpatchify
 from mitoseg.checks import check_array
 from mitoseg.config import BaseConfig, PatchifyConfig
 from mitoseg.data.layout import read_split, split_paths
-from mitoseg.io import DataError, atomic_dir, normalize_slice, write_json
+from mitoseg.inference.normalize import normalize_slice
+from mitoseg.inference.plan import context_window
+from mitoseg.io import DataError, atomic_dir, write_json
 from mitoseg.labels import IGNORE_INDEX, has_labels, labelled
-from mitoseg.plan import context_window
 from mitoseg.progress import progress_iter
 
 __all__ = [
@@ -246,7 +247,7 @@ def network_inputs(stack: np.ndarray, slices: list[int], z_context: int = 0) -> 
     Args:
         stack: ``(Z, H, W)`` raw slices.
         slices: indexes into ``stack``.
-        z_context: 2.5D context ``k`` (:func:`mitoseg.inference.context_window`).
+        z_context: 2.5D context ``k`` (:func:`mitoseg.inference.predict.context_window`).
 
     Returns:
         ``(N, H, W)`` uint8 (:func:`to_uint8` of each slice), or ``(N, H, W, 2k + 1)``
@@ -390,7 +391,7 @@ def make_patch_dataset(
     ``train_images.npy`` ``(N, P, P)`` uint8 (``(N, P, P, 2k + 1)`` for 2.5D,
     ``cfg.z_context = k > 0``: channel ``j`` holds slice ``context_window(z, Z, k)[j]`` of the
     train stack, the patch's own slice in the middle, neighbours clamped at the stack ends,
-    as :func:`mitoseg.inference.iter_stack_probabilities` gives them at inference),
+    as :func:`mitoseg.inference.predict.iter_stack_probabilities` gives them at inference),
     ``train_masks.npy`` ``(N, P, P)`` uint8 class index, ``val_images.npy`` /
     ``val_masks.npy`` (same, from the validation slices; ``N = 0`` when there are none) and
     ``meta.json``.

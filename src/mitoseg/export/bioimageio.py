@@ -36,8 +36,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from mitoseg.checks import check_stack
+from mitoseg.inference.normalize import Normalization, normalize_for_plan
+from mitoseg.inference.plan import InferencePlan
 from mitoseg.io import atomic_dir, atomic_path
-from mitoseg.plan import InferencePlan, Normalization, normalize_for_plan
 
 __all__ = [
     "INPUT_ID",
@@ -502,7 +503,11 @@ def build_model_description(
 
     y_nm, x_nm = voxel_size_nm
     in_names = _channel_names(in_channels)
-    out_names = [plan.class_names[-1]] if plan.out_channels == 1 else list(plan.class_names)
+    out_names = (
+        [plan.class_names[plan.foreground_class or 1]]  # binary: always class 1
+        if plan.out_channels == 1
+        else list(plan.class_names)
+    )
     size = v.ParameterizedSize(min=_min_side(plan), step=plan.divisor)
     norm = plan.normalization
     input_descr = v.InputTensorDescr(

@@ -2,7 +2,7 @@
 
 * :func:`receptive_field` measures how far an input pixel reaches into the output, by
   an impulse: two inputs that differ in one pixel give outputs that differ exactly
-  inside the receptive field. It works on any :data:`mitoseg.inference.PredictBatch`,
+  inside the receptive field. It works on any :data:`mitoseg.inference.predict.PredictBatch`,
   so it is tested with predictors whose receptive field is known by construction.
 * :func:`halo_for` turns a measured receptive field into the tile halo.
 * :func:`model_divisor` and :func:`flops_per_pixel` read a Keras model's structure.
@@ -166,7 +166,7 @@ def flops_per_pixel(model: Any, probe: int = 256) -> float:
 def default_plan(model: Any, class_names: list[str] | None = None) -> Any:
     """:meth:`InferencePlan.default_for` a Keras model: output channels, divisor and
     FLOPs per pixel read from the network; threshold 0.5 (``source="default"``)."""
-    from mitoseg.plan import InferencePlan
+    from mitoseg.inference.plan import InferencePlan
 
     divisor = model_divisor(model)
     return InferencePlan.default_for(

@@ -5,7 +5,7 @@
   and labels layers, with the voxel size (nm, ``z, y, x``) as the layers' ``scale``.
 * Widget (:mod:`mitoseg.napari._widget`): segments the selected image layer with a local
   model URI (``.keras`` path, ``models:/...``, ``runs:/...``, run through its inference
-  plan by :func:`mitoseg.inference.segment_stack`) or a running mitoseg endpoint
+  plan by :func:`mitoseg.inference.predict.segment_stack`) or a running mitoseg endpoint
   (``POST /segment_stack``), and adds the mask and instance layers.
 
 Nothing here imports Qt at module import: the reader and the segmentation core

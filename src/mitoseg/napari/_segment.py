@@ -3,7 +3,7 @@
 * :func:`segment_local`: a model URI (``.keras`` path, ``models:/name@alias``,
   ``models:/name/1``, ``runs:/id/model``) loaded with its inference plan
   (:func:`mitoseg.tracking.load_model_and_plan`) and run by
-  :func:`mitoseg.inference.segment_stack`, exactly as ``mitoseg predict`` runs it.
+  :func:`mitoseg.inference.predict.segment_stack`, exactly as ``mitoseg predict`` runs it.
   The widget calls it through its own :class:`SegmentWorker`: one spawned worker process
   that keeps the models it loaded between calls. TensorFlow never loads into the napari
   process: TensorFlow and Mesa's software OpenGL (llvmpipe, used by napari under Xvfb,
@@ -13,7 +13,7 @@
   a multi-page TIFF to ``POST /segment_stack``; ``POST /metadata`` says how to read the
   returned mask (binary 0/255 or class indexes).
 * :func:`mask_layers`: the class mask and its instance labels
-  (:func:`mitoseg.objects.instance_labels`) as napari layer data tuples on the scale of
+  (:func:`mitoseg.inference.objects.instance_labels`) as napari layer data tuples on the scale of
   the source image.
 """
 
@@ -54,7 +54,7 @@ def as_stack(data: Any, rgb: bool = False) -> np.ndarray:
     Raises:
         ValueError: not a 2D image or a 3D stack.
     """
-    from mitoseg.io import to_gray
+    from mitoseg.pixels import to_gray
 
     if isinstance(data, list | tuple):
         data = data[0]
@@ -86,7 +86,7 @@ def segment_local(
         ValueError: empty URI or bad stack.
         mitoseg.tracking.ModelNotFoundError: unknown model URI.
     """
-    from mitoseg.inference import segment_stack
+    from mitoseg.inference.predict import segment_stack
     from mitoseg.tracking import load_model_and_plan
 
     uri = model_uri.strip()
@@ -277,11 +277,13 @@ def mask_layers(
     Returns:
         ``[(classes, kwargs, "labels"), (uint32 instance labels, kwargs, "labels")]``.
     """
-    from mitoseg.objects import instance_labels
-    from mitoseg.serving.analysis import foreground_index
+    from mitoseg.inference.objects import instance_labels
+    from mitoseg.inference.plan import foreground_class
 
-    fg = foreground_index(list(class_names))
-    instances, n = instance_labels(classes == fg, min_object_size)
+    fg = foreground_class(list(class_names))
+    instances, n = instance_labels(
+        classes == fg if fg is not None else np.zeros(classes.shape, bool), min_object_size
+    )
     colors: dict[int | None, Any] = {0: "transparent", None: "transparent"}
     if len(class_names) == 2:
         colors[1] = MASK_COLOR

@@ -9,16 +9,7 @@ import numpy as np
 from mitoseg.checks import check_array
 from mitoseg.metrics import label_objects
 
-__all__ = ["foreground_index", "mask_stats"]
-
-
-def foreground_index(class_names: list[str]) -> int:
-    """Class index counted as mitochondria: the class named ``mitochondria`` (any case),
-    else class 1."""
-    for i, name in enumerate(class_names):
-        if name.lower() in ("mitochondria", "mitochondrion", "mito"):
-            return i
-    return 1
+__all__ = ["mask_stats"]
 
 
 def mask_stats(
@@ -45,7 +36,7 @@ def mask_stats(
         ``{"height", "width", "count", "area_fraction", "foreground_pixels",
         "pixel_size_nm", "objects": [{"id", "area", "centroid": [y, x], "bbox": [y0, x0,
         y1, x1], "area_nm2", "mean_intensity", "elongation"}]}``
-        (:func:`mitoseg.objects.measure_objects`; ``area_nm2`` / ``mean_intensity`` are
+        (:func:`mitoseg.inference.objects.measure_objects`; ``area_nm2`` / ``mean_intensity`` are
         None without a pixel size / image);
         ``area_fraction`` is the fraction of the image covered by the foreground class
         (all of it, small objects included); centroids are in pixel coordinates.
@@ -66,7 +57,7 @@ def mask_stats(
         cx = np.bincount(idx, weights=xs.ravel(), minlength=n + 1)
         from scipy import ndimage
 
-        from mitoseg.objects import measure_objects
+        from mitoseg.inference.objects import measure_objects
 
         slices = ndimage.find_objects(labels)
         voxel = None if pixel_size_nm is None else (1.0, *map(float, pixel_size_nm))

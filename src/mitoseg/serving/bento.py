@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mitoseg.config import ServeConfig
-from mitoseg.plan import PLAN_FILE, InferencePlan
+from mitoseg.inference.plan import PLAN_FILE, InferencePlan
 
 __all__ = [
     "BENTO_MODEL_NAME",
@@ -75,7 +75,7 @@ def build_metadata(
 ) -> dict[str, Any]:
     """Metadata stored with the BentoML model (and returned by ``/metadata``).
 
-    The plan itself travels as the file :data:`mitoseg.plan.PLAN_FILE` in the model
+    The plan itself travels as the file :data:`mitoseg.inference.plan.PLAN_FILE` in the model
     directory; the metadata repeats its decisions for display and its hash for identity.
 
     Args:

@@ -308,7 +308,7 @@ class JobRunner:
 
     Args:
         load_model: returns ``(model, plan)`` (a Keras model and its
-            :class:`~mitoseg.plan.InferencePlan`); called once, at the first job.
+            :class:`~mitoseg.inference.plan.InferencePlan`); called once, at the first job.
     """
 
     def __init__(self, load_model: Callable[[], tuple[Any, Any]]) -> None:

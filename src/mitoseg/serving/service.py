@@ -3,10 +3,10 @@
 Two services, one process each under ``bentoml serve``:
 
 * :class:`UNetRunner` holds the model on the engine its inference plan names
-  (:func:`mitoseg.runtime.predictor_for_plan`, built once; ``resources={"gpu": 1}``:
+  (:func:`mitoseg.inference.runtime.predictor_for_plan`, built once; ``resources={"gpu": 1}``:
   TensorFlow uses the GPU when the machine has one, the CPU otherwise) and exposes
   ``segment_classes``: a decoded ``(Z, H, W)`` stack -> ``(Z, H, W)`` uint8 classes, by
-  the one inference implementation, :func:`mitoseg.inference.segment_stack`, with the
+  the one inference implementation, :func:`mitoseg.inference.predict.segment_stack`, with the
   model's plan (only raw slices and uint8 classes cross the process boundary, not float
   tiles). Its :class:`~mitoseg.serving.settings.TileBatcher`
   merges the tiles of concurrent requests into forward passes of up to
@@ -61,9 +61,9 @@ import numpy as np
 from starlette.responses import JSONResponse, Response
 
 from mitoseg.config import ServeConfig
-from mitoseg.inference import mask_to_image, segment_stack
-from mitoseg.plan import PLAN_FILE, InferencePlan
-from mitoseg.serving.analysis import foreground_index, mask_stats
+from mitoseg.inference.plan import PLAN_FILE, InferencePlan
+from mitoseg.inference.predict import mask_to_image, segment_stack
+from mitoseg.serving.analysis import mask_stats
 from mitoseg.serving.bento import BENTO_MODEL_NAME, MODEL_FILE, MODEL_TAG_ENV
 from mitoseg.serving.codec import (
     Limits,
@@ -203,7 +203,7 @@ class UNetRunner:
         import keras
 
         import mitoseg.model.unet  # noqa: F401  (registers custom objects, if any)
-        from mitoseg.runtime import predictor_for_plan
+        from mitoseg.inference.runtime import predictor_for_plan
 
         self.deployment = load_deployment(type(self).model_ref)
         model = keras.saving.load_model(self.deployment.path / MODEL_FILE, compile=False)
@@ -371,7 +371,10 @@ class MitoSeg:
         except UploadError as exc:
             return _error(exc)  # type: ignore[return-value]
         plan = self.plan
-        fg = foreground_index(plan.class_names)
+        fg = plan.foreground_class
+        if fg is None:
+            msg = f"the model has no class named 'mitochondria' (classes: {plan.class_names})"
+            return _error(UploadError(422, "no_mitochondria_class", msg))  # type: ignore[return-value]
         if pixel_size_nm is not None:
             pixel: tuple[float, float] | None = (pixel_size_nm, pixel_size_nm)
         elif plan.voxel_size_nm is not None:
@@ -385,7 +388,7 @@ class MitoSeg:
     def preview(self, image: Path) -> Path:
         """The first page of an upload as an 8-bit PNG (robust 0.5-99.5 % intensity
         range), for the web page: browsers do not display TIFF."""
-        from mitoseg.io import normalize_slice
+        from mitoseg.inference.normalize import normalize_slice
 
         try:
             page = decode_upload(self._upload_bytes(image), self.limits, max_pages=1)[0]

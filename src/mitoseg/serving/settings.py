@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from mitoseg.config import ServeConfig
-from mitoseg.plan import InferencePlan
+from mitoseg.inference.plan import InferencePlan
 from mitoseg.serving.codec import UploadError
 
 __all__ = [
@@ -244,7 +244,7 @@ class TileBatcher:
 
     Args:
         predict: ``(B, TH, TW, 1) float32 -> (B, TH, TW, C) float32``, e.g.
-            :func:`mitoseg.runtime.predictor_for_plan`; called from the engine thread
+            :func:`mitoseg.inference.runtime.predictor_for_plan`; called from the engine thread
             only, one call at a time.
         max_batch_size: most tiles per forward pass.
         on_pass: called after each forward pass with ``(tiles, requests)``, e.g. for

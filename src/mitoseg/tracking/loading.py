@@ -27,7 +27,7 @@ from mitoseg.tracking.store import (
 if TYPE_CHECKING:
     import keras
 
-    from mitoseg.plan import InferencePlan
+    from mitoseg.inference.plan import InferencePlan
 
 __all__ = [
     "load_inference_plan",
@@ -265,7 +265,7 @@ def log_inference_plan(run_id: str, plan_path: Path, *, store: TrackingStore | N
         FileNotFoundError: ``plan_path`` does not exist.
         ModelNotFoundError: unknown run, or the run has no logged model.
     """
-    from mitoseg.plan import PLAN_FILE, InferencePlan
+    from mitoseg.inference.plan import PLAN_FILE, InferencePlan
 
     plan_path = Path(plan_path)
     if not plan_path.is_file():
@@ -290,7 +290,7 @@ def load_inference_plan(uri: str, *, store: TrackingStore | None = None) -> Infe
     """The inference plan stored with a model, or None when it has none.
 
     Args:
-        uri: a ``.keras`` file (plan beside it, see :func:`mitoseg.plan.plan_path_for`),
+        uri: a ``.keras`` file (plan beside it, see :func:`mitoseg.inference.plan.plan_path_for`),
             an MLflow model directory (``inference_plan.json`` inside), or a
             ``models:/`` / ``runs:/`` URI (the logged model's ``inference_plan.json``).
         store: as :func:`load_model`.
@@ -301,7 +301,7 @@ def load_inference_plan(uri: str, *, store: TrackingStore | None = None) -> Infe
     """
     import tempfile
 
-    from mitoseg.plan import CALIBRATION_FILE, PLAN_FILE, InferencePlan, plan_path_for
+    from mitoseg.inference.plan import CALIBRATION_FILE, PLAN_FILE, InferencePlan, plan_path_for
 
     resolved = _resolve(uri, store)
     if resolved.kind == "path" and resolved.path is not None:

@@ -13,8 +13,8 @@ the last one shorter), or with ``block_yx`` into ``block_z x block_yx x block_yx
 boxes. Each block is read with ``plan.z_halo`` (``z_context + z_average``) extra slices
 on both sides, clamped at the volume ends, so a 2.5D network sees exactly the neighbours
 it sees on the whole stack and z-averaged probabilities average the same slices. Whole
-slices run through the pure core (:func:`mitoseg.inference.iter_stack_probabilities`
-with the model's :class:`~mitoseg.plan.InferencePlan`: the same normalisation per whole
+slices run through the pure core (:func:`mitoseg.inference.predict.iter_stack_probabilities`
+with the model's :class:`~mitoseg.inference.plan.InferencePlan`: the same normalisation per whole
 slice, tiling, blending and threshold) and are cropped back. YX boxes first get every
 slice's normalisation (a task per z-block), then run the tiles of the global tile grid
 they overlap (:func:`mitoseg.volume.tiles.predict_region`). Either way every voxel is
@@ -37,7 +37,7 @@ Phases (the output layout is in :mod:`mitoseg.volume.ngff`):
    previous blocks, labels touching across each block's upper z, y and x faces
    (26-connectivity, so across edges and corners too) are merged with a graph's
    connected components (scipy), and components are numbered by the scan position of
-   their first voxel, so the ids equal :func:`mitoseg.objects.instance_labels` of the
+   their first voxel, so the ids equal :func:`mitoseg.inference.objects.instance_labels` of the
    whole mask.
 3. **relabel** (one task per block, idempotent): final ids (a lookup table from the
    block's local ids) and pyramid into ``labels/instances``; moments of the block's local
@@ -63,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from mitoseg.plan import InferencePlan
+from mitoseg.inference.plan import InferencePlan
 from mitoseg.volume import ngff
 from mitoseg.volume.cluster import connect, gather
 from mitoseg.volume.spec import JobSpec, auto_block_z
@@ -81,7 +81,7 @@ def _block_probabilities(
 ) -> tuple[np.ndarray, Any]:
     """``(raw, probabilities)`` of block ``b``: its own raw voxels ``(z, y, x)`` and an
     iterator of its slices' ``(y, x, C)`` float32 probabilities."""
-    from mitoseg.inference import iter_stack_probabilities
+    from mitoseg.inference.predict import iter_stack_probabilities
 
     vol = _volume(spec)
     z0, z1, y0, y1, x0, x1 = spec.region(b)
@@ -105,18 +105,12 @@ def _block_probabilities(
 
 def _z_averaged(per_slice: np.ndarray, plan: InferencePlan, r0: int, z0: int, z1: int) -> Any:
     """Slices ``z0 .. z1-1`` of a ``(depth, y, x, C)`` stack read from ``r0``, averaged
-    over ``z - r .. z + r`` as :func:`mitoseg.inference.iter_stack_probabilities` does."""
-    from mitoseg.plan import context_window
+    over ``z - r .. z + r`` as :func:`mitoseg.inference.predict.iter_stack_probabilities` does."""
+    from mitoseg.inference.predict import z_mean
 
     depth, r = per_slice.shape[0], plan.z_average
     for z in range(z0, z1):
-        if r == 0:
-            yield per_slice[z - r0]
-            continue
-        idx = context_window(z - r0, depth, r)
-        yield (np.sum([per_slice[i] for i in idx], axis=0) / np.float32(len(idx))).astype(
-            np.float32
-        )
+        yield per_slice[z - r0] if r == 0 else z_mean(per_slice, z - r0, depth, r)
 
 
 #: Parts of a predict task, timed in each block (``block_parts_seconds`` of the summary).
@@ -136,7 +130,7 @@ def _predict_block(
     ``ranges`` (YX blocks only): ``{z: (lo, hi) or None}`` normalisation of every slice
     the block reads (:func:`mitoseg.volume.tiles.slice_normalization`).
     """
-    from mitoseg.inference import decide_mask
+    from mitoseg.inference.predict import decide_mask
 
     started = time.perf_counter()
     plan = spec.plan()
@@ -181,7 +175,7 @@ def _mask_out(
     """Block ``b``'s mask with its pyramid (``write`` goes on from ``marks[-1]``), its
     instance labels (26-connected, ids ``1 .. n``), then its row of the completion
     record, last; returns the predict task's result (see :func:`_predict_block`)."""
-    from mitoseg.objects import instance_labels
+    from mitoseg.inference.objects import instance_labels
 
     z0, z1, y0, y1, x0, x1 = spec.region(b)
     ngff.write_levels(root["labels/mask"], mask, z0, True, y0, x0)
@@ -293,14 +287,6 @@ def _read_done(root: Any, n_blocks: int, name: str = ngff.DONE_ARRAY) -> np.ndar
             except Exception:
                 out[b] = 0
         return out
-
-
-def _instance_class(plan: InferencePlan) -> int | None:
-    if plan.n_classes == 2:
-        return 1
-    if "mitochondria" in plan.class_names:
-        return plan.class_names.index("mitochondria")
-    return None
 
 
 def _slice_ranges(
@@ -613,7 +599,7 @@ def _open_job(
         block_z=block_z,
         plan_json=plan_json,
         plugin=f"mitoseg-predictor-{fingerprint}",
-        instance_class=_instance_class(plan),
+        instance_class=plan.foreground_class,
         probabilities=probabilities,
         block_yx=None if block_yx is None else int(block_yx),
     )

@@ -7,7 +7,7 @@ while both sides stay >= :data:`MIN_SIDE`; z is kept, EM sections being anisotro
       labels/mask/                class index per voxel (uint8; binary: 0/1)
       labels/instances/           one uint32 id per mitochondrion (3D, stitched)
       probabilities/              optional (C, Z, Y, X) uint8 probabilities x 255
-      objects.csv                 one row per instance (:data:`mitoseg.objects.OBJECT_COLUMNS`)
+      objects.csv                 one row per instance (``inference.objects.OBJECT_COLUMNS``)
       mitoseg_done                (n_blocks, 2) int64 completion record (see below)
 
 The root's ``mitoseg`` attribute says how it was made and whether the job completed:

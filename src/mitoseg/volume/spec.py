@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mitoseg.plan import InferencePlan
+from mitoseg.inference.plan import InferencePlan
 
 __all__ = ["AUTO_BLOCK_VOXELS", "MAX_HALO_SHARE", "MIN_BLOCK_Z", "JobSpec", "auto_block_z"]
 

@@ -165,7 +165,7 @@ def face_task(spec: JobSpec, b: int, offsets: np.ndarray) -> tuple[np.ndarray, n
     Returns:
         ``(pairs (N, 2) int64 global ids, firsts (n_b,) int64)``.
     """
-    from mitoseg.objects import first_voxels
+    from mitoseg.inference.objects import first_voxels
 
     region = spec.region(b)
     lo, hi = region[0::2], region[1::2]
@@ -210,7 +210,7 @@ def stitch_global(total: int, pairs: np.ndarray, firsts: np.ndarray) -> tuple[np
     Returns:
         ``(mapping, n)``: ``mapping[id]`` is the final id (``mapping[0] = 0``); final ids
         ``1 .. n`` follow the smallest key of each merged set, so they equal
-        :func:`mitoseg.objects.instance_labels` of the whole mask.
+        :func:`mitoseg.inference.objects.instance_labels` of the whole mask.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -233,7 +233,7 @@ def stitch_global(total: int, pairs: np.ndarray, firsts: np.ndarray) -> tuple[np
 
 
 def _shift_moments(m: np.ndarray, y0: int, x0: int) -> np.ndarray:
-    """:func:`mitoseg.objects.object_moments` of a box at ``(y0, x0)`` in global y, x
+    """:func:`mitoseg.inference.objects.object_moments` of a box at ``(y0, x0)`` in global y, x
     (exact: every moment is a sum of integers)."""
     n, sz, sy, sx = m[:, 0], m[:, 1], m[:, 2], m[:, 3]
     out = m.copy()
@@ -254,7 +254,7 @@ def relabel_task(
     """Final ids of block ``b`` (local ids ``1 .. count``, global ``offset + local``) into
     ``labels/instances``; returns the final ids and moments of its parts (a final object
     may have several parts in one block, merged through another block)."""
-    from mitoseg.objects import object_moments
+    from mitoseg.inference.objects import object_moments
 
     z0, z1, y0, y1, x0, x1 = spec.region(b)
     root = ngff.open_output(spec.target)
@@ -281,7 +281,7 @@ def stitch_instances(
     Returns:
         The object count and the table's location.
     """
-    from mitoseg.objects import combine_moments, rows_from_moments, write_object_table
+    from mitoseg.inference.objects import combine_moments, rows_from_moments, write_object_table
 
     counts = (done[:, 0] - 1).tolist()
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)

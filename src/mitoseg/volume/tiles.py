@@ -1,8 +1,8 @@
 """YX tiles of slices: predict a block smaller than a slice exactly as whole-slice predict.
 
-Two things make a slice the natural unit of :func:`mitoseg.inference.predict_slice`:
+Two things make a slice the natural unit of :func:`mitoseg.inference.predict.predict_slice`:
 the per-slice normalisation (percentiles of the *whole* slice) and the tile grid of
-:func:`mitoseg.inference.predict_tiled` (laid out over the whole padded slice, tiles
+:func:`mitoseg.inference.predict.predict_tiled` (laid out over the whole padded slice, tiles
 blended with a window). A block that covers only ``y0 .. y1, x0 .. x1`` of its slices
 reproduces both:
 
@@ -10,10 +10,10 @@ reproduces both:
   whole slice in memory for 8- and 16-bit volumes (a histogram over row bands gives the
   exact order statistics; numpy's linear interpolation between them is replicated
   operation by operation, so the values equal ``np.percentile``'s bit for bit). Float
-  and 32-bit volumes read the slice once for it (:func:`mitoseg.io.robust_range`).
+  and 32-bit volumes read the slice once for it (:func:`mitoseg.inference.normalize.robust_range`).
 * :func:`predict_region`: the tiles of the **global** grid that overlap the region,
   each cut from the reflect-padded slice by index (the same padding as
-  :func:`~mitoseg.inference.predict_tiled`), run in the global grid's batches (a
+  :func:`~mitoseg.inference.predict.predict_tiled`), run in the global grid's batches (a
   whole batch is run when one of its tiles is needed, so every forward pass sees the
   same batch as whole-slice predict, whatever the engine does with batch size), and
   blended into the region in the global tile order with the same window. Every pixel
@@ -31,7 +31,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from mitoseg.plan import InferencePlan, Normalization, context_window, dtype_range
+from mitoseg.inference.normalize import Normalization, dtype_range
+from mitoseg.inference.plan import InferencePlan, context_window
 
 __all__ = [
     "percentiles_from_counts",
@@ -92,8 +93,9 @@ def slice_normalization(
     norm: Normalization,
     band_voxels: int = BAND_VOXELS,
 ) -> tuple[float, float] | None:
-    """``(lo, hi)`` of slice ``z`` as :func:`mitoseg.plan.normalize_for_plan` computes
-    them, or None for a blank slice.
+    """``(lo, hi)`` of slice ``z`` as
+    :func:`mitoseg.inference.normalize.normalize_for_plan` computes them, or None for a
+    blank slice.
 
     Args:
         read: region reader of the volume (:data:`ReadRegion`).
@@ -106,7 +108,7 @@ def slice_normalization(
     Raises:
         ValueError: non-finite voxels (float volumes).
     """
-    from mitoseg.io import robust_range
+    from mitoseg.inference.normalize import robust_range
 
     h, w = shape
     dtype = np.dtype(dtype)
@@ -130,7 +132,7 @@ def slice_normalization(
 def _axis(length: int, plan: InferencePlan) -> tuple[int, int, list[int], np.ndarray]:
     """Tile side, padding before, tile starts (padded axis) and the image index of every
     padded position (the reflect / edge padding of ``predict_tiled``)."""
-    from mitoseg.inference import tile_layout
+    from mitoseg.inference.predict import tile_layout
 
     side, before, after, starts = tile_layout(
         length, plan.tile_size, plan.halo, plan.divisor, plan.border
@@ -169,8 +171,8 @@ def predict_region(
     Returns:
         ``(r1 - r0, y1 - y0, x1 - x0, C)`` float32 probabilities (before z-averaging).
     """
-    from mitoseg.inference import predict_batch_tta, window_2d
-    from mitoseg.io import scale_unit
+    from mitoseg.inference.normalize import scale_unit
+    from mitoseg.inference.predict import predict_batch_tta, window_2d
 
     r0, r1 = zs
     y0, y1, x0, x1 = region

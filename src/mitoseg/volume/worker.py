@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from distributed import WorkerPlugin
 
-from mitoseg.plan import InferencePlan
+from mitoseg.inference.plan import InferencePlan
 from mitoseg.volume.spec import JobSpec
 from mitoseg.volume.store import Volume, open_volume
 
@@ -30,7 +30,7 @@ class PredictorPlugin(WorkerPlugin):
             ``predict_on_batch`` used as it is.
         plan_json: the inference plan as JSON.
         calibration: the plan's int8 calibration inputs
-            (:meth:`~mitoseg.plan.InferencePlan.calibration_images`; its JSON does not
+            (:meth:`~mitoseg.inference.plan.InferencePlan.calibration_images`; its JSON does not
             hold them), so every worker compiles the engine the plan was decided with.
     """
 
@@ -47,7 +47,7 @@ class PredictorPlugin(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         """Called once when the plugin reaches a worker: load the model."""
-        from mitoseg.inference import as_predict_batch
+        from mitoseg.inference.predict import as_predict_batch
 
         plan = InferencePlan.model_validate_json(self.plan_json)
         net = self.model
@@ -59,7 +59,7 @@ class PredictorPlugin(WorkerPlugin):
                 path.write_bytes(net)
                 net = keras.models.load_model(path, compile=False)
         if hasattr(net, "predict_on_batch"):
-            from mitoseg.runtime import predictor_for_plan
+            from mitoseg.inference.runtime import predictor_for_plan
 
             self.predict_batch = predictor_for_plan(net, plan, calibration=self.calibration)
         else:

@@ -1,10 +1,9 @@
 """Tiled whole-image inference: one implementation for evaluate, ``mitoseg predict``, the
+BentoML service and the volume path.
 
-Why one module of about 630 lines: it is the one inference implementation (tiling,
+Why one module of about 670 lines: it is the one inference implementation (tiling,
 blending, 2.5D context, z-averaging, decision) that every consumer calls; together it
 stays one pure function family over arrays.
-
-BentoML service and the volume path.
 
 :func:`predict_tiled` is a *pure* function of an image array and a batch-predict callable:
 no model object, file or global state is touched, so it can be mapped over chunks with
@@ -17,13 +16,13 @@ weights. Optional test-time augmentation (TTA) averages the 8 dihedral transform
 
 How a given model is run (tile size, halo, normalisation, threshold, engine) is not
 decided here: :func:`segment_stack`, :func:`iter_stack_probabilities` and
-:func:`predict_slice` take the model's :class:`~mitoseg.plan.InferencePlan`.
+:func:`predict_slice` take the model's :class:`~mitoseg.inference.plan.InferencePlan`.
 
 Tile size constraint: the UNet halves H and W ``depth`` times, so a tile side must be a
 multiple of ``2**depth`` (``divisor``, recorded in the plan).
 
 This module imports no tensorflow: a Keras model is run through
-:func:`mitoseg.runtime.predictor_for_plan`.
+:func:`mitoseg.inference.runtime.predictor_for_plan`.
 """
 
 from __future__ import annotations
@@ -34,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from mitoseg.checks import check_array, check_stack
-from mitoseg.plan import InferencePlan, context_window, normalize_for_plan
+from mitoseg.inference.normalize import normalize_for_plan
+from mitoseg.inference.plan import InferencePlan, context_window
 
 __all__ = [
     "WINDOW_FLOOR",
@@ -54,6 +54,7 @@ __all__ = [
     "tile_layout",
     "tile_positions",
     "window_2d",
+    "z_mean",
 ]
 
 #: ``(B, T, T, C_in) float32 -> (B, T, T, C) float32`` probabilities.
@@ -458,7 +459,7 @@ def _as_stack(stack: np.ndarray) -> np.ndarray:
 def _predictor(model_or_fn: Any, plan: InferencePlan) -> PredictBatch:
     """A model goes through the plan's engine; a callable is used as it is."""
     if hasattr(model_or_fn, "predict_on_batch"):
-        from mitoseg.runtime import predictor_for_plan
+        from mitoseg.inference.runtime import predictor_for_plan
 
         return predictor_for_plan(model_or_fn, plan)
     return as_predict_batch(model_or_fn)
@@ -480,11 +481,12 @@ def predict_slice(
     """Probabilities of one raw slice, run exactly as ``plan`` says.
 
     The slice is normalised by ``plan.normalization``; a blank slice (see
-    :class:`mitoseg.plan.Normalization`) is background everywhere without a forward pass.
+    :class:`mitoseg.inference.normalize.Normalization`) is background everywhere without a
+    forward pass.
 
     Args:
         image: ``(H, W)`` raw intensities (uint8, uint16 or float).
-        predict_batch: the plan's engine (:func:`mitoseg.runtime.predictor_for_plan`).
+        predict_batch: the plan's engine (:func:`mitoseg.inference.runtime.predictor_for_plan`).
         plan: the model's inference plan.
         context: for a 2.5D plan (``plan.z_context = k > 0``), the ``2k + 1`` normalised
             ``(H, W)`` float32 slices of :func:`context_window` (``None`` for a blank
@@ -545,7 +547,7 @@ def iter_stack_probabilities(
     Args:
         model_or_fn: Keras model (run on the plan's engine) or :data:`PredictBatch`.
         stack: ``(Z, H, W)`` or ``(H, W)`` raw intensities (uint8, uint16 or float).
-        plan: tiling, normalisation and engine (:class:`mitoseg.plan.InferencePlan`).
+        plan: tiling, normalisation and engine (:class:`mitoseg.inference.plan.InferencePlan`).
         start: first slice to yield.
         stop: one past the last slice to yield (None: ``Z``).
         progress: show a progress bar over the predicted slices.
@@ -577,13 +579,31 @@ def iter_stack_probabilities(
     for z, probs in enumerate(slices, start=lo):
         window[z] = probs
         while ready < stop and min(ready + r, depth - 1) <= z:
-            idx = context_window(ready, depth, r)
-            yield (np.sum([window[i] for i in idx], axis=0) / np.float32(len(idx))).astype(
-                np.float32
-            )
+            yield z_mean(window, ready, depth, r)
             for i in [i for i in window if i < ready + 1 - r]:
                 del window[i]
             ready += 1
+
+
+def z_mean(slices: Any, z: int, depth: int, r: int) -> np.ndarray:
+    """The z-averaged probabilities of slice ``z``: the mean over slices ``z - r .. z + r``
+    (:func:`context_window`: clamped at the stack's ends, the end slice counted again).
+
+    The one z-averaging rule of whole stacks (:func:`iter_stack_probabilities`) and of
+    volume blocks (:mod:`mitoseg.volume.job`).
+
+    Args:
+        slices: indexable by slice number (a mapping or an array over ``0 .. depth-1``)
+            giving ``(H, W, C)`` float32 probabilities.
+        z: the slice.
+        depth: slices in the stack.
+        r: the plan's ``z_average`` radius.
+
+    Returns:
+        ``(H, W, C)`` float32.
+    """
+    idx = context_window(z, depth, r)
+    return (np.sum([slices[i] for i in idx], axis=0) / np.float32(len(idx))).astype(np.float32)
 
 
 def _slice_probabilities(
@@ -631,7 +651,7 @@ def segment_stack(
         model_or_fn: Keras model (input ``(N, H, W, 1)``, output ``(N, H, W, C)``), run on
             the plan's engine, or a :data:`PredictBatch` callable.
         stack: ``(Z, H, W)`` or ``(H, W)`` uint8/uint16 (or float) raw intensities.
-        plan: the model's :class:`~mitoseg.plan.InferencePlan` (threshold for sigmoid
+        plan: the model's :class:`~mitoseg.inference.plan.InferencePlan` (threshold for sigmoid
             outputs, argmax for softmax).
         progress: show a progress bar over slices.
 

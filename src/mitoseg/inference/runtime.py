@@ -1,8 +1,8 @@
 """Inference engines: turn a Keras model into the batch predictor the tiled core calls.
 
-:func:`compile_predictor` returns a :data:`mitoseg.inference.PredictBatch`
+:func:`compile_predictor` returns a :data:`mitoseg.inference.predict.PredictBatch`
 (``(B, H, W, 1) float32 -> (B, H, W, C) float32``, any ``H, W`` that are multiples of
-the network divisor) for the engine an :class:`~mitoseg.plan.InferencePlan` names
+the network divisor) for the engine an :class:`~mitoseg.inference.plan.InferencePlan` names
 (``plan.runtime``, ``plan.precision``). Everything that runs a model (evaluate,
 ``mitoseg predict``, the service, the volume path) goes through here, so the engine the
 evaluate stage validated is the one used.
@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from mitoseg.checks import check_array
-from mitoseg.plan import InferencePlan
+from mitoseg.inference.plan import InferencePlan
 
 __all__ = ["ENGINES", "available_engines", "compile_predictor", "predictor_for_plan"]
 

@@ -31,7 +31,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from mitoseg.io import DataError, atomic_path, robust_range, scale_unit, write_json
+from mitoseg.errors import DataError
+from mitoseg.inference.normalize import Normalization
+from mitoseg.io import atomic_path, write_json
 
 __all__ = [
     "CALIBRATION_FILE",
@@ -39,10 +41,8 @@ __all__ = [
     "PLAN_VERSION",
     "Calibration",
     "InferencePlan",
-    "Normalization",
     "context_window",
-    "dtype_range",
-    "normalize_for_plan",
+    "foreground_class",
     "plan_path_for",
 ]
 
@@ -54,36 +54,15 @@ CALIBRATION_FILE = "inference_calibration.npy"
 #: Schema version written into every plan; bumped on incompatible changes.
 PLAN_VERSION = 1
 
+#: The name of the class that every consumer counts, measures and exports as mitochondria.
+FOREGROUND_NAME = "mitochondria"
+
 Runtime = Literal["keras", "openvino"]
 Precision = Literal["fp32", "bf16", "int8"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Normalization(_Strict):
-    """Intensity normalisation of one 2D slice before the network.
-
-    Robust percentile scaling: ``low_pct`` maps to 0, ``high_pct`` to 1, clipped. A slice
-    whose robust range ``hi - lo`` is below ``blank_range`` times the dtype's full range
-    (255 for uint8, 65535 for uint16, 1.0 for float input) carries no structure: it is
-    *blank* and is segmented as background without running the network (a constant or
-    near-constant image gives an empty mask).
-    """
-
-    method: Literal["percentile"] = "percentile"
-    low_pct: float = Field(0.5, ge=0, lt=100)
-    high_pct: float = Field(99.5, gt=0, le=100)
-    blank_range: float = Field(0.02, ge=0, lt=1)
-
-    @model_validator(mode="after")
-    def _check_order(self) -> Normalization:
-        if self.low_pct >= self.high_pct:
-            raise ValueError(
-                f"normalization: low_pct {self.low_pct} must be below high_pct {self.high_pct}"
-            )
-        return self
 
 
 class Calibration(_Strict):
@@ -236,6 +215,11 @@ class InferencePlan(_Strict):
         return 1 if self.n_classes == 2 else self.n_classes
 
     @property
+    def foreground_class(self) -> int | None:
+        """Index of the mitochondria class (:func:`foreground_class` of ``class_names``)."""
+        return foreground_class(self.class_names)
+
+    @property
     def in_channels(self) -> int:
         """Input channels of the network: ``2 * z_context + 1``."""
         return 2 * self.z_context + 1
@@ -248,12 +232,12 @@ class InferencePlan(_Strict):
 
     @property
     def decision(self) -> float:
-        """Threshold passed to :func:`mitoseg.inference.probabilities_to_mask` (0.5 is
+        """Threshold passed to :func:`mitoseg.inference.predict.probabilities_to_mask` (0.5 is
         ignored there for multiclass argmax)."""
         return 0.5 if self.threshold is None else float(self.threshold)
 
     def tiling_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`mitoseg.inference.predict_tiled` for this plan."""
+        """Keyword arguments of :func:`mitoseg.inference.predict.predict_tiled` for this plan."""
         return {
             "tile_size": self.tile_size,
             "halo": self.halo,
@@ -432,6 +416,27 @@ class InferencePlan(_Strict):
         return plan
 
 
+def foreground_class(class_names: list[str]) -> int | None:
+    """Which class is mitochondria: the one rule of evaluation, instances, the service,
+    napari and the bioimage.io export.
+
+    The class named exactly ``"mitochondria"`` (class 0 is always the background and is
+    never it); else, in a two-class table, class 1 (the one foreground class, whatever its
+    name: a one-channel network's output); else None (a multiclass table without a class
+    of that name has no mitochondria: no objects are counted or measured).
+
+    Args:
+        class_names: class names in index order, background first.
+
+    Returns:
+        The class index, or None.
+    """
+    names = list(class_names)
+    if FOREGROUND_NAME in names[1:]:
+        return names.index(FOREGROUND_NAME, 1)
+    return 1 if len(class_names) == 2 else None
+
+
 def context_window(z: int, depth: int, k: int) -> list[int]:
     """Indexes of the slices a 2.5D network sees for slice ``z`` of a ``depth``-slice stack.
 
@@ -471,33 +476,3 @@ def plan_path_for(model_path: str | Path) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def dtype_range(dtype: np.dtype) -> float:
-    """The value range of an image dtype: ``max - min(min, 0)`` for integers, 1.0 for
-    floats (images in [0, 1]); the blank-slice rule is a fraction of it."""
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        return float(info.max) - float(min(info.min, 0))
-    return 1.0
-
-
-def normalize_for_plan(image: np.ndarray, norm: Normalization) -> np.ndarray | None:
-    """Normalise one slice by the plan's rule, or None when the slice is blank.
-
-    Args:
-        image: ``(H, W)`` raw intensities (uint8, uint16 or float), finite.
-        norm: the plan's :class:`Normalization`.
-
-    Returns:
-        ``(H, W)`` float32 in ``[0, 1]``, or ``None`` when the robust intensity range is
-        below ``norm.blank_range`` of the dtype range (segment as background).
-
-    Raises:
-        ValueError: non-finite values.
-    """
-    x = np.asarray(image)
-    xf, lo, hi = robust_range(x, norm.low_pct, norm.high_pct)
-    if hi - lo <= norm.blank_range * dtype_range(x.dtype):
-        return None
-    return scale_unit(xf, lo, hi)
