@@ -55,6 +55,7 @@ import concurrent.futures
 import logging
 import os
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Literal
 
@@ -225,6 +226,7 @@ class UNetRunner:
         import mitoseg.model.unet  # noqa: F401  (registers custom objects, if any)
         from mitoseg.runtime import predictor_for_plan
 
+        install_client_error_filter()
         self.deployment = load_deployment(type(self).model_ref)
         model = keras.saving.load_model(self.deployment.path / MODEL_FILE, compile=False)
         predict = predictor_for_plan(model, self.deployment.plan)
@@ -258,8 +260,13 @@ class UNetRunner:
         self._requests_hist.observe(requests)
 
     def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
-        """``(B, TH, TW, 1)`` -> ``(B, TH, TW, C)`` through the shared batcher."""
-        return np.stack(self.batcher(list(np.ascontiguousarray(batch, dtype=np.float32))))
+        """``(B, TH, TW, 1)`` -> ``(B, TH, TW, C)`` through the shared batcher; the tiles
+        are dropped from its queue when the caller disconnects."""
+        future = self.batcher.submit(list(np.ascontiguousarray(batch, dtype=np.float32)))
+        clock = current_request()
+        if clock is not None:
+            clock.on_cancel(future.cancel)
+        return np.stack(future.result())
 
     @bentoml.api
     def segment_classes(self, stack: np.ndarray) -> np.ndarray:
@@ -273,7 +280,23 @@ class UNetRunner:
         Returns:
             ``(Z, H, W)`` uint8 class indexes.
         """
-        return segment_stack(self._predict_batch, stack, self.deployment.plan)
+        try:
+            return segment_stack(self._predict_batch, stack, self.deployment.plan)
+        except concurrent.futures.CancelledError:
+            raise bentoml.exceptions.BentoMLException(
+                "the caller disconnected; its tiles were dropped",
+                error_code=HTTPStatus.REQUEST_TIMEOUT,
+            ) from None
+
+
+def _message(exc: Exception) -> str:
+    """The ``message`` of a JSON error body carried by ``exc``, else its text."""
+    import json
+
+    try:
+        return str(json.loads(str(exc))["message"])
+    except (ValueError, KeyError, TypeError):
+        return str(exc)
 
 
 def _error(exc: UploadError) -> JSONResponse:
@@ -364,6 +387,15 @@ class MitoSeg:
                         "when /readyz answers 200",
                     ) from None
                 logger.warning("runner connection dropped; retrying (%d)", attempt + 1)
+            except bentoml.exceptions.BentoMLException as exc:
+                status = int(exc.error_code)
+                if status not in (503, 504):
+                    raise
+                raise UploadError(
+                    status,
+                    "runner_unavailable" if status == 503 else "timeout",
+                    f"the model runner ({RUNNER_NAME}) answered {status}: {_message(exc)}",
+                ) from None
             except TimeoutError:
                 assert clock is not None  # no deadline without a clock
                 raise UploadError(
@@ -537,12 +569,14 @@ class MitoSeg:
         }
 
 
-# Outermost of ours: every request gets a response by its deadline (serve.request_timeout_s).
-MitoSeg.add_asgi_middleware(
-    DeadlineMiddleware,
-    timeout_s=resolve_serve_config(None, _arguments()).request_timeout_s,
-    probe_timeout_s=2 * READY_PROBE_S + 1,
-)
+# Outermost of ours: every request gets a response by its deadline (serve.request_timeout_s);
+# the runner's drops the tiles of a caller that went away.
+for _service in (MitoSeg, UNetRunner):
+    _service.add_asgi_middleware(
+        DeadlineMiddleware,
+        timeout_s=resolve_serve_config(None, _arguments()).request_timeout_s,
+        probe_timeout_s=2 * READY_PROBE_S + 1,
+    )
 MitoSeg.add_asgi_middleware(
     GuardMiddleware,
     token_env=TOKEN_ENV,
