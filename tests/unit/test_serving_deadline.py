@@ -195,3 +195,29 @@ def test_bad_deadlines_are_refused(kwargs: dict[str, float], message: str) -> No
     with pytest.raises(ValueError) as exc:
         DeadlineMiddleware(app, **kwargs)
     assert str(exc.value) == message
+
+
+def test_a_client_gone_during_its_upload_gets_no_answer_and_no_error_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    messages = [
+        {"type": "http.request", "body": b"a", "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass  # like the upload guard: the client went away, return without answering
+
+    scope = {"type": "http", "method": "POST", "path": "/segment", "headers": []}
+    with caplog.at_level(logging.INFO, logger="mitoseg.serving"):
+        asyncio.run(DeadlineMiddleware(app, timeout_s=20)(scope, receive, send))
+    assert sent == []
+    assert not [r for r in caplog.records if r.name == "mitoseg.serving"]

@@ -650,6 +650,8 @@ class DeadlineMiddleware:
                 if clock.waiting == "the request body":
                     clock.waiting = "the service"
                 body_done.set()
+            elif message["type"] == "http.disconnect":
+                clock.disconnected = True  # the app saw it: nothing left to answer
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -677,6 +679,9 @@ class DeadlineMiddleware:
                 timeout=clock.remaining(),
                 return_when=asyncio.FIRST_COMPLETED,
             )
+        except BaseException:  # this request was cancelled (server shutdown): so is its app
+            task.cancel()
+            raise
         finally:
             start_waiter.cancel()
             watcher.cancel()
