@@ -260,6 +260,7 @@ def mitoseg_serve(
     env: dict[str, str] | None = None,
     params: Path | None = None,
     timeout: float = 240,
+    wait: bool = True,
 ) -> Iterator[ServeProcess]:
     """``mitoseg serve --model MODEL`` on a free loopback port, BentoML's home in
     ``root``; stopped with SIGTERM (all its workers with it), ``root`` removed after.
@@ -270,6 +271,7 @@ def mitoseg_serve(
         env: extra environment variables of the server (e.g. ``MITOSEG_API_TOKEN``).
         params: a params.yaml whose ``serve:`` section sets the limits.
         timeout: seconds to wait for ``/readyz``.
+        wait: False: yield at once, while the server starts (start-up tests).
     """
     port = free_port()
     full_env = {
@@ -289,7 +291,8 @@ def mitoseg_serve(
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc, log, timeout)
+        if wait:
+            wait_ready(url, proc, log, timeout)
         yield ServeProcess(url, proc, log)
     finally:
         proc.send_signal(signal.SIGTERM)  # mitoseg serve stops everything it started

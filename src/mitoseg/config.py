@@ -464,6 +464,12 @@ class ServeConfig(_Strict):
         128.0, gt=0, description="in flight, when the plan has no flops_per_pixel"
     )
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a 429")
+    request_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="from a request's arrival to its response; else a JSON 408 (upload) or 504",
+    )
 
     @model_validator(mode="after")
     def _check_budget(self) -> ServeConfig:

@@ -329,6 +329,7 @@ def _scan_tiff(
         ) from None
     if n_pages == 0:
         raise ImageError(400, "empty_image", "the TIFF contains no pages")
+    _check_axes(tif)
     hint = "; use /segment_stack for stacks" if page_limit == 1 else ""
     status = 413 if page_limit == limits.max_pages else 422
     if n_pages > page_limit:
@@ -377,6 +378,62 @@ def _scan_tiff(
         images += n_planes
         pages.append(_Page(page, where, shape, dtype, planar, n_planes, (h, w)))
     return pages
+
+
+#: Axes of a TIFF series that index the slices of a (Z, Y, X) stack: depth, a generic
+#: page sequence (``I``) or an unnamed dimension (``Q``, tifffile's shaped files).
+STACK_AXES = frozenset("ZIQ")
+#: Axes within one slice: rows, columns, samples (RGB).
+_PLANE_AXES = frozenset("YXS")
+_AXIS_NAMES = {"C": "channel", "T": "time", "Z": "depth", "I": "sequence", "Q": "unnamed",
+               "E": "lambda", "R": "tile", "H": "lifetime", "A": "angle", "P": "phase",
+               "L": "exposure", "V": "event", "M": "mosaic"}  # fmt: skip
+
+
+def _check_axes(tif: Any) -> None:
+    """Refuse a hyperstack whose pages are not the slices of one ``(Z, Y, X)`` stack.
+
+    ImageJ and OME-TIFF files (and tifffile's shaped files) name the dimensions their
+    pages stand for (tifffile's ``series[0].axes``, e.g. ``TZCYX``). Pages along Z (or an
+    unnamed or sequence axis) are slices; a channel, time or other axis with more than
+    one entry, or two stacking axes with more than one entry each, would otherwise be
+    flattened into slices silently.
+
+    Raises:
+        ImageError: 422 ``unsupported_axis`` naming the axis and its size.
+    """
+    try:
+        series = tif.series[0]
+        axes, shape = str(series.axes), tuple(int(n) for n in series.shape)
+    except Exception:  # no series metadata: the pages are the stack
+        return
+    if len(axes) != len(shape):
+        return
+    extra = [(a, n) for a, n in zip(axes, shape, strict=True) if a not in _PLANE_AXES and n > 1]
+    what = f"the TIFF is a hyperstack with axes {axes} (shape {' x '.join(map(str, shape))})"
+    for axis, n in extra:
+        if axis not in STACK_AXES:
+            name = _AXIS_NAMES.get(axis, "unknown")
+            one = {"C": "one channel", "T": "one time point"}.get(axis, f"one {name} entry")
+            hint = (
+                "; if these are Z slices, save the TIFF with axes ZYX"
+                if axis == "C" and not any(a in STACK_AXES for a, _ in extra)
+                else ""
+            )
+            raise ImageError(
+                422,
+                "unsupported_axis",
+                f"{what}: axis {axis} ({name}) has {n} entries; only a (Z, Y, X) stack is "
+                f"segmented: send {one}{hint}",
+            )
+    if len(extra) > 1:
+        dims = ", ".join(f"{a} ({_AXIS_NAMES.get(a, 'unknown')}) = {n}" for a, n in extra)
+        raise ImageError(
+            422,
+            "unsupported_axis",
+            f"{what}: more than one axis besides Y and X has several entries ({dims}); "
+            "send a (Z, Y, X) stack",
+        )
 
 
 def _decode_tiff(pages: list[_Page], shape: tuple[int, int, int]) -> np.ndarray:

@@ -260,6 +260,7 @@ def _malformed_corpus() -> list[tuple[str, bytes, int, str]]:
     plain = tiff_bytes(img)
     nan = np.ones((16, 16), np.float32)
     nan[2, 2] = np.nan
+    hyper = np.zeros((2, 2, 2, 32, 32), np.uint8)
     buf = io.BytesIO(tiff_bytes(np.zeros((16, 16), np.uint8)))
     with tifffile.TiffFile(buf, mode="r+") as tif:
         tif.pages[0].tags["ImageWidth"].overwrite(100_000)
@@ -287,6 +288,18 @@ def _malformed_corpus() -> list[tuple[str, bytes, int, str]]:
             tiff_bytes(np.stack([img] * 5), photometric="minisblack"),
             413,
             "the TIFF has 5 pages; at most 4 accepted here",
+        ),
+        (  # an ImageJ hyperstack is not flattened into 8 slices
+            "/segment_stack",
+            tiff_bytes(hyper, imagej=True, metadata={"axes": "TZCYX"}),
+            422,
+            "axis T (time) has 2 entries; only a (Z, Y, X) stack is segmented",
+        ),
+        (
+            "/segment_stack",
+            tiff_bytes(hyper),
+            422,
+            "axes QQQYX (shape 2 x 2 x 2 x 32 x 32): more than one axis besides Y and X",
         ),
     ]
 

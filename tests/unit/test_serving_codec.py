@@ -619,12 +619,27 @@ def test_client_errors_get_the_json_body_and_one_warning_line(
     ]
 
 
-def test_success_and_server_errors_pass_through(caplog: pytest.LogCaptureFixture) -> None:
-    for status, body in ((200, b"fine"), (500, b"boom")):
-        with caplog.at_level(logging.INFO, logger="mitoseg.serving"):
-            got, _, out, _ = run_asgi(GuardMiddleware(responder(status, body)), "/x", {}, [b""])
-        assert (got, out) == (status, body)
+def test_success_passes_through_and_server_errors_get_the_json_body(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="mitoseg.serving"):
+        got, _, out, _ = run_asgi(GuardMiddleware(responder(200, b"fine")), "/x", {}, [b""])
+    assert (got, out) == (200, b"fine")
     assert not [r for r in caplog.records if r.name == "mitoseg.serving"]
+    cases = [
+        ("/x", 500, b"boom", "internal_error", "boom", True),
+        ("/readyz", 503, b"Runners are not ready.", "unavailable", "Runners are not ready.", False),
+        ("/x", 504, b'{"error": "late"}', "timeout", "late", True),
+    ]
+    for path, status, body, code, message, logged in cases:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="mitoseg.serving"):
+            got, _, out, _ = run_asgi(GuardMiddleware(responder(status, body)), path, {}, [b""])
+        assert got == status
+        assert json.loads(out) == {"error": code, "message": message, "status": status}
+        lines = [r.getMessage() for r in caplog.records if r.name == "mitoseg.serving"]
+        # a probe's 503 is polled while the server starts: not logged
+        assert lines == ([f"POST {path} -> {status} {code}: {message}"] if logged else [])
 
 
 def test_framework_client_error_tracebacks_are_filtered(caplog: pytest.LogCaptureFixture) -> None:

@@ -305,11 +305,29 @@ def test_engine_errors_reach_only_the_requests_in_that_pass() -> None:
         with pytest.raises(ValueError, match=r"^expected \(TH, TW, 1\) tiles, got a tile of shape"):
             batcher([np.zeros((4, 4), np.float32)])
     finally:
+        assert batcher.alive  # what the runner's /readyz reports
         batcher.close()
+    assert not batcher.alive
     with pytest.raises(RuntimeError, match=r"^the tile batcher is closed$"):
         batcher(tiles(1))
     with pytest.raises(ValueError, match=r"^max_batch_size must be >= 1, got 0$"):
         TileBatcher(flaky, max_batch_size=0)
+
+
+def test_cancelled_requests_are_dropped_from_the_queue() -> None:
+    engine = Engine(hold_first=True)
+    slow = TileBatcher(engine, max_batch_size=2)
+    try:
+        first = slow.submit(tiles(2))
+        assert engine.started.wait(10)  # the engine is busy with these
+        gone = slow.submit(tiles(4))  # queued behind; its client went away
+        assert gone.cancel()
+        engine.release.set()
+        assert len(first.result(10)) == 2
+        assert len(slow(tiles(1))) == 1
+    finally:
+        slow.close()
+    assert slow.stats.tiles == 3  # the cancelled request's 4 tiles never ran
 
 
 def test_on_pass_reports_tiles_and_requests() -> None:

@@ -50,9 +50,12 @@ at import time: both services resolve the model in ``__init__``.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import os
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,7 +85,14 @@ from mitoseg.serving.jobs import (
     model_loader,
     resolve_job_settings,
 )
-from mitoseg.serving.middleware import GuardMiddleware, install_client_error_filter
+from mitoseg.serving.middleware import (
+    DeadlineMiddleware,
+    GuardMiddleware,
+    RequestClock,
+    current_request,
+    install_client_error_filter,
+    waiting_for,
+)
 from mitoseg.serving.settings import (
     ComputeBudget,
     OverBudget,
@@ -96,8 +106,18 @@ logger = logging.getLogger("mitoseg.serving")
 
 #: Environment variable holding the optional API token.
 TOKEN_ENV = "MITOSEG_API_TOKEN"
-#: Retries of a runner call whose pooled connection was closed under it.
+#: Retries of a runner call whose pooled connection was closed under it (only while the
+#: runner answers its readiness probe: a runner that died mid-request is a 503 at once).
 RUNNER_RETRIES = 2
+#: Seconds the runner gets to answer a readiness probe (``/readyz``, and after a dropped
+#: connection).
+READY_PROBE_S = 2.0
+#: Name of the runner service, for messages.
+RUNNER_NAME = "mitoseg-unet-runner"
+#: BentoML's client to the runner renews its HTTP session after ``max_requests`` calls or
+#: ``max_age`` seconds, closing the old one under the calls still in flight on it; the
+#: runner is a local socket, so the session is kept.
+RUNNER_CONNECTION = {"max_requests": 2**31 - 1, "max_age": 10.0 * 365 * 24 * 3600}
 #: Slack for multipart framing on top of ``serve.max_bytes`` for the whole request body.
 MULTIPART_SLACK = 1024 * 1024
 #: Threads of each service: concurrent requests in the API, concurrent calls in the runner.
@@ -188,11 +208,12 @@ def load_deployment(model_ref: Any) -> Deployment:
 
 
 @bentoml.service(
-    name="mitoseg-unet-runner",
+    name=RUNNER_NAME,
     resources={"gpu": 1},
     workers=1,
     threads=THREADS,
     traffic={"timeout": 600},
+    runner_connection=RUNNER_CONNECTION,
 )
 class UNetRunner:
     """The model on its plan's engine, behind a cross-request tile batcher."""
@@ -205,6 +226,7 @@ class UNetRunner:
         import mitoseg.model.unet  # noqa: F401  (registers custom objects, if any)
         from mitoseg.inference.runtime import predictor_for_plan
 
+        install_client_error_filter()
         self.deployment = load_deployment(type(self).model_ref)
         model = keras.saving.load_model(self.deployment.path / MODEL_FILE, compile=False)
         predict = predictor_for_plan(model, self.deployment.plan)
@@ -229,13 +251,22 @@ class UNetRunner:
             self.batcher.max_batch_size,
         )
 
+    def __is_ready__(self) -> bool:
+        """Ready while the engine thread takes work (BentoML's ``/readyz``)."""
+        return self.batcher.alive
+
     def _observe(self, tiles: int, requests: int) -> None:
         self._tiles_hist.observe(tiles)
         self._requests_hist.observe(requests)
 
     def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
-        """``(B, TH, TW, 1)`` -> ``(B, TH, TW, C)`` through the shared batcher."""
-        return np.stack(self.batcher(list(np.ascontiguousarray(batch, dtype=np.float32))))
+        """``(B, TH, TW, 1)`` -> ``(B, TH, TW, C)`` through the shared batcher; the tiles
+        are dropped from its queue when the caller disconnects."""
+        future = self.batcher.submit(list(np.ascontiguousarray(batch, dtype=np.float32)))
+        clock = current_request()
+        if clock is not None:
+            clock.on_cancel(future.cancel)
+        return np.stack(future.result())
 
     @bentoml.api
     def segment_classes(self, stack: np.ndarray) -> np.ndarray:
@@ -249,7 +280,23 @@ class UNetRunner:
         Returns:
             ``(Z, H, W)`` uint8 class indexes.
         """
-        return segment_stack(self._predict_batch, stack, self.deployment.plan)
+        try:
+            return segment_stack(self._predict_batch, stack, self.deployment.plan)
+        except concurrent.futures.CancelledError:
+            raise bentoml.exceptions.BentoMLException(
+                "the caller disconnected; its tiles were dropped",
+                error_code=HTTPStatus.REQUEST_TIMEOUT,
+            ) from None
+
+
+def _message(exc: Exception) -> str:
+    """The ``message`` of a JSON error body carried by ``exc``, else its text."""
+    import json
+
+    try:
+        return str(json.loads(str(exc))["message"])
+    except (ValueError, KeyError, TypeError):
+        return str(exc)
 
 
 def _error(exc: UploadError) -> JSONResponse:
@@ -278,18 +325,87 @@ class MitoSeg:
         resolve_job_settings(_arguments())  # a bad volume_* setting fails at start-up
         self.jobs = JobRunner(model_loader(self.deployment.path, self.plan))
 
-    def _segment(self, stack: np.ndarray) -> np.ndarray:
-        """``(Z, H, W)`` raw -> ``(Z, H, W)`` uint8 classes through the runner; a dropped
-        keep-alive connection is retried (the call is idempotent)."""
-        import aiohttp
+    async def __is_ready__(self) -> bool:
+        """Ready when the runner answers its readiness probe within
+        :data:`READY_PROBE_S` (its model loaded, its engine thread alive), so that a
+        request would be served now; else ``/readyz`` is a JSON 503 saying so."""
+        from starlette.exceptions import HTTPException
 
+        if not await self._runner_ready():
+            raise HTTPException(
+                503,
+                f"not ready: the model runner ({RUNNER_NAME}) did not answer its readiness "
+                f"probe within {READY_PROBE_S:g} s (loading its model, busy starting, or "
+                "restarting)",
+            )
+        return True
+
+    async def _runner_ready(self) -> bool:
+        try:
+            ready = await asyncio.wait_for(self.runner.is_ready(READY_PROBE_S), READY_PROBE_S)
+        except Exception:  # refused, reset, timed out: not ready
+            return False
+        return bool(ready)
+
+    async def _call_runner(self, stack: np.ndarray, clock: RequestClock | None) -> Any:
+        """One runner call, on the event loop: bounded by the request's deadline and
+        cancelled when its client disconnects."""
+        task = asyncio.ensure_future(self.runner.to_async.call("segment_classes", stack))
+        if clock is None:
+            return await task
+        clock.on_cancel(task.cancel)
+        return await asyncio.wait_for(task, clock.remaining())
+
+    def _segment(self, stack: np.ndarray) -> np.ndarray:
+        """``(Z, H, W)`` raw -> ``(Z, H, W)`` uint8 classes through the runner.
+
+        A pooled connection dropped under the call is retried while the runner answers
+        its readiness probe (the call is idempotent); a runner that does not (it died
+        and is restarting) is a 503 at once.
+
+        Raises:
+            UploadError: 503 ``runner_unavailable``; 504 ``timeout`` (the request's
+                deadline, ``serve.request_timeout_s``, passed); 499 ``client_closed``
+                (the client disconnected: the call was cancelled).
+        """
+        import aiohttp
+        import anyio.from_thread
+
+        clock = current_request()
+        waiting_for(f"the model runner ({RUNNER_NAME})")
         for attempt in range(RUNNER_RETRIES + 1):
             try:
-                return np.asarray(self.runner.segment_classes(stack), dtype=np.uint8)
-            except aiohttp.ClientConnectionError:
-                if attempt == RUNNER_RETRIES:
-                    raise
+                out = anyio.from_thread.run(self._call_runner, stack, clock)
+                return np.asarray(out, dtype=np.uint8)
+            except aiohttp.ClientConnectionError as exc:
+                if attempt == RUNNER_RETRIES or not anyio.from_thread.run(self._runner_ready):
+                    raise UploadError(
+                        503,
+                        "runner_unavailable",
+                        f"the model runner ({RUNNER_NAME}) stopped answering during the "
+                        f"request ({type(exc).__name__}); it restarts on its own: retry "
+                        "when /readyz answers 200",
+                    ) from None
                 logger.warning("runner connection dropped; retrying (%d)", attempt + 1)
+            except bentoml.exceptions.BentoMLException as exc:
+                status = int(exc.error_code)
+                if status not in (503, 504):
+                    raise
+                raise UploadError(
+                    status,
+                    "runner_unavailable" if status == 503 else "timeout",
+                    f"the model runner ({RUNNER_NAME}) answered {status}: {_message(exc)}",
+                ) from None
+            except TimeoutError:
+                assert clock is not None  # no deadline without a clock
+                raise UploadError(
+                    504,
+                    "timeout",
+                    f"no response from the model runner ({RUNNER_NAME}) within "
+                    f"{clock.timeout_s:g} s ({clock.setting})",
+                ) from None
+            except (asyncio.CancelledError, concurrent.futures.CancelledError):
+                raise UploadError(499, "client_closed", "the client disconnected") from None
         raise AssertionError("unreachable")
 
     def _upload_bytes(self, image: Path) -> bytes:
@@ -456,6 +572,14 @@ class MitoSeg:
         }
 
 
+# Outermost of ours: every request gets a response by its deadline (serve.request_timeout_s);
+# the runner's drops the tiles of a caller that went away.
+for _service in (MitoSeg, UNetRunner):
+    _service.add_asgi_middleware(
+        DeadlineMiddleware,
+        timeout_s=resolve_serve_config(None, _arguments()).request_timeout_s,
+        probe_timeout_s=2 * READY_PROBE_S + 1,
+    )
 MitoSeg.add_asgi_middleware(
     GuardMiddleware,
     token_env=TOKEN_ENV,

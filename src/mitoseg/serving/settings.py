@@ -305,6 +305,11 @@ class TileBatcher:
             self._cond.notify()
         return future
 
+    @property
+    def alive(self) -> bool:
+        """True while the engine thread runs and the batcher takes work."""
+        return self._thread.is_alive() and not self._closed
+
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop the engine thread after the queued work; later submits fail."""
         with self._cond:
