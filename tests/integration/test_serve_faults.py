@@ -65,8 +65,8 @@ def reference(model_dir: Path) -> Any:
     """``image -> expected mask``, in process, with the same model and plan."""
     import keras
 
-    from mitoseg.inference import mask_to_image, segment_stack
-    from mitoseg.plan import PLAN_FILE, InferencePlan
+    from mitoseg.inference.plan import PLAN_FILE, InferencePlan
+    from mitoseg.inference.predict import mask_to_image, segment_stack
 
     model = keras.saving.load_model(model_dir / "tiny.keras", compile=False)
     plan = InferencePlan.read(model_dir / PLAN_FILE)
