@@ -199,6 +199,24 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def markdown_table(report: StabilityReport) -> str:
+    """The summary as a Markdown table (for docs/ACCURACY.md and the README)."""
+    lines = [
+        "| dataset / recipe | seeds | test IoU mean +- sd | min - max | object F1 mean "
+        "| val IoU move per epoch (2nd half) | runs whose validation collapsed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, row in sorted(report.summary.items()):
+        iou, swing = row.test_iou, row.mean_abs_delta_val_iou
+        sd = "-" if iou.sd is None else f"{iou.sd:.3f}"
+        lines.append(
+            f"| {key} | {', '.join(map(str, row.seeds))} | {iou.mean:.3f} +- {sd} "
+            f"| {iou.min:.3f} - {iou.max:.3f} | {row.object_f1.mean:.3f} | {swing.mean:.3f} "
+            f"| {row.runs_with_collapsed_validation} of {iou.n} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -209,7 +227,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1200, help="optimizer steps per run")
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     parser.add_argument("--resume", action="store_true", help="skip runs already in the file")
+    parser.add_argument(
+        "--table", action="store_true", help="print the result file's summary as Markdown"
+    )
     args = parser.parse_args()
+    if args.table:
+        from mitoseg.stability import read_stability
+
+        print(markdown_table(read_stability(RESULTS / f"stability{args.tag}.json")))
+        return
     unknown = [r for r in args.recipes if r not in STABILITY_RECIPES]
     if unknown:
         parser.error(f"unknown recipe(s) {unknown}; choose from {sorted(STABILITY_RECIPES)}")
