@@ -61,7 +61,7 @@ import numpy as np
 from starlette.responses import JSONResponse, Response
 
 from mitoseg.config import ServeConfig
-from mitoseg.inference import mask_to_image, segment_stack
+from mitoseg.inference import mask_to_image
 from mitoseg.plan import PLAN_FILE, InferencePlan
 from mitoseg.serving.analysis import foreground_index, mask_stats
 from mitoseg.serving.bento import BENTO_MODEL_NAME, MODEL_FILE, MODEL_TAG_ENV
@@ -83,6 +83,12 @@ from mitoseg.serving.jobs import (
     resolve_job_settings,
 )
 from mitoseg.serving.middleware import GuardMiddleware, install_client_error_filter
+from mitoseg.serving.monitoring import (
+    current_drift_summary,
+    drift_app,
+    runner_monitor,
+    service_monitor,
+)
 from mitoseg.serving.settings import (
     ComputeBudget,
     OverBudget,
@@ -221,6 +227,7 @@ class UNetRunner:
         self.batcher = TileBatcher(
             predict, self.deployment.serve.max_batch_size, on_pass=self._observe
         )
+        self.confidence = runner_monitor(self.deployment, _arguments())
         logger.info(
             "runner: %s on %s/%s, up to %d tiles per forward pass",
             self.deployment.tag,
@@ -249,7 +256,7 @@ class UNetRunner:
         Returns:
             ``(Z, H, W)`` uint8 class indexes.
         """
-        return segment_stack(self._predict_batch, stack, self.deployment.plan)
+        return self.confidence.segment(self._predict_batch, stack)  # = segment_stack
 
 
 def _error(exc: UploadError) -> JSONResponse:
@@ -277,6 +284,7 @@ class MitoSeg:
         self.budget = ComputeBudget(self.deployment.serve)
         resolve_job_settings(_arguments())  # a bad volume_* setting fails at start-up
         self.jobs = JobRunner(model_loader(self.deployment.path, self.plan))
+        self.monitor = service_monitor(self.deployment, _arguments())
 
     def _segment(self, stack: np.ndarray) -> np.ndarray:
         """``(Z, H, W)`` raw -> ``(Z, H, W)`` uint8 classes through the runner; a dropped
@@ -322,7 +330,9 @@ class MitoSeg:
         info = probe_upload(data, self.limits, max_pages=max_pages)
         with self.budget.admit(request_cost(info.shape, self.plan)):
             stack = np.ascontiguousarray(decode_upload(data, self.limits, max_pages=max_pages))
-            return stack, self._segment(stack)
+            classes = self._segment(stack)
+        self.monitor.observe(stack, classes, data)
+        return stack, classes
 
     @bentoml.api(route="/segment")
     def segment(self, image: Path, format: Literal["png", "tiff"] = "png") -> Path:
@@ -469,3 +479,5 @@ MitoSeg.add_asgi_middleware(
 )
 # The web page (GET /ui/, open like the API docs); it calls the API above.
 MitoSeg.mount_asgi_app(ui_app(), path=UI_PATH)
+# GET /drift: the drift window against the model's reference profile (monitoring.py).
+MitoSeg.mount_asgi_app(drift_app(current_drift_summary), path="/drift")
