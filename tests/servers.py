@@ -404,6 +404,13 @@ def train_vnc_unet(
     return path
 
 
+@pytest.fixture(scope="session")
+def vnc_unet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`train_vnc_unet` once per session (threshold 0.45); tests must not write
+    into its folder (copy the files first)."""
+    return train_vnc_unet(tmp_path_factory.mktemp("vnc_unet"))
+
+
 def _write_model(tmp: Path) -> tuple[Any, Any, Path]:
     """A tiny untrained UNet and its plan (64-pixel tiles) beside it as
     ``inference_plan.json``."""

@@ -20,8 +20,6 @@ import numpy as np
 import pytest
 import tifffile
 
-from servers import train_vnc_unet
-
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,9 +36,10 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A depth-2 UNet trained for a few seconds on real slices, with its plan beside it."""
-    return train_vnc_unet(tmp_path_factory.mktemp("model"), THRESHOLD, tuple(VOXEL))
+def trained(vnc_unet: Path) -> Path:
+    """A depth-2 UNet trained for a few seconds on real slices, with its plan beside it
+    (threshold :data:`THRESHOLD`, voxel size :data:`VOXEL`)."""
+    return vnc_unet
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ every second; the drift window is 8 slices (at least 5 for a score).
 from __future__ import annotations
 
 import io
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import tifffile
 import yaml
 
 from dev.stack import ALERT_RULES, run_prometheus
-from servers import REPO, VNC, mitoseg_serve, train_vnc_unet
+from servers import REPO, VNC, mitoseg_serve
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +64,7 @@ def _drift_alert(prom: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def model_with_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_with_profile(vnc_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The VNC-trained UNet with its plan and the reference profile of its training
     slices beside it."""
     from mitoseg.config import BaseConfig
@@ -71,7 +72,8 @@ def model_with_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mitoseg.data.validate import slice_table
 
     folder = tmp_path_factory.mktemp("model")
-    path = train_vnc_unet(folder)
+    for name in ("model.keras", "inference_plan.json"):
+        shutil.copy(vnc_unet.with_name(name), folder / name)
     train = VNC.parents[1] / "train"
     stacks = {
         "train": (tifffile.imread(train / "images.tif"), tifffile.imread(train / "masks.tif"))
@@ -79,7 +81,7 @@ def model_with_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = BaseConfig.model_validate({"classes": {"background": 0, "mitochondria": 255}})
     slice_table(VNC.parents[1], stacks, base).to_csv(folder / "slices.csv", index=False)
     build_profile(folder / "slices.csv").write(folder / PROFILE_FILE)
-    return path
+    return folder / "model.keras"
 
 
 def test_prometheus_fires_the_drift_alert_for_another_microscope(

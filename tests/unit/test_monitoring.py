@@ -261,6 +261,7 @@ def test_monitor_exports_labelled_metrics_and_drift(slices_csv: Path, plan: Infe
     stack = np.concatenate([images[:3], np.zeros((1, *images.shape[1:]), np.uint8)])
     classes = np.concatenate([(masks[:3] > 0), np.zeros((1, *images.shape[1:]), bool)])
     monitor.observe(stack, classes.astype(np.uint8))
+    assert monitor.flush()  # the statistics are computed in the background
     assert _value(registry, "mitoseg_slices_total") == 4
     assert _value(registry, "mitoseg_blank_slices_total") == 1
     assert _value(registry, "mitoseg_foreground_fraction_count") == 3  # non-blank only
@@ -286,7 +287,7 @@ def test_monitor_without_a_profile_says_so(plan: InferencePlan) -> None:
     monitor = mon.Monitor(mon.MonitorSettings(), plan, LABELS, None, registry=registry)
     images, masks = _stacks("test")
     monitor.observe(images[:2], (masks[:2] > 0).astype(np.uint8))
-    summary = monitor.drift_summary()
+    summary = monitor.drift_summary()  # waits for the background statistics
     assert summary["reference"] is False and summary["score"] is None
     assert summary["message"] == "the model has no reference profile: no drift score"
     assert _value(registry, "mitoseg_reference_loaded") == 0

@@ -29,9 +29,10 @@ labels ``model`` and ``version`` (the registry name and version, else the BentoM
   training range), ``mitoseg_reference_loaded`` (0: the model has no profile).
 
 Every statistic is computed on a strided view of at most ``max_side`` pixels a side
-(vectorised over the slices), so a request pays well under a millisecond per slice; the
-object count is therefore approximate (objects thinner than the stride can vanish or
-merge). Review samples (opt-in) are written by one background thread.
+(vectorised over the slices), so the object count is approximate (objects thinner than
+the stride can vanish or merge). A request only copies that view (tens of microseconds);
+one background thread computes the statistics and the drift scores and updates the
+metrics (``/drift`` waits for it), and another writes the review samples (opt-in).
 
 Settings: Bento arguments ``monitor_<field>`` over ``MITOSEG_MONITOR_<FIELD>``
 (:func:`resolve_monitor_settings`).
@@ -99,6 +100,8 @@ class MonitorSettings(BaseModel):
         window: slices in the drift window (the most recent non-blank slices).
         min_window: slices needed before a drift score is reported.
         max_side: longest side of the strided view the statistics are computed on.
+        queue: requests waiting for their statistics (computed by one background thread)
+            before new ones are left out (counted in ``mitoseg_monitor_dropped_slices``).
         confidence_margin: probability distance from the threshold counted as uncertain.
         review_uri: local folder or ``s3://bucket/prefix`` for review samples (None: off).
         review_fraction: fraction of requests kept for review (0: off).
@@ -111,6 +114,7 @@ class MonitorSettings(BaseModel):
     window: int = Field(200, ge=2)
     min_window: int = Field(20, ge=2)
     max_side: int = Field(256, ge=16)
+    queue: int = Field(64, ge=1)
     confidence_margin: float = Field(0.1, gt=0, lt=0.5)
     review_uri: str | None = None
     review_fraction: float = Field(0.0, ge=0, le=1)
@@ -217,7 +221,6 @@ def slice_stats(
     Raises:
         ValueError: ``stack`` and ``classes`` differ in shape or are not 3D.
     """
-    from scipy import ndimage
 
     if stack.ndim != 3 or stack.shape != classes.shape:
         raise ValueError(
@@ -225,11 +228,18 @@ def slice_stats(
             f"{stack.shape} and {classes.shape}"
         )
     s = _stride(stack.shape, max_side)
-    view = stack[:, ::s, ::s].reshape(stack.shape[0], -1).astype(np.float64)
+    return _stats(stack[:, ::s, ::s], classes[:, ::s, ::s], plan, s)
+
+
+def _stats(stack: np.ndarray, classes: np.ndarray, plan: InferencePlan, s: int) -> SliceStats:
+    """:func:`slice_stats` of views already strided by ``s``."""
+    from scipy import ndimage
+
+    view = stack.reshape(stack.shape[0], -1).astype(np.float64)
     scale = dtype_range(stack.dtype)
     norm = plan.normalization
     pcts = np.percentile(view, [norm.low_pct, norm.high_pct, *QUANTILES], axis=1).T / scale
-    fg = classes[:, ::s, ::s] != 0
+    fg = classes != 0
     min_size = plan.min_object_size / (s * s)
     objects = np.zeros(stack.shape[0], dtype=np.int64)
     eight = np.ones((3, 3), dtype=bool)
@@ -281,6 +291,11 @@ def uncertain_fraction(
 # ----------------------------------------------------------------- drift
 
 
+def _score(scores: Mapping[str, float]) -> float | None:
+    values = [scores[f] for f in SCORE_FEATURES if f in scores]
+    return max(values) if values else None
+
+
 class DriftWindow:
     """The most recent non-blank slices' features against a reference profile.
 
@@ -326,9 +341,7 @@ class DriftWindow:
 
     def score(self) -> float | None:
         """The drift score: the largest KS statistic of :data:`SCORE_FEATURES`, or None."""
-        scores = self.scores()
-        values = [scores[f] for f in SCORE_FEATURES if f in scores]
-        return max(values) if values else None
+        return _score(self.scores())
 
     def window_mean(self) -> dict[str, float]:
         """Feature -> mean over the window (empty when the window is empty)."""
@@ -500,6 +513,8 @@ class Monitor:
         )
         if not settings.enabled:
             return
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mitoseg-monitor")
+        self._pending = threading.BoundedSemaphore(settings.queue)
         kw = {} if registry is None else {"registry": registry}
         lab = _LABELS
         info = _gauge(
@@ -563,6 +578,12 @@ class Monitor:
             )
             for bound, value in zip(("low", "high"), profile.foreground_range, strict=True):
                 bounds.labels(**self.labels, bound=bound).set(value)
+        self._dropped = Counter(
+            "mitoseg_monitor_dropped_slices",
+            "Slices left out of the statistics: the monitor's queue was full",
+            lab,
+            **kw,
+        )
         self._reviewed = Counter("mitoseg_review_samples", "Review samples queued", lab, **kw)
 
     def observe(
@@ -580,7 +601,12 @@ class Monitor:
         """
         try:
             if self.settings.enabled:
-                self._record(slice_stats(stack, classes, self.plan, self.settings.max_side))
+                s = _stride(stack.shape, self.settings.max_side)
+                views = (stack[:, ::s, ::s].copy(), classes[:, ::s, ::s].copy())
+                if self._pending.acquire(blocking=False):
+                    self._worker.submit(self._work, *views, s)
+                else:
+                    self._dropped.labels(**self.labels).inc(len(stack))
             if self.review is not None and upload is not None and self.review.sampled():
                 from mitoseg.inference import mask_to_image
 
@@ -594,6 +620,27 @@ class Monitor:
                     self._reviewed.labels(**self.labels).inc()
         except Exception:
             logger.exception("monitoring: the request's statistics failed")
+
+    def _work(self, stack: np.ndarray, classes: np.ndarray, stride: int) -> None:
+        try:
+            self._record(_stats(stack, classes, self.plan, stride))
+        except Exception:
+            logger.exception("monitoring: the request's statistics failed")
+        finally:
+            self._pending.release()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until the statistics of every observed request are recorded; returns
+        False when ``timeout`` seconds passed first."""
+        if not self.settings.enabled:
+            return True
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        try:
+            self._worker.submit(lambda: None).result(timeout)
+        except FutureTimeout:
+            return False
+        return True
 
     def _record(self, stats: SliceStats) -> None:
         lab = self.labels
@@ -616,7 +663,7 @@ class Monitor:
         scores = self.window.scores()
         for name, value in scores.items():
             self._drift.labels(**lab, feature=name).set(value)
-        score = self.window.score()
+        score = _score(scores)
         if score is not None:
             self._score.labels(**lab).set(score)
 
@@ -624,6 +671,7 @@ class Monitor:
         """The ``/drift`` JSON: model labels, whether a reference exists, window size,
         per-feature KS statistics, their maximum, window means and the reference's
         per-feature median and foreground range."""
+        self.flush()
         profile = self.window.profile
         scores = self.window.scores()
         out: dict[str, Any] = {
@@ -635,7 +683,7 @@ class Monitor:
             "window_size": self.settings.window,
             "min_window": self.settings.min_window,
             "scores": scores,
-            "score": self.window.score(),
+            "score": _score(scores),
             "score_features": list(SCORE_FEATURES),
             "window_mean": self.window.window_mean(),
         }
@@ -651,7 +699,9 @@ class Monitor:
         return out
 
     def close(self) -> None:
-        """Finish the queued review samples."""
+        """Finish the queued statistics and review samples."""
+        if self.settings.enabled:
+            self._worker.shutdown(wait=True)
         if self.review is not None:
             self.review.close()
 
