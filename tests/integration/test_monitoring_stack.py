@@ -9,11 +9,15 @@ raise the score past the alert threshold, and ``MitosegInputDrift`` fires in Pro
 own rule evaluation. The rules are ``dev/monitoring/alerts.yml`` with their ``for:``
 durations set to 0 s (the expressions and thresholds are the shipped ones), evaluated
 every second; the drift window is 8 slices (at least 5 for a score).
+
+``MITOSEG_MONITORING_FIGURE=docs/monitoring.png`` also renders the dashboard's drift
+panels from Prometheus' range queries over the run (matplotlib; the docs' figure).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import time
 from pathlib import Path
@@ -56,6 +60,47 @@ def _tiff(stack: np.ndarray) -> bytes:
     buf = io.BytesIO()
     tifffile.imwrite(buf, stack)
     return buf.getvalue()
+
+
+def _render_panels(prom: str, start: float, out: Path) -> None:
+    """Drift score, KS per feature, window foreground fraction and the alert state over
+    the run, from Prometheus ``query_range`` (step 1 s), as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(expr: str) -> list[tuple[dict[str, str], np.ndarray, np.ndarray]]:
+        params = {"query": expr, "start": start, "end": time.time(), "step": "1s"}
+        r = requests.get(f"{prom}/api/v1/query_range", params=params, timeout=30).json()
+        out = []
+        for res in r["data"]["result"]:
+            v = np.array(res["values"], dtype=float)
+            out.append((res["metric"], v[:, 0] - start, v[:, 1]))
+        return out
+
+    panels = [
+        ("Drift score (largest KS, intensity)", "mitoseg_drift_score", "{model} v{version}"),
+        ("KS statistic per feature", "mitoseg_drift_ks", "{feature}"),
+        ("Predicted foreground fraction", "mitoseg_window_foreground_fraction or "
+         "mitoseg_reference_foreground_fraction", "{bound}"),
+        ("MitosegInputDrift", 'ALERTS{alertname="MitosegInputDrift"}', "{alertstate}"),
+    ]  # fmt: skip
+    fig, axes = plt.subplots(2, 2, figsize=(12, 6.5), constrained_layout=True)
+    for ax, (title, expr, legend) in zip(axes.ravel(), panels, strict=True):
+        for metric, t, v in series(expr):
+            label = legend.format_map({"bound": "window mean", **metric})
+            ax.plot(t, v, drawstyle="steps-post", label=label)
+        if "score" in expr:
+            ax.axhline(DRIFT_THRESHOLD, color="red", linestyle="--", label="alert threshold")
+        ax.set_title(title)
+        ax.set_xlabel("seconds since the first request")
+        ax.legend(fontsize=8, loc="best")
+        ax.grid(alpha=0.3)
+    fig.suptitle("mitoseg serve scraped by Prometheus: 5 VNC slices, then 8 CDeep3M slices")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
 
 
 def _drift_alert(prom: str) -> list[dict[str, Any]]:
@@ -101,6 +146,7 @@ def test_prometheus_fires_the_drift_alert_for_another_microscope(
         with run_prometheus(
             tmp_path / "prometheus", [target], rules=tmp_path / "alerts.yml", interval="1s"
         ) as prom:
+            start = time.time()
             # 1. five VNC test slices, one /segment each: low drift, no alert
             for image in tifffile.imread(VNC):
                 r = requests.post(
@@ -149,3 +195,24 @@ def test_prometheus_fires_the_drift_alert_for_another_microscope(
                 "13 slices counted in Prometheus",
                 lambda: float(_prometheus_query(prom, "mitoseg_slices_total")[0]["value"][1]) == 13,
             )
+            if os.environ.get("MITOSEG_MONITORING_FIGURE"):
+                time.sleep(5)
+                _render_panels(prom, start, Path(os.environ["MITOSEG_MONITORING_FIGURE"]))
+
+
+def test_stack_prometheus_loads_the_alert_rules(tmp_path: Path) -> None:
+    """``dev/stack.py``'s Prometheus (``make stack``) loads every rule of ``alerts.yml``
+    and scrapes its target's ``/metrics`` (down here: nothing listens there)."""
+    from dev.stack import free_port
+
+    target = f"127.0.0.1:{free_port()}"
+    with run_prometheus(tmp_path, [target], interval="1s") as prom:
+        groups = requests.get(f"{prom}/api/v1/rules", timeout=10).json()["data"]["groups"]
+        names = {r["name"] for g in groups for r in g["rules"]}
+        assert names == {
+            "MitosegInputDrift", "MitosegBlankRateHigh", "MitosegForegroundOutOfRange",
+            "MitosegErrorRateHigh", "MitosegLatencyHigh",
+        }  # fmt: skip
+        up = _wait("the scrape of the target", lambda: _prometheus_query(prom, "up"))
+        assert up[0]["metric"]["instance"] == target and up[0]["value"][1] == "0"
+    assert (tmp_path / "prometheus.yml").is_file() and (tmp_path / "prometheus.log").is_file()
