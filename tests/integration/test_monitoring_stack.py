@@ -17,6 +17,7 @@ panels from Prometheus' range queries over the run (matplotlib; the docs' figure
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import time
@@ -84,8 +85,10 @@ def _render_panels(prom: str, start: float, out: Path) -> None:
         ("KS statistic per feature", "mitoseg_drift_ks", "{feature}"),
         ("Predicted foreground fraction", "mitoseg_window_foreground_fraction or "
          "mitoseg_reference_foreground_fraction", "{bound}"),
-        ("MitosegInputDrift", 'ALERTS{alertname="MitosegInputDrift"}', "{alertstate}"),
+        ("MitosegInputDrift firing", 'max(ALERTS{alertname="MitosegInputDrift", '
+         'alertstate="firing"}) or vector(0)', "firing"),
     ]  # fmt: skip
+    end = time.time() - start
     fig, axes = plt.subplots(2, 2, figsize=(12, 6.5), constrained_layout=True)
     for ax, (title, expr, legend) in zip(axes.ravel(), panels, strict=True):
         for metric, t, v in series(expr):
@@ -94,6 +97,7 @@ def _render_panels(prom: str, start: float, out: Path) -> None:
         if "score" in expr:
             ax.axhline(DRIFT_THRESHOLD, color="red", linestyle="--", label="alert threshold")
         ax.set_title(title)
+        ax.set_xlim(0, end)
         ax.set_xlabel("seconds since the first request")
         ax.legend(fontsize=8, loc="best")
         ax.grid(alpha=0.3)
@@ -196,6 +200,7 @@ def test_prometheus_fires_the_drift_alert_for_another_microscope(
                 lambda: float(_prometheus_query(prom, "mitoseg_slices_total")[0]["value"][1]) == 13,
             )
             if os.environ.get("MITOSEG_MONITORING_FIGURE"):
+                print(json.dumps(drift, indent=2))  # the docs' /drift example (pytest -s)
                 time.sleep(5)
                 _render_panels(prom, start, Path(os.environ["MITOSEG_MONITORING_FIGURE"]))
 
