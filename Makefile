@@ -15,6 +15,8 @@ S3_PORT     ?= 8333
 MLFLOW_PORT ?= 5000
 SERVE_PORT  ?= 3000
 MODEL       ?= models:/mitoseg-unet@champion
+# Prometheus of `make stack` (scraping `make serve`), when Debian's prometheus is installed.
+PROMETHEUS_PORT ?= $(if $(shell command -v prometheus),9090)
 PYTEST_ARGS ?=
 
 .PHONY: help setup lock run test test-random test-all lint docs format stack stack-down stack-status stack-env ui serve bento bench clean
@@ -68,8 +70,9 @@ format: setup ## Auto-format and fix with ruff
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-stack: setup ## Start the full local stack: S3 (seaweedfs) + MLflow server with S3 artifacts (dev/stack.py)
-	$(BIN)/python dev/stack.py up --s3-port $(S3_PORT) --mlflow-port $(MLFLOW_PORT)
+stack: setup ## Start the local stack: S3 (seaweedfs), MLflow server with S3 artifacts, Prometheus (dev/stack.py)
+	$(BIN)/python dev/stack.py up --s3-port $(S3_PORT) --mlflow-port $(MLFLOW_PORT) \
+	  $(if $(PROMETHEUS_PORT),--prometheus-port $(PROMETHEUS_PORT) --serve-port $(SERVE_PORT))
 
 stack-down: setup ## Stop the local stack
 	$(BIN)/python dev/stack.py down

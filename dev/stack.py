@@ -1,14 +1,19 @@
-"""Local dev stack: a real S3 (SeaweedFS ``weed mini``) and an ``mlflow server`` on loopback.
+"""Local dev stack: a real S3 (SeaweedFS ``weed mini``) and an ``mlflow server`` on loopback,
+optionally a Prometheus scraping ``mitoseg serve``.
 
 Developer tooling, not part of the shipped ``mitoseg`` package (nor the Bento). Two uses:
 
-- tests start throw-away servers with :func:`run_weed_mini` / :func:`run_mlflow_server`
-  (free ports, stopped on exit); ``tests/`` imports this file as ``dev.stack``;
+- tests start throw-away servers with :func:`run_weed_mini` / :func:`run_mlflow_server` /
+  :func:`run_prometheus` (free ports, stopped on exit); ``tests/`` imports this file as
+  ``dev.stack``;
 - ``python dev/stack.py up|down|status|env [--dir .stack]`` (``make stack``,
   ``make stack-down``, ``make stack-status``, ``make stack-env``) runs both servers detached
   on fixed ports: S3 data in ``<dir>/s3``, the MLflow sqlite store in ``<dir>/mlflow.db``,
   logs in ``<dir>/*.log``, pids in ``<dir>/stack.json`` and random S3 credentials, made
-  once, in ``<dir>/credentials.json`` (mode ``0600``).
+  once, in ``<dir>/credentials.json`` (mode ``0600``). ``up --prometheus-port P`` also
+  starts Prometheus (Debian package ``prometheus``) on ``P``, scraping ``mitoseg serve``
+  on ``--serve-port`` with the alert rules of ``dev/monitoring/`` (files in
+  ``<dir>/prometheus``).
 
 Plain subprocess management: each server leads its own process group
 (``start_new_session``); stopping sends ``SIGTERM`` to the group, ``SIGKILL`` after a
@@ -45,6 +50,9 @@ DEFAULT_S3_PORT = 8333
 DEFAULT_MLFLOW_PORT = 5000
 DEFAULT_BUCKET = "mitoseg-mlflow"
 DEFAULT_DVC_BUCKET = "mitoseg-dvc"
+DEFAULT_SERVE_PORT = 3000
+#: Alert rules Prometheus loads (``dev/monitoring/alerts.yml``).
+ALERT_RULES = Path(__file__).resolve().parent / "monitoring" / "alerts.yml"
 LOOPBACK = "127.0.0.1"
 STATE_FILE = "stack.json"
 CREDENTIALS_FILE = "credentials.json"
@@ -348,6 +356,71 @@ def run_mlflow_server(
         stop_process_group(proc.pid)
 
 
+def prometheus_config(
+    targets: list[str], rules: Path | None = ALERT_RULES, interval: str = "15s"
+) -> str:
+    """``prometheus.yml`` scraping ``/metrics`` of ``targets`` (``host:port``) every
+    ``interval``, evaluating ``rules`` at the same interval."""
+    config: dict[str, Any] = {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "scrape_configs": [{"job_name": "mitoseg", "static_configs": [{"targets": targets}]}],
+    }
+    if rules is not None:
+        config["rule_files"] = [str(Path(rules).resolve())]
+    return json.dumps(config, indent=2)  # JSON is YAML
+
+
+def _prometheus_ready(url: str) -> bool:
+    with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as resp:
+        return resp.status == 200
+
+
+def start_prometheus(
+    workdir: Path,
+    targets: list[str],
+    *,
+    port: int | None = None,
+    rules: Path | None = ALERT_RULES,
+    interval: str = "15s",
+    timeout: float = 60.0,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start Prometheus (config, TSDB and ``prometheus.log`` in ``workdir``) on loopback
+    and wait for ``/-/ready``; returns ``(process, url)``.
+
+    Raises:
+        StackError: no ``prometheus`` executable, the port taken, or it did not come up.
+    """
+    prometheus = binary("prometheus")
+    if prometheus is None:
+        raise StackError("prometheus executable not found (apt-get install prometheus)")
+    if port is not None:
+        check_ports_free([(port, "Prometheus")])
+    port = port or free_port()
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "prometheus.yml"
+    config.write_text(prometheus_config(targets, rules, interval))
+    cmd = [
+        prometheus, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+        f"--web.listen-address={LOOPBACK}:{port}", "--web.enable-lifecycle",
+    ]  # fmt: skip
+    log = workdir / "prometheus.log"
+    proc = _spawn(cmd, log, workdir, dict(os.environ))
+    url = f"http://{LOOPBACK}:{port}"
+    wait_ready(lambda: _prometheus_ready(url), proc, log, "prometheus", timeout)
+    return proc, url
+
+
+@contextlib.contextmanager
+def run_prometheus(workdir: Path, targets: list[str], **kwargs: Any) -> Iterator[str]:
+    """:func:`start_prometheus` on a free port, stopped on exit; yields its URL."""
+    proc, url = start_prometheus(workdir, targets, **kwargs)
+    try:
+        yield url
+    finally:
+        stop_process_group(proc.pid)
+
+
 # ---------------------------------------------------------------- the detached stack
 
 
@@ -398,7 +471,7 @@ def read_state(root: Path) -> dict[str, Any] | None:
 
 
 def _running(state: dict[str, Any], name: str) -> bool:
-    return process_running(state[name]["pid"], "weed" if name == "s3" else "mlflow")
+    return process_running(state[name]["pid"], "weed" if name == "s3" else name)
 
 
 def validate_options(s3_port: int, mlflow_port: int, bucket: str, dvc_bucket: str) -> None:
@@ -427,11 +500,14 @@ def stack_up(
     bucket: str = DEFAULT_BUCKET,
     dvc_bucket: str = DEFAULT_DVC_BUCKET,
     timeout: float = 90.0,
+    prometheus_port: int | None = None,
+    serve_port: int = DEFAULT_SERVE_PORT,
 ) -> tuple[dict[str, Any], bool]:
     """Start both servers detached unless they already run; returns ``(state, started)``.
 
     A stack that is only partly up is stopped and started again. The S3 credentials are
-    checked against a running stack (``ListBuckets``).
+    checked against a running stack (``ListBuckets``). With ``prometheus_port``,
+    Prometheus scraping ``127.0.0.1:<serve_port>`` is started too.
 
     Raises:
         StackError: bad options, a port taken (nothing is started), bad state or
@@ -456,19 +532,32 @@ def stack_up(
     check_ports_free(
         [(s3_port, "S3, --s3-port"), (s3_port + GRPC_OFFSET, "S3 gRPC, --s3-port + 10000"),
          (mlflow_port, "MLflow, --mlflow-port")]
+        + ([(prometheus_port, "Prometheus, --prometheus-port")] if prometheus_port else [])
     )  # fmt: skip
+    if prometheus_port is not None and binary("prometheus") is None:
+        raise StackError("--prometheus-port: prometheus executable not found (apt-get install "
+                         "prometheus)")  # fmt: skip
     creds, _ = load_or_create_credentials(root / CREDENTIALS_FILE)
     weed, s3 = start_weed_mini(
         root / "s3", creds["access_key"], creds["secret_key"], s3_port=s3_port, timeout=timeout
     )
+    mlflow: MlflowServer | None = None
     try:
         s3.make_bucket(bucket), s3.make_bucket(dvc_bucket)
         _, mlflow = start_mlflow_server(
             root, s3, bucket, port=mlflow_port, db=root / "mlflow.db",
             log=root / "mlflow.log", timeout=timeout,
         )  # fmt: skip
+        prom = None
+        if prometheus_port is not None:
+            prom, prom_url = start_prometheus(
+                root / "prometheus", [f"{LOOPBACK}:{serve_port}"], port=prometheus_port,
+                timeout=timeout,
+            )  # fmt: skip
     except BaseException:
         stop_process_group(weed.pid)
+        if mlflow is not None:
+            stop_process_group(mlflow.pid)
         raise
     state = {
         "s3": {"pid": weed.pid, "port": s3_port, "url": s3.endpoint_url},
@@ -476,6 +565,8 @@ def stack_up(
         "bucket": bucket,
         "dvc_bucket": dvc_bucket,
     }
+    if prom is not None:
+        state["prometheus"] = {"pid": prom.pid, "port": prometheus_port, "url": prom_url}
     (root / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     return state, True
 
@@ -487,7 +578,9 @@ def stack_down(root: Path, timeout: float = 15.0) -> list[tuple[str, int, bool]]
     if state is None:
         return None
     report = []
-    for name, expect in (("mlflow", "mlflow"), ("s3", "weed")):
+    for name, expect in (("prometheus", "prometheus"), ("mlflow", "mlflow"), ("s3", "weed")):
+        if name not in state:
+            continue
         pid = state[name]["pid"]
         report.append((name, pid, stop_process_group(pid, timeout, expect=expect)))
     (root / STATE_FILE).unlink()
@@ -523,15 +616,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket", default=DEFAULT_BUCKET)
     parser.add_argument("--dvc-bucket", default=DEFAULT_DVC_BUCKET)
     parser.add_argument("--timeout", type=float, default=90.0)
+    parser.add_argument("--prometheus-port", type=int, default=None)
+    parser.add_argument("--serve-port", type=int, default=DEFAULT_SERVE_PORT)
     args = parser.parse_args(argv)
     root = args.root.resolve()
     try:
         if args.command == "up":
             state, started = stack_up(
-                root, args.s3_port, args.mlflow_port, args.bucket, args.dvc_bucket, args.timeout
-            )
+                root, args.s3_port, args.mlflow_port, args.bucket, args.dvc_bucket, args.timeout,
+                args.prometheus_port, args.serve_port,
+            )  # fmt: skip
             print(f"stack {'started' if started else 'already running'} in {root}")
-            for name in ("s3", "mlflow"):
+            for name in ("s3", "mlflow", "prometheus"):
+                if name not in state:
+                    continue
                 print(f"  {name:<7} {state[name]['url']}  pid {state[name]['pid']}")
             print(f"  logs    {root}/weed.log, {root}/mlflow.log")
             print('# eval "$(make -s stack-env)" points MLflow, boto3 and DVC at it:')
@@ -559,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "env":
             print("\n".join(client_exports(state, root)))
             return 0
-        running = {name: _running(state, name) for name in ("s3", "mlflow")}
+        running = {n: _running(state, n) for n in ("s3", "mlflow", "prometheus") if n in state}
         for name, ok in running.items():
             word = "running" if ok else "stopped"
             print(f"{name:<7} {word:<8} pid {state[name]['pid']:<8} {state[name]['url']}")

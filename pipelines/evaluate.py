@@ -8,7 +8,10 @@ split ``<raw>/test`` is then segmented with exactly that plan; ``metrics.json``,
 ``per_slice.csv``, ``plan_report.json`` (how the plan was decided: receptive field,
 threshold curve, border and engine trials) and ``figures/`` go to ``--out`` and into the
 training run
-(``run_id`` from ``--train-info``).
+(``run_id`` from ``--train-info``). The reference profile of the training slices
+(:func:`mitoseg.data.profile.build_profile` over the validate stage's ``--slices``) is
+written to ``--profile`` (beside the plan) and attached to the run and its logged model
+the same way, for drift monitoring of the served model.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 from mitoseg.config import load_section
 from mitoseg.data.layout import DATASET_FILE, read_split, split_paths
 from mitoseg.data.patches import network_inputs
+from mitoseg.data.profile import build_profile
 from mitoseg.evaluate import masks_to_indices, write_outputs
 from mitoseg.io import DataError, read_json_object, write_json
 from mitoseg.train_info import TrainInfo
@@ -75,6 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         progress=progress,
     )
     plan.write(args.plan)
+    build_profile(args.slices, split="train").write(args.profile)
 
     test_images, test_masks = read_split(args.raw, "test")
     assert test_masks is not None
@@ -99,6 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         [paths["metrics"], paths["per_slice"], paths["objects"], report_path, *paths["figures"]],
     )
     tracking.log_inference_plan(run_id, args.plan)
+    tracking.log_model_file(run_id, args.profile)
     return result.metrics
 
 
@@ -113,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--plan", type=Path, required=True, help="inference plan to write (beside model.keras)"
     )
+    p.add_argument("--slices", type=Path, required=True, help="slices.csv of the validate stage")
+    p.add_argument(
+        "--profile", type=Path, required=True, help="reference profile to write (beside the plan)"
+    )
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
@@ -125,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         f"test iou={metrics['iou']:.4f} dice={metrics['dice']:.4f} "
         f"mean_iou={metrics['mean_iou']:.4f} threshold={metrics['threshold']} "
         f"engine={metrics['engine']} ({metrics['n_test_slices']} slices) -> {args.out}, "
-        f"plan {args.plan}"
+        f"plan {args.plan}, reference profile {args.profile}"
     )
     return 0
 

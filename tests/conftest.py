@@ -8,11 +8,13 @@ Loopback servers live in ``tests/servers.py`` (importable as ``servers`` because
 - ``s3_env``: the same with its ``AWS_*`` variables set in ``os.environ`` for one test;
 - ``http_server``: factory ``http_server(directory)`` for a Range-capable HTTP server;
 - ``mitoseg_server``: session-wide ``mitoseg serve`` of a tiny UNet (API, web page and
-  volume job tests).
+  volume job tests);
+- ``vnc_unet``: session-wide depth-2 UNet trained for seconds on the bundled VNC slices,
+  its plan beside it (bioimage.io export and monitoring tests).
 """
 
 from __future__ import annotations
 
-from servers import http_server, mitoseg_server, s3_env, s3_server
+from servers import http_server, mitoseg_server, s3_env, s3_server, vnc_unet
 
-__all__ = ["http_server", "mitoseg_server", "s3_env", "s3_server"]
+__all__ = ["http_server", "mitoseg_server", "s3_env", "s3_server", "vnc_unet"]

@@ -366,6 +366,54 @@ def vnc_slice(i: int = 0) -> np.ndarray:
     return tifffile.imread(VNC)[i]
 
 
+def train_vnc_unet(
+    folder: Path, threshold: float = 0.45, voxel: tuple[float, float, float] = (50.0, 4.6, 4.6)
+) -> Path:
+    """A depth-2 UNet trained for a few seconds on 96-pixel crops of the bundled VNC
+    training slices, saved as ``folder/model.keras`` with its plan beside it (``threshold``
+    from params, halo 32, ``voxel`` nm); returns the model path."""
+    import keras
+    import tifffile
+
+    from mitoseg.config import ModelConfig
+    from mitoseg.inference.normalize import normalize_slice
+    from mitoseg.model.analysis import default_plan
+    from mitoseg.model.unet import build_unet
+
+    keras.utils.set_random_seed(3)
+    images = tifffile.imread(VNC.parents[1] / "train" / "images.tif")
+    masks = tifffile.imread(VNC.parents[1] / "train" / "masks.tif")
+    norm = [normalize_slice(im) for im in images]
+    rng = np.random.default_rng(0)
+    xs, ys = [], []
+    while len(xs) < 128:  # 96-pixel crops, most of them with mitochondria in
+        z = rng.integers(len(images))
+        y, x = rng.integers(0, images.shape[1] - 96), rng.integers(0, images.shape[2] - 96)
+        m = masks[z, y : y + 96, x : x + 96] > 0
+        if m.mean() < 0.02 and rng.random() < 0.7:
+            continue
+        xs.append(norm[z][y : y + 96, x : x + 96])
+        ys.append(m)
+    model = build_unet(ModelConfig(depth=2, base_filters=8, dropout=0.0), 2)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="binary_crossentropy")
+    x_train, y_train = np.stack(xs)[..., None], np.stack(ys)[..., None].astype("float32")
+    model.fit(x_train, y_train, epochs=6, batch_size=8, verbose=0)
+    path = folder / "model.keras"
+    model.save(path)
+    plan = default_plan(model).with_overrides(
+        voxel_size_nm=list(voxel), threshold=threshold, threshold_source="params", halo=32
+    )
+    plan.write(folder / "inference_plan.json")
+    return path
+
+
+@pytest.fixture(scope="session")
+def vnc_unet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`train_vnc_unet` once per session (threshold 0.45); tests must not write
+    into its folder (copy the files first)."""
+    return train_vnc_unet(tmp_path_factory.mktemp("vnc_unet"))
+
+
 def _write_model(tmp: Path) -> tuple[Any, Any, Path]:
     """A tiny untrained UNet and its plan (64-pixel tiles) beside it as
     ``inference_plan.json``."""

@@ -36,41 +36,10 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A depth-2 UNet trained for a few seconds on real slices, with its plan beside it."""
-    import keras
-
-    from mitoseg.config import ModelConfig
-    from mitoseg.inference.normalize import normalize_slice
-    from mitoseg.model.analysis import default_plan
-    from mitoseg.model.unet import build_unet
-
-    keras.utils.set_random_seed(3)
-    images = tifffile.imread(SAMPLE / "train" / "images.tif")
-    masks = tifffile.imread(SAMPLE / "train" / "masks.tif")
-    norm = [normalize_slice(im) for im in images]
-    rng = np.random.default_rng(0)
-    xs, ys = [], []
-    while len(xs) < 128:  # 96-pixel crops, most of them with mitochondria in
-        z = rng.integers(len(images))
-        y, x = rng.integers(0, images.shape[1] - 96), rng.integers(0, images.shape[2] - 96)
-        m = masks[z, y : y + 96, x : x + 96] > 0
-        if m.mean() < 0.02 and rng.random() < 0.7:
-            continue
-        xs.append(norm[z][y : y + 96, x : x + 96])
-        ys.append(m)
-    model = build_unet(ModelConfig(depth=2, base_filters=8, dropout=0.0), 2)
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="binary_crossentropy")
-    x_train, y_train = np.stack(xs)[..., None], np.stack(ys)[..., None].astype("float32")
-    model.fit(x_train, y_train, epochs=6, batch_size=8, verbose=0)
-    folder = tmp_path_factory.mktemp("model")
-    path = folder / "model.keras"
-    model.save(path)
-    plan = default_plan(model).with_overrides(
-        voxel_size_nm=VOXEL, threshold=THRESHOLD, threshold_source="params", halo=32
-    )
-    plan.write(folder / "inference_plan.json")
-    return path
+def trained(vnc_unet: Path) -> Path:
+    """A depth-2 UNet trained for a few seconds on real slices, with its plan beside it
+    (threshold :data:`THRESHOLD`, voxel size :data:`VOXEL`)."""
+    return vnc_unet
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,9 @@ A small UNet is logged into a real embedded MLflow store, the DVC stage scripts
 * ``mitoseg predict`` on the champion writes the mask the evaluate stage scored;
 * ``mitoseg serve`` of the champion answers ``/segment`` with the identical mask, and
   ``/metadata`` reports the validated threshold and engine (an int8 engine's calibration
-  images travel with the plan through MLflow and the BentoML store).
+  images travel with the plan through MLflow and the BentoML store), and ``/drift``
+  compares the requests with the reference profile the evaluate stage built from the
+  validate stage's ``slices.csv`` (it travels the same way).
 
 Nothing is mocked: every step is the shipped command in a child process.
 """
@@ -106,10 +108,14 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
     _run([sys.executable, "-c", code, str(train / "model.keras"), str(train / "train.json")],
          root, env)  # fmt: skip
+    _run([sys.executable, str(REPO / "pipelines" / "validate.py"), "--raw", "data/raw",
+          "--out", "artifacts/validate"], root, env)  # fmt: skip
     _run([sys.executable, str(REPO / "pipelines" / "evaluate.py"),
           "--model", "artifacts/train/model.keras", "--train-info", "artifacts/train/train.json",
           "--raw", "data/raw", "--patches", "artifacts/patches", "--out", "artifacts/evaluate",
-          "--plan", "artifacts/train/inference_plan.json", "--no-progress"], root, env)  # fmt: skip
+          "--plan", "artifacts/train/inference_plan.json", "--no-progress",
+          "--slices", "artifacts/validate/slices.csv",
+          "--profile", "artifacts/train/reference_profile.json"], root, env)  # fmt: skip
     _run([sys.executable, str(REPO / "pipelines" / "register.py"),
           "--train-info", "artifacts/train/train.json",
           "--metrics", "artifacts/evaluate/metrics.json",
@@ -178,6 +184,10 @@ def test_serve_returns_the_mask_predict_writes(project: dict) -> None:
         assert meta["threshold"] == plan["threshold"] and meta["version"] == "1"
         assert meta["engine"] == f"{plan['runtime']}/{plan['precision']}"
         assert meta["plan"] == plan
+        drift = requests.get(f"{url}/drift", timeout=30).json()
+        profile = json.loads((root / "artifacts" / "train" / "reference_profile.json").read_text())
+        assert drift["reference"] and drift["version"] == "1" and drift["window_slices"] == 1
+        assert drift["reference_slices"] == profile["n_slices"] == 4  # the 4 training slices
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

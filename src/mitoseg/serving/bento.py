@@ -70,6 +70,21 @@ def _load(uri: str) -> tuple[Any, Any, dict[str, Any]]:
     return model, plan, dict(model_info(uri))
 
 
+def _profile_bytes(uri: str) -> bytes | None:
+    """The reference profile stored with the model (validated), or None without one."""
+    import tempfile
+
+    from mitoseg.data.profile import PROFILE_FILE, ReferenceProfile
+    from mitoseg.tracking import model_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        found = model_file(uri, PROFILE_FILE, Path(tmp))
+        if found is None:
+            return None
+        ReferenceProfile.read(found)
+        return found.read_bytes()
+
+
 def build_metadata(
     info: dict[str, Any], *, uri: str, plan: InferencePlan, serve: ServeConfig
 ) -> dict[str, Any]:
@@ -126,7 +141,8 @@ def _labels(meta: dict[str, Any]) -> dict[str, str]:
 def _with_serve_hash(meta: dict[str, Any]) -> dict[str, Any]:
     import json
 
-    settings = {k: meta[k] for k in ("serve", "plan_sha256")}
+    keys = ("serve", "plan_sha256", "profile_sha256")
+    settings = {k: meta[k] for k in keys if k in meta}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return {**meta, "serve_hash": digest}
 
@@ -161,8 +177,10 @@ def import_model(
     """Copy a model and its inference plan into the BentoML model store.
 
     The model directory holds ``model.keras`` and ``inference_plan.json`` (the plan the
-    evaluate stage stored with the model, with ``overrides`` applied); the metadata holds
-    the lineage. The service reads both from there and decides nothing itself.
+    evaluate stage stored with the model, with ``overrides`` applied) and, when the model
+    has one, ``reference_profile.json`` (:mod:`mitoseg.data.profile`, for drift
+    monitoring); the metadata holds the lineage. The service reads them from there and
+    decides nothing itself.
 
     Args:
         uri: ``models:/name@alias``, ``models:/name/<version>``, ``runs:/<id>/model``
@@ -179,6 +197,7 @@ def import_model(
     Raises:
         FileNotFoundError: a local model file is missing.
         ValueError: an invalid override, or a plan that does not fit the model.
+        mitoseg.io.DataError: an invalid stored reference profile (named).
     """
     import bentoml
 
@@ -187,7 +206,11 @@ def import_model(
     if overrides and overrides.get("threshold") is not None:
         overrides = {**overrides, "threshold_source": "params"}
     plan = plan.with_overrides(**(overrides or {}))
-    meta = _with_serve_hash(build_metadata(info, uri=uri, plan=plan, serve=serve))
+    meta = build_metadata(info, uri=uri, plan=plan, serve=serve)
+    profile = _profile_bytes(uri)
+    if profile is not None:
+        meta["profile_sha256"] = hashlib.sha256(profile).hexdigest()
+    meta = _with_serve_hash(meta)
     labels = _labels(meta)
     if reuse:
         found = find_imported(labels)
@@ -196,6 +219,10 @@ def import_model(
     with bentoml.models.create(name=BENTO_MODEL_NAME, labels=labels, metadata=meta) as bm:
         model.save(os.path.join(bm.path, MODEL_FILE))
         plan.write(os.path.join(bm.path, PLAN_FILE))
+        if profile is not None:
+            from mitoseg.data.profile import PROFILE_FILE
+
+            Path(bm.path, PROFILE_FILE).write_bytes(profile)
     return str(bm.tag), meta
 
 

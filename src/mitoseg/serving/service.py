@@ -65,7 +65,7 @@ from starlette.responses import JSONResponse, Response
 
 from mitoseg.config import ServeConfig
 from mitoseg.inference.plan import PLAN_FILE, InferencePlan
-from mitoseg.inference.predict import mask_to_image, segment_stack
+from mitoseg.inference.predict import mask_to_image
 from mitoseg.serving.analysis import mask_stats
 from mitoseg.serving.bento import BENTO_MODEL_NAME, MODEL_FILE, MODEL_TAG_ENV
 from mitoseg.serving.codec import (
@@ -92,6 +92,12 @@ from mitoseg.serving.middleware import (
     current_request,
     install_client_error_filter,
     waiting_for,
+)
+from mitoseg.serving.monitoring import (
+    current_drift_summary,
+    drift_app,
+    runner_monitor,
+    service_monitor,
 )
 from mitoseg.serving.settings import (
     ComputeBudget,
@@ -243,6 +249,7 @@ class UNetRunner:
         self.batcher = TileBatcher(
             predict, self.deployment.serve.max_batch_size, on_pass=self._observe
         )
+        self.confidence = runner_monitor(self.deployment, _arguments())
         logger.info(
             "runner: %s on %s/%s, up to %d tiles per forward pass",
             self.deployment.tag,
@@ -281,7 +288,7 @@ class UNetRunner:
             ``(Z, H, W)`` uint8 class indexes.
         """
         try:
-            return segment_stack(self._predict_batch, stack, self.deployment.plan)
+            return self.confidence.segment(self._predict_batch, stack)  # = segment_stack
         except concurrent.futures.CancelledError:
             raise bentoml.exceptions.BentoMLException(
                 "the caller disconnected; its tiles were dropped",
@@ -324,6 +331,7 @@ class MitoSeg:
         self.budget = ComputeBudget(self.deployment.serve)
         resolve_job_settings(_arguments())  # a bad volume_* setting fails at start-up
         self.jobs = JobRunner(model_loader(self.deployment.path, self.plan))
+        self.monitor = service_monitor(self.deployment, _arguments())
 
     async def __is_ready__(self) -> bool:
         """Ready when the runner answers its readiness probe within
@@ -438,7 +446,9 @@ class MitoSeg:
         info = probe_upload(data, self.limits, max_pages=max_pages)
         with self.budget.admit(request_cost(info.shape, self.plan)):
             stack = np.ascontiguousarray(decode_upload(data, self.limits, max_pages=max_pages))
-            return stack, self._segment(stack)
+            classes = self._segment(stack)
+        self.monitor.observe(stack, classes, data)
+        return stack, classes
 
     @bentoml.api(route="/segment")
     def segment(self, image: Path, format: Literal["png", "tiff"] = "png") -> Path:
@@ -596,3 +606,5 @@ MitoSeg.add_asgi_middleware(
 )
 # The web page (GET /ui/, open like the API docs); it calls the API above.
 MitoSeg.mount_asgi_app(ui_app(), path=UI_PATH)
+# GET /drift: the drift window against the model's reference profile (monitoring.py).
+MitoSeg.mount_asgi_app(drift_app(current_drift_summary), path="/drift")

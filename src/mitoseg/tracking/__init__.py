@@ -29,6 +29,8 @@ from mitoseg.tracking.loading import (
     load_model,
     load_model_and_plan,
     log_inference_plan,
+    log_model_file,
+    model_file,
     model_info,
 )
 from mitoseg.tracking.registry import compute_test_data_id, decide_alias, register_model
@@ -66,7 +68,9 @@ __all__ = [
     "log_evaluation",
     "log_inference_plan",
     "log_keras_model",
+    "log_model_file",
     "log_training_outcome",
+    "model_file",
     "model_info",
     "open_store",
     "register_model",

@@ -34,6 +34,8 @@ __all__ = [
     "load_model",
     "load_model_and_plan",
     "log_inference_plan",
+    "log_model_file",
+    "model_file",
     "model_info",
 ]
 
@@ -272,18 +274,73 @@ def log_inference_plan(run_id: str, plan_path: Path, *, store: TrackingStore | N
         raise FileNotFoundError(f"log_inference_plan: {plan_path} not found")
     plan = InferencePlan.read(plan_path)  # validates, and loads its calibration file
     store = store or open_store()
-    client = store.client()
-    run = store.get_run(run_id)
-    model = store.logged_model(run, DEFAULT_ARTIFACT_PATH)
-    if model is None:
-        raise ModelNotFoundError(f"run {run_id!r} has no logged model {DEFAULT_ARTIFACT_PATH!r}")
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         plan.write(Path(tmp) / PLAN_FILE)  # canonical names, calibration file beside it
         for staged in sorted(Path(tmp).iterdir()):
-            client.log_artifact(run_id, str(staged))
-            client.log_model_artifact(model.model_id, str(staged))
+            log_model_file(run_id, staged, store=store)
+
+
+def log_model_file(run_id: str, path: Path, *, store: TrackingStore | None = None) -> None:
+    """Attach a file to a training run and to the model logged in it (as
+    :func:`log_inference_plan` does for the plan), e.g. the reference profile
+    (:data:`mitoseg.data.profile.PROFILE_FILE`).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ModelNotFoundError: unknown run, or the run has no logged model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"log_model_file: {path} not found")
+    store = store or open_store()
+    run = store.get_run(run_id)
+    model = store.logged_model(run, DEFAULT_ARTIFACT_PATH)
+    if model is None:
+        raise ModelNotFoundError(f"run {run_id!r} has no logged model {DEFAULT_ARTIFACT_PATH!r}")
+    client = store.client()
+    client.log_artifact(run_id, str(path))
+    client.log_model_artifact(model.model_id, str(path))
+
+
+def model_file(
+    uri: str, name: str, dst: Path, *, store: TrackingStore | None = None
+) -> Path | None:
+    """Copy the file ``name`` stored with a model into the folder ``dst``.
+
+    Args:
+        uri: a ``.keras`` file (the file beside it), an MLflow model directory (inside
+            it) or a ``models:/`` / ``runs:/`` URI (the logged model's artifacts).
+        name: the file name, e.g. ``reference_profile.json``.
+        dst: an existing folder.
+        store: as :func:`load_model`.
+
+    Returns:
+        The copy's path, or None when the model has no such file.
+
+    Raises:
+        ModelNotFoundError, ValueError: as :func:`load_model`.
+    """
+    import shutil
+
+    resolved = _resolve(uri, store)
+    if resolved.kind == "path" and resolved.path is not None:
+        path = resolved.path
+        found = path / name if path.is_dir() else path.with_name(name)
+        return Path(shutil.copy(found, Path(dst) / name)) if found.is_file() else None
+    assert resolved.store is not None
+    model = _logged_model_of(resolved.store, resolved)
+    if model is None:
+        return None
+    client = resolved.store.client()
+    if name not in {Path(f.path).name for f in client.list_logged_model_artifacts(model.model_id)}:
+        return None
+    import mlflow.artifacts
+
+    base = model.artifact_location.rstrip("/")
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{name}", dst_path=str(dst))
+    return Path(local)
 
 
 def load_inference_plan(uri: str, *, store: TrackingStore | None = None) -> InferencePlan | None:
