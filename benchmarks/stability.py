@@ -261,7 +261,7 @@ def main() -> None:
                 run = run_one(
                     recipe, seed, args.steps, raw, base, work, figure=seed == args.seeds[0]
                 )
-                runs.append({"dataset": dataset, **run})
+                runs.append({"dataset": dataset, **run, "git_commit": host["git_commit"]})
                 print(json.dumps(runs[-1]), flush=True)
                 save(
                     name,
