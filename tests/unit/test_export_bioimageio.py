@@ -326,7 +326,8 @@ def test_export_multiclass_folder_passes_bioimageio_core(
     import keras
 
     from mitoseg.config import ModelConfig
-    from mitoseg.export.bioimageio import check_package, export_bioimageio
+    from mitoseg.export.bioimageio import export_bioimageio
+    from mitoseg.export.check import check_package
     from mitoseg.model.unet import build_unet
 
     keras.utils.set_random_seed(0)

@@ -40,7 +40,7 @@ def load_metadata(path: Path | None, overrides: dict[str, Any]) -> Any:
     import yaml
     from pydantic import ValidationError
 
-    from mitoseg.export.bioimageio import ExportMetadata
+    from mitoseg.export.metadata import ExportMetadata
     from mitoseg.io import DataError
 
     data: dict[str, Any] = {}
@@ -108,7 +108,8 @@ def export_bioimageio_cmd(
     in its README and config, and applied by the user afterwards.
     """
     from mitoseg.cli.model import load_model_and_plan
-    from mitoseg.export.bioimageio import check_package, export_bioimageio
+    from mitoseg.export.bioimageio import export_bioimageio
+    from mitoseg.export.check import check_package
     from mitoseg.io import DataError, read_stack
 
     try:

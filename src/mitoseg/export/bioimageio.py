@@ -1,7 +1,8 @@
 """Export a trained model as a BioImage Model Zoo package (bioimage.io model spec 0.5).
 
-Why one module of about 850 lines: a package is one atomic transaction (rdf, weights in
-three formats, test tensors, cover, README, bioimage.io's own check) built from one plan.
+A package is one atomic transaction (rdf, weights in three formats, test tensors, cover,
+README, bioimage.io's own check) built from one plan; the metadata it carries is described
+by the schemas of :mod:`mitoseg.export.metadata`.
 
 The package (a folder or a ``.zip``) holds ``rdf.yaml`` built and validated with the
 ``bioimageio.spec`` pydantic models, the Keras 3 weights (``keras_v3``, the original
@@ -33,9 +34,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from mitoseg.checks import check_stack
+from mitoseg.export.metadata import (
+    Citation,
+    ExportMetadata,
+    ExportReport,
+    Person,
+    TrainingData,
+)
 from mitoseg.inference.normalize import Normalization, normalize_for_plan
 from mitoseg.inference.plan import InferencePlan
 from mitoseg.io import atomic_dir, atomic_path
@@ -47,11 +54,9 @@ __all__ = [
     "Citation",
     "ExportMetadata",
     "ExportReport",
-    "PackageCheck",
     "Person",
     "TrainingData",
     "build_model_description",
-    "check_package",
     "cover_image",
     "export_bioimageio",
     "network_input",
@@ -71,136 +76,6 @@ _CAPABILITIES = {
     "onnx": "ilastik, deepImageJ / JDLL, QuPath and bioimageio.core through ONNX Runtime",
     "tensorflow_saved_model_bundle": "deepImageJ / JDLL and bioimageio.core (TensorFlow 2)",
 }
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Person(_Strict):
-    """An author of the model or of the training data."""
-
-    name: str = Field(min_length=1)
-    affiliation: str | None = None
-    email: str | None = None
-    github_user: str | None = None
-    orcid: str | None = None
-
-
-class Citation(_Strict):
-    """A reference to cite: ``text`` and a DOI or URL."""
-
-    text: str = Field(min_length=1)
-    doi: str | None = None
-    url: str | None = None
-
-
-class TrainingData(_Strict):
-    """What the model was trained on (an inline bioimage.io dataset description)."""
-
-    name: str = Field(min_length=1)
-    description: str = Field(min_length=1)
-    source: str | None = None
-    license: str = Field(min_length=1, description="SPDX identifier")
-    cite: list[Citation] = Field(min_length=1)
-    authors: list[Person] = Field(default_factory=list)
-
-
-#: The U-Net paper: the architecture every mitoseg model uses.
-UNET_CITATION = Citation(
-    text="Ronneberger O, Fischer P, Brox T (2015). U-Net: Convolutional Networks for "
-    "Biomedical Image Segmentation. MICCAI 2015.",
-    doi="10.1007/978-3-319-24574-4_28",
-)
-
-#: The bundled sample's source: the default training data description.
-VNC_TRAINING_DATA = TrainingData(
-    name="Segmented anisotropic ssTEM dataset of neural tissue (Drosophila larval VNC)",
-    description="Serial-section TEM of the Drosophila first instar larva ventral nerve cord, "
-    "4.6 x 4.6 nm pixels, 45-50 nm sections, with mitochondria masks; mitoseg trains on "
-    "whole slices split into training and validation slices.",
-    source="https://doi.org/10.6084/m9.figshare.856713",
-    license="CC-BY-NC-SA-3.0",
-    cite=[
-        Citation(
-            text="Gerhard S, Funke J, Martel J, Cardona A, Fetter R (2013). Segmented "
-            "anisotropic ssTEM dataset of neural tissue. figshare.",
-            doi="10.6084/m9.figshare.856713",
-        )
-    ],
-    authors=[
-        Person(name="Stephan Gerhard"),
-        Person(name="Jan Funke"),
-        Person(name="Julien Martel"),
-        Person(name="Albert Cardona"),
-        Person(name="Richard Fetter"),
-    ],
-)
-
-
-class ExportMetadata(_Strict):
-    """Who made the model and how it may be used; everything in ``rdf.yaml`` that the
-    network and its plan cannot tell."""
-
-    name: str = Field("mitoseg UNet mitochondria segmentation (EM)", min_length=5, max_length=128)
-    description: str = Field(
-        "2D UNet that segments mitochondria in electron microscopy slices; outputs the "
-        "per-pixel foreground probability.",
-        min_length=1,
-        max_length=1024,
-    )
-    authors: list[Person] = Field(
-        default_factory=lambda: [Person(name="mitoseg contributors")], min_length=1
-    )
-    cite: list[Citation] = Field(default_factory=lambda: [UNET_CITATION], min_length=1)
-    license: str | None = Field(
-        None,
-        min_length=1,
-        description="SPDX identifier of the weights; None: the training data's licence "
-        "(weights trained on share-alike data are shared alike)",
-    )
-    tags: list[str] = Field(
-        default_factory=lambda: [
-            "electron-microscopy",
-            "mitochondria",
-            "semantic-segmentation",
-            "unet",
-            "2d",
-            "keras",
-            "mitoseg",
-        ]
-    )
-    training_data: TrainingData = VNC_TRAINING_DATA
-    git_repo: str | None = None
-    version: str | None = None
-
-    @property
-    def weights_license(self) -> str:
-        """The licence written into the package: ``license``, else the training data's."""
-        return self.license or self.training_data.license
-
-
-class ExportReport(_Strict):
-    """What :func:`export_bioimageio` wrote (returned, and printed by the CLI).
-
-    Attributes:
-        path: the package folder or ``.zip``.
-        weight_formats: weight entries in the package, the original first.
-        test_input_shape: ``(1, H, W, C_in)`` of ``test_input.npy`` (float32 raw
-            intensities, before the package's preprocessing).
-        test_output_shape: ``(1, H, W, C_out)`` of ``test_output.npy`` (float32 in [0, 1]).
-        voxel_size_nm: ``(y, x)`` pixel size written as the axes' scale (nanometre).
-        threshold: the plan's threshold (not applied inside the package), or None.
-        source_slice: index of the sample slice the test tensors come from.
-    """
-
-    path: str
-    weight_formats: list[str]
-    test_input_shape: list[int]
-    test_output_shape: list[int]
-    voxel_size_nm: list[float]
-    threshold: float | None
-    source_slice: int
 
 
 # --------------------------------------------------------------------- helpers
@@ -790,75 +665,3 @@ def _save_package(descr: Any, out: Path) -> None:
         raise ValueError(f"{out}: exists and is not a folder (give a folder or a .zip path)")
     with atomic_dir(out) as tmp:
         save_bioimageio_package_as_folder(descr, output_path=tmp)
-
-
-class PackageCheck(_Strict):
-    """Outcome of ``bioimageio.core``'s model test for one weight format.
-
-    Attributes:
-        weight_format: the weights tested.
-        status: ``passed``, ``valid-format`` (format valid, inference failed) or
-            ``failed``.
-        errors: ``"<test name>: <message>"`` for each failed sub-test.
-    """
-
-    weight_format: str
-    status: str
-    errors: list[str] = Field(default_factory=list)
-
-
-def check_package(
-    package: str | Path, weight_formats: Sequence[str] | None = None
-) -> list[PackageCheck]:
-    """Run ``bioimageio.core.test_model`` on a package, once per weight format.
-
-    The test validates ``rdf.yaml``, runs each weight format on the test input through
-    the package's own pre-processing and compares with the test output (the spec's
-    default tolerance, 1e-3 absolute and relative), and tries further input sizes. It
-    runs in a temporary working directory (the TensorFlow backend unzips weights into
-    the current directory).
-
-    Args:
-        package: ``rdf.yaml``, its folder, or the ``.zip``.
-        weight_formats: formats to test (default: every format in the package).
-
-    Returns:
-        One :class:`PackageCheck` per format.
-
-    Raises:
-        ValueError: the package does not load as a bioimage.io model description.
-    """
-    import os
-
-    # bioimageio.core's Keras backend defaults to torch and writes KERAS_BACKEND into the
-    # environment at import; mitoseg's Keras runs on TensorFlow.
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    from bioimageio.core import test_model
-    from bioimageio.spec import load_description
-    from bioimageio.spec.model import v0_5
-
-    package = Path(package)
-    source = package / "rdf.yaml" if package.is_dir() else package
-    descr = load_description(source)
-    if not isinstance(descr, v0_5.ModelDescr):
-        raise ValueError(f"{source}: not a valid bioimage.io model 0.5 description")
-    if weight_formats is None:
-        weight_formats = [f for f, entry in descr.weights if entry is not None]
-    results = []
-    cwd = Path.cwd()
-    with tempfile.TemporaryDirectory(prefix="mitoseg-bioimageio-test-") as work:
-        os.chdir(work)
-        try:
-            for fmt in weight_formats:
-                summary = test_model(str(source.resolve()), weight_format=fmt)
-                errors = [
-                    f"{d.name}: " + "; ".join(e.msg or e.type for e in d.errors)
-                    for d in summary.details
-                    if d.status == "failed"
-                ]
-                results.append(
-                    PackageCheck(weight_format=fmt, status=str(summary.status), errors=errors)
-                )
-        finally:
-            os.chdir(cwd)
-    return results
