@@ -40,27 +40,31 @@ Settings: Bento arguments ``monitor_<field>`` over ``MITOSEG_MONITOR_<FIELD>``
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import math
 import os
 import threading
-import time
-import uuid
-from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mitoseg.data.profile import FEATURES, PROFILE_FILE, ReferenceProfile
-from mitoseg.inference.normalize import dtype_range
+from mitoseg.data.profile import PROFILE_FILE, ReferenceProfile
 from mitoseg.inference.plan import InferencePlan
+from mitoseg.serving.drift import (
+    QUANTILES,
+    SCORE_FEATURES,
+    DriftWindow,
+    SliceStats,
+    drift_score,
+    slice_stats,
+    strided_stats,
+    uncertain_fraction,
+    view_stride,
+)
+from mitoseg.serving.review import ReviewWriter
 
 __all__ = [
     "MONITOR_ENV_PREFIX",
@@ -81,11 +85,6 @@ logger = logging.getLogger("mitoseg.serving")
 
 #: Environment variables ``MITOSEG_MONITOR_<FIELD>`` set the monitor settings.
 MONITOR_ENV_PREFIX = "MITOSEG_MONITOR_"
-#: Features whose largest KS statistic is the drift score (the input's intensities; the
-#: predicted foreground fraction has its own gauge and range alert).
-SCORE_FEATURES = ("intensity_mean", "intensity_std")
-#: Intensity percentiles exported per slice.
-QUANTILES = (1.0, 50.0, 99.0)
 _FRACTION_BUCKETS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
 _INTENSITY_BUCKETS = tuple(round(0.05 * i, 2) for i in range(21))
 _OBJECT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
@@ -176,293 +175,6 @@ def read_profile(model_dir: Path) -> ReferenceProfile | None:
 
 
 # ----------------------------------------------------------------- statistics
-
-
-def _stride(shape: tuple[int, ...], max_side: int) -> int:
-    return max(1, math.ceil(max(shape[-2:]) / max_side))
-
-
-@dataclass(frozen=True)
-class SliceStats:
-    """Statistics of the slices of one request (strided view), one entry per slice.
-
-    Attributes:
-        quantiles: ``(Z, len(QUANTILES))`` float64 intensity percentiles / dtype range.
-        mean: ``(Z,)`` mean intensity / dtype range.
-        std: ``(Z,)`` intensity standard deviation / dtype range.
-        blank: ``(Z,)`` bool, blank by the plan's normalisation rule.
-        foreground: ``(Z,)`` predicted non-background fraction.
-        objects: ``(Z,)`` int64 connected components of the predicted foreground.
-    """
-
-    quantiles: np.ndarray
-    mean: np.ndarray
-    std: np.ndarray
-    blank: np.ndarray
-    foreground: np.ndarray
-    objects: np.ndarray
-
-    def features(self) -> np.ndarray:
-        """``(Z, 3)`` drift features (:data:`mitoseg.data.profile.FEATURES` order)."""
-        return np.stack([self.mean, self.std, self.foreground], axis=1)
-
-
-def slice_stats(
-    stack: np.ndarray, classes: np.ndarray, plan: InferencePlan, max_side: int = 256
-) -> SliceStats:
-    """Statistics of a request's slices, on a strided view (vectorised over slices).
-
-    Args:
-        stack: ``(Z, H, W)`` raw intensities (uint8, uint16 or float32), as decoded.
-        classes: ``(Z, H, W)`` uint8 predicted class indexes.
-        plan: the model's plan (normalisation percentiles and blank rule,
-            ``min_object_size``).
-        max_side: longest side of the strided view.
-
-    Raises:
-        ValueError: ``stack`` and ``classes`` differ in shape or are not 3D.
-    """
-
-    if stack.ndim != 3 or stack.shape != classes.shape:
-        raise ValueError(
-            f"slice_stats: expected (Z, H, W) stack and classes of one shape, got "
-            f"{stack.shape} and {classes.shape}"
-        )
-    s = _stride(stack.shape, max_side)
-    return _stats(stack[:, ::s, ::s], classes[:, ::s, ::s], plan, s)
-
-
-def _stats(stack: np.ndarray, classes: np.ndarray, plan: InferencePlan, s: int) -> SliceStats:
-    """:func:`slice_stats` of views already strided by ``s``."""
-    from scipy import ndimage
-
-    view = stack.reshape(stack.shape[0], -1).astype(np.float64)
-    scale = dtype_range(stack.dtype)
-    norm = plan.normalization
-    pcts = np.percentile(view, [norm.low_pct, norm.high_pct, *QUANTILES], axis=1).T / scale
-    fg = classes != 0
-    min_size = plan.min_object_size / (s * s)
-    objects = np.zeros(stack.shape[0], dtype=np.int64)
-    eight = np.ones((3, 3), dtype=bool)
-    for z in range(stack.shape[0]):
-        labels, n = ndimage.label(fg[z], structure=eight)
-        if n and min_size > 1:
-            sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-            n = int((sizes >= min_size).sum())
-        objects[z] = n
-    return SliceStats(
-        quantiles=pcts[:, 2:],
-        mean=view.mean(axis=1) / scale,
-        std=view.std(axis=1) / scale,
-        blank=(pcts[:, 1] - pcts[:, 0]) <= norm.blank_range,
-        foreground=fg.reshape(fg.shape[0], -1).mean(axis=1),
-        objects=objects,
-    )
-
-
-def uncertain_fraction(
-    probs: np.ndarray, mask: np.ndarray, plan: InferencePlan, margin: float, max_side: int = 256
-) -> float | None:
-    """Fraction of a slice's predicted foreground pixels that are near the decision.
-
-    Args:
-        probs: ``(H, W, C)`` float32 probabilities of one slice.
-        mask: ``(H, W)`` uint8 classes decided from them.
-        plan: the model's plan (its threshold for a sigmoid output).
-        margin: binary: ``|p - threshold| < margin``; multiclass: top-two probability
-            difference below ``2 * margin``.
-        max_side: longest side of the strided view.
-
-    Returns:
-        The fraction, or None when no pixel of the view is foreground.
-    """
-    s = _stride(mask.shape, max_side)
-    fg = mask[::s, ::s] != 0
-    if not fg.any():
-        return None
-    p = probs[::s, ::s][fg]
-    if p.shape[-1] == 1:
-        near = np.abs(p[:, 0] - float(plan.threshold or 0.5)) < margin
-    else:
-        top2 = np.sort(p, axis=-1)[:, -2:]
-        near = (top2[:, 1] - top2[:, 0]) < 2 * margin
-    return float(near.mean())
-
-
-# ----------------------------------------------------------------- drift
-
-
-def _score(scores: Mapping[str, float]) -> float | None:
-    values = [scores[f] for f in SCORE_FEATURES if f in scores]
-    return max(values) if values else None
-
-
-class DriftWindow:
-    """The most recent non-blank slices' features against a reference profile.
-
-    Thread-safe. The score of a feature is the two-sample Kolmogorov-Smirnov statistic
-    (``scipy.stats.ks_2samp``: the largest distance between the two empirical CDFs, 0 to
-    1) between the window and the profile's training slices.
-
-    Args:
-        profile: the reference, or None (no scores, ``reference: false``).
-        size: slices kept.
-        min_size: slices needed before scores are reported.
-    """
-
-    def __init__(self, profile: ReferenceProfile | None, size: int, min_size: int) -> None:
-        self.profile = profile
-        self.min_size = int(min_size)
-        self._rows: deque[np.ndarray] = deque(maxlen=int(size))
-        self._lock = threading.Lock()
-
-    def add(self, features: np.ndarray) -> None:
-        """Append ``(Z, 3)`` feature rows (oldest rows fall out)."""
-        with self._lock:
-            self._rows.extend(np.asarray(features, dtype=np.float64))
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._rows)
-
-    def scores(self) -> dict[str, float]:
-        """Feature -> KS statistic; empty without a profile or below ``min_size`` slices."""
-        from scipy.stats import ks_2samp
-
-        with self._lock:
-            rows = np.array(self._rows) if self._rows else np.zeros((0, len(FEATURES)))
-        if self.profile is None or len(rows) < self.min_size:
-            return {}
-        out = {}
-        for i, name in enumerate(FEATURES):
-            ref = self.profile.values(name)
-            if ref.size:
-                out[name] = float(ks_2samp(rows[:, i], ref).statistic)
-        return out
-
-    def score(self) -> float | None:
-        """The drift score: the largest KS statistic of :data:`SCORE_FEATURES`, or None."""
-        return _score(self.scores())
-
-    def window_mean(self) -> dict[str, float]:
-        """Feature -> mean over the window (empty when the window is empty)."""
-        with self._lock:
-            rows = np.array(self._rows)
-        if not len(rows):
-            return {}
-        return {name: float(v) for name, v in zip(FEATURES, rows.mean(axis=0), strict=True)}
-
-
-# ----------------------------------------------------------------- review samples
-
-
-def _encode_png(mask: np.ndarray) -> bytes:
-    from mitoseg.serving.codec import encode_png
-
-    return encode_png(mask)
-
-
-class ReviewWriter:
-    """Keeps a sampled fraction of requests for review: the upload, its mask and a JSON
-    record, under ``<uri>/<model>/<version>/<YYYY-MM-DD>/<id>/``.
-
-    Files are written by one background thread (``submit`` never blocks; beyond
-    ``queue`` waiting samples new ones are dropped and counted). Local files are written
-    to a temporary name and renamed; S3 objects (``s3://``, through s3fs) appear whole.
-    ``record.json`` is written last: a sample without it is incomplete.
-
-    Args:
-        uri: local folder or ``s3://bucket/prefix``.
-        fraction: probability that a request is kept.
-        labels: ``{"model", "version"}``.
-        queue: most samples waiting to be written.
-        seed: random seed of the sampling (None: fresh entropy).
-    """
-
-    def __init__(
-        self,
-        uri: str,
-        fraction: float,
-        labels: Mapping[str, str],
-        queue: int = 16,
-        seed: int | None = None,
-    ) -> None:
-        self.uri = uri.rstrip("/")
-        self.fraction = float(fraction)
-        self.labels = dict(labels)
-        self._rng = np.random.default_rng(seed)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mitoseg-review")
-        self._pending = threading.BoundedSemaphore(queue)
-        self._lock = threading.Lock()
-        self.dropped = 0
-        self.written = 0
-
-    def sampled(self) -> bool:
-        """Whether the next request is kept (one draw)."""
-        with self._lock:
-            return bool(self._rng.random() < self.fraction)
-
-    def submit(self, upload: bytes, mask: np.ndarray, record: Mapping[str, Any]) -> bool:
-        """Queue one sample; returns False when it was dropped (queue full)."""
-        if not self._pending.acquire(blocking=False):
-            with self._lock:
-                self.dropped += 1
-            return False
-        self._pool.submit(self._write, upload, np.array(mask), dict(record))
-        return True
-
-    def close(self, wait: bool = True) -> None:
-        """Stop the writer thread (after the queued samples when ``wait``)."""
-        self._pool.shutdown(wait=wait)
-
-    def _write(self, upload: bytes, mask: np.ndarray, record: dict[str, Any]) -> None:
-        try:
-            day = time.strftime("%Y-%m-%d", time.gmtime())
-            sample_id = f"{time.strftime('%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:12]}"
-            key = f"{self.labels['model']}/{self.labels['version']}/{day}/{sample_id}"
-            record = {**record, **self.labels, "id": sample_id, "time": time.time()}
-            files = {
-                "upload.bin": upload,
-                "mask.png" if mask.ndim == 2 else "mask.tif": _mask_bytes(mask),
-                "record.json": json.dumps(record, indent=2).encode(),
-            }
-            self._put(key, files)
-            with self._lock:
-                self.written += 1
-        except Exception:
-            logger.exception("review sample not written to %s", self.uri)
-        finally:
-            self._pending.release()
-
-    def _put(self, key: str, files: dict[str, bytes]) -> None:
-        if self.uri.startswith("s3://"):
-            import s3fs
-
-            from mitoseg.volume.store import s3_storage_options
-
-            fs = s3fs.S3FileSystem(**s3_storage_options())
-            for name, data in files.items():  # record.json last (dicts keep order)
-                fs.pipe_file(f"{self.uri}/{key}/{name}", data)
-            return
-        from mitoseg.io import atomic_path
-
-        folder = Path(self.uri) / key
-        for name, data in files.items():
-            with atomic_path(folder / name) as tmp:
-                tmp.write_bytes(data)
-
-
-def _mask_bytes(mask: np.ndarray) -> bytes:
-    if mask.ndim == 2:
-        return _encode_png(mask)
-    import tifffile
-
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, mask, compression="zlib")
-    return buf.getvalue()
-
-
-# ----------------------------------------------------------------- the monitors
 
 
 def _gauge(name: str, doc: str, labels: tuple[str, ...], registry: Any) -> Any:
@@ -602,7 +314,7 @@ class Monitor:
         """
         try:
             if self.settings.enabled:
-                s = _stride(stack.shape, self.settings.max_side)
+                s = view_stride(stack.shape, self.settings.max_side)
                 views = (stack[:, ::s, ::s].copy(), classes[:, ::s, ::s].copy())
                 if self._pending.acquire(blocking=False):
                     self._worker.submit(self._work, *views, s)
@@ -624,7 +336,7 @@ class Monitor:
 
     def _work(self, stack: np.ndarray, classes: np.ndarray, stride: int) -> None:
         try:
-            self._record(_stats(stack, classes, self.plan, stride))
+            self._record(strided_stats(stack, classes, self.plan, stride))
         except Exception:
             logger.exception("monitoring: the request's statistics failed")
         finally:
@@ -664,7 +376,7 @@ class Monitor:
         scores = self.window.scores()
         for name, value in scores.items():
             self._drift.labels(**lab, feature=name).set(value)
-        score = _score(scores)
+        score = drift_score(scores)
         if score is not None:
             self._score.labels(**lab).set(score)
 
@@ -684,7 +396,7 @@ class Monitor:
             "window_size": self.settings.window,
             "min_window": self.settings.min_window,
             "scores": scores,
-            "score": _score(scores),
+            "score": drift_score(scores),
             "score_features": list(SCORE_FEATURES),
             "window_mean": self.window.window_mean(),
         }
