@@ -1,4 +1,4 @@
-""":class:`mitoseg.serving.middleware.DeadlineMiddleware`: every request gets a response.
+""":class:`mitoseg.serving.deadline.DeadlineMiddleware`: every request gets a response.
 
 Driven as plain ASGI (the middleware imports no framework): an app that raises or
 returns before responding is a JSON 500 at once (503 on probes), not a connection held
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from mitoseg.serving.middleware import DeadlineMiddleware, current_request, waiting_for
+from mitoseg.serving.deadline import DeadlineMiddleware, current_request, waiting_for
 
 SHORT = 0.3
 

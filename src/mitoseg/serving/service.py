@@ -76,6 +76,12 @@ from mitoseg.serving.codec import (
     encode_tiff,
     probe_upload,
 )
+from mitoseg.serving.deadline import (
+    DeadlineMiddleware,
+    RequestClock,
+    current_request,
+    waiting_for,
+)
 from mitoseg.serving.jobs import (
     JobError,
     JobRunner,
@@ -85,14 +91,7 @@ from mitoseg.serving.jobs import (
     model_loader,
     resolve_job_settings,
 )
-from mitoseg.serving.middleware import (
-    DeadlineMiddleware,
-    GuardMiddleware,
-    RequestClock,
-    current_request,
-    install_client_error_filter,
-    waiting_for,
-)
+from mitoseg.serving.middleware import GuardMiddleware, install_client_error_filter
 from mitoseg.serving.monitoring import (
     current_drift_summary,
     drift_app,
