@@ -34,7 +34,7 @@ def _run(enabled: bool, i: int, args: argparse.Namespace) -> dict[str, Any]:
         sys.executable, str(HERE / "serve_load.py"), "--model", args.model,
         "--levels", args.levels, "--requests", str(args.requests), "--name", name,
     ]  # fmt: skip
-    subprocess.run(cmd, env=env, check=True, cwd=HERE, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, env=env, check=True, cwd=HERE.parent, stdout=subprocess.DEVNULL)
     return json.loads((RESULTS / f"{name}.json").read_text())
 
 
