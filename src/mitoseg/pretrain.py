@@ -11,7 +11,7 @@ sigmoid output channel, here an intensity in ``[0, 1]``), so the pre-trained mod
 ``train.init_from`` source as it is (:func:`mitoseg.train.initial_weights`).
 
 The crop stream is a pure function of the element index (:class:`MaskedCropSampler`,
-numpy only) fed through :func:`mitoseg.train.sample_stream`, and training runs with op
+numpy only) fed through :func:`mitoseg.train_data.sample_stream`, and training runs with op
 determinism: the same slices, settings and seed give the same weights, bit for bit, on a
 given software stack.
 """
@@ -218,7 +218,8 @@ def pretrain_model(
     import keras
 
     from mitoseg.model.unet import build_unet
-    from mitoseg.train import op_determinism, sample_stream
+    from mitoseg.train import op_determinism
+    from mitoseg.train_data import sample_stream
 
     c = sampler.crop
     with op_determinism(True):

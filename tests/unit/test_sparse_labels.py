@@ -15,7 +15,8 @@ from mitoseg.data.patches import make_patch_dataset, split_slices
 from mitoseg.data.validate import slice_table
 from mitoseg.io import DataError, write_stack
 from mitoseg.labels import IGNORE_INDEX
-from mitoseg.train import CropSampler, load_patches, train_model
+from mitoseg.train import train_model
+from mitoseg.train_data import CropSampler, load_patches
 
 X = IGNORE_INDEX
 #: raw masks: 0 background, 255 mitochondria, 128 unlabelled

@@ -16,14 +16,13 @@ from mitoseg.config import AugmentConfig, resolve_train_config
 from mitoseg.io import DataError
 from mitoseg.train import (
     HISTORY_COLUMNS,
-    CropSampler,
     backup_id,
-    load_patches,
     run_key,
     setup_determinism,
     train_model,
     weights_digest,
 )
+from mitoseg.train_data import CropSampler, load_patches
 
 
 def make_patches(
