@@ -221,3 +221,22 @@ def test_a_client_gone_during_its_upload_gets_no_answer_and_no_error_line(
         asyncio.run(DeadlineMiddleware(app, timeout_s=20)(scope, receive, send))
     assert sent == []
     assert not [r for r in caplog.records if r.name == "mitoseg.serving"]
+
+
+def test_a_disconnect_after_the_response_does_not_cancel_the_apps_background_work() -> None:
+    """uvicorn's receive() says http.disconnect once the response is complete; Starlette
+    then still closes the upload's files in a background step, which must not be
+    cancelled (it was: "Exception in ASGI application ... CancelledError" per request)."""
+    finished: list[bool] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await _read_body(receive)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+        for _ in range(20):  # background work after the response, as Starlette's
+            await asyncio.sleep(0.005)
+        finished.append(True)
+
+    status, _, _ = drive(app, disconnect_after=0.0, timeout_s=5.0)
+    assert status == 200
+    assert finished == [True]

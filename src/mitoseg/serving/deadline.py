@@ -169,7 +169,10 @@ class DeadlineMiddleware:
             await body_done.wait()  # the app has the whole body: a read now is a disconnect
             while (await receive())["type"] != "http.disconnect":
                 pass
-            clock._disconnect()
+            # uvicorn also reports a disconnect once the response is complete: the app may
+            # still run its background tasks then (closing the upload's spooled file)
+            if not started.is_set():
+                clock._disconnect()
 
         token = _CURRENT.set(clock)
         try:
