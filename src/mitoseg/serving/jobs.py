@@ -24,7 +24,6 @@ Nothing here imports BentoML; zarr, dask and keras are imported inside functions
 
 from __future__ import annotations
 
-import os
 import posixpath
 import threading
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
@@ -34,6 +33,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mitoseg.decode import ImageError
+from mitoseg.serving.settings import settings_from
 
 __all__ = [
     "JOB_ENV_PREFIX",
@@ -90,24 +90,15 @@ def resolve_job_settings(
     Raises:
         ValueError: an invalid value (the message names the argument or variable).
     """
-    env = os.environ if environ is None else environ
-    args = arguments or {}
-    data: dict[str, Any] = {}
-    source: dict[str, str] = {}
-    for name in VolumeJobSettings.model_fields:
-        arg, var = f"volume_{name}", f"{JOB_ENV_PREFIX}VOLUME_{name.upper()}"
-        for key, value in ((var, env.get(var)), (arg, args.get(arg))):
-            if value is None or value == "":
-                continue
-            if name == "allow" and isinstance(value, str):
-                value = [p.strip() for p in value.split(",") if p.strip()]
-            data[name], source[name] = value, key
-    try:
-        settings = VolumeJobSettings.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else ""
-        raise ValueError(f"{source.get(field, field)}: {err['msg']}") from None
+
+    def split_allow(name: str, value: Any) -> Any:
+        if name == "allow" and isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    settings, source = settings_from(
+        VolumeJobSettings, arguments, environ, "volume_", f"{JOB_ENV_PREFIX}VOLUME_", split_allow
+    )
     prefixes = []
     for prefix in settings.allow:
         try:

@@ -41,7 +41,6 @@ Settings: Bento arguments ``monitor_<field>`` over ``MITOSEG_MONITOR_<FIELD>``
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from mitoseg.data.profile import PROFILE_FILE, ReferenceProfile
 from mitoseg.inference.plan import InferencePlan
@@ -65,6 +64,7 @@ from mitoseg.serving.drift import (
     view_stride,
 )
 from mitoseg.serving.review import ReviewWriter
+from mitoseg.serving.settings import settings_from
 
 __all__ = [
     "MONITOR_ENV_PREFIX",
@@ -131,21 +131,9 @@ def resolve_monitor_settings(
         ValueError: an invalid value (the message names the argument or variable), or
             ``min_window`` above ``window``.
     """
-    env = os.environ if environ is None else environ
-    args = arguments or {}
-    data: dict[str, Any] = {}
-    source: dict[str, str] = {}
-    for name in MonitorSettings.model_fields:
-        var, arg = f"{MONITOR_ENV_PREFIX}{name.upper()}", f"monitor_{name}"
-        for key, value in ((var, env.get(var)), (arg, args.get(arg))):
-            if value is not None and value != "":
-                data[name], source[name] = value, key
-    try:
-        settings = MonitorSettings.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else ""
-        raise ValueError(f"{source.get(field, field)}: {err['msg']}") from None
+    settings, source = settings_from(
+        MonitorSettings, arguments, environ, "monitor_", MONITOR_ENV_PREFIX
+    )
     if settings.min_window > settings.window:
         raise ValueError(
             f"{source.get('min_window', 'min_window')}: {settings.min_window} is above the "

@@ -19,10 +19,10 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from mitoseg.config import ServeConfig
 from mitoseg.inference.plan import InferencePlan
@@ -36,7 +36,59 @@ __all__ = [
     "TileBatcher",
     "request_cost",
     "resolve_serve_config",
+    "settings_from",
 ]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def settings_from(
+    model: type[M],
+    arguments: Mapping[str, Any] | None,
+    environ: Mapping[str, str] | None,
+    arg_prefix: str,
+    env_prefix: str,
+    convert: Callable[[str, Any], Any] | None = None,
+) -> tuple[M, dict[str, str]]:
+    """Service settings from Bento arguments ``<arg_prefix><field>`` over environment
+    variables ``<env_prefix><FIELD>`` (empty strings count as unset).
+
+    Args:
+        model: the pydantic settings model.
+        arguments: the Bento arguments (None: none).
+        environ: the environment (None: ``os.environ``).
+        arg_prefix: e.g. ``"volume_"``.
+        env_prefix: e.g. ``"MITOSEG_VOLUME_"``.
+        convert: ``convert(field, value)`` applied to each given value, e.g. to split a
+            comma-separated list.
+
+    Returns:
+        ``(settings, source)``: ``source`` names the argument or variable each given
+        field came from, for messages.
+
+    Raises:
+        ValueError: an invalid value; the message names its argument or variable.
+    """
+    import os
+
+    env = os.environ if environ is None else environ
+    args = arguments or {}
+    data: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    for name in model.model_fields:
+        var, arg = f"{env_prefix}{name.upper()}", f"{arg_prefix}{name}"
+        for key, value in ((var, env.get(var)), (arg, args.get(arg))):
+            if value is not None and value != "":
+                data[name] = convert(name, value) if convert else value
+                source[name] = key
+    try:
+        return model.model_validate(data), source
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else ""
+        raise ValueError(f"{source.get(field, field)}: {err['msg']}") from None
+
 
 logger = logging.getLogger("mitoseg.serving")
 
