@@ -27,7 +27,12 @@ bento_app = typer.Typer(
 export_app = typer.Typer(
     help="Export a trained model for other tools (BioImage Model Zoo).", no_args_is_help=True
 )
+labels_app = typer.Typer(
+    help="The label store: the labelled slices of a volume, with provenance.",
+    no_args_is_help=True,
+)
 app.add_typer(data_app, name="data")
+app.add_typer(labels_app, name="labels")
 app.add_typer(bento_app, name="bento")
 app.add_typer(export_app, name="export")
 
