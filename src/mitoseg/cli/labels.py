@@ -113,7 +113,7 @@ def add(
 def list_command(store: Path = _STORE_OPT) -> None:
     """One row per labelled slice: z, split, labelled pixels, author, time (UTC), model."""
     from mitoseg.io import DataError
-    from mitoseg.labelstore import read_manifest
+    from mitoseg.labelstore import read_manifest, resolve_volume_uri
 
     try:
         manifest = read_manifest(store)
@@ -128,5 +128,5 @@ def list_command(store: Path = _STORE_OPT) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    n, uri = sum(e.labelled_pixels for e in manifest.entries), manifest.volume.uri
+    n, uri = sum(e.labelled_pixels for e in manifest.entries), resolve_volume_uri(store, manifest)
     typer.echo(f"{len(manifest.entries)} labelled slices, {n} labelled pixels ({uri})")
