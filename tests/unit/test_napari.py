@@ -174,7 +174,10 @@ def test_manifest_is_found_through_the_entry_point() -> None:
     pm.discover()
     manifest = pm.get_manifest("mitoseg")
     assert [r.command for r in manifest.contributions.readers] == ["mitoseg.get_reader"]
-    assert [w.display_name for w in manifest.contributions.widgets] == ["Segment mitochondria"]
+    assert [w.display_name for w in manifest.contributions.widgets] == [
+        "Segment mitochondria",
+        "Label store",
+    ]
     for cmd in manifest.contributions.commands:
         module, _, attr = cmd.python_name.partition(":")
         assert callable(getattr(__import__(module, fromlist=[attr]), attr))
@@ -184,7 +187,8 @@ def test_plugin_modules_import_without_qt() -> None:
     import sys
 
     code = (
-        "import sys, mitoseg.napari, mitoseg.napari._reader, mitoseg.napari._segment; "
+        "import sys, mitoseg.napari, mitoseg.napari._reader, mitoseg.napari._segment, "
+        "mitoseg.napari._labels; "
         "bad = [m for m in sys.modules if m.split('.')[0] in "
         "('PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'qtpy', 'napari', 'tensorflow')]; "
         "print(bad); sys.exit(1 if bad else 0)"

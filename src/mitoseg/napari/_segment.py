@@ -32,6 +32,7 @@ __all__ = [
     "MASK_COLOR",
     "SegmentWorker",
     "as_stack",
+    "endpoint_model",
     "mask_layers",
     "segment_local",
     "segment_remote",
@@ -256,6 +257,19 @@ def segment_remote(
     return classes.astype(np.uint8, copy=False), meta
 
 
+def endpoint_model(url: str, meta: dict[str, Any]) -> str:
+    """The model an endpoint serves, from its ``/metadata``: ``models:/NAME/VERSION``
+    when registered, else its Bento model tag, else the URL.
+
+    Args:
+        url: the endpoint's base URL.
+        meta: its ``POST /metadata`` answer.
+    """
+    if meta.get("name") and meta.get("version"):
+        return f"models:/{meta['name']}/{meta['version']}"
+    return str(meta.get("bento_model") or url.strip())
+
+
 def mask_layers(
     classes: np.ndarray,
     class_names: Sequence[str],
@@ -263,6 +277,7 @@ def mask_layers(
     scale: Sequence[float],
     name: str,
     squeeze: bool = False,
+    model: str | None = None,
 ) -> list[tuple[np.ndarray, dict[str, Any], str]]:
     """The mask and instance layers of a segmentation.
 
@@ -273,6 +288,8 @@ def mask_layers(
         scale: scale of the source image layer (one entry per image dimension).
         name: source layer name (layers are named ``"<name> mask"``, ``"<name> instances"``).
         squeeze: the source was 2D: return ``(H, W)`` layers.
+        model: the model that segmented (URI, or the endpoint's model and version), kept
+            in the layers' ``metadata["model"]`` (the label store's provenance).
 
     Returns:
         ``[(classes, kwargs, "labels"), (uint32 instance labels, kwargs, "labels")]``.
@@ -289,7 +306,7 @@ def mask_layers(
         colors[1] = MASK_COLOR
     if squeeze:
         classes, instances = classes[0], instances[0]
-    meta = {"class_names": list(class_names), "n_objects": int(n)}
+    meta = {"class_names": list(class_names), "n_objects": int(n), "model": model}
     mask_kwargs: dict[str, Any] = {
         "name": f"{name} mask",
         "scale": tuple(scale),

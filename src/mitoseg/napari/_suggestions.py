@@ -18,10 +18,27 @@ import numpy as np
 
 from mitoseg.io import DataError
 
-__all__ = ["SUGGESTIONS_FILE", "read_suggestions"]
+__all__ = ["SUGGESTIONS_FILE", "load_report", "read_suggestions"]
 
 #: File name of the ranking written by ``mitoseg suggest``.
 SUGGESTIONS_FILE = "suggestions.json"
+
+
+def load_report(path: str | Path) -> Any:
+    """``suggestions.json`` as a :class:`mitoseg.suggest.SuggestReport`.
+
+    Raises:
+        DataError: unreadable file or not a suggestions report (names the file).
+    """
+    from pydantic import ValidationError
+
+    from mitoseg.suggest import SuggestReport
+
+    p = Path(path)
+    try:
+        return SuggestReport.model_validate(json.loads(p.read_text()))
+    except (OSError, ValueError, ValidationError) as exc:
+        raise DataError(f"{p}: not a mitoseg suggestions report ({exc})") from None
 
 
 def read_suggestions(path: str | Path) -> list[tuple[Any, dict[str, Any], str]]:
@@ -40,15 +57,9 @@ def read_suggestions(path: str | Path) -> list[tuple[Any, dict[str, Any], str]]:
     Raises:
         DataError: unreadable file or not a suggestions report (names the file).
     """
-    from pydantic import ValidationError
+    from mitoseg.suggest import tile_corners
 
-    from mitoseg.suggest import SuggestReport, tile_corners
-
-    p = Path(path)
-    try:
-        report = SuggestReport.model_validate(json.loads(p.read_text()))
-    except (OSError, ValueError, ValidationError) as exc:
-        raise DataError(f"{p}: not a mitoseg suggestions report ({exc})") from None
+    report = load_report(path)
     tiles = report.tiles
     data = [tile_corners(t).astype(np.float64) for t in tiles]
     # yellow (rank 1) .. blue (last)

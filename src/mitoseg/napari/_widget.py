@@ -12,7 +12,13 @@ from typing import Any
 import napari
 from magicgui import magic_factory
 
-from mitoseg.napari._segment import SegmentWorker, as_stack, mask_layers, segment_remote
+from mitoseg.napari._segment import (
+    SegmentWorker,
+    as_stack,
+    endpoint_model,
+    mask_layers,
+    segment_remote,
+)
 
 __all__ = ["segment_widget"]
 
@@ -25,9 +31,11 @@ def _run(
     if endpoint.strip():
         classes, meta = segment_remote(stack, endpoint, token or None)
         names, min_size = meta["class_names"], int(meta["plan"]["min_object_size"])
+        used = endpoint_model(endpoint, meta)
     else:
         classes, names, min_size = worker.segment(stack, model)
-    return mask_layers(classes, names, min_size, scale, name, squeeze=ndim == 2)
+        used = model.strip()
+    return mask_layers(classes, names, min_size, scale, name, squeeze=ndim == 2, model=used)
 
 
 def show_layers(viewer: napari.Viewer, layers: list[tuple[Any, dict[str, Any], str]]) -> None:
