@@ -66,7 +66,10 @@ def test_painted_slices_map_to_raw_class_values(tmp_path: Path) -> None:
     from mitoseg.napari._labels import painted_masks, save_labels
 
     store = _store(tmp_path)
-    paint = np.zeros(SHAPE, np.uint8)
+    from mitoseg.napari._labels import painting_array
+
+    paint = painting_array(SHAPE)  # as the widget's layer: chunked, in memory
+    assert paint.chunks == (1, 64, 96)
     paint[0, 1:3, 2:5] = 2  # mitochondria
     paint[0, 10, 10] = 1  # background
     paint[2, 5:7, 0:2] = 1
@@ -115,13 +118,14 @@ def _paint(shape: tuple[int, ...] = SHAPE, value: int = 1, dtype: Any = np.uint8
     [
         (_paint((3, 64, 95)), None, r"labels layer 'p': shape \(3, 64, 95\) differs from the "
                                     r"store's volume \(Z, Y, X\) = \(3, 64, 96\)$"),
-        (_paint(value=3), None, r"labels layer 'p': value 3 is not a class of the store "
-                                r"\(1 = background, 2 = mitochondria; 0 = unpainted\)$"),
+        (_paint(value=3), None, r"labels layer 'p': slice 0: value 3 is not a class of the "
+                                r"store \(1 = background, 2 = mitochondria; 0 = unpainted\)$"),
         (_paint(dtype=np.float32), None, r"labels layer 'p': dtype float32 is not an integer"),
         (_paint(), [1], r"labels layer 'p': slice 1 has no painted pixel$"),
+        (_paint(), [3], r"labels layer 'p': slice 3 has no painted pixel$"),
         (np.zeros(SHAPE, np.uint8), None, r"labels layer 'p': nothing is painted"),
     ],
-    ids=["shape", "value", "float", "slice-unpainted", "empty"],
+    ids=["shape", "value", "float", "slice-unpainted", "slice-outside", "empty"],
 )  # fmt: skip
 def test_save_errors_name_the_layer(
     tmp_path: Path, data: np.ndarray, slices: list[int] | None, message: str
@@ -187,6 +191,7 @@ def test_widget_lists_suggestions_saves_paint_and_screenshot(
     widget.start_from.setCurrentText("vol mask")
     layer = widget.new_labels_layer()
     assert layer.name == "labels labels" and layer.metadata["model"] == "models:/mito/3"
+    assert type(layer.data).__module__.startswith("zarr")  # not a volume-sized numpy array
     assert viewer.layers[-1].name == "suggestions (vol.tif)"  # rectangles stay on top
     np.testing.assert_array_equal(layer.data[1], pred[1] + 1)
     data = layer.data

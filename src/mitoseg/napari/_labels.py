@@ -40,6 +40,7 @@ __all__ = [
     "label_colormap",
     "labels_from_prediction",
     "painted_masks",
+    "painting_array",
     "save_labels",
     "suggestion_items",
 ]
@@ -53,6 +54,19 @@ CLASS_COLORS = (
     (0.0, 0.9, 0.3, 1.0),
     (0.9, 0.9, 0.9, 1.0),
 )
+
+
+def painting_array(shape: tuple[int, int, int]) -> Any:
+    """An empty ``(Z, Y, X)`` uint8 painting for a volume of ``shape``: an in-memory Zarr
+    array in ``(1, 512, 512)`` chunks, so only the painted chunks take memory (a
+    volume-sized numpy array would not fit for a large volume)."""
+    import zarr
+    from zarr.storage import MemoryStore
+
+    chunks = (1, min(512, shape[1]), min(512, shape[2]))
+    return zarr.create_array(
+        store=MemoryStore(), shape=shape, chunks=chunks, dtype="uint8", fill_value=0
+    )
 
 
 def label_colormap(n_classes: int) -> dict[int | None, Any]:
@@ -86,7 +100,8 @@ def painted_masks(
 
     Args:
         data: ``(Z, Y, X)`` integer painting (0 = unpainted, ``k`` = class ``k - 1``),
-            on the store's volume grid.
+            on the store's volume grid: a numpy array or any array indexed slice by slice
+            (the widget's in-memory Zarr array: only painted chunks take memory).
         manifest: the store's manifest (class table, ignore value, volume shape).
         where: the layer's name, for messages.
         slices: only these slices (each must hold a painted pixel); None: every slice
@@ -99,33 +114,36 @@ def painted_masks(
         LabelStoreError: the layer's shape is not the volume's, a value beyond the class
             table, or a slice asked for without a painted pixel.
     """
-    arr = np.asarray(data)
     shape = manifest.volume.shape
-    if arr.shape != shape:
+    got = tuple(int(n) for n in getattr(data, "shape", np.shape(data)))
+    if got != shape:
         raise LabelStoreError(
-            f"labels layer {where!r}: shape {arr.shape} differs from the store's volume "
+            f"labels layer {where!r}: shape {got} differs from the store's volume "
             f"(Z, Y, X) = {shape}"
         )
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise LabelStoreError(f"labels layer {where!r}: dtype {arr.dtype} is not an integer type")
+    dtype = np.dtype(getattr(data, "dtype", np.asarray(data).dtype))
+    if not np.issubdtype(dtype, np.integer):
+        raise LabelStoreError(f"labels layer {where!r}: dtype {dtype} is not an integer type")
     raw = [vals[0] for vals in class_values(manifest.classes).values()]
-    top = int(arr.max()) if arr.size else 0
-    if top > len(raw) or int(arr.min()) < 0:
-        names = ", ".join(f"{k + 1} = {n}" for k, n in enumerate(manifest.classes))
-        bad = top if top > len(raw) else int(arr.min())
-        raise LabelStoreError(
-            f"labels layer {where!r}: value {bad} is not a class of the store ({names}; "
-            "0 = unpainted)"
-        )
-    painted = np.flatnonzero(arr.reshape(shape[0], -1).any(axis=1))
-    zs = [int(z) for z in painted] if slices is None else sorted({int(z) for z in slices})
     lut = np.full(len(raw) + 1, manifest.ignore_value, np.uint8)
     lut[1:] = raw
+    asked = slices is not None
+    zs = sorted({int(z) for z in slices}) if slices is not None else range(shape[0])
     out: dict[int, np.ndarray] = {}
     for z in zs:
-        if not 0 <= z < shape[0] or z not in set(painted.tolist()):
-            raise LabelStoreError(f"labels layer {where!r}: slice {z} has no painted pixel")
-        out[z] = lut[arr[z]]
+        plane = np.asarray(data[z]) if 0 <= z < shape[0] else np.zeros(0, np.uint8)
+        if not plane.any():
+            if asked:
+                raise LabelStoreError(f"labels layer {where!r}: slice {z} has no painted pixel")
+            continue
+        low, top = int(plane.min()), int(plane.max())
+        if top > len(raw) or low < 0:
+            names = ", ".join(f"{k + 1} = {n}" for k, n in enumerate(manifest.classes))
+            raise LabelStoreError(
+                f"labels layer {where!r}: slice {z}: value {top if top > len(raw) else low} "
+                f"is not a class of the store ({names}; 0 = unpainted)"
+            )
+        out[z] = lut[plane]
     return out
 
 

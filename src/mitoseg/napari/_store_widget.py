@@ -9,7 +9,8 @@ never by ``mitoseg`` itself (it imports Qt). The work is done by the Qt-free
   and listed (top tiles, then every slice by rank); clicking a line moves the viewer to
   that slice (and centres a tile).
 * **Paint**: "New labels layer" adds an empty uint8 Labels layer on the store's volume
-  grid (``<store> labels``; 0 = unpainted, 1 = the first class, 2 = the second, ...), or
+  grid (``<store> labels``, an in-memory Zarr array: only painted chunks take memory;
+  0 = unpainted, 1 = the first class, 2 = the second, ...), or
   starts it from the current slice of a prediction layer (the Segment widget's mask; the
   model that made it goes to the layer's ``metadata["model"]``).
 * **Save labels to store**: every slice of the selected Labels layer (or the painting
@@ -40,6 +41,7 @@ from mitoseg.napari._labels import (
     Suggestion,
     label_colormap,
     labels_from_prediction,
+    painting_array,
     save_labels,
     suggestion_items,
 )
@@ -193,20 +195,20 @@ class LabelStoreWidget(QWidget):
             self._say(f"error: {exc}")
             return None
         shape = manifest.volume.shape
-        data = np.zeros(shape, np.uint8)
+        data = painting_array(shape)
         metadata: dict[str, Any] = {"mitoseg_store": str(self._store()), "model": None}
         source = self.start_from.currentText()
         if source and source != "empty":
             pred = self.viewer.layers[source]
             z = self._current_z()
-            pred_data = np.asarray(pred.data)
-            if pred_data.shape != shape:
+            pred_shape = tuple(int(n) for n in pred.data.shape)
+            if pred_shape != shape:
                 self._say(
-                    f"error: prediction layer {source!r} has shape {pred_data.shape}, the "
+                    f"error: prediction layer {source!r} has shape {pred_shape}, the "
                     f"store's volume {shape}"
                 )
                 return None
-            data[z] = labels_from_prediction(pred_data[z])
+            data[z] = labels_from_prediction(np.asarray(pred.data[z]))
             metadata["model"] = pred.metadata.get("model")
         vs = manifest.volume.voxel_size_nm
         name = f"{self._store().name}{PAINT_SUFFIX}"
