@@ -114,27 +114,36 @@ def _paint(shape: tuple[int, ...] = SHAPE, value: int = 1, dtype: Any = np.uint8
 
 
 @pytest.mark.parametrize(
-    ("data", "slices", "message"),
+    ("data", "slices", "metadata", "message"),
     [
-        (_paint((3, 64, 95)), None, r"labels layer 'p': shape \(3, 64, 95\) differs from the "
-                                    r"store's volume \(Z, Y, X\) = \(3, 64, 96\)$"),
-        (_paint(value=3), None, r"labels layer 'p': slice 0: value 3 is not a class of the "
+        (_paint(), None, {"class_names": ["bg", "mito"], "model": "m"},
+         r"labels layer 'p' is a prediction: class indexes \(0 = background\), not a painting "
+         r"\(0 = unpainted\); start a painting from it with New labels layer$"),
+        (_paint(), None, {"source": "pred.tif"}, r"labels layer 'p' is opened from pred\.tif: "),
+        (_paint((3, 64, 95)), None, {}, r"labels layer 'p': shape \(3, 64, 95\) differs from "
+                                        r"the store's volume \(Z, Y, X\) = \(3, 64, 96\)$"),
+        (_paint(value=3), None, {}, r"labels layer 'p': slice 0: value 3 is not a class of the "
                                 r"store \(1 = background, 2 = mitochondria; 0 = unpainted\)$"),
-        (_paint(dtype=np.float32), None, r"labels layer 'p': dtype float32 is not an integer"),
-        (_paint(), [1], r"labels layer 'p': slice 1 has no painted pixel$"),
-        (_paint(), [3], r"labels layer 'p': slice 3 has no painted pixel$"),
-        (np.zeros(SHAPE, np.uint8), None, r"labels layer 'p': nothing is painted"),
+        (_paint(dtype=np.float32), None, {}, r"labels layer 'p': dtype float32 is not an integer"),
+        (_paint(), [1], {}, r"labels layer 'p': slice 1 has no painted pixel$"),
+        (_paint(), [3], {}, r"labels layer 'p': slice 3 has no painted pixel$"),
+        (np.zeros(SHAPE, np.uint8), None, {}, r"labels layer 'p': nothing is painted"),
     ],
-    ids=["shape", "value", "float", "slice-unpainted", "slice-outside", "empty"],
+    ids=["prediction", "reader-mask", "shape", "value", "float", "slice-unpainted",
+         "slice-outside", "empty"],
 )  # fmt: skip
 def test_save_errors_name_the_layer(
-    tmp_path: Path, data: np.ndarray, slices: list[int] | None, message: str
+    tmp_path: Path,
+    data: np.ndarray,
+    slices: list[int] | None,
+    metadata: dict[str, Any],
+    message: str,
 ) -> None:
     from mitoseg.napari._labels import save_labels
 
     store = _store(tmp_path)
     with pytest.raises(LabelStoreError, match=message):
-        save_labels(store, data, "p", slices=slices)
+        save_labels(store, data, "p", metadata, slices=slices)
     assert read_manifest(store).entries == []
 
 

@@ -165,7 +165,9 @@ def save_labels(
         data: ``(Z, Y, X)`` painting on the volume's grid (see :func:`painted_masks`).
         name: the layer's name (messages).
         metadata: the layer's metadata: ``model`` (the model that made the prediction
-            the painting started from) goes to the provenance.
+            the painting started from) goes to the provenance. A layer of class indexes
+            (a prediction, ``class_names``, or a mask the reader opened, ``source``) is
+            refused unless it is a painting (``mitoseg_store``).
         split: ``train`` or ``test``.
         note: free text for the provenance.
         author: who painted (default: from the environment).
@@ -177,13 +179,20 @@ def save_labels(
 
     Raises:
         LabelStoreError: as :func:`painted_masks` and :func:`mitoseg.labelstore.add_slice`;
-            nothing painted. Slices before the failing one are saved.
+            nothing painted; a layer of class indexes. Slices before the failing one are saved.
     """
+    meta = metadata or {}
+    if "mitoseg_store" not in meta and ("class_names" in meta or "source" in meta):
+        what = "a prediction" if "class_names" in meta else f"opened from {meta['source']}"
+        raise LabelStoreError(
+            f"labels layer {name!r} is {what}: class indexes (0 = background), not a "
+            "painting (0 = unpainted); start a painting from it with New labels layer"
+        )
     manifest = read_manifest(store)
     masks = painted_masks(data, manifest, name, slices)
     if not masks:
         raise LabelStoreError(f"labels layer {name!r}: nothing is painted (0 = unpainted)")
-    model = (metadata or {}).get("model")
+    model = meta.get("model")
     prov = make_provenance("napari", model=str(model) if model else None, note=note, author=author)
     return [
         add_slice(store, z, m, prov, split=split, allow_test_change=allow_test_change)  # type: ignore[arg-type]
