@@ -527,6 +527,7 @@ def test_widget_segments_the_selected_layer_and_screenshot(
         np.testing.assert_array_equal(inst.data, np.load(case / "instances.npy"))
         assert mask.metadata["n_objects"] == int(inst.data.max())
     assert inst.data.dtype == np.uint32
+    assert mask.metadata["model"] == str(model_path)  # the label store's provenance
     np.testing.assert_allclose(mask.scale, VOXEL)
     np.testing.assert_allclose(inst.scale, VOXEL)
     assert 0 < mask.data.mean() < 1
