@@ -182,6 +182,11 @@ def test_widget_lists_suggestions_saves_paint_and_screenshot(
                       metadata={"class_names": ["background", "mitochondria"],
                                 "model": "models:/mito/3"})  # fmt: skip
     _, widget = viewer.window.add_plugin_dock_widget("mitoseg", "Label store")
+    assert widget.new_labels_layer() is None  # errors are shown in the widget
+    assert widget.status.text() == "error: give the label store directory first"
+    widget.suggestions_edit.setText(str(case / "nothing.json"))
+    assert widget.load_suggestions() == []
+    assert widget.status.text().startswith(f"error: {case / 'nothing.json'}: not a mitoseg")
     widget.store_edit.setText(str(store))
     widget.suggestions_edit.setText(str(sugg))
 
@@ -195,6 +200,8 @@ def test_widget_lists_suggestions_saves_paint_and_screenshot(
         rect = lst.visualItemRect(lst.item(row))
         qtbot.mouseClick(lst.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
         assert viewer.dims.current_step[0] == z, texts[row]
+    tile_centre = ((0 + 32 / 2) * VOXEL[1], (48 + 48 / 2) * VOXEL[2])
+    assert tuple(viewer.camera.center[-2:]) == pytest.approx(tile_centre)  # tile 1 centred
 
     # (b) paint, starting from the prediction's current slice (1), and save
     widget.start_from.setCurrentText("vol mask")
@@ -211,6 +218,8 @@ def test_widget_lists_suggestions_saves_paint_and_screenshot(
     widget.split.setCurrentText("train")
     widget.note.setText("suggest rank 1")
     widget.author.setText("ana")
+    viewer.layers.selection.active = viewer.layers["vol mask"]
+    assert widget.save() == [] and "'vol mask' is a prediction" in widget.status.text()
     viewer.layers.selection.active = layer
     entries = widget.save()
     assert widget.status.text() == f"saved slices 1, 2 (train) to {store}"

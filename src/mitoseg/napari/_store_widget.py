@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from napari.layers import Image, Labels
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -122,7 +123,7 @@ class LabelStoreWidget(QWidget):
         names = [
             layer.name
             for layer in self.viewer.layers
-            if type(layer).__name__ == "Labels" and "class_names" in layer.metadata
+            if isinstance(layer, Labels) and "class_names" in layer.metadata
         ]
         self.start_from.clear()
         self.start_from.addItems(["empty", *names])
@@ -180,7 +181,7 @@ class LabelStoreWidget(QWidget):
 
     def _yx_scale(self) -> tuple[float, float]:
         for layer in self.viewer.layers:
-            if type(layer).__name__ == "Image":
+            if isinstance(layer, Image):
                 return float(layer.scale[-2]), float(layer.scale[-1])
         return 1.0, 1.0
 
@@ -230,7 +231,8 @@ class LabelStoreWidget(QWidget):
 
     def _labels_layer(self) -> Any:
         active = self.viewer.layers.selection.active
-        if active is not None and type(active).__name__ == "Labels":
+        # isinstance, not type(): napari hands plugins proxies of its objects
+        if active is not None and isinstance(active, Labels):
             return active
         for layer in self.viewer.layers:
             if "mitoseg_store" in layer.metadata:
