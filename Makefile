@@ -18,6 +18,8 @@ MODEL       ?= models:/mitoseg-unet@champion
 # Prometheus of `make stack` (scraping `make serve`), when Debian's prometheus is installed.
 PROMETHEUS_PORT ?= $(if $(shell command -v prometheus),9090)
 PYTEST_ARGS ?=
+# pytest-xdist workers of `make test`: the CPUs this process may use, at most 4
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0))))")
 
 .PHONY: help setup lock run test test-random test-all lint docs format stack stack-down stack-status stack-env ui serve bento bench clean
 
@@ -49,8 +51,8 @@ run: setup ## Main job: fetch the bundled sample, then dvc repro (validate .. re
 	@$(BIN)/dvc metrics show
 	@echo "Runs and the registered champion: make ui  (mlflow ui on sqlite:///mlflow.db)"
 
-test: setup ## Run the test suite (unit + loopback integration; not the slow tier)
-	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+test: setup ## Run the test suite (unit + loopback integration; not the slow tier), on TEST_WORKERS workers
+	$(BIN)/pytest -m "not slow" -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-random: setup ## Unit tests in a random order (pytest-randomly; the seed is printed)
 	$(BIN)/pytest tests/unit -m "not slow" -p randomly $(PYTEST_ARGS)

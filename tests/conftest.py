@@ -15,6 +15,23 @@ Loopback servers live in ``tests/servers.py`` (importable as ``servers`` because
 
 from __future__ import annotations
 
+import pytest
+
 from servers import http_server, mitoseg_server, s3_env, s3_server, vnc_unet
 
 __all__ = ["http_server", "mitoseg_server", "s3_env", "s3_server", "vnc_unet"]
+
+
+#: Session fixtures that start something expensive (a server, a training run): every test
+#: that uses one runs on the same pytest-xdist worker, so it starts once per session.
+SHARED_FIXTURES = ("mitoseg_server", "vnc_unet")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group tests for ``pytest -n N --dist loadgroup`` (``make test``): by the shared
+    session fixture they use, else by module, so module- and session-scoped fixtures are
+    set up once, as in a serial run. Without ``-n`` the marks change nothing."""
+    for item in items:
+        shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
+        group = shared[0] if shared else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))

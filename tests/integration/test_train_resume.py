@@ -32,31 +32,40 @@ DRIVER = textwrap.dedent(
     from pathlib import Path
 
     import keras
+    from mlflow import MlflowClient
 
     from mitoseg import tracking
     from mitoseg.config import AugmentConfig, resolve_train_config
     from mitoseg.model.callbacks import MlflowEpochLogger
     from mitoseg.train import train_model
 
-    patches, out, ck, lr, sleep = sys.argv[1:6]
+    # patches, checkpoint root, seconds to sleep after each epoch, then runs "out:lr" ...
+    patches, ck, sleep, *runs = sys.argv[1:]
 
     class Sleep(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             time.sleep(float(sleep))
 
-    cfg = resolve_train_config({
-        "model": {"depth": 2, "base_filters": 4},
-        "crop_size": 32, "batch_size": 2, "steps_per_epoch": 2, "epochs": 3,
-        "learning_rate": float(lr), "early_stopping_patience": 10,
-    })
     tracking.configure_tracking()  # MLFLOW_TRACKING_URI
-    with tracking.start_training_run(cfg.model_dump(mode="json"), {}, "resume-test") as run:
-        print("RUN " + run.info.run_id, flush=True)
-        result = train_model(Path(patches), AugmentConfig(), cfg, 2, 0, Path(out), Path(ck),
-                             progress=False, callbacks=[MlflowEpochLogger(), Sleep()])
-    print("RESULT " + json.dumps({"resumed": result.resumed, "epochs_run": result.epochs_run,
-                                  "history": result.history, "best_epoch": result.best_epoch,
-                                  "run_id": run.info.run_id}))
+    for spec in runs:  # one after another in this process, as separate `dvc repro`s would
+        out, lr = spec.rsplit(":", 1)
+        cfg = resolve_train_config({
+            "model": {"depth": 2, "base_filters": 4},
+            "crop_size": 32, "batch_size": 2, "steps_per_epoch": 2, "epochs": 3,
+            "learning_rate": float(lr), "early_stopping_patience": 10,
+        })
+        with tracking.start_training_run(cfg.model_dump(mode="json"), {}, "resume-test") as run:
+            print("RUN " + run.info.run_id, flush=True)
+            result = train_model(Path(patches), AugmentConfig(), cfg, 2, 0, Path(out), Path(ck),
+                                 progress=False, callbacks=[MlflowEpochLogger(), Sleep()])
+        runs_now = MlflowClient().search_runs([run.info.experiment_id])
+        print("RESULT " + json.dumps({
+            "resumed": result.resumed, "epochs_run": result.epochs_run,
+            "history": result.history, "best_epoch": result.best_epoch,
+            "run_id": run.info.run_id,
+            "backups": sorted(p.name for p in Path(ck).iterdir()),  # after this run
+            "statuses": {r.info.run_id: r.info.status for r in runs_now},
+        }), flush=True)
     """
 )
 
@@ -78,7 +87,8 @@ def _make_patches(d: Path, n: int = 4, size: int = 32) -> Path:
     return d
 
 
-def _run(script: Path, args: list[str], env: dict[str, str], timeout: float = 120) -> dict:
+def _run(script: Path, args: list[str], env: dict[str, str], timeout: float = 300) -> list[dict]:
+    """Run the driver to its end; one result per run, in order."""
     proc = subprocess.run(
         [sys.executable, str(script), *args],
         capture_output=True,
@@ -87,8 +97,8 @@ def _run(script: Path, args: list[str], env: dict[str, str], timeout: float = 12
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    lines = [x[len("RESULT ") :] for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    return [json.loads(x) for x in lines]
 
 
 def test_killed_training_resumes(tmp_path):
@@ -102,7 +112,7 @@ def test_killed_training_resumes(tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "MLFLOW_TRACKING_URI": uri}
 
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(patches), str(out), str(ck), "0.001", "60"],
+        [sys.executable, str(script), str(patches), str(ck), "60", f"{out}:0.001"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
@@ -130,14 +140,19 @@ def test_killed_training_resumes(tmp_path):
     client = MlflowClient(tracking_uri=uri)
     assert client.get_run(killed_run).info.status == "RUNNING"  # what SIGKILL leaves
 
-    # A different configuration must not pick up that backup (nor close that run).
-    other = _run(script, [str(patches), str(tmp_path / "other"), str(ck), "0.002", "0"], env)
+    # In one fresh process: a different configuration, which must not pick up that backup
+    # (nor close that run); the original one, which resumes; then an uninterrupted run of
+    # it into another directory (the reference, below).
+    other, resumed, ref = _run(
+        script,
+        [str(patches), str(ck), "0", f"{tmp_path / 'other'}:0.002", f"{out}:0.001",
+         f"{tmp_path / 'ref'}:0.001"],
+        env,
+    )  # fmt: skip
     assert other["resumed"] is False and other["epochs_run"] == 3
-    assert backup.is_dir()  # the interrupted run's backup is untouched
-    assert client.get_run(killed_run).info.status == "RUNNING"
-
-    resumed = _run(script, [str(patches), str(out), str(ck), "0.001", "0"], env)
-    assert resumed["resumed"] is True
+    assert other["backups"] == [backup.name]  # the interrupted run's backup is untouched
+    assert other["statuses"][killed_run] == "RUNNING"
+    assert resumed["resumed"] is True and resumed["backups"] == []
     assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
     assert resumed["epochs_run"] == 3
     first = resumed["history"][0]
@@ -161,8 +176,6 @@ def test_killed_training_resumes(tmp_path):
     assert val_loss[2] == pytest.approx(resumed["history"][2]["val_loss"], rel=1e-12)
 
     # Bit for bit what an uninterrupted run of the same configuration gives.
-    ref = _run(script, [str(patches), str(tmp_path / "ref"), str(tmp_path / "ck_ref"),
-                        "0.001", "0"], env)  # fmt: skip
     assert ref["resumed"] is False and ref["history"] == resumed["history"]
     import keras
 

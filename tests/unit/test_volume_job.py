@@ -185,12 +185,13 @@ def test_yx_blocks_equal_whole_slice_predict(
     """YX tiles of slices (16 / 7 / 20 / 24 / 13 px on 45 x 52 slices, 32-px network tiles):
     the global tile grid and whole-slice percentiles give identical arrays; instances
     stitch across z, y and x faces (26-connected, edges and corners included)."""
-    data = _volume(z=7, seed=6)
+    z = 3 if block_yx < 10 else 7  # small blocks: one z-block (z faces: the other cases)
+    data = _volume(z=z, seed=6)
     plan = _plan(**fields)
     src = _ome(tmp_path / "in.ome.zarr", data, "0.5")
     out = str(tmp_path / "out.ome.zarr")
     summary = run_volume_job(src, out, blur, plan, client=client, block_z=3, block_yx=block_yx)
-    grid = (3, -(-45 // block_yx), -(-52 // block_yx))
+    grid = (-(-z // 3), -(-45 // block_yx), -(-52 // block_yx))
     assert summary["blocks"] == grid[0] * grid[1] * grid[2]
     root = zarr.open_group(out, mode="r")
     expected = segment_stack(blur, data, plan)
@@ -423,7 +424,7 @@ def test_existing_non_output_needs_force(client: Client, tmp_path: Path) -> None
 
 
 _KILL_SCRIPT = """
-import sys, time
+import os, sys, time
 import numpy as np
 from distributed import Client, LocalCluster
 from mitoseg.inference.plan import InferencePlan
@@ -433,7 +434,7 @@ from mitoseg.volume.job import run_volume_job
 def slow_blur(batch):
     from scipy import ndimage
 
-    time.sleep(0.15)
+    time.sleep(float(os.environ.get("SLOW_BLUR_S", "0")))  # slow only the run to kill
     x = batch.mean(axis=-1, keepdims=True)
     return ndimage.uniform_filter(x, size=(1, 5, 5, 1), mode="nearest").astype(np.float32)
 
@@ -477,7 +478,8 @@ def test_sigkill_mid_job_then_restart_matches_uninterrupted(
     src = _ome(tmp_path / "in.ome.zarr", data, "0.5")
     out = tmp_path / "out.ome.zarr"
     cmd = [sys.executable, str(script), src, str(out), mode]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL)
+    env = {**os.environ, "SLOW_BLUR_S": "0.15"}
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 120
 
     def recorded() -> int:
