@@ -2,7 +2,8 @@
 
 ``source.volume: null`` (the default): ``--raw`` (``data/raw``, tracked by ``data.dvc``)
 is copied to ``--out`` as it is. A volume location (OME-Zarr / Zarr / TIFF, local or
-``s3://``): ``--out`` is assembled from that volume and the label store ``--labels``
+``s3://``), or ``store`` for the volume the label store names: ``--out`` is assembled from
+that volume and the label store ``--labels``
 (:func:`mitoseg.data.assemble.assemble_dataset`), reading only the labelled slices and
 their neighbours (``source.context``). Either way ``--out`` is replaced atomically and the
 same inputs give the same bytes, so this stage may rerun on every ``dvc repro``
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             load_section("evaluate", args.params).z_average,
         )
         info = assemble_dataset(
-            source.volume,
+            None if source.volume == "store" else source.volume,
             args.labels,
             args.out,
             base,
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{split}: {len(s['labelled_slices'])} labelled of {s['n_slices']} slices"
         for split, s in info["splits"].items()
     )
-    print(f"source: {source.volume} + {args.labels} ({counts}, context {context}) -> {args.out}")
+    print(f"source: {info['source']} + {args.labels} ({counts}, context {context}) -> {args.out}")
     return 0
 
 

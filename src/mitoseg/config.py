@@ -141,9 +141,10 @@ class SourceConfig(_Strict):
 
     ``volume: null`` (the default): the canonical raw directory (``data/raw``, tracked by
     ``data.dvc``) as it is. A volume location (OME-Zarr, Zarr or TIFF; local path or
-    ``s3://`` URI): the canonical layout is assembled from that volume and the project's
-    label store (:func:`mitoseg.data.assemble.assemble_dataset`), reading only the
-    labelled slices and their ``context`` neighbours.
+    ``s3://`` URI), or ``store`` for the volume named by the label store's ``store.json``:
+    the canonical layout is assembled from that volume and the project's label store
+    (:func:`mitoseg.data.assemble.assemble_dataset`), reading only the labelled slices
+    and their ``context`` neighbours.
     """
 
     volume: str | None = Field(None, min_length=1)

@@ -343,6 +343,11 @@ def test_stage_script(
     shutil.copytree(tmp_path / "data", tmp_path / "raw")
     assert stage_main([*argv, "--out", str(tmp_path / "copy")]) == 0
     assert f"source: canonical {tmp_path / 'raw'} -> {tmp_path / 'copy'}" in capsys.readouterr().out
+    # volume: store, the volume store.json names
+    _params(params, "store")
+    assert stage_main([*argv, "--out", str(tmp_path / "own")]) == 0
+    assert f"source: {uri} + {store}" in capsys.readouterr().out
+    assert _files(tmp_path / "own") == _files(tmp_path / "data")
     _params(params, uri, context=-1)
     assert stage_main([*argv, "--out", str(tmp_path / "x")]) == 1
     assert "source.context: Value error, context must be 0..16 or 'auto', got -1" in (

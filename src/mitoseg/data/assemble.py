@@ -205,7 +205,7 @@ def _split_stacks(
 
 
 def assemble_dataset(
-    volume_uri: str,
+    volume_uri: str | None,
     store_dir: str | Path,
     out_dir: str | Path,
     base: BaseConfig,
@@ -218,7 +218,8 @@ def assemble_dataset(
     Args:
         volume_uri: OME-Zarr / Zarr store or TIFF stack, local path or ``s3://`` URI
             (:func:`mitoseg.volume.store.open_volume`); it must be the volume the store
-            labels (same shape and array metadata).
+            labels (same shape and array metadata). None: the store's own volume
+            (:func:`mitoseg.labelstore.resolve_volume_uri`).
         store_dir: the label store (``store.json`` and its ``zNNNNN.tif`` masks).
         out_dir: the canonical directory to write (replaced atomically).
         base: the class table and ``ignore_value``; both must equal the store's.
@@ -245,7 +246,7 @@ def assemble_dataset(
         ValueError: ``context < 0``.
     """
     from mitoseg.data.sources_remote import sha256_file
-    from mitoseg.labelstore import STORE_FILE, check_volume, read_manifest
+    from mitoseg.labelstore import STORE_FILE, check_volume, read_manifest, resolve_volume_uri
     from mitoseg.volume.store import open_volume
 
     if context < 0:
@@ -266,6 +267,8 @@ def assemble_dataset(
                     else "label at least one training slice"
                 )
             )
+    if volume_uri is None:
+        volume_uri = resolve_volume_uri(store, manifest)
     volume = open_volume(volume_uri, voxel_size_nm=voxel_size_nm)
     try:
         check_volume(store, volume)
