@@ -2,8 +2,9 @@
 
 Reads ``run_id`` from ``--train-info`` (train.json) and the ``register.metric`` value from
 ``--metrics`` (metrics.json), identifies the test data (md5 of ``<raw>/test``, else the
-run's ``data.dvc`` md5), registers ``runs:/<run_id>/model`` as ``register.model_name`` and
-applies the champion/challenger rule of :func:`mitoseg.tracking.register_model`: champion
+run's ``data.dvc`` md5; it must be the ``test_data_id`` evaluate recorded in
+metrics.json), registers ``runs:/<run_id>/model`` as ``register.model_name`` and applies
+the champion/challenger rule of :func:`mitoseg.tracking.register_model`: champion
 only when better on the same test data. A champion scored on other test data is first
 re-evaluated on ``<raw>/test`` (:func:`mitoseg.gate.score_on_test`); when that fails the
 new version is not promoted. Writes ``registration.json`` (``model_name, version, alias,
@@ -43,6 +44,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     test_data_id = args.test_data_id or tracking.compute_test_data_id(
         args.raw, run_id=run_id, repo_root=Path.cwd()
     )
+    recorded = metrics.get("test_data_id")
+    if args.test_data_id is None and recorded is not None and recorded != test_data_id:
+        raise DataError(
+            f"{args.metrics}: measured on test data {recorded}, but {args.raw}/test is "
+            f"{test_data_id}; run evaluate on this test data first"
+        )
     base = load_section("base", args.params)
 
     def rescore(uri: str) -> float:

@@ -180,6 +180,9 @@ def test_register_stage_test_data_fallback_and_override(in_project: Path) -> Non
         (_train_info("r"), {"iou": None}, r"json: metric 'iou' is not a finite number: None"),
         (_train_info("r"), {"iou": float("nan")}, r"metric 'iou' is not a finite number: nan"),
         (_train_info("r"), {"iou": 0.5}, r"run 'r' not found in tracking store sqlite:///"),
+        (_train_info("r"), {"iou": 0.5, "test_data_id": "test:other"},
+         r"metrics\.json: measured on test data test:other, but data/raw/test is "
+         r"test:[0-9a-f]{32}; run evaluate on this test data first"),
     ],
 )  # fmt: skip
 def test_register_stage_errors(
@@ -251,7 +254,9 @@ def test_register_stage_rescores_a_champion_from_other_test_data(
     params = ["--params", _params(in_project, "gate-model"), "--raw", str(raw)]
 
     def register(iou: float, out: str, *extra: str) -> dict[str, Any]:
-        argv = ["--train-info", "half.json", "--metrics", str(_metrics(in_project, out, iou=iou))]
+        recorded = {} if extra else {"test_data_id": tracking.compute_test_data_id(raw)}
+        metrics = _metrics(in_project, out, iou=iou, **recorded)  # as evaluate records it
+        argv = ["--train-info", "half.json", "--metrics", str(metrics)]
         assert register_stage.main([*argv, "--out", out, *params, *extra]) == 0
         return json.loads((in_project / out).read_text())
 
