@@ -272,43 +272,45 @@ def assemble_dataset(
     volume = open_volume(volume_uri, voxel_size_nm=voxel_size_nm)
     try:
         check_volume(store, volume)
-        identity = volume_identity(volume)
         vs = volume.voxel_size_nm or manifest.volume.voxel_size_nm
-        stacks = {s: _split_stacks(volume, store, manifest, s, context) for s in SPLITS}
+        dataset: dict[str, Any] = {
+            "source": volume_uri,
+            "kind": "volume",
+            "mask_kind": "labels",
+            "splits": {},
+            "voxel_size_nm": None if vs is None else [float(v) for v in vs],
+            "ignore_value": manifest.ignore_value,
+            "context": context,
+            "volume": volume_identity(volume),
+            "labels": {
+                "store": store.as_posix(),
+                "store_volume_uri": manifest.volume.uri,
+                "n_entries": len(manifest.entries),
+            },
+        }
+        with atomic_dir(out_dir) as tmp:
+            for split in SPLITS:  # one split in memory at a time
+                images, masks, slices, labelled = _split_stacks(
+                    volume, store, manifest, split, context
+                )
+                folder = tmp / split
+                folder.mkdir()
+                write_stack(folder / IMAGES, images, vs)
+                write_stack(folder / MASKS, masks, vs)
+                z, h, w = images.shape
+                dataset["splits"][split] = {
+                    "n_slices": int(z),
+                    "height": int(h),
+                    "width": int(w),
+                    "dtype": str(images.dtype),
+                    "mask_dtype": str(masks.dtype),
+                    "sha256": {n: sha256_file(folder / n) for n in (IMAGES, MASKS)},
+                    "volume_slices": slices,
+                    "labelled_slices": labelled,
+                    "labelled_pixels": int((masks != manifest.ignore_value).sum()),
+                }
+                del images, masks
+            write_json(tmp / DATASET_FILE, dataset)
     finally:
         volume.close()
-    dataset: dict[str, Any] = {
-        "source": volume_uri,
-        "kind": "volume",
-        "mask_kind": "labels",
-        "splits": {},
-        "voxel_size_nm": None if vs is None else [float(v) for v in vs],
-        "ignore_value": manifest.ignore_value,
-        "context": context,
-        "volume": identity,
-        "labels": {
-            "store": store.as_posix(),
-            "store_volume_uri": manifest.volume.uri,
-            "n_entries": len(manifest.entries),
-        },
-    }
-    with atomic_dir(out_dir) as tmp:
-        for split, (images, masks, slices, labelled) in stacks.items():
-            folder = tmp / split
-            folder.mkdir()
-            write_stack(folder / IMAGES, images, vs)
-            write_stack(folder / MASKS, masks, vs)
-            z, h, w = images.shape
-            dataset["splits"][split] = {
-                "n_slices": int(z),
-                "height": int(h),
-                "width": int(w),
-                "dtype": str(images.dtype),
-                "mask_dtype": str(masks.dtype),
-                "sha256": {n: sha256_file(folder / n) for n in (IMAGES, MASKS)},
-                "volume_slices": slices,
-                "labelled_slices": labelled,
-                "labelled_pixels": int((masks != manifest.ignore_value).sum()),
-            }
-        write_json(tmp / DATASET_FILE, dataset)
     return json.loads(json.dumps(dataset))
