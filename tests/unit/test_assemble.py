@@ -200,6 +200,11 @@ def test_assemble_from_s3(tmp_path: Path, vol: np.ndarray, sources: dict[str, st
     assert again["listing_sha256"] == ident["listing_sha256"]
     client.put_object(Bucket=bucket, Key="vol.ome.zarr/s0/c/0/0/0", Body=b"rewritten")
     assert volume_identity(open_volume(uri))["listing_sha256"] != ident["listing_sha256"]
+    # an S3 location that holds no volume: the error names it
+    gone = f"s3://{bucket}/gone.ome.zarr"
+    with pytest.raises(DataError, match=re.escape(f"{gone}: not a Zarr store")):
+        assemble_dataset(gone, store, tmp_path / "gone", BASE, context=1)
+    assert not (tmp_path / "gone").exists()
 
 
 def _shape_mismatch(tmp: Path, vol: np.ndarray, uri: str) -> tuple[str, Path]:
