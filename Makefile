@@ -45,7 +45,7 @@ lock: ## Re-pin requirements.lock from pyproject.toml (needs PyPI)
 src/requirements-serve.lock: requirements.lock pyproject.toml $(STAMP) ## The Bento's pins: core + `serve` extra, from the lock
 	$(BIN)/python dev/serve_requirements.py --out $@
 
-run: setup ## Main job: fetch the bundled sample, then dvc repro (validate .. register), offline
+run: setup ## Main job: fetch the bundled sample, then dvc repro (assemble .. register), offline
 	$(BIN)/mitoseg --no-progress data fetch --source sample --out data/raw
 	$(BIN)/dvc repro
 	@$(BIN)/dvc metrics show

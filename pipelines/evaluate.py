@@ -4,7 +4,8 @@ The plan (:func:`mitoseg.planner.make_plan`: tile halo from the measured recepti
 threshold chosen on the validation *slices* ``meta.json["val_slices"]`` of
 ``<raw>/train``, the fastest engine that holds validation IoU) is written to ``--plan``
 (beside ``model.keras``) and attached to the MLflow run and its logged model. The test
-split ``<raw>/test`` is then segmented with exactly that plan; ``metrics.json``,
+split ``<raw>/test`` is then segmented with exactly that plan; ``metrics.json`` (with
+``test_data_id``, the fingerprint of those test images and labels),
 ``per_slice.csv``, ``plan_report.json`` (how the plan was decided: receptive field,
 threshold curve, border and engine trials) and ``figures/`` go to ``--out`` and into the
 training run
@@ -86,6 +87,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     masks_idx = masks_to_indices(test_masks, lut, str(split_paths(args.raw, "test")[1]))
     result = evaluate_split(model, plan, test_images, masks_idx, progress=progress)
     result.metrics["threshold_source"] = plan.threshold_source
+    # the fingerprint of the test images and labels these numbers are on (register compares
+    # a champion's number only on the same test data)
+    result.metrics["test_data_id"] = tracking.compute_test_data_id(args.raw)
     result.metrics["validation"] = dict(plan.validation)
     if plan.calibration is not None:
         result.metrics["validation_calibration"] = plan.calibration.model_dump()

@@ -27,6 +27,7 @@ __all__ = [
     "PatchifyConfig",
     "RegisterConfig",
     "ServeConfig",
+    "SourceConfig",
     "TrainConfig",
     "ValidateConfig",
     "load_params",
@@ -133,6 +134,51 @@ class BaseConfig(_Strict):
         if self.ignore_value is not None and self.ignore_value not in out:
             out[int(self.ignore_value)] = IGNORE_INDEX
         return out
+
+
+class SourceConfig(_Strict):
+    """Where the training data comes from (``source:``).
+
+    ``volume: null`` (the default): the canonical raw directory (``data/raw``, tracked by
+    ``data.dvc``) as it is. A volume location (OME-Zarr, Zarr or TIFF; local path or
+    ``s3://`` URI), or ``store`` for the volume named by the label store's ``store.json``:
+    the canonical layout is assembled from that volume and the project's label store
+    (:func:`mitoseg.data.assemble.assemble_dataset`), reading only the labelled slices
+    and their ``context`` neighbours.
+    """
+
+    volume: str | None = Field(None, min_length=1)
+    voxel_size_nm: tuple[float, float, float] | None = Field(
+        None, description="(z, y, x) nm overriding the volume's metadata"
+    )
+    context: int | Literal["auto"] = Field(
+        "auto",
+        description="neighbours read on each side of a labelled slice; auto: "
+        "patchify.z_context + the z-averaging radius (evaluate.z_average, auto: 1)",
+    )
+
+    @field_validator("voxel_size_nm")
+    @classmethod
+    def _check_voxel_size(
+        cls, v: tuple[float, float, float] | None
+    ) -> tuple[float, float, float] | None:
+        if v is not None and not all(x > 0 for x in v):
+            raise ValueError(f"voxel_size_nm must be 3 positive numbers (nm), got {list(v)}")
+        return v
+
+    @field_validator("context")
+    @classmethod
+    def _check_context(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 0 <= v <= 16:
+            raise ValueError(f"context must be 0..16 or 'auto', got {v}")
+        return v
+
+    def resolve_context(self, z_context: int, z_average: int | str) -> int:
+        """The neighbours to read: ``context``, or for ``auto`` ``z_context`` plus the
+        z-averaging radius (``z_average``; ``auto`` may choose 1)."""
+        if isinstance(self.context, int):
+            return self.context
+        return z_context + (1 if z_average == "auto" else int(z_average))
 
 
 class ValidateConfig(_Strict):
@@ -486,6 +532,7 @@ class ServeConfig(_Strict):
 
 _SECTIONS: dict[str, type[BaseModel]] = {
     "base": BaseConfig,
+    "source": SourceConfig,
     "validate": ValidateConfig,
     "patchify": PatchifyConfig,
     "augment": AugmentConfig,
@@ -527,8 +574,8 @@ def load_section(name: str, path: str | Path = "params.yaml") -> Any:
     """Load and validate one section of a params file.
 
     Args:
-        name: section name (``base``, ``validate``, ``patchify``, ``augment``, ``train``,
-            ``evaluate``, ``register``, ``serve``).
+        name: section name (``base``, ``source``, ``validate``, ``patchify``, ``augment``,
+            ``train``, ``evaluate``, ``register``, ``serve``).
         path: the params file.
 
     Returns:

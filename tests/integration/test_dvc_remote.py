@@ -9,15 +9,13 @@ developer would configure them.
 from __future__ import annotations
 
 import configparser
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from dvc_repo import dvc_env, run
 from mitoseg.data.fetch import fetch
 from servers import S3Server
 
@@ -27,23 +25,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _dvc_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(
-        DVC_NO_ANALYTICS="1",
-        DVC_SITE_CACHE_DIR=str(tmp_path / "dvc-site-cache"),
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@example.org",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@example.org",
-    )
-    return env
+    return dvc_env(tmp_path)
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    cmd = [sys.executable, "-m", "dvc", *args[1:]] if args[0] == "dvc" else args
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
+    return run(args, cwd, env, timeout=120)
 
 
 def _tree(root: Path) -> dict[str, bytes]:

@@ -140,6 +140,12 @@ def test_the_registry_returns_the_plan_the_stage_wrote(project: dict) -> None:
     metrics = json.loads((root / "artifacts" / "evaluate" / "metrics.json").read_text())
     assert metrics["threshold"] == written["threshold"]
     assert 0 <= metrics["validation_calibration"]["ece"] <= 1
+    # the test data's fingerprint travels from evaluate into the registered version
+    from mitoseg.tracking import compute_test_data_id
+
+    registration = json.loads((root / "artifacts/register/registration.json").read_text())
+    assert metrics["test_data_id"] == registration["test_data_id"]
+    assert metrics["test_data_id"] == compute_test_data_id(project["raw"])
     report = json.loads((root / "artifacts" / "evaluate" / "plan_report.json").read_text())
     assert report["receptive_field"]["full"] == written["receptive_field"]
     chosen = [t for t in report["engines"] if t["engine"] == "keras/fp32"]

@@ -10,9 +10,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import pytest
 
 from mitoseg import tracking
+from mitoseg.config import BaseConfig, RegisterConfig
 from mitoseg.train_info import TrainInfo
 from tracking_state import reset_tracking
 
@@ -104,6 +106,10 @@ def _params(root: Path, model_name: str) -> str:
     return str(path)
 
 
+def _cfg_named(model_name: str) -> RegisterConfig:
+    return RegisterConfig(model_name=model_name)
+
+
 def _args(metrics: Path, out: str, *extra: str) -> list[str]:
     return ["--train-info", "train.json", "--metrics", str(metrics), "--out", out, *extra]
 
@@ -123,9 +129,11 @@ def test_register_stage_champion_then_challenger(
         "metric": "iou",
         "value": 0.8,
         "previous_champion": None,
+        "champion_rescored": None,
         "test_data_id": test_id,
         "run_id": project["run_id"],
         "reason": "first",
+        "message": "no champion yet: this version is the first",
     }
     assert "registered stage-model v1 as champion (iou=0.8000, first; no previous champion)" in (
         capsys.readouterr().out
@@ -137,7 +145,9 @@ def test_register_stage_champion_then_challenger(
     assert (second["version"], second["alias"], second["reason"]) == (2, "challenger", "not_better")
     assert second["previous_champion"]["version"] == 1
     assert second["previous_champion"]["value"] == 0.8
-    assert "previous champion v1 iou=0.8" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "previous champion v1 iou=0.8" in out
+    assert "iou=0.7000 does not beat the champion v1's iou=0.8000 on the same test data" in out
     assert (in_project / "mlflow.db").is_file()
     info = tracking.model_info("models:/stage-model@champion")
     assert info["version"] == 1
@@ -170,6 +180,9 @@ def test_register_stage_test_data_fallback_and_override(in_project: Path) -> Non
         (_train_info("r"), {"iou": None}, r"json: metric 'iou' is not a finite number: None"),
         (_train_info("r"), {"iou": float("nan")}, r"metric 'iou' is not a finite number: nan"),
         (_train_info("r"), {"iou": 0.5}, r"run 'r' not found in tracking store sqlite:///"),
+        (_train_info("r"), {"iou": 0.5, "test_data_id": "test:other"},
+         r"metrics\.json: measured on test data test:other, but data/raw/test is "
+         r"test:[0-9a-f]{32}; run evaluate on this test data first"),
     ],
 )  # fmt: skip
 def test_register_stage_errors(
@@ -201,3 +214,94 @@ def test_register_stage_bad_params(in_project: Path, capsys: pytest.CaptureFixtu
     assert register_stage.main(_args(good, "c.json", "--params", str(params))) == 1
     assert "register.metric: Input should be 'iou', 'dice' or 'mean_iou'" in capsys.readouterr().err
     assert not (in_project / "c.json").exists()
+
+
+def _half_model() -> Any:
+    """A 1x1 convolution whose foreground is the bright pixels: p = sigmoid(20 x - 10)."""
+    import keras
+
+    inp = keras.Input((None, None, 1))
+    conv = keras.layers.Conv2D(1, 1, activation="sigmoid")
+    model = keras.Model(inp, conv(inp))
+    conv.set_weights([np.full((1, 1, 1, 1), 20.0, np.float32), np.array([-10.0], np.float32)])
+    return model
+
+
+def _raw_test(root: Path) -> Path:
+    """A test split whose IoU with :func:`_half_model` is 0.5 by construction: the left half
+    is bright (predicted), the truth is its top half."""
+    from mitoseg.io import write_stack
+
+    images = np.full((3, 32, 32), 50, np.uint8)
+    images[:, :, :16] = 200
+    masks = np.zeros_like(images)
+    masks[:, :16, :16] = 255
+    write_stack(root / "test" / "images.tif", images)
+    write_stack(root / "test" / "masks.tif", masks)
+    return root
+
+
+def test_register_stage_rescores_a_champion_from_other_test_data(
+    in_project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new test set: the champion is re-evaluated on it, and only a better model wins."""
+    from mitoseg.gate import score_on_test
+
+    with tracking.start_training_run({}, {}) as run:
+        tracking.log_keras_model(_half_model(), 2)
+    (in_project / "half.json").write_text(_train_info(run.info.run_id))
+    raw = _raw_test(in_project / "half-raw")
+    params = ["--params", _params(in_project, "gate-model"), "--raw", str(raw)]
+
+    def register(iou: float, out: str, *extra: str) -> dict[str, Any]:
+        recorded = {} if extra else {"test_data_id": tracking.compute_test_data_id(raw)}
+        metrics = _metrics(in_project, out, iou=iou, **recorded)  # as evaluate records it
+        argv = ["--train-info", "half.json", "--metrics", str(metrics)]
+        assert register_stage.main([*argv, "--out", out, *params, *extra]) == 0
+        return json.loads((in_project / out).read_text())
+
+    assert register(0.9, "g1.json", "--test-data-id", "test:old")["reason"] == "first"
+    worse = register(0.45, "g2.json")
+    assert worse["test_data_id"] == tracking.compute_test_data_id(raw)
+    assert (worse["alias"], worse["reason"]) == ("challenger", "not_better")
+    rescored = worse["champion_rescored"]
+    assert (rescored["uri"], rescored["error"]) == ("models:/gate-model/1", None)
+    assert rescored["value"] == pytest.approx(0.5)
+    out = capsys.readouterr().out
+    assert f"re-evaluating models:/gate-model/1 on {raw}/test" in out
+    assert (
+        "iou=0.4500 does not beat the champion v1 re-evaluated on this test data (iou=0.5000" in out
+    )
+    better = register(0.55, "g3.json")
+    assert (better["version"], better["alias"], better["reason"]) == (3, "champion", "better")
+    assert tracking.model_info("models:/gate-model@champion")["version"] == 3
+    assert score_on_test("models:/gate-model/1", raw, BaseConfig(), "dice") == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize(
+    ("metric", "split", "message"),
+    [
+        ("iou", None, r"half-raw/test/images\.tif"),
+        ("accuracy_of_nothing", "test", r"models:/gate-err/1 on \S*half-raw/test: metric "
+         r"'accuracy_of_nothing' is None"),
+        ("iou", "bad-mask", r"half-raw/test/masks\.tif slice 0: mask values \[7\] are not in "
+         r"the class table"),
+    ],
+    ids=["no-test-split", "unknown-metric", "bad-mask"],
+)  # fmt: skip
+def test_score_on_test_errors(
+    in_project: Path, tmp_path: Path, metric: str, split: str | None, message: str
+) -> None:
+    from mitoseg.gate import score_on_test
+    from mitoseg.io import DataError, write_stack
+
+    with tracking.start_training_run({}, {}) as run:
+        tracking.log_keras_model(_half_model(), 2)
+    tracking.register_model(run.info.run_id, "iou", 0.5, _cfg_named("gate-err"), "t")
+    raw = tmp_path / "half-raw"
+    if split is not None:
+        _raw_test(raw)
+    if split == "bad-mask":
+        write_stack(raw / "test" / "masks.tif", np.full((3, 32, 32), 7, np.uint8))
+    with pytest.raises(DataError, match=message):
+        score_on_test("models:/gate-err/1", raw, BaseConfig(), metric)

@@ -332,16 +332,23 @@ _CHAMP = {"metric": "iou", "value": 0.5, "test_data_id": "test:aaa"}
 
 
 @pytest.mark.parametrize(
-    ("previous", "metric", "value", "test_data_id", "expected"),
+    ("previous", "metric", "value", "test_data_id", "rescored", "expected"),
     [
-        (None, "iou", 0.1, "test:aaa", (True, "first")),
-        (_CHAMP, "iou", 0.6, "test:aaa", (True, "better")),
-        (_CHAMP, "iou", 0.4, "test:aaa", (False, "not_better")),
-        (_CHAMP, "iou", 0.5, "test:aaa", (False, "not_better")),  # tie keeps the champion
-        (_CHAMP, "iou", 0.1, "test:bbb", (True, "incomparable")),  # other test data
-        (_CHAMP, "dice", 0.1, "test:aaa", (True, "incomparable")),  # other metric
-        ({**_CHAMP, "value": None}, "iou", 0.1, "test:aaa", (True, "incomparable")),
-        ({"version": 3}, "iou", 0.1, "test:aaa", (True, "incomparable")),  # no score tags
+        (None, "iou", 0.1, "test:aaa", None, (True, "first")),
+        (_CHAMP, "iou", 0.6, "test:aaa", None, (True, "better")),
+        (_CHAMP, "iou", 0.4, "test:aaa", None, (False, "not_better")),
+        (_CHAMP, "iou", 0.5, "test:aaa", None, (False, "not_better")),  # tie keeps it
+        (_CHAMP, "iou", 0.6, "test:aaa", 0.9, (True, "better")),  # rescore unused: same data
+        # other test data, other metric, no score: never compared with the tagged score
+        (_CHAMP, "iou", 0.9, "test:bbb", None, (False, "incomparable")),
+        (_CHAMP, "dice", 0.9, "test:aaa", None, (False, "incomparable")),
+        ({**_CHAMP, "value": None}, "iou", 0.9, "test:aaa", None, (False, "incomparable")),
+        ({"version": 3}, "iou", 0.9, "test:aaa", None, (False, "incomparable")),
+        # ... but with the champion's score re-evaluated on this test data
+        (_CHAMP, "iou", 0.3, "test:bbb", 0.2, (True, "better")),
+        (_CHAMP, "iou", 0.3, "test:bbb", 0.4, (False, "not_better")),
+        (_CHAMP, "iou", 0.3, "test:bbb", 0.3, (False, "not_better")),
+        ({"version": 3}, "iou", 0.3, "test:aaa", 0.1, (True, "better")),
     ],
 )
 def test_decide_alias(
@@ -349,9 +356,10 @@ def test_decide_alias(
     metric: str,
     value: float,
     test_data_id: str,
+    rescored: float | None,
     expected: tuple[bool, str],
 ) -> None:
-    assert tracking.decide_alias(previous, metric, value, test_data_id) == expected
+    assert tracking.decide_alias(previous, metric, value, test_data_id, rescored) == expected
 
 
 def test_explicit_stores_are_independent(tmp_path: Path, clean_env: None) -> None:
@@ -388,11 +396,16 @@ def test_register_rule(logged: dict[str, Any]) -> None:
         "metric": "iou",
         "value": 0.5,
         "previous_champion": None,
+        "champion_rescored": None,
         "test_data_id": "test:aaa",
         "run_id": run_id,
         "reason": "first",
+        "message": "no champion yet: this version is the first",
     }
     worse = tracking.register_model(run_id, "iou", 0.4, cfg, "test:aaa")
+    assert worse["message"] == (
+        "iou=0.4000 does not beat the champion v1's iou=0.5000 on the same test data"
+    )
     assert (worse["version"], worse["alias"], worse["reason"]) == (2, "challenger", "not_better")
     assert worse["previous_champion"] == {
         "version": 1,
@@ -412,16 +425,75 @@ def test_register_rule(logged: dict[str, Any]) -> None:
     assert better["previous_champion"]["version"] == 1
     assert _aliases("rule") == {"champion": 4, "challenger": 3}
 
-    other_data = tracking.register_model(run_id, "iou", 0.1, cfg, "test:bbb")
-    assert (other_data["alias"], other_data["reason"]) == ("champion", "incomparable")
+    # other test data: a much higher number is not compared with the champion's
+    other_data = tracking.register_model(run_id, "iou", 0.99, cfg, "test:bbb")
+    assert (other_data["alias"], other_data["reason"]) == ("challenger", "incomparable")
     assert other_data["previous_champion"]["test_data_id"] == "test:aaa"
-    assert _aliases("rule")["champion"] == 5
+    assert other_data["champion_rescored"] is None
+    assert other_data["message"].startswith(
+        "not promoted: the champion v4 was scored iou=0.6000 on test data test:aaa; this "
+        "model iou on test:bbb; numbers from different test sets are not compared, and it "
+        "was not re-evaluated on this test data. Move the alias by hand"
+    )
+    assert _aliases("rule") == {"champion": 4, "challenger": 5}
 
-    same_new_data = tracking.register_model(run_id, "iou", 0.05, cfg, "test:bbb")
-    assert (same_new_data["alias"], same_new_data["reason"]) == ("challenger", "not_better")
+    other_metric = tracking.register_model(run_id, "dice", 0.99, cfg, "test:aaa")
+    assert (other_metric["alias"], other_metric["reason"]) == ("challenger", "incomparable")
+    assert _aliases("rule")["champion"] == 4
 
-    other_metric = tracking.register_model(run_id, "dice", 0.01, cfg, "test:bbb")
-    assert (other_metric["alias"], other_metric["reason"]) == ("champion", "incomparable")
+
+def test_register_rescores_a_champion_on_other_test_data(logged: dict[str, Any]) -> None:
+    """The champion's number on the new test data decides; a failed rescore never promotes."""
+    run_id, cfg = logged["run_id"], _cfg("rescore")
+    tracking.register_model(run_id, "iou", 0.9, cfg, "test:old")
+    asked: list[str] = []
+
+    def rescore_to(value: float) -> Any:
+        def rescore(uri: str) -> float:
+            asked.append(uri)
+            return value
+
+        return rescore
+
+    worse = tracking.register_model(run_id, "iou", 0.5, cfg, "test:new", rescore=rescore_to(0.6))
+    assert asked == ["models:/rescore/1"]
+    assert (worse["alias"], worse["reason"]) == ("challenger", "not_better")
+    assert worse["champion_rescored"] == {
+        "uri": "models:/rescore/1", "metric": "iou", "value": 0.6, "test_data_id": "test:new",
+        "error": None,
+    }  # fmt: skip
+    assert worse["message"] == (
+        "iou=0.5000 does not beat the champion v1 re-evaluated on this test data (iou=0.6000; "
+        "the champion v1 was scored iou=0.9000 on test data test:old; this model iou on "
+        "test:new)"
+    )
+    assert _aliases("rescore") == {"champion": 1, "challenger": 2}
+
+    def broken(uri: str) -> float:
+        raise ValueError(f"{uri}: 3 output channels for 2 classes")
+
+    failed = tracking.register_model(run_id, "iou", 0.99, cfg, "test:new", rescore=broken)
+    assert (failed["alias"], failed["reason"]) == ("challenger", "incomparable")
+    assert failed["champion_rescored"]["error"] == (
+        "ValueError: models:/rescore/1: 3 output channels for 2 classes"
+    )
+    assert (
+        "re-evaluating it on this test data failed (ValueError: models:/rescore/1: 3"
+        in (failed["message"])
+    )
+    nan = tracking.register_model(run_id, "iou", 0.9, cfg, "test:new", rescore=rescore_to(math.nan))
+    assert (nan["reason"], nan["champion_rescored"]["error"]) == (
+        "incomparable", "its iou is not finite",
+    )  # fmt: skip
+    assert _aliases("rescore") == {"champion": 1, "challenger": 4}
+
+    better = tracking.register_model(run_id, "iou", 0.7, cfg, "test:new", rescore=rescore_to(0.6))
+    assert (better["version"], better["alias"], better["reason"]) == (5, "champion", "better")
+    # from now on the champion is scored on test:new: compared directly, no rescore
+    asked.clear()
+    tracking.register_model(run_id, "iou", 0.65, cfg, "test:new", rescore=rescore_to(0.0))
+    assert asked == []
+    assert _aliases("rescore") == {"champion": 5, "challenger": 6}
 
 
 def test_register_tags_versions_and_custom_aliases(logged: dict[str, Any]) -> None:
@@ -437,6 +509,7 @@ def test_register_tags_versions_and_custom_aliases(logged: dict[str, Any]) -> No
     assert float(mv.tags["eval_value"]) == 1 / 3  # exact round trip
     assert mv.tags["test_data_id"] == "test:aaa"
     assert mv.tags["registration_reason"] == "first"
+    assert mv.tags["registration_message"] == "no champion yet: this version is the first"
     assert mv.tags["git_commit"] == "abc123"
     assert mv.tags["n_classes"] == "2"
     assert mv.description == "iou=0.3333 on test data test:aaa (first)"
@@ -449,8 +522,9 @@ def test_register_champion_without_score_tags_is_incomparable(logged: dict[str, 
     mv = mlflow.register_model(logged["uri"], "untagged")
     MlflowClient().set_registered_model_alias("untagged", "champion", mv.version)
     result = tracking.register_model(logged["run_id"], "iou", 0.2, _cfg("untagged"), "test:a")
-    assert (result["alias"], result["reason"]) == ("champion", "incomparable")
+    assert (result["alias"], result["reason"]) == ("challenger", "incomparable")
     assert result["previous_champion"]["value"] is None
+    assert result["message"].startswith("not promoted: the champion v1 has no score tags;")
 
 
 def test_register_errors(store: Path, logged: dict[str, Any]) -> None:

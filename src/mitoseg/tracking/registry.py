@@ -1,20 +1,23 @@
 """Model registry: test-data identity, the champion/challenger rule and registration.
 
-Registry rule (:func:`decide_alias`, applied by :func:`register_model`). Every registered
-version carries the tags ``eval_metric``, ``eval_value`` (``repr`` of the float, so it
-round-trips exactly) and ``test_data_id``. A new version becomes ``champion`` when
+Registry rule (:func:`decide_alias`, applied by :func:`register_model`): **a new version
+becomes champion only when it beats the champion on the same test data**, so a worse
+round of training never replaces a better model. Every registered version carries the
+tags ``eval_metric``, ``eval_value`` (``repr`` of the float, so it round-trips exactly)
+and ``test_data_id`` (a fingerprint of the test images and labels,
+:func:`compute_test_data_id`). A new version becomes ``champion`` when
 
 * there is no champion yet (``reason="first"``), or
-* the champion was scored on the same metric and the same ``test_data_id`` and the new
-  value is strictly greater (``reason="better"``), or
-* the champion is *not comparable*: scored on a different ``test_data_id`` or metric, or
-  it has no score tags (``reason="incomparable"``). Scores on different test sets cannot
-  be ranked; the version scored on the current test data becomes the reference so that
-  later models are compared against it (keeping the stale champion forever would block
-  every future promotion).
+* it is strictly better than the champion's score on the same metric and the same
+  ``test_data_id`` (``reason="better"``): the champion's tagged score, or, when the
+  champion was scored on other test data (or another metric, or has no score tags), its
+  score **re-evaluated on this test data** (``rescore``; the record's
+  ``champion_rescored``). Numbers measured on different test sets are never compared.
 
-Otherwise (worse, or a tie: ties keep the existing champion) the new version gets the
-``challenger`` alias (``reason="not_better"``). A champion that is replaced keeps its
+Otherwise it gets the ``challenger`` alias: ``reason="not_better"`` (worse, or a tie:
+ties keep the existing champion), or ``reason="incomparable"`` when the champion was
+scored on other test data and could not be re-evaluated on this one (no ``rescore``, or
+it failed: the record's ``message`` says why). A champion that is replaced keeps its
 version and tags but loses the alias (aliases are unique per registered model).
 """
 
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -38,7 +41,13 @@ from mitoseg.tracking.store import (
 if TYPE_CHECKING:
     from mitoseg.config import RegisterConfig
 
-__all__ = ["Reason", "compute_test_data_id", "decide_alias", "register_model"]
+__all__ = [
+    "Reason",
+    "comparable",
+    "compute_test_data_id",
+    "decide_alias",
+    "register_model",
+]
 
 #: Why a version got its alias.
 Reason = Literal["first", "better", "incomparable", "not_better"]
@@ -58,8 +67,21 @@ _LINEAGE_KEYS = (
 )
 
 
+def comparable(previous: Mapping[str, Any], metric: str, test_data_id: str) -> bool:
+    """Whether the champion's tagged score was measured on ``metric`` and this test data."""
+    return (
+        previous.get("metric") == metric
+        and previous.get("test_data_id") == test_data_id
+        and previous.get("value") is not None
+    )
+
+
 def decide_alias(
-    previous: Mapping[str, Any] | None, metric: str, value: float, test_data_id: str
+    previous: Mapping[str, Any] | None,
+    metric: str,
+    value: float,
+    test_data_id: str,
+    rescored: float | None = None,
 ) -> tuple[bool, Reason]:
     """The registry rule (module docstring), without MLflow.
 
@@ -69,20 +91,20 @@ def decide_alias(
         metric: the new version's metric name.
         value: its value on the test data (higher is better).
         test_data_id: the test data it was measured on.
+        rescored: the champion's ``metric`` re-evaluated on ``test_data_id``, or None;
+            used only when its tagged score is not :func:`comparable`.
 
     Returns:
-        ``(becomes_champion, reason)``; ``reason`` is ``"first"``, ``"incomparable"``,
-        ``"better"`` (all champion) or ``"not_better"`` (challenger; ties included).
+        ``(becomes_champion, reason)``: ``(True, "first")``, ``(True, "better")``,
+        ``(False, "not_better")`` (ties included) or ``(False, "incomparable")`` (the
+        champion has no score on this test data).
     """
     if previous is None:
         return True, "first"
-    if (
-        previous.get("metric") != metric
-        or previous.get("test_data_id") != test_data_id
-        or previous.get("value") is None
-    ):
-        return True, "incomparable"
-    if value > previous["value"]:
+    reference = previous["value"] if comparable(previous, metric, test_data_id) else rescored
+    if reference is None:
+        return False, "incomparable"
+    if value > reference:
         return True, "better"
     return False, "not_better"
 
@@ -161,6 +183,82 @@ def _describe_version(mv: Any) -> dict[str, Any]:
     }
 
 
+def _rescore_champion(
+    previous: dict[str, Any],
+    uri: str,
+    metric: str,
+    test_data_id: str,
+    rescore: Callable[[str], float] | None,
+) -> tuple[dict[str, Any] | None, str]:
+    """Re-evaluate a champion whose score is not on this test data.
+
+    Returns:
+        ``(champion_rescored, note)``: ``{"uri", "metric", "value", "test_data_id",
+        "error"}`` (``value`` None and ``error`` the reason when it failed) or None
+        without ``rescore``, and the text explaining why the tagged score was not used.
+    """
+    was = (
+        "has no score tags"
+        if previous.get("value") is None
+        else f"was scored {previous.get('metric')}={previous['value']:.4f} on test data "
+        f"{previous.get('test_data_id')}"
+    )
+    note = f"the champion v{previous['version']} {was}; this model {metric} on {test_data_id}"
+    if rescore is None:
+        return None, note
+    try:
+        value: float | None = float(rescore(uri))
+        error = None
+        if not math.isfinite(value):
+            value, error = None, f"its {metric} is not finite"
+    except Exception as exc:  # any failure means: no number on this test data
+        value, error = None, f"{type(exc).__name__}: {exc}"
+    record = {
+        "uri": uri,
+        "metric": metric,
+        "value": value,
+        "test_data_id": test_data_id,
+        "error": error,
+    }
+    return record, note
+
+
+def _message(
+    reason: Reason,
+    metric: str,
+    value: float,
+    previous: dict[str, Any] | None,
+    rescored: dict[str, Any] | None,
+    note: str,
+    cfg: RegisterConfig,
+) -> str:
+    """One sentence saying why the new version got its alias."""
+    if previous is None:
+        return "no champion yet: this version is the first"
+    if rescored is None and reason != "incomparable":
+        ref = f"the champion v{previous['version']}'s {metric}={previous['value']:.4f}"
+        verb = "beats" if reason == "better" else "does not beat"
+        return f"{metric}={value:.4f} {verb} {ref} on the same test data"
+    if reason == "incomparable":
+        why = (
+            "it was not re-evaluated on this test data"
+            if rescored is None
+            else f"re-evaluating it on this test data failed ({rescored['error']})"
+        )
+        return (
+            f"not promoted: {note}; numbers from different test sets are not compared, and "
+            f"{why}. Move the alias by hand if this model is to be the champion "
+            f"(MlflowClient().set_registered_model_alias({cfg.model_name!r}, "
+            f"{cfg.champion_alias!r}, VERSION))"
+        )
+    assert rescored is not None
+    verb = "beats" if reason == "better" else "does not beat"
+    return (
+        f"{metric}={value:.4f} {verb} the champion v{previous['version']} re-evaluated on "
+        f"this test data ({metric}={rescored['value']:.4f}; {note})"
+    )
+
+
 def register_model(
     run_id: str,
     metric: str,
@@ -168,6 +266,7 @@ def register_model(
     cfg: RegisterConfig,
     test_data_id: str,
     *,
+    rescore: Callable[[str], float] | None = None,
     store: TrackingStore | None = None,
 ) -> dict[str, Any]:
     """Register the run's model as a new version and apply the champion/challenger rule.
@@ -182,13 +281,21 @@ def register_model(
         value: the metric on the test data (finite).
         cfg: registry settings (model name and alias names).
         test_data_id: identifier of the test data the value was measured on.
+        rescore: ``rescore(model_uri) -> metric`` of a registered model on *this* test
+            data (e.g. :func:`mitoseg.gate.score_on_test`), called only when the
+            champion's tagged score is on other test data; None: such a champion is not
+            re-evaluated and the new version is not promoted (``incomparable``). Any
+            exception it raises is recorded, and the new version is not promoted.
         store: the run's store (and registry); :func:`open_store` when None.
 
     Returns:
         ``{"model_name", "version", "alias", "metric", "value", "previous_champion",
-        "test_data_id", "run_id", "reason"}``; ``previous_champion`` is ``{"version",
-        "run_id", "metric", "value", "test_data_id"}`` of the champion before this call,
-        or None.
+        "champion_rescored", "test_data_id", "run_id", "reason", "message"}``;
+        ``previous_champion`` is ``{"version", "run_id", "metric", "value",
+        "test_data_id"}`` of the champion before this call, or None;
+        ``champion_rescored`` is ``{"uri", "metric", "value", "test_data_id", "error"}``
+        when the champion was re-evaluated on this test data, else None; ``message``
+        says why the version got its alias.
 
     Raises:
         ValueError: non-finite value, empty metric or test_data_id.
@@ -215,8 +322,15 @@ def register_model(
 
     champion = store.version_by_alias(cfg.model_name, cfg.champion_alias)
     previous = _describe_version(champion) if champion is not None else None
-    promote, reason = decide_alias(previous, metric, value, test_data_id)
+    rescored, note = None, ""
+    if previous is not None and not comparable(previous, metric, test_data_id):
+        uri = f"models:/{cfg.model_name}/{previous['version']}"
+        rescored, note = _rescore_champion(previous, uri, metric, test_data_id, rescore)
+    promote, reason = decide_alias(
+        previous, metric, value, test_data_id, None if rescored is None else rescored["value"]
+    )
     alias = cfg.champion_alias if promote else cfg.challenger_alias
+    message = _message(reason, metric, value, previous, rescored, note, cfg)
 
     run_tags = run.data.tags
     tags = {k: run_tags[k] for k in _LINEAGE_KEYS if k in run_tags}
@@ -226,6 +340,7 @@ def register_model(
             TAG_VALUE: repr(value),
             TAG_TEST_DATA: test_data_id,
             "registration_reason": reason,
+            "registration_message": message[:5000],
         }
     )
     # MLflow 3 stores the model as a LoggedModel: register its models:/m-... URI directly
@@ -245,7 +360,9 @@ def register_model(
         "metric": metric,
         "value": value,
         "previous_champion": previous,
+        "champion_rescored": rescored,
         "test_data_id": test_data_id,
         "run_id": run_id,
         "reason": reason,
+        "message": message,
     }
