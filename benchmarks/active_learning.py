@@ -345,7 +345,7 @@ def markdown_table(report: ActiveLearningReport) -> str:
 
     def cell(row: Any, metric: str) -> str:
         spread = getattr(row, metric)
-        sd = "-" if spread.sd is None else f"{spread.sd:.3f}"
+        sd = "n/a" if spread.sd is None else f"{spread.sd:.3f}"
         return f"{spread.mean:.3f} +- {sd}"
 
     out = []
@@ -357,7 +357,8 @@ def markdown_table(report: ActiveLearningReport) -> str:
             "|---|---|---|" + "---|" * len(strategies),
         ]
         for rnd, row in sorted(rows.items()):
-            ref = next(iter(row.values()))
+            ref = next((row[s] for s in strategies if s in row and s != "partial"), None)
+            ref = ref or row["partial"]
             share = ref.labelled_pixels.mean / pool_px
             out.append(
                 f"| {rnd} | {ref.labelled_slices.mean:g} | {share:.0%} | "
@@ -366,7 +367,8 @@ def markdown_table(report: ActiveLearningReport) -> str:
             )
         out.append("")
     out.append(
-        f"partial: labelled slices = slices with a region; seeds "
+        "labelled slices: whole slices (partial: the same pixels as square regions over "
+        f"the pool's slices); labelled pixels: share of the pool's; seeds "
         f"{sorted({a.seed for a in report.arms})}; commit {report.machine.get('git_commit')}"
     )
     return "\n".join(out)
