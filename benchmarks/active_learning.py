@@ -429,6 +429,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     if min(args.steps_first, args.steps_per_round) < 1:
         parser.error("--steps-first and --steps-per-round must be >= 1")
+    if args.partial_tile < 1:
+        parser.error(f"--partial-tile must be >= 1, got {args.partial_tile}")
     bad = [z for z in args.val_slices if z in POOL or z in TEST or not 0 <= z < 20]
     if bad:
         parser.error(f"--val-slices {bad}: must be in 10..14 (not the pool 0-9 or test 15-19)")

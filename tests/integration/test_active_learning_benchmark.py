@@ -9,11 +9,14 @@ finished arms and ``--table`` prints them.
 
 from __future__ import annotations
 
+import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mitoseg.active import STRATEGIES, read_active_learning
 from mitoseg.io import write_stack
@@ -103,3 +106,38 @@ def test_the_loop_on_a_tiny_stack(tmp_path: Path) -> None:
     assert (
         "| round | labelled slices | labelled pixels | suggest | random | even | partial |" in table
     )
+
+
+@pytest.mark.parametrize(
+    ("extra", "rc", "message"),
+    [
+        (["--rounds", "5"], 2, r"--start 2 \+ --rounds 5 x --k 2 labels more than the pool's 10"),
+        (["--k", "0"], 2, r"--start and --k must be >= 1, --rounds >= 0"),
+        (["--steps-per-round", "0"], 2, r"--steps-first and --steps-per-round must be >= 1"),
+        (["--partial-tile", "0"], 2, r"--partial-tile must be >= 1, got 0"),
+        (["--val-slices", "9", "10"], 2, r"--val-slices \[9\]: must be in 10\.\.14"),
+        (["--train", '{"batch_size": 0}'], 2, r"--train: .*batch_size"),
+        (["--train", "{"], 2, r"--train: Expecting property name"),
+        (["--crop", "16"], 1, r"--crop 16: must be in 32\.\.64"),
+        (["--image", "missing.tif"], 1, r"missing\.tif: not found"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_training(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    rc: int,
+    message: str,
+) -> None:
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the script imports benchmarks/common
+    script = importlib.import_module("active_learning")
+    image, mask = _stack(tmp_path)
+    argv = ["--image", str(image), "--mask", str(mask), "--out", str(tmp_path / "al.json")]
+    argv += ["--work", str(tmp_path / "work"), *extra]
+    with pytest.raises(SystemExit) as exc:
+        script.main(argv)
+    text = capsys.readouterr().err + str(exc.value.code)
+    assert (2 if isinstance(exc.value.code, int) else 1) == rc
+    assert re.search(message, text), text
+    assert not (tmp_path / "al.json").exists() and not (tmp_path / "work").exists()
