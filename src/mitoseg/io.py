@@ -14,12 +14,17 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from mitoseg.checks import check_array
 from mitoseg.errors import DataError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+M = TypeVar("M", bound="BaseModel")
 
 __all__ = [
     "DataError",
@@ -27,6 +32,7 @@ __all__ = [
     "atomic_path",
     "check_voxel_size",
     "read_image",
+    "read_json_model",
     "read_json_object",
     "read_mapping",
     "read_stack",
@@ -155,6 +161,29 @@ def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
         DataError: missing file, invalid JSON, or not an object (names the file).
     """
     return read_mapping(path, what)
+
+
+def read_json_model(path: str | Path, model: type[M], what: str) -> M:
+    """Read a JSON object file into a pydantic model.
+
+    Args:
+        path: the file.
+        model: the pydantic model class.
+        what: what the file is, for messages (e.g. ``"stability results"``).
+
+    Raises:
+        DataError: missing, not JSON, not an object (:func:`read_json_object`), or not a
+            valid ``model``: ``<path>: invalid <what> at <field>: <reason>`` (the first error).
+    """
+    from pydantic import ValidationError
+
+    data = read_json_object(path, what)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise DataError(f"{path}: invalid {what} at {field}: {first['msg']}") from None
 
 
 def _json_default(obj: Any) -> Any:

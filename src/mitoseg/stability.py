@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from mitoseg.io import DataError, read_json_object
+from mitoseg.io import read_json_model
 
 __all__ = ["RecipeSummary", "SeedSpread", "StabilityReport", "read_stability", "spread_tags"]
 
@@ -70,13 +70,7 @@ def read_stability(path: str | Path) -> StabilityReport:
         DataError: missing, not JSON, or not a :class:`StabilityReport` (names the file
             and the field).
     """
-    data = read_json_object(Path(path), "stability results")
-    try:
-        return StabilityReport.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise DataError(f"{path}: invalid stability results at {field}: {first['msg']}") from None
+    return read_json_model(path, StabilityReport, "stability results")
 
 
 def spread_tags(report: StabilityReport, recipe: str) -> dict[str, str]:
