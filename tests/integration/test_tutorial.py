@@ -24,6 +24,7 @@ Every step is a shipped command in a child process, in a throw-away git + DVC pr
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -51,18 +52,18 @@ TRAIN_Z = (2, 7, 12)  # labelled training slices (volume z; the sample's train s
 TEST_Z = (16, 18)  # fixed test slices (the sample's test stack follows its train stack)
 ROUND2_SLICES = 2  # suggested slices labelled in round 2
 
-# Tiny training and evaluation, so the two rounds take seconds each: a depth-2 UNet with
-# 8 filters, 2 x 8 steps of 4 crops of 64 pixels; one engine (keras/fp32) evaluated.
+# Small training and evaluation, so each round takes about a minute on 2 cores: a depth-3
+# UNet with 8 filters, 6 x 20 steps of 8 crops of 96 pixels; one engine (keras/fp32).
 TINY = {
     "patchify": {"patch_size": 128, "step": 128},
     "augment": {"preview_samples": 1},
     "train": {
-        "model": {"depth": 2, "base_filters": 8},
-        "epochs": 2,
-        "steps_per_epoch": 8,
-        "batch_size": 4,
-        "crop_size": 64,
-        "precise_bn_batches": 2,
+        "model": {"depth": 3, "base_filters": 8},
+        "epochs": 6,
+        "steps_per_epoch": 20,
+        "batch_size": 8,
+        "crop_size": 96,
+        "precise_bn_batches": 4,
     },
     "evaluate": {"tile_size": 256, "engines": ["keras/fp32"], "figure_slices": 1},
 }
@@ -105,9 +106,7 @@ def _sample_volume() -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(images), np.concatenate(masks)
 
 
-def _add_labels(
-    repo: Path, env: dict[str, str], masks: np.ndarray, z: int, *extra: str
-) -> None:
+def _add_labels(repo: Path, env: dict[str, str], masks: np.ndarray, z: int, *extra: str) -> None:
     """``mitoseg labels add`` of slice ``z``, its mask saved as a TIFF first (as from napari)."""
     path = repo / "painted" / f"z{z}.tif"
     path.parent.mkdir(exist_ok=True)
@@ -178,6 +177,11 @@ def test_segment_your_own_volume(tmp_path: Path) -> None:
     assert first["registration"]["reason"] == "first"
     assert first["dataset"]["splits"]["train"]["labelled_slices"] == list(TRAIN_Z)
     assert first["dataset"]["splits"]["test"]["labelled_slices"] == list(TEST_Z)
+    with (repo / "artifacts" / "evaluate" / "per_slice.csv").open() as fh:
+        scored = list(csv.DictReader(fh))  # the labelled test slices only (stack indexes)
+    test_slices = first["dataset"]["splits"]["test"]["volume_slices"]
+    assert [test_slices[int(r["slice"])] for r in scored] == list(TEST_Z)
+    assert all(int(r["labelled_pixels"]) == SIDE * SIDE for r in scored)
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}", f"sqlite:///{repo / 'mlflow.db'}")
     assert int(client.get_model_version_by_alias("mitoseg-unet", "champion").version) == 1
 
@@ -224,7 +228,8 @@ def test_segment_your_own_volume(tmp_path: Path) -> None:
     for z in todo:
         assert entries[z]["provenance"]["model"] == CHAMPION
         assert entries[z]["provenance"]["note"].startswith("suggest rank ")
-    assert sorted(second["dataset"]["splits"]["train"]["labelled_slices"]) == sorted({*TRAIN_Z, *todo})
+    train_split = second["dataset"]["splits"]["train"]
+    assert sorted(train_split["labelled_slices"]) == sorted({*TRAIN_Z, *todo})
     assert second["dataset"]["splits"]["test"] == first["dataset"]["splits"]["test"]
 
     # 6b. fine-tuned from the champion, on the same test labels
