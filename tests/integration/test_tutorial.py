@@ -2,21 +2,22 @@
 
 Every step is a shipped command in a child process, in a throw-away git + DVC project
 (the repository's ``dvc.yaml``, ``params.yaml``, ``pipelines/`` and ``src/`` copied, as
-``tests/dvc_repo.py`` does; the MLflow store is the project's embedded ``mlflow.db``):
+``tests/dvc_repo.py`` does; the MLflow store is the project's embedded ``mlflow.db``).
+The numbers are the tutorial's steps:
 
 1. the volume: an OME-Zarr made from real EM, the bundled VNC sample (train and test
    stacks one after the other, cropped to 256 x 256; it ships with the repository, so
    this test never skips);
 2. ``mitoseg labels init`` and ``mitoseg labels add``: 3 labelled training slices and 2
-   fixed test slices (``--split test``); ``params.yaml`` points ``source.volume`` at the
-   volume, with tiny training settings;
-3. ``dvc repro``: a champion registered in the project's MLflow store;
-4. ``mitoseg predict`` of the volume with ``models:/mitoseg-unet@champion`` (OME-Zarr out),
-   then ``mitoseg suggest`` on the volume;
-5. the two most unsure unlabelled slices labelled (their masks from the sample's ground
+   fixed test slices (``--split test``);
+3. ``params.yaml`` points ``source.volume`` at the volume (small training settings),
+   ``dvc repro``: a champion registered in the project's MLflow store;
+4. ``mitoseg predict`` of the volume with ``models:/mitoseg-unet@champion`` (OME-Zarr out);
+6. ``mitoseg suggest`` on the volume (step 5, napari, is looking);
+7. the two most unsure unlabelled slices labelled (their masks from the sample's ground
    truth, standing in for a lab's painted corrections), ``train.init_from`` set to the
    champion, ``dvc repro`` again;
-6. checked: round 2 was fine-tuned from the champion (``train.json`` and the run's MLflow
+8. checked: round 2 was fine-tuned from the champion (``train.json`` and the run's MLflow
    tags), both rounds were scored on the same test labels (``test_data_id``), and the
    champion alias is where the comparison in ``registration.json`` says it must be (it
    moves only on a strictly higher test IoU), plus every step's outputs.
@@ -52,7 +53,7 @@ TRAIN_Z = (2, 7, 12)  # labelled training slices (volume z; the sample's train s
 TEST_Z = (16, 18)  # fixed test slices (the sample's test stack follows its train stack)
 ROUND2_SLICES = 2  # suggested slices labelled in round 2
 
-# Small training and evaluation, so each round takes about a minute on 2 cores: a depth-3
+# Small training and evaluation, so a round takes a minute or two on 2 cores: a depth-3
 # UNet with 8 filters, 6 x 20 steps of 8 crops of 96 pixels; one engine (keras/fp32).
 TINY = {
     "patchify": {"patch_size": 128, "step": 128},
@@ -156,7 +157,7 @@ def test_segment_your_own_volume(tmp_path: Path) -> None:
     voxel = tuple(sample_voxel_size(SAMPLE))
     volume = write_ome_zarr(tmp_path / "lab" / "em.ome.zarr", images, voxel, (1, SIDE, SIDE))
 
-    # 2. the label store: 3 training slices, 2 fixed test slices
+    # step 2: the label store, 3 training slices and 2 fixed test slices
     run([MITOSEG, "labels", "init", volume, "--store", "data/labels", "--ignore-value", "254"],
         repo, env)  # fmt: skip
     for z in TRAIN_Z:
@@ -165,7 +166,7 @@ def test_segment_your_own_volume(tmp_path: Path) -> None:
         _add_labels(repo, env, masks, z, "--split", "test")
     _set_params(repo, {"source": {"volume": volume}, "base": {"ignore_value": 254}, **TINY})
 
-    # 3. round 1: a champion from 3 labelled slices
+    # step 3: round 1, a champion from 3 labelled slices
     lap("project, volume, labels")
     out = run(["dvc", "repro"], repo, env, timeout=600, stderr=True)
     lap("dvc repro 1")
@@ -185,16 +186,16 @@ def test_segment_your_own_volume(tmp_path: Path) -> None:
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}", f"sqlite:///{repo / 'mlflow.db'}")
     assert int(client.get_model_version_by_alias("mitoseg-unet", "champion").version) == 1
 
-    # 4. predict the volume with the champion, then rank its slices for labelling
+    # steps 4 and 6: predict the volume with the champion, rank its slices for labelling
     run([MITOSEG, "--no-progress", "predict", "--model", CHAMPION, volume,
          "--out", "pred.ome.zarr", "--workers", "1"], repo, env, timeout=600)  # fmt: skip
     lap("predict")
-    import zarr
+    from mitoseg.volume.store import open_volume
 
-    pred = zarr.open_group(str(repo / "pred.ome.zarr"), mode="r")
-    mask = np.asarray(pred["labels"]["mask"]["0"])
-    assert mask.shape == images.shape
-    assert set(np.unique(mask)) <= {0, 1, 255} and mask.any()
+    pred = open_volume(str(repo / "pred.ome.zarr" / "labels" / "mask"))
+    assert pred.shape == images.shape and pred.voxel_size_nm == pytest.approx(voxel)
+    mask = pred.read(0, pred.shape[0])
+    assert set(np.unique(mask)) <= {0, 1, 255} and 0 < (mask > 0).mean() < 1
     run([MITOSEG, "--no-progress", "suggest", volume, "--model", CHAMPION, "--out", "suggest",
          "--tile", "128"], repo, env, timeout=600)  # fmt: skip
     lap("suggest")
@@ -205,7 +206,7 @@ def test_segment_your_own_volume(tmp_path: Path) -> None:
     labelled = set(TRAIN_Z) | set(TEST_Z)
     todo = [z for z in ranked if z not in labelled][:ROUND2_SLICES]
 
-    # 5. round 2: the suggested slices labelled, fine-tuned from the champion
+    # step 7: round 2, the suggested slices labelled, fine-tuned from the champion
     for z in todo:
         _add_labels(repo, env, masks, z, "--note", f"suggest rank {ranked.index(z) + 1}",
                     "--model", CHAMPION)  # fmt: skip
@@ -215,7 +216,7 @@ def test_segment_your_own_volume(tmp_path: Path) -> None:
     lap("dvc repro 2")
     second = _round(repo)
 
-    # 6a. the store: every slice with its provenance, test slices unchanged
+    # step 8, checked: the store: every slice with its provenance, test slices unchanged
     store = _json(repo / "data" / "labels" / "store.json")
     entries = {e["z"]: e for e in store["entries"]}
     assert sorted(entries) == sorted(labelled | set(todo))
@@ -232,7 +233,7 @@ def test_segment_your_own_volume(tmp_path: Path) -> None:
     assert sorted(train_split["labelled_slices"]) == sorted({*TRAIN_Z, *todo})
     assert second["dataset"]["splits"]["test"] == first["dataset"]["splits"]["test"]
 
-    # 6b. fine-tuned from the champion, on the same test labels
+    # fine-tuned from the champion, on the same test labels
     assert second["train"]["init_from"] == CHAMPION
     tags = client.get_run(second["train"]["run_id"]).data.tags
     assert tags["init_from"] == CHAMPION and tags["init_from_version"] == "1"
@@ -243,7 +244,7 @@ def test_segment_your_own_volume(tmp_path: Path) -> None:
     assert reg["previous_champion"]["value"] == pytest.approx(first["metrics"]["iou"])
     assert reg["champion_rescored"] is None  # same test data: the numbers are compared
 
-    # 6c. the champion moved only if the new test IoU is strictly better
+    # the champion moved only if the new test IoU is strictly better
     better = second["metrics"]["iou"] > first["metrics"]["iou"]
     assert reg["reason"] == ("better" if better else "not_better")
     assert reg["alias"] == ("champion" if better else "challenger")
