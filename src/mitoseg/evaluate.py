@@ -49,7 +49,7 @@ __all__ = [
     "write_outputs",
 ]
 
-#: Columns of ``per_slice.csv``.
+#: Columns of ``per_slice.csv`` (one row per slice with a labelled pixel).
 PER_SLICE_COLUMNS: tuple[str, ...] = (
     "slice",
     "iou",
@@ -59,6 +59,7 @@ PER_SLICE_COLUMNS: tuple[str, ...] = (
     "recall",
     "fg_true",
     "fg_pred",
+    "labelled_pixels",
 )
 
 #: RGB colours of the overlay panel.
@@ -541,6 +542,10 @@ def write_outputs(
     """Write ``metrics.json``, ``per_slice.csv``, ``objects.csv`` and ``figures/`` into
     ``out_dir``.
 
+    ``per_slice.csv`` has a row for each slice with a labelled pixel (``labelled_pixels``
+    column); slices without one (unlabelled context slices of sparse labels) are not scored
+    and have no row.
+
     Each output is replaced atomically (the figures directory as a whole).
 
     Args:
@@ -565,6 +570,8 @@ def write_outputs(
         writer = csv.DictWriter(fh, fieldnames=list(PER_SLICE_COLUMNS), extrasaction="ignore")
         writer.writeheader()
         for row in result.rows:
+            if row["labelled_pixels"] == 0:
+                continue  # not scored (context slice): its 0/0 scores would read as 1.0
             writer.writerow(
                 {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
             )

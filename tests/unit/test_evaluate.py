@@ -278,6 +278,7 @@ def test_write_outputs(tmp_path: Path) -> None:
         out / "figures" / "slice_002.png",
     ]
     assert paths["metrics"] == out / "metrics.json" and paths["per_slice"] == out / "per_slice.csv"
+    assert [r["labelled_pixels"] for r in rows] == [str(images[0].size)] * 3
     with paths["objects"].open() as fh:
         objects = list(csv.DictReader(fh))
     expected = predicted_objects(result, ["background", "mito"])
@@ -289,3 +290,23 @@ def test_write_outputs(tmp_path: Path) -> None:
         first = next(csv.DictReader(fh))
     assert float(first["volume_nm3"]) == pytest.approx(int(first["voxels"]) * 640.0)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_per_slice_csv_leaves_out_unlabelled_slices(tmp_path: Path) -> None:
+    """Sparse labels: a slice without a labelled pixel (context) is not scored, so it has
+    no per_slice.csv row (its 0/0 scores would read as IoU 1.0); a partly labelled slice
+    has its labelled pixel count."""
+    from mitoseg.labels import IGNORE_INDEX
+
+    images = three_level_stack(3)
+    masks = (images >= 100).astype(np.uint8)
+    masks[1] = IGNORE_INDEX
+    masks[2, :, : images.shape[2] // 2] = IGNORE_INDEX
+    result = evaluate_stack(sigmoid_model, images, masks, PLAN)
+    write_outputs(result, tmp_path, n_figures=0)
+    with (tmp_path / "per_slice.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["slice"] for r in rows] == ["0", "2"]
+    assert [int(r["labelled_pixels"]) for r in rows] == [
+        int((masks[z] != IGNORE_INDEX).sum()) for z in (0, 2)
+    ]
