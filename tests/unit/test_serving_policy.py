@@ -13,6 +13,7 @@ import pytest
 from mitoseg.config import ServeConfig
 from mitoseg.inference.plan import InferencePlan
 from mitoseg.serving.settings import (
+    BatcherStopped,
     ComputeBudget,
     OverBudget,
     RequestCost,
@@ -328,6 +329,46 @@ def test_cancelled_requests_are_dropped_from_the_queue() -> None:
     finally:
         slow.close()
     assert slow.stats.tiles == 3  # the cancelled request's 4 tiles never ran
+
+
+def test_a_pixel_bound_caps_each_forward_pass_and_a_large_tile_runs_alone() -> None:
+    engine = Engine(hold_first=True)
+    # 4x6 tiles are 24 pixels: 2 fit 50; a 8x8 tile (64) exceeds the bound and runs alone
+    batcher = TileBatcher(engine, max_batch_size=8, max_batch_pixels=50)
+    try:
+        first = batcher.submit(tiles(1))
+        assert engine.started.wait(5)
+        a = batcher.submit(tiles(3, (4, 6), start=10))
+        big = batcher.submit(tiles(2, (8, 8), start=20))
+        engine.release.set()
+        outs = [f.result(5) for f in (first, a, big)]
+    finally:
+        batcher.close()
+    assert engine.batches == [(1, 4, 6, 1), (2, 4, 6, 1), (1, 4, 6, 1), (1, 8, 8, 1), (1, 8, 8, 1)]
+    np.testing.assert_array_equal([o[0, 0, 0] for o in outs[1]], [20.0, 22.0, 24.0])
+    assert [o.shape for o in outs[2]] == [(8, 8, 2)] * 2
+    with pytest.raises(ValueError, match=r"^max_batch_pixels must be >= 1, got 0$"):
+        TileBatcher(engine, max_batch_size=2, max_batch_pixels=0)
+
+
+def test_stop_fails_the_queued_requests_at_once_and_finishes_the_running_pass() -> None:
+    engine = Engine(hold_first=True)
+    batcher = TileBatcher(engine, max_batch_size=2)
+    running = batcher.submit(tiles(3))  # 2 tiles in the running pass, 1 still queued
+    assert engine.started.wait(5)
+    queued = batcher.submit(tiles(2))
+    t0 = time.perf_counter()
+    batcher.stop("the server is shutting down")
+    for future in (running, queued):
+        with pytest.raises(BatcherStopped, match=r"^the server is shutting down$"):
+            future.result(1)
+    assert time.perf_counter() - t0 < 1.0  # nobody waited for the engine
+    with pytest.raises(BatcherStopped, match=r"^the server is shutting down$"):
+        batcher.submit(tiles(1))
+    engine.release.set()
+    batcher.close()
+    assert not batcher.alive
+    assert engine.batches == [(2, 4, 6, 1)]  # the running pass ended; nothing else ran
 
 
 def test_on_pass_reports_tiles_and_requests() -> None:

@@ -99,6 +99,7 @@ from mitoseg.serving.monitoring import (
     service_monitor,
 )
 from mitoseg.serving.settings import (
+    BatcherStopped,
     ComputeBudget,
     OverBudget,
     TileBatcher,
@@ -212,6 +213,62 @@ def load_deployment(model_ref: Any) -> Deployment:
     return Deployment(str(stored.tag), path, metadata, plan, serve)
 
 
+def load_predictor(deployment: Deployment) -> Any:
+    """The batch predictor of the deployed model on its plan's engine.
+
+    A plan on OpenVINO runs the model saved at import
+    (:data:`~mitoseg.inference.runtime.OPENVINO_FILE`), compiled without importing
+    TensorFlow; otherwise (a Keras plan, or a model imported before the OpenVINO model
+    was saved with it) the Keras model is loaded and compiled by
+    :func:`~mitoseg.inference.runtime.predictor_for_plan`.
+    """
+    from mitoseg.inference.runtime import OPENVINO_FILE, predictor_from_openvino
+
+    plan = deployment.plan
+    saved = deployment.path / OPENVINO_FILE
+    if plan.runtime == "openvino" and saved.is_file():
+        return predictor_from_openvino(saved, plan)
+    import keras
+
+    import mitoseg.model.unet  # noqa: F401  (registers custom objects, if any)
+    from mitoseg.inference.runtime import predictor_for_plan
+
+    model = keras.saving.load_model(deployment.path / MODEL_FILE, compile=False)
+    return predictor_for_plan(model, plan)
+
+
+def stop_on_signals(batcher: TileBatcher) -> None:
+    """On SIGTERM or SIGINT, fail the tiles queued in ``batcher`` at once (their
+    requests get a JSON 503), then hand the signal on to the server's own handler.
+
+    Uvicorn's graceful shutdown waits for the requests in flight; without this, a queue
+    of requests waiting for the engine (16 clients: about 16 forward passes) holds the
+    worker for that long after the signal, past the stop deadline of ``mitoseg serve``
+    and of container runtimes, which then kill it. Installed from the service's
+    ``__init__``, which BentoML runs inside uvicorn's signal capture (on the main thread
+    only: signal handlers cannot be set elsewhere).
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+
+        def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+            # not here: the handler interrupts the main thread at any bytecode
+            reason = "the server is shutting down"
+            threading.Thread(target=batcher.stop, args=(reason,), daemon=True).start()
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                signal.signal(signum, signal.SIG_DFL)
+                signal.raise_signal(signum)
+
+        signal.signal(sig, handler)
+
+
 @bentoml.service(
     name=RUNNER_NAME,
     resources={"gpu": 1},
@@ -226,15 +283,9 @@ class UNetRunner:
     model_ref = MODEL_REF
 
     def __init__(self) -> None:
-        import keras
-
-        import mitoseg.model.unet  # noqa: F401  (registers custom objects, if any)
-        from mitoseg.inference.runtime import predictor_for_plan
-
         install_client_error_filter()
         self.deployment = load_deployment(type(self).model_ref)
-        model = keras.saving.load_model(self.deployment.path / MODEL_FILE, compile=False)
-        predict = predictor_for_plan(model, self.deployment.plan)
+        predict = load_predictor(self.deployment)
         self._tiles_hist = bentoml.metrics.Histogram(
             name="mitoseg_batch_tiles",
             documentation="Tiles per forward pass of the model",
@@ -245,9 +296,14 @@ class UNetRunner:
             documentation="Runner calls (request tile batches) sharing one forward pass",
             buckets=(1, 2, 3, 4, 6, 8, 16, 32),
         )
+        serve = self.deployment.serve
         self.batcher = TileBatcher(
-            predict, self.deployment.serve.max_batch_size, on_pass=self._observe
+            predict,
+            serve.max_batch_size,
+            max_batch_pixels=round(serve.max_batch_mpixel * 1e6),
+            on_pass=self._observe,
         )
+        stop_on_signals(self.batcher)
         self.confidence = runner_monitor(self.deployment, _arguments())
         logger.info(
             "runner: %s on %s/%s, up to %d tiles per forward pass",
@@ -288,6 +344,10 @@ class UNetRunner:
         """
         try:
             return self.confidence.segment(self._predict_batch, stack)  # = segment_stack
+        except BatcherStopped as exc:
+            raise bentoml.exceptions.BentoMLException(
+                str(exc), error_code=HTTPStatus.SERVICE_UNAVAILABLE
+            ) from None
         except concurrent.futures.CancelledError:
             raise bentoml.exceptions.BentoMLException(
                 "the caller disconnected; its tiles were dropped",

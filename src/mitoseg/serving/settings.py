@@ -30,6 +30,7 @@ from mitoseg.serving.codec import UploadError
 
 __all__ = [
     "BatchStats",
+    "BatcherStopped",
     "ComputeBudget",
     "OverBudget",
     "RequestCost",
@@ -258,6 +259,10 @@ class ComputeBudget:
 # ----------------------------------------------------------------- batching
 
 
+class BatcherStopped(RuntimeError):
+    """The tile batcher takes no more work (closed, or stopped at shutdown)."""
+
+
 @dataclass
 class _Job:
     tiles: list[np.ndarray]
@@ -289,16 +294,22 @@ class TileBatcher:
 
     Callers (one per request thread) submit a list of ``(TH, TW, 1)`` tiles and block
     until their outputs are ready. One engine thread takes the queued tiles in arrival
-    order, up to ``max_batch_size`` of them, groups them by shape (tiles of different
-    images may differ) and runs one forward pass per shape. It never waits for a batch
-    to fill: when the engine is idle a request is dispatched at once; while it is busy,
-    the tiles of concurrent requests queue up and form the next, larger batch.
+    order, up to ``max_batch_size`` of them and up to ``max_batch_pixels`` tile pixels
+    (a larger tile runs alone), groups them by shape (tiles of different images may
+    differ) and runs one forward pass per shape. It never waits for a batch to fill:
+    when the engine is idle a request is dispatched at once; while it is busy, the tiles
+    of concurrent requests queue up and form the next, larger batch. The pixel bound
+    caps the engine's working memory, which grows with the batch (OpenVINO keeps the
+    buffers of the largest pass it has run: about 240 bytes per tile pixel for the
+    default UNet in bf16) while a CPU gains no throughput from large tiles batched.
 
     Args:
         predict: ``(B, TH, TW, 1) float32 -> (B, TH, TW, C) float32``, e.g.
             :func:`mitoseg.inference.runtime.predictor_for_plan`; called from the engine thread
             only, one call at a time.
         max_batch_size: most tiles per forward pass.
+        max_batch_pixels: most tile pixels (``TH * TW`` summed) per forward pass; a
+            single larger tile runs alone. None: no bound.
         on_pass: called after each forward pass with ``(tiles, requests)``, e.g. for
             metrics; exceptions from it are logged and ignored.
         name: engine thread name.
@@ -309,17 +320,22 @@ class TileBatcher:
         predict: Callable[[np.ndarray], np.ndarray],
         max_batch_size: int,
         *,
+        max_batch_pixels: int | None = None,
         on_pass: Callable[[int, int], None] | None = None,
         name: str = "mitoseg-engine",
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_batch_pixels is not None and max_batch_pixels < 1:
+            raise ValueError(f"max_batch_pixels must be >= 1, got {max_batch_pixels}")
         self._predict = predict
         self.max_batch_size = int(max_batch_size)
+        self.max_batch_pixels = None if max_batch_pixels is None else int(max_batch_pixels)
         self._on_pass = on_pass
         self._queue: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._reason = "the tile batcher is closed"
         self.stats = BatchStats()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -335,7 +351,7 @@ class TileBatcher:
 
         Raises:
             ValueError: a tile is not 3D.
-            RuntimeError: the batcher is closed.
+            BatcherStopped: the batcher is closed or stopped (a ``RuntimeError``).
             Exception: whatever the engine raised for a batch holding these tiles.
         """
         return self.submit(tiles).result()
@@ -352,7 +368,7 @@ class TileBatcher:
             return future
         with self._cond:
             if self._closed:
-                raise RuntimeError("the tile batcher is closed")
+                raise BatcherStopped(self._reason)
             self._queue.append(_Job(arrays, future, [None] * len(arrays)))
             self._cond.notify()
         return future
@@ -369,14 +385,35 @@ class TileBatcher:
             self._cond.notify()
         self._thread.join(timeout)
 
+    def stop(self, reason: str) -> None:
+        """Stop at once: every queued request fails with ``BatcherStopped(reason)``, the
+        engine thread ends after the forward pass it is running, later submits fail.
+        Used at shutdown, so that no request waits for a queue to drain."""
+        with self._cond:
+            self._closed = True
+            self._reason = reason
+            queued = list(self._queue)
+            self._queue.clear()
+            self._cond.notify()
+        for job in queued:
+            if not job.future.done():
+                job.future.set_exception(BatcherStopped(reason))
+
     def _take(self) -> list[tuple[_Job, int]]:
-        """Pop up to ``max_batch_size`` queued tiles as ``(job, index)`` (lock held)."""
+        """Pop up to ``max_batch_size`` queued tiles (and ``max_batch_pixels``; at least
+        one tile) as ``(job, index)`` (lock held)."""
         taken: list[tuple[_Job, int]] = []
+        pixels = 0
+        limit = self.max_batch_pixels
         while self._queue and len(taken) < self.max_batch_size:
             job = self._queue[0]
-            k = min(len(job.tiles) - job.taken, self.max_batch_size - len(taken))
-            taken.extend((job, i) for i in range(job.taken, job.taken + k))
-            job.taken += k
+            tile = job.tiles[job.taken]
+            size = int(tile.shape[0]) * int(tile.shape[1])
+            if taken and limit is not None and pixels + size > limit:
+                break
+            taken.append((job, job.taken))
+            pixels += size
+            job.taken += 1
             if job.taken == len(job.tiles):
                 self._queue.popleft()
         return taken
