@@ -367,6 +367,14 @@ def serve_once(
     }
 
 
+def _commit(root: Path) -> str | None:
+    """Short commit of a checkout (None when it is not a git checkout)."""
+    out = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return out.stdout.strip() or None
+
+
 def _median(values: list[float | None]) -> float | None:
     import statistics
 
@@ -483,7 +491,8 @@ def main() -> None:
         "in_process": inproc,
         "http_overhead_s": (single - inproc["p50_s"]) if single and inproc else None,
         "variants": {
-            name: {"checkout": str(root), "runs": runs[name]} for name, root in variants.items()
+            name: {"checkout": str(root), "git_commit": _commit(root), "runs": runs[name]}
+            for name, root in variants.items()
         },
         "comparison": summarise(runs, levels) if len(variants) > 1 or args.rounds > 1 else None,
     }
