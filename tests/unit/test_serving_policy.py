@@ -431,7 +431,7 @@ def test_supervise_forwards_stop_signals_and_leaves_no_process(tmp_path, stop: s
         "import os, sys; from mitoseg.cli.serve import supervise; "
         f"sys.exit(supervise({child!r}, dict(os.environ), deadline_s=1.0))"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code])
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
         while not (pidfile.exists() and pidfile.read_text()):
@@ -446,6 +446,11 @@ def test_supervise_forwards_stop_signals_and_leaves_no_process(tmp_path, stop: s
         assert elapsed < 5, elapsed
         gone = not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
         assert gone, "the worker the child left behind is still running"
+        # the worker ignored SIGTERM: its kill is reported, naming it
+        stderr = proc.stderr.read() if proc.stderr else ""
+        why = "1 s after the stop signal" if stop == "sigterm" else "after bentoml serve exited"
+        assert f"process(es) still running {why}, killed: " in stderr, stderr
+        assert f"{worker.pid} (" in stderr
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -2,17 +2,22 @@
 
 Two services, one process each under ``bentoml serve``:
 
-* :class:`UNetRunner` holds the model on the engine its inference plan names
-  (:func:`mitoseg.inference.runtime.predictor_for_plan`, built once; ``resources={"gpu": 1}``:
+* :class:`UNetRunner` holds the model on the engine its inference plan names, built
+  once (:func:`load_predictor`: a plan on OpenVINO compiles the model saved at import
+  without importing TensorFlow; a Keras plan goes through
+  :func:`mitoseg.inference.runtime.predictor_for_plan`; ``resources={"gpu": 1}``:
   TensorFlow uses the GPU when the machine has one, the CPU otherwise) and exposes
   ``segment_classes``: a decoded ``(Z, H, W)`` stack -> ``(Z, H, W)`` uint8 classes, by
   the one inference implementation, :func:`mitoseg.inference.predict.segment_stack`, with the
   model's plan (only raw slices and uint8 classes cross the process boundary, not float
   tiles). Its :class:`~mitoseg.serving.settings.TileBatcher`
   merges the tiles of concurrent requests into forward passes of up to
-  ``serve.max_batch_size`` tiles, one pass per tile shape (tiles of different images
-  may differ), and never waits for a batch to fill: an idle engine runs a request at
-  once. (BentoML's own adaptive batcher, ``bentoml/_internal/marshal/dispatcher.py``,
+  ``serve.max_batch_size`` tiles and ``serve.max_batch_mpixel`` tile pixels (the
+  engine's memory grows with the pass), one pass per tile shape (tiles of different
+  images may differ), and never waits for a batch to fill: an idle engine runs a
+  request at once. On SIGTERM/SIGINT the queued tiles are failed at once (JSON 503),
+  so the worker stops without draining the queue (:func:`stop_on_signals`). (BentoML's
+  own adaptive batcher, ``bentoml/_internal/marshal/dispatcher.py``,
   concatenates inputs into one array, and its cork delays lone requests while it
   trains its latency model and whenever its measured queue wait is high; it has no
   setting to dispatch an idle queue at once.)

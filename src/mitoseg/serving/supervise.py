@@ -65,6 +65,7 @@ def supervise(cmd: list[str], env: dict[str, str], *, deadline_s: float = STOP_D
         tracked[child.pid] = root
         forwarded = 0
         kill_at: float | None = None
+        killed = False
         next_scan = 0.0
         while True:
             now = time.monotonic()
@@ -83,6 +84,10 @@ def supervise(cmd: list[str], env: dict[str, str], *, deadline_s: float = STOP_D
             except subprocess.TimeoutExpired:
                 pass
             if kill_at is not None and time.monotonic() >= kill_at:
+                if not killed:
+                    running = [p for p in tracked.values() if _running(p)]
+                    _report_kill(running, f"{deadline_s:g} s after the stop signal")
+                    killed = True
                 _kill(tracked.values(), signal.SIGKILL)
         track(root)  # orphans adopted by this (subreaper) process
         left = [p for pid, p in tracked.items() if pid != child.pid and _running(p)]
@@ -90,12 +95,34 @@ def supervise(cmd: list[str], env: dict[str, str], *, deadline_s: float = STOP_D
             grace = 2.0 if kill_at is None else max(0.0, kill_at - time.monotonic())
             _kill(left, signal.SIGTERM)
             _, alive = psutil.wait_procs(left, timeout=grace)
+            if alive and not killed:
+                why = (
+                    f"{deadline_s:g} s after the stop signal"
+                    if kill_at
+                    else "after bentoml serve exited"
+                )
+                _report_kill(alive, why)
             _kill(alive, signal.SIGKILL)
             psutil.wait_procs(alive, timeout=2.0)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 128 - rc if rc < 0 else rc
+
+
+def _report_kill(procs: list[Any], why: str) -> None:
+    """One stderr line naming the processes killed and why."""
+    names = []
+    for proc in procs:
+        try:
+            names.append(f"{proc.pid} ({' '.join(proc.cmdline()[1:4])[:60]})")
+        except Exception:
+            names.append(str(proc.pid))
+    print(
+        f"mitoseg serve: {len(procs)} process(es) still running {why}, killed: {', '.join(names)}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _become_subreaper() -> None:
