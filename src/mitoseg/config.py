@@ -452,7 +452,7 @@ class ServeConfig(_Strict):
         16, ge=1, description="most tiles in one forward pass; concurrent requests share it"
     )
     max_batch_mpixel: float = Field(
-        2.0,
+        3.0,
         gt=0,
         description="most tile pixels in one forward pass, Mpixel (a larger tile runs alone): "
         "the engine's memory grows with it, a CPU's throughput does not",

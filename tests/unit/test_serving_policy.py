@@ -371,6 +371,55 @@ def test_stop_fails_the_queued_requests_at_once_and_finishes_the_running_pass() 
     assert engine.batches == [(2, 4, 6, 1)]  # the running pass ended; nothing else ran
 
 
+def _admit_in_thread(
+    batcher: TileBatcher, pixels: int, log: list[str], name: str
+) -> threading.Thread:
+    """Enter ``batcher.admit(pixels)`` in a thread, log ``name`` (or the error's text)."""
+
+    def run() -> None:
+        try:
+            with batcher.admit(pixels):
+                log.append(name)
+        except Exception as exc:
+            log.append(f"{type(exc).__name__}: {exc}")
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_admit_holds_requests_back_before_their_tiles_exist() -> None:
+    import concurrent.futures
+
+    batcher = TileBatcher(Engine(), max_batch_size=4, max_inflight_pixels=100)
+    log: list[str] = []
+    try:
+        with batcher.admit(60):
+            waiter = _admit_in_thread(batcher, 50, log, "b in")
+            time.sleep(0.3)
+            assert log == []  # 60 + 50 > 100: b waits
+            log.append("a out")
+        waiter.join(5)
+        assert log == ["a out", "b in"]
+        with batcher.admit(500):  # larger than the bound: admitted alone
+            gone = threading.Event()
+            threading.Timer(0.3, gone.set).start()
+            with (
+                pytest.raises(concurrent.futures.CancelledError),
+                batcher.admit(1, cancelled=gone.is_set),
+            ):
+                pass  # pragma: no cover (never admitted)
+            stopped = _admit_in_thread(batcher, 1, log, "c in")
+            time.sleep(0.3)
+            batcher.stop("the server is shutting down")
+            stopped.join(5)
+        assert log[2:] == ["BatcherStopped: the server is shutting down"]
+    finally:
+        batcher.close()
+    with pytest.raises(ValueError, match=r"^max_inflight_pixels must be >= 1, got 0$"):
+        TileBatcher(Engine(), max_batch_size=2, max_inflight_pixels=0)
+
+
 def test_on_pass_reports_tiles_and_requests() -> None:
     seen: list[tuple[int, int]] = []
     batcher = TileBatcher(Engine(), max_batch_size=4, on_pass=lambda t, r: seen.append((t, r)))

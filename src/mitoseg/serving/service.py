@@ -306,6 +306,9 @@ class UNetRunner:
             predict,
             serve.max_batch_size,
             max_batch_pixels=round(serve.max_batch_mpixel * 1e6),
+            # two passes' worth of requests tile and queue at once; the others wait
+            # with their raw slices only
+            max_inflight_pixels=round(2 * serve.max_batch_mpixel * 1e6),
             on_pass=self._observe,
         )
         stop_on_signals(self.batcher)
@@ -347,8 +350,11 @@ class UNetRunner:
         Returns:
             ``(Z, H, W)`` uint8 class indexes.
         """
+        clock = current_request()
+        gone = (lambda: clock.disconnected) if clock is not None else None
         try:
-            return self.confidence.segment(self._predict_batch, stack)  # = segment_stack
+            with self.batcher.admit(int(np.prod(stack.shape)), cancelled=gone):
+                return self.confidence.segment(self._predict_batch, stack)  # = segment_stack
         except BatcherStopped as exc:
             raise bentoml.exceptions.BentoMLException(
                 str(exc), error_code=HTTPStatus.SERVICE_UNAVAILABLE

@@ -310,6 +310,8 @@ class TileBatcher:
         max_batch_size: most tiles per forward pass.
         max_batch_pixels: most tile pixels (``TH * TW`` summed) per forward pass; a
             single larger tile runs alone. None: no bound.
+        max_inflight_pixels: most image pixels of the requests admitted by
+            :meth:`admit` at once (a larger request is admitted alone); None: no bound.
         on_pass: called after each forward pass with ``(tiles, requests)``, e.g. for
             metrics; exceptions from it are logged and ignored.
         name: engine thread name.
@@ -321,6 +323,7 @@ class TileBatcher:
         max_batch_size: int,
         *,
         max_batch_pixels: int | None = None,
+        max_inflight_pixels: int | None = None,
         on_pass: Callable[[int, int], None] | None = None,
         name: str = "mitoseg-engine",
     ) -> None:
@@ -331,6 +334,10 @@ class TileBatcher:
         self._predict = predict
         self.max_batch_size = int(max_batch_size)
         self.max_batch_pixels = None if max_batch_pixels is None else int(max_batch_pixels)
+        if max_inflight_pixels is not None and max_inflight_pixels < 1:
+            raise ValueError(f"max_inflight_pixels must be >= 1, got {max_inflight_pixels}")
+        self.max_inflight_pixels = max_inflight_pixels
+        self._admitted = 0
         self._on_pass = on_pass
         self._queue: deque[_Job] = deque()
         self._cond = threading.Condition()
@@ -373,6 +380,43 @@ class TileBatcher:
             self._cond.notify()
         return future
 
+    @contextlib.contextmanager
+    def admit(self, pixels: int, cancelled: Callable[[], bool] | None = None) -> Iterator[None]:
+        """Backpressure before a request makes its float tiles: hold ``pixels`` (the
+        request's image pixels) of ``max_inflight_pixels`` for the ``with`` block,
+        waiting while the requests admitted already hold too many (a request is always
+        admitted when none is). Waiting requests keep only their raw slices, so the
+        normalised copies, padded images and tiles of at most about
+        ``max_inflight_pixels`` exist at once however many clients there are.
+
+        Args:
+            pixels: the request's pixels (``Z * H * W``).
+            cancelled: polled while waiting; True ends the wait (the client went away).
+
+        Raises:
+            concurrent.futures.CancelledError: ``cancelled()`` became True while waiting.
+            BatcherStopped: the batcher was closed or stopped.
+        """
+        from concurrent.futures import CancelledError
+
+        limit = self.max_inflight_pixels
+        with self._cond:
+            while limit is not None and self._admitted and self._admitted + pixels > limit:
+                if self._closed:
+                    raise BatcherStopped(self._reason)
+                if cancelled is not None and cancelled():
+                    raise CancelledError()
+                self._cond.wait(0.2)
+            if self._closed:
+                raise BatcherStopped(self._reason)
+            self._admitted += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._admitted -= pixels
+                self._cond.notify_all()
+
     @property
     def alive(self) -> bool:
         """True while the engine thread runs and the batcher takes work."""
@@ -382,7 +426,7 @@ class TileBatcher:
         """Stop the engine thread after the queued work; later submits fail."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
+            self._cond.notify_all()
         self._thread.join(timeout)
 
     def stop(self, reason: str) -> None:
@@ -394,7 +438,7 @@ class TileBatcher:
             self._reason = reason
             queued = list(self._queue)
             self._queue.clear()
-            self._cond.notify()
+            self._cond.notify_all()
         for job in queued:
             if not job.future.done():
                 job.future.set_exception(BatcherStopped(reason))
