@@ -13,7 +13,8 @@ the time until its last process is gone is recorded (``stop_s``). Also: the in-p
 latency of the same ``segment_stack`` call on the same slice.
 
 ``--variant NAME=DIR`` (repeatable) serves the ``src/`` and ``params.yaml`` of another
-checkout too (e.g. ``git archive <commit> src params.yaml | tar -x -C DIR``); variants
+checkout too (e.g. a ``git clone`` at another commit; ``--variant-env NAME:KEY=VALUE``
+sets a server environment variable of one variant, e.g. ``MALLOC_ARENA_MAX``); variants
 run interleaved, ``--rounds`` times each (a, b, a, b, ...: a machine whose speed drifts
 hits them alike), each a fresh server, and ``comparison`` holds the ratios of each
 variant to the first within this one run. Writes ``benchmarks/results/<name>.json``.
@@ -172,10 +173,11 @@ def _mb(n: float) -> float:
 
 
 def start_server(
-    model: str, home: str, port: int, log: Path, src: Path, params: Path
+    model: str, home: str, port: int, log: Path, src: Path, params: Path, extra: dict[str, str]
 ) -> subprocess.Popen:
-    """``mitoseg serve`` of the code in ``src`` (its own session, BentoML home ``home``)."""
-    env = {**os.environ, "BENTOML_HOME": home, "BENTOML_DO_NOT_TRACK": "True"}
+    """``mitoseg serve`` of the code in ``src`` (its own session, BentoML home ``home``,
+    ``extra`` environment variables)."""
+    env = {**os.environ, "BENTOML_HOME": home, "BENTOML_DO_NOT_TRACK": "True", **extra}
     env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.pop("MITOSEG_API_TOKEN", None)
     cmd = [str(Path(sys.executable).with_name("mitoseg")), "serve", "--model", model]
@@ -321,13 +323,20 @@ def parse_variants(specs: list[str]) -> dict[str, Path]:
 
 
 def serve_once(
-    model: str, root: Path, home: str, payload: bytes, levels: list[int], args: Any, log: Path
+    model: str,
+    root: Path,
+    home: str,
+    payload: bytes,
+    levels: list[int],
+    args: Any,
+    log: Path,
+    env: dict[str, str],
 ) -> dict[str, Any]:
     """Start ``mitoseg serve`` of the checkout ``root``, measure idle and each level, stop."""
     params = root / "params.yaml" if args.params is None else Path(args.params)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(model, home, port, log, root / "src", params)
+    proc = start_server(model, home, port, log, root / "src", params, env)
     sampler = None
     try:
         startup = wait_ready(url, proc, log)
@@ -428,6 +437,7 @@ def main() -> None:
     ap.add_argument("--inproc-repeats", type=int, default=3, help="0: skip")
     ap.add_argument("--params", default=None, help="default: each checkout's params.yaml")
     ap.add_argument("--variant", action="append", default=[], help="NAME=DIR, repeatable")
+    ap.add_argument("--variant-env", action="append", default=[], help="NAME:KEY=VALUE, server env")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved runs of each variant")
     ap.add_argument("--name", default="serve_load", help="results file name")
     args = ap.parse_args()
@@ -437,6 +447,13 @@ def main() -> None:
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     variants = parse_variants(args.variant)
+    envs: dict[str, dict[str, str]] = {name: {} for name in variants}
+    for spec in args.variant_env:
+        name, _, pair = spec.partition(":")
+        key, sep, value = pair.partition("=")
+        if name not in envs or not sep or not key:
+            ap.error(f"--variant-env {spec!r}: expected NAME:KEY=VALUE for a known variant")
+        envs[name][key] = value
 
     tmp = Path(tempfile.mkdtemp(prefix="serve_load-"))
     model_uri = str(tiny_model(tmp / "tiny.keras")) if args.tiny else args.model
@@ -452,7 +469,8 @@ def main() -> None:
             home = str(tmp / f"bentoml-{name}")  # one store per variant, reused by its rounds
             log = tmp / f"server-{name}-{i}.log"
             print(f"round {i}: {name} ({root})", file=sys.stderr, flush=True)
-            runs[name].append(serve_once(model_uri, root, home, payload, levels, args, log))
+            env = envs[name]
+            runs[name].append(serve_once(model_uri, root, home, payload, levels, args, log, env))
     current = runs["current"][-1]
     mpix = img.size / 1e6
     for rounds in runs.values():
@@ -491,7 +509,12 @@ def main() -> None:
         "in_process": inproc,
         "http_overhead_s": (single - inproc["p50_s"]) if single and inproc else None,
         "variants": {
-            name: {"checkout": str(root), "git_commit": _commit(root), "runs": runs[name]}
+            name: {
+                "checkout": str(root),
+                "git_commit": _commit(root),
+                "env": envs[name],
+                "runs": runs[name],
+            }
             for name, root in variants.items()
         },
         "comparison": summarise(runs, levels) if len(variants) > 1 or args.rounds > 1 else None,
