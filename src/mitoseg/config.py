@@ -497,6 +497,12 @@ class ServeConfig(_Strict):
     max_batch_size: int = Field(
         16, ge=1, description="most tiles in one forward pass; concurrent requests share it"
     )
+    max_batch_mpixel: float = Field(
+        3.0,
+        gt=0,
+        description="most tile pixels in one forward pass, Mpixel (a larger tile runs alone): "
+        "the engine's memory grows with it, a CPU's throughput does not",
+    )
     max_request_gflop: float = Field(
         2000.0, gt=0, description="compute one request may take (else 413)"
     )

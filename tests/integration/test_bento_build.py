@@ -109,3 +109,54 @@ def test_cli_start_imports_neither_bentoml_nor_tensorflow() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+#: Run in a fresh interpreter with BENTOML_HOME set: the runner's model loading
+#: (``load_deployment`` + ``load_predictor``) on a stored model; argv: tag, input, output.
+RUNNER_LOAD = r"""
+import sys
+import bentoml
+import numpy as np
+from mitoseg.serving import service
+
+deployment = service.load_deployment(bentoml.models.BentoModel(sys.argv[1]))
+predict = service.load_predictor(deployment)
+np.save(sys.argv[3], predict(np.load(sys.argv[2])))
+heavy = sorted(m for m in ("tensorflow", "keras") if m in sys.modules)
+assert not heavy, f"the runner imported {heavy}"
+"""
+
+
+def test_an_openvino_plan_is_served_from_its_saved_model_without_tensorflow(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    import keras
+    import numpy as np
+
+    from mitoseg.inference.plan import PLAN_FILE, InferencePlan
+    from mitoseg.inference.runtime import OPENVINO_FILE, compile_predictor
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "tiny.keras").write_bytes(tiny_model.read_bytes())
+    plan = InferencePlan.default_for(1, 4, runtime="openvino", precision="fp32")
+    plan.write(folder / PLAN_FILE)
+    home = tmp_path / "bentoml"
+    code = (
+        "from mitoseg.serving.bento import import_model; "
+        f"print(import_model({str(folder / 'tiny.keras')!r})[0])"
+    )
+    tag = run([sys.executable, "-c", code], home).stdout.strip().splitlines()[-1]
+    stored = home / "models" / "mitoseg-unet" / tag.split(":")[1]
+    assert (stored / OPENVINO_FILE).is_file() and (stored / "model_openvino.bin").is_file()
+    assert yaml.safe_load((stored / "model.yaml").read_text())["labels"]["openvino_file"] == (
+        OPENVINO_FILE
+    )
+
+    x = np.random.default_rng(0).random((2, 32, 48, 1), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    cmd = [sys.executable, "-c", RUNNER_LOAD, tag, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")]
+    run(cmd, home)
+    model = keras.saving.load_model(tiny_model, compile=False)
+    expected = compile_predictor(model, "openvino", "fp32")(x)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), expected)

@@ -8,6 +8,8 @@ refused with the exact message.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -19,7 +21,9 @@ from mitoseg.inference.runtime import (
     ENGINES,
     available_engines,
     compile_predictor,
+    export_openvino,
     predictor_for_plan,
+    predictor_from_openvino,
 )
 
 #: Largest (mean, max) absolute probability difference to Keras FP32 per precision. INT8's
@@ -162,6 +166,63 @@ def test_predictor_for_plan_runs_the_plans_engine(net: Any, predictors: dict) ->
     )
     keras_plan = InferencePlan.default_for(1, 4)
     np.testing.assert_array_equal(predictor_for_plan(net, keras_plan)(x), net.predict_on_batch(x))
+
+
+@pytest.mark.parametrize("engine", OPENVINO, ids=[f"{r}-{p}" for r, p in OPENVINO])
+def test_the_saved_openvino_model_gives_identical_outputs_without_tensorflow(
+    engine: tuple[str, str], net: Any, predictors: dict, calibration: np.ndarray, tmp_path: Any
+) -> None:
+    """What the service's runner compiles from the model saved at import (no TensorFlow)
+    agrees bit for bit with what ``mitoseg predict`` compiles from the Keras model."""
+    if engine not in AVAILABLE:
+        pytest.skip(f"{engine[0]}/{engine[1]} does not run on this machine")
+    plan = InferencePlan.default_for(1, 4, runtime=engine[0], precision=engine[1])
+    path = export_openvino(net, plan, tmp_path / "m.xml", calibration=calibration)
+    assert path == tmp_path / "m.xml"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["m.bin", "m.xml"]  # no temporaries
+    code = (
+        "import sys, numpy as np; "
+        "from mitoseg.inference.plan import InferencePlan; "
+        "from mitoseg.inference.runtime import predictor_from_openvino; "
+        f"plan = InferencePlan.model_validate_json({plan.model_dump_json()!r}); "
+        f"x = np.load({str(tmp_path / 'x.npy')!r}); "
+        f"np.save({str(tmp_path / 'y.npy')!r}, predictor_from_openvino({str(path)!r}, plan)(x)); "
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
+    )
+    x = _batch(2, 16, 48, seed=20)
+    np.save(tmp_path / "x.npy", x)
+    subprocess.run([sys.executable, "-c", code], check=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), predictors[engine](x))
+
+
+@pytest.mark.parametrize(
+    ("runtime", "name", "message"),
+    [
+        ("keras", "m.xml", r"^export_openvino: the plan runs on keras/fp32, not openvino$"),
+        ("openvino", "m.onnx", r"m\.onnx: an OpenVINO model file must end in \.xml$"),
+    ],
+)
+def test_export_openvino_refuses_bad_arguments(
+    net: Any, tmp_path: Any, runtime: str, name: str, message: str
+) -> None:
+    plan = InferencePlan.default_for(1, 4, runtime=runtime, precision="fp32")
+    with pytest.raises(ValueError, match=message):
+        export_openvino(net, plan, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_predictor_from_openvino_refuses_bad_arguments(tmp_path: Any) -> None:
+    with pytest.raises(
+        ValueError, match=r"^predictor_from_openvino: the plan runs on keras/fp32, not openvino$"
+    ):
+        predictor_from_openvino(tmp_path / "m.xml", InferencePlan.default_for(1, 4))
+    plan = InferencePlan.default_for(1, 4, runtime="openvino", precision="fp32")
+    with pytest.raises(
+        FileNotFoundError, match=r"m\.xml: OpenVINO model \(\.xml and \.bin\) not found$"
+    ):
+        predictor_from_openvino(tmp_path / "m.xml", plan)
+    with pytest.raises(ValueError, match=r"^threads must be an integer >= 1, got 0$"):
+        predictor_from_openvino(tmp_path / "m.xml", plan, threads=0)
 
 
 def test_int8_calibration_accepts_differently_sized_images(net: Any, reference: Any) -> None:

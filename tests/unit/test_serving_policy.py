@@ -13,6 +13,7 @@ import pytest
 from mitoseg.config import ServeConfig
 from mitoseg.inference.plan import InferencePlan
 from mitoseg.serving.settings import (
+    BatcherStopped,
     ComputeBudget,
     OverBudget,
     RequestCost,
@@ -330,6 +331,95 @@ def test_cancelled_requests_are_dropped_from_the_queue() -> None:
     assert slow.stats.tiles == 3  # the cancelled request's 4 tiles never ran
 
 
+def test_a_pixel_bound_caps_each_forward_pass_and_a_large_tile_runs_alone() -> None:
+    engine = Engine(hold_first=True)
+    # 4x6 tiles are 24 pixels: 2 fit 50; a 8x8 tile (64) exceeds the bound and runs alone
+    batcher = TileBatcher(engine, max_batch_size=8, max_batch_pixels=50)
+    try:
+        first = batcher.submit(tiles(1))
+        assert engine.started.wait(5)
+        a = batcher.submit(tiles(3, (4, 6), start=10))
+        big = batcher.submit(tiles(2, (8, 8), start=20))
+        engine.release.set()
+        outs = [f.result(5) for f in (first, a, big)]
+    finally:
+        batcher.close()
+    assert engine.batches == [(1, 4, 6, 1), (2, 4, 6, 1), (1, 4, 6, 1), (1, 8, 8, 1), (1, 8, 8, 1)]
+    np.testing.assert_array_equal([o[0, 0, 0] for o in outs[1]], [20.0, 22.0, 24.0])
+    assert [o.shape for o in outs[2]] == [(8, 8, 2)] * 2
+    with pytest.raises(ValueError, match=r"^max_batch_pixels must be >= 1, got 0$"):
+        TileBatcher(engine, max_batch_size=2, max_batch_pixels=0)
+
+
+def test_stop_fails_the_queued_requests_at_once_and_finishes_the_running_pass() -> None:
+    engine = Engine(hold_first=True)
+    batcher = TileBatcher(engine, max_batch_size=2)
+    running = batcher.submit(tiles(3))  # 2 tiles in the running pass, 1 still queued
+    assert engine.started.wait(5)
+    queued = batcher.submit(tiles(2))
+    t0 = time.perf_counter()
+    batcher.stop("the server is shutting down")
+    for future in (running, queued):
+        with pytest.raises(BatcherStopped, match=r"^the server is shutting down$"):
+            future.result(1)
+    assert time.perf_counter() - t0 < 1.0  # nobody waited for the engine
+    with pytest.raises(BatcherStopped, match=r"^the server is shutting down$"):
+        batcher.submit(tiles(1))
+    engine.release.set()
+    batcher.close()
+    assert not batcher.alive
+    assert engine.batches == [(2, 4, 6, 1)]  # the running pass ended; nothing else ran
+
+
+def _admit_in_thread(
+    batcher: TileBatcher, pixels: int, log: list[str], name: str
+) -> threading.Thread:
+    """Enter ``batcher.admit(pixels)`` in a thread, log ``name`` (or the error's text)."""
+
+    def run() -> None:
+        try:
+            with batcher.admit(pixels):
+                log.append(name)
+        except Exception as exc:
+            log.append(f"{type(exc).__name__}: {exc}")
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_admit_holds_requests_back_before_their_tiles_exist() -> None:
+    import concurrent.futures
+
+    batcher = TileBatcher(Engine(), max_batch_size=4, max_inflight_pixels=100)
+    log: list[str] = []
+    try:
+        with batcher.admit(60):
+            waiter = _admit_in_thread(batcher, 50, log, "b in")
+            time.sleep(0.3)
+            assert log == []  # 60 + 50 > 100: b waits
+            log.append("a out")
+        waiter.join(5)
+        assert log == ["a out", "b in"]
+        with batcher.admit(500):  # larger than the bound: admitted alone
+            gone = threading.Event()
+            threading.Timer(0.3, gone.set).start()
+            with (
+                pytest.raises(concurrent.futures.CancelledError),
+                batcher.admit(1, cancelled=gone.is_set),
+            ):
+                pass  # pragma: no cover (never admitted)
+            stopped = _admit_in_thread(batcher, 1, log, "c in")
+            time.sleep(0.3)
+            batcher.stop("the server is shutting down")
+            stopped.join(5)
+        assert log[2:] == ["BatcherStopped: the server is shutting down"]
+    finally:
+        batcher.close()
+    with pytest.raises(ValueError, match=r"^max_inflight_pixels must be >= 1, got 0$"):
+        TileBatcher(Engine(), max_batch_size=2, max_inflight_pixels=0)
+
+
 def test_on_pass_reports_tiles_and_requests() -> None:
     seen: list[tuple[int, int]] = []
     batcher = TileBatcher(Engine(), max_batch_size=4, on_pass=lambda t, r: seen.append((t, r)))
@@ -390,7 +480,7 @@ def test_supervise_forwards_stop_signals_and_leaves_no_process(tmp_path, stop: s
         "import os, sys; from mitoseg.cli.serve import supervise; "
         f"sys.exit(supervise({child!r}, dict(os.environ), deadline_s=1.0))"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code])
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
         while not (pidfile.exists() and pidfile.read_text()):
@@ -405,6 +495,11 @@ def test_supervise_forwards_stop_signals_and_leaves_no_process(tmp_path, stop: s
         assert elapsed < 5, elapsed
         gone = not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
         assert gone, "the worker the child left behind is still running"
+        # the worker ignored SIGTERM: its kill is reported, naming it
+        stderr = proc.stderr.read() if proc.stderr else ""
+        why = "1 s after the stop signal" if stop == "sigterm" else "after bentoml serve exited"
+        assert f"process(es) still running {why}, killed: " in stderr, stderr
+        assert f"{worker.pid} (" in stderr
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -2,8 +2,10 @@
 
 Both import the model into the BentoML model store first
 (:func:`mitoseg.serving.bento.import_model`; an identical earlier import is reused).
-``mitoseg serve`` then runs ``bentoml serve`` under :func:`supervise`, which forwards
-stop signals and makes sure no worker outlives it.
+``mitoseg serve`` then replaces itself (``exec``, same process id) by
+``python -m mitoseg.serving.supervise``, which runs ``bentoml serve``, forwards stop signals
+and makes sure no worker outlives it (:func:`mitoseg.serving.supervise.supervise`); the
+supervisor does not hold the TensorFlow the model import needed.
 BentoML and TensorFlow are imported inside the commands only.
 """
 
@@ -18,6 +20,9 @@ import typer
 
 from mitoseg.cli.app import app, bento_app, fail
 from mitoseg.config import ConfigError, ServeConfig, load_section
+from mitoseg.serving.supervise import STOP_DEADLINE_S, STOP_SIGNALS, supervise
+
+__all__ = ["STOP_DEADLINE_S", "STOP_SIGNALS", "bento_arguments", "serve_command", "supervise"]
 
 DEFAULT_MODEL_URI = "models:/mitoseg-unet@champion"
 SERVICE = "mitoseg.serving.service:MitoSeg"
@@ -71,12 +76,13 @@ def bento_arguments(tag: str, serve: ServeConfig) -> list[str]:
     return out
 
 
+#: glibc malloc arenas per server process unless ``MALLOC_ARENA_MAX`` is set: the default
+#: (8 per core) keeps freed slice and tile buffers of the request threads in many arenas;
+#: 2 measured 1313 MB instead of 1534 MB peak RSS at 16 clients, throughput not lower
+#: (``benchmarks/results/serve_load_arena.json``).
+MALLOC_ARENA_MAX = "2"
 #: Seconds BentoML's HTTP workers get to finish in-flight requests after a stop signal.
 GRACEFUL_SHUTDOWN_S = 5
-#: Seconds after a stop signal when whatever ``mitoseg serve`` started is killed.
-STOP_DEADLINE_S = 8.0
-#: Signals forwarded to ``bentoml serve`` (each starts the stop deadline).
-STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
 
 
 def serve_command(tag: str, serve: ServeConfig, host: str, port: int) -> list[str]:
@@ -95,113 +101,6 @@ def serve_command(tag: str, serve: ServeConfig, host: str, port: int) -> list[st
         str(GRACEFUL_SHUTDOWN_S),
         *bento_arguments(tag, serve),
     ]
-
-
-def supervise(cmd: list[str], env: dict[str, str], *, deadline_s: float = STOP_DEADLINE_S) -> int:
-    """Run ``cmd`` until it exits; forward stop signals; leave no process behind.
-
-    BentoML's arbiter starts its workers in sessions of their own, so a signal to this
-    process group does not reach them, and a worker busy with a request can hold the
-    arbiter up. Here every descendant of the child is tracked while it runs (on Linux
-    this process is also made a child subreaper, so orphaned workers stay its
-    descendants); SIGTERM, SIGINT or SIGHUP is forwarded to the child, and
-    ``deadline_s`` seconds later whatever is still running is killed. Descendants left
-    after the child exits are stopped too.
-
-    Returns:
-        The child's exit status (``128 + signal`` when a signal ended it).
-    """
-    import signal
-    import subprocess
-    import time
-
-    import psutil
-
-    received: list[int] = []
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        received.append(signum)
-
-    stop_signals = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
-    previous = {sig: signal.signal(sig, on_signal) for sig in stop_signals}
-    tracked: dict[int, psutil.Process] = {}
-    me = psutil.Process()
-    _become_subreaper()
-
-    def track(root: psutil.Process) -> None:
-        for parent in (root, me):
-            try:
-                for proc in parent.children(recursive=True):
-                    tracked.setdefault(proc.pid, proc)
-            except psutil.Error:
-                pass
-
-    try:
-        child = subprocess.Popen(cmd, env=env)
-        root = psutil.Process(child.pid)
-        tracked[child.pid] = root
-        forwarded = 0
-        kill_at: float | None = None
-        next_scan = 0.0
-        while True:
-            now = time.monotonic()
-            if forwarded < len(received) or now >= next_scan:
-                track(root)
-                next_scan = now + 0.5
-            while forwarded < len(received):
-                signum = received[forwarded]
-                forwarded += 1
-                if child.poll() is None:
-                    child.send_signal(signum)
-                kill_at = kill_at or time.monotonic() + deadline_s
-            try:
-                rc = child.wait(timeout=0.1)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            if kill_at is not None and time.monotonic() >= kill_at:
-                _kill(tracked.values(), signal.SIGKILL)
-        track(root)  # orphans adopted by this (subreaper) process
-        left = [p for pid, p in tracked.items() if pid != child.pid and _running(p)]
-        if left:
-            grace = 2.0 if kill_at is None else max(0.0, kill_at - time.monotonic())
-            _kill(left, signal.SIGTERM)
-            _, alive = psutil.wait_procs(left, timeout=grace)
-            _kill(alive, signal.SIGKILL)
-            psutil.wait_procs(alive, timeout=2.0)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 128 - rc if rc < 0 else rc
-
-
-def _become_subreaper() -> None:
-    """Linux: adopt orphaned descendants (``PR_SET_CHILD_SUBREAPER``); a no-op elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        pass
-
-
-def _running(proc: Any) -> bool:
-    try:
-        return bool(proc.is_running()) and proc.status() != "zombie"
-    except Exception:
-        return False
-
-
-def _kill(procs: Any, sig: int) -> None:
-    for proc in procs:
-        try:
-            if _running(proc):
-                proc.send_signal(sig)
-        except Exception:
-            pass
 
 
 @app.command("serve")
@@ -232,7 +131,14 @@ def serve(
         err=True,
     )
     env = {**os.environ, MODEL_TAG_ENV: tag}
-    raise typer.Exit(supervise(serve_command(tag, serve_cfg, host, port), env))
+    env.setdefault("MALLOC_ARENA_MAX", MALLOC_ARENA_MAX)
+    # This process imported TensorFlow to read the model (about 750 MB); it lives as long
+    # as the server, so it becomes the small supervisor instead, same process id (what
+    # systemd, Docker or ECS signal), through exec.
+    cmd = serve_command(tag, serve_cfg, host, port)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "mitoseg.serving.supervise", *cmd], env)
 
 
 @bento_app.command("build")

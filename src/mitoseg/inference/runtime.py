@@ -40,6 +40,7 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,7 +48,15 @@ import numpy as np
 from mitoseg.checks import check_array
 from mitoseg.inference.plan import InferencePlan
 
-__all__ = ["ENGINES", "available_engines", "compile_predictor", "predictor_for_plan"]
+__all__ = [
+    "ENGINES",
+    "OPENVINO_FILE",
+    "available_engines",
+    "compile_predictor",
+    "export_openvino",
+    "predictor_for_plan",
+    "predictor_from_openvino",
+]
 
 #: ``(runtime, precision)`` pairs this build knows; :func:`available_engines` says which
 #: of them run on this machine.
@@ -63,6 +72,9 @@ ENGINES: tuple[tuple[str, str], ...] = (
 _OV_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 #: OpenVINO CPU ``OPTIMIZATION_CAPABILITIES`` entry each precision needs.
 _OV_CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "int8": "INT8"}
+
+#: File name of a saved OpenVINO model (IR; weights in the ``.bin`` beside it).
+OPENVINO_FILE = "model_openvino.xml"
 
 PredictBatch = Callable[[np.ndarray], np.ndarray]
 Calibration = np.ndarray | Sequence[np.ndarray]
@@ -236,20 +248,23 @@ def _quantize_int8(ov_model: Any, samples: list[np.ndarray]) -> Any:
         nncf.set_log_level(level)
 
 
-def _openvino_predictor(
-    model: Any,
-    precision: str,
-    channels: int,
-    divisor: int,
-    threads: int,
-    calibration: Calibration | None,
-) -> PredictBatch:
-    import openvino as ov
-
+def _openvino_model(
+    model: Any, precision: str, channels: int, divisor: int, calibration: Calibration | None
+) -> Any:
+    """The Keras model as the ``openvino.Model`` the engine runs (int8: quantised)."""
     samples = _calibration_samples(calibration, channels, divisor) if precision == "int8" else []
     ov_model = _convert_openvino(model)
     if precision == "int8":
         ov_model = _quantize_int8(ov_model, samples)
+    return ov_model
+
+
+def _compile_openvino(
+    ov_model: Any, precision: str, channels: int, divisor: int, threads: int
+) -> PredictBatch:
+    """Compile an ``openvino.Model`` for the CPU into a batch predictor."""
+    import openvino as ov
+
     compiled = ov.Core().compile_model(
         ov_model,
         "CPU",
@@ -272,6 +287,33 @@ def _openvino_predictor(
         return out
 
     return predict_batch
+
+
+def _openvino_predictor(
+    model: Any,
+    precision: str,
+    channels: int,
+    divisor: int,
+    threads: int,
+    calibration: Calibration | None,
+) -> PredictBatch:
+    ov_model = _openvino_model(model, precision, channels, divisor, calibration)
+    return _compile_openvino(ov_model, precision, channels, divisor, threads)
+
+
+def _check_engine(runtime: str, precision: str) -> None:
+    """Raise the ``ValueError`` of an engine that is unknown or does not run here."""
+    if (runtime, precision) not in ENGINES:
+        known = ", ".join(_name(r, p) for r, p in available_engines())
+        raise ValueError(
+            f"inference engine {_name(runtime, precision)} is not available; use {known}"
+        )
+    reason = _unavailable_reason(runtime, precision)
+    if reason is not None:
+        known = ", ".join(_name(r, p) for r, p in available_engines())
+        raise ValueError(
+            f"inference engine {_name(runtime, precision)} is not available ({reason}); use {known}"
+        )
 
 
 def compile_predictor(
@@ -312,17 +354,7 @@ def compile_predictor(
     """
     from mitoseg.model.analysis import model_divisor
 
-    if (runtime, precision) not in ENGINES:
-        known = ", ".join(_name(r, p) for r, p in available_engines())
-        raise ValueError(
-            f"inference engine {_name(runtime, precision)} is not available; use {known}"
-        )
-    reason = _unavailable_reason(runtime, precision)
-    if reason is not None:
-        known = ", ".join(_name(r, p) for r, p in available_engines())
-        raise ValueError(
-            f"inference engine {_name(runtime, precision)} is not available ({reason}); use {known}"
-        )
+    _check_engine(runtime, precision)
     if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
         raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
     channels = int(model.input_shape[-1])
@@ -353,3 +385,89 @@ def predictor_for_plan(
     if calibration is None:
         calibration = plan.calibration_images()  # stored with the plan for int8
     return compile_predictor(model, plan.runtime, plan.precision, calibration=calibration)
+
+
+def export_openvino(
+    model: Any, plan: InferencePlan, path: str | Path, *, calibration: Calibration | None = None
+) -> Path:
+    """Save the OpenVINO model an ``openvino`` plan runs (converted; int8: quantised) as
+    OpenVINO IR, so a server compiles it with :func:`predictor_from_openvino` without
+    importing TensorFlow (about 600 MB of memory per process).
+
+    The weights are kept in FP32 (no FP16 compression): the saved model gives
+    bit-identical outputs to :func:`predictor_for_plan` on the same machine.
+
+    Args:
+        model: the Keras model the plan belongs to.
+        plan: its inference plan; ``plan.runtime`` must be ``openvino``.
+        path: the ``.xml`` file to write; the weights go to the ``.bin`` beside it.
+            Both are written atomically (the ``.bin`` first).
+        calibration: for an int8 plan (default: the images stored with the plan).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: a plan whose runtime is not ``openvino``, a path not ending in
+            ``.xml``, or int8 without usable calibration images.
+    """
+    import openvino as ov
+
+    path = Path(path)
+    if plan.runtime != "openvino":
+        raise ValueError(
+            f"export_openvino: the plan runs on {plan.runtime}/{plan.precision}, not openvino"
+        )
+    if path.suffix != ".xml":
+        raise ValueError(f"{path}: an OpenVINO model file must end in .xml")
+    if calibration is None and plan.precision == "int8":
+        calibration = plan.calibration_images()
+    channels = int(model.input_shape[-1])
+    ov_model = _openvino_model(model, plan.precision, channels, plan.divisor, calibration)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.xml")
+    try:
+        ov.save_model(ov_model, str(tmp), compress_to_fp16=False)
+        os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, tmp.with_suffix(".bin")):
+            leftover.unlink(missing_ok=True)
+    return path
+
+
+def predictor_from_openvino(
+    path: str | Path, plan: InferencePlan, *, threads: int | None = None
+) -> PredictBatch:
+    """The batch predictor of an ``openvino`` plan from its saved model
+    (:func:`export_openvino`); imports OpenVINO only, not TensorFlow.
+
+    Args:
+        path: the ``.xml`` file (weights in the ``.bin`` beside it).
+        plan: the inference plan (``runtime`` ``openvino``; its ``precision`` is the
+            compile hint, its ``divisor`` the tile-side check).
+        threads: CPU threads (None: the CPUs this process may run on).
+
+    Returns:
+        ``(B, H, W, C_in) float32 -> (B, H, W, C) float32``, as :func:`predictor_for_plan`.
+
+    Raises:
+        ValueError: a plan not on ``openvino``, or an engine that does not run here.
+        FileNotFoundError: no model at ``path``.
+    """
+    import openvino as ov
+
+    path = Path(path)
+    if plan.runtime != "openvino":
+        raise ValueError(
+            f"predictor_from_openvino: the plan runs on {plan.runtime}/{plan.precision}, "
+            "not openvino"
+        )
+    _check_engine(plan.runtime, plan.precision)
+    if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    if not path.is_file() or not path.with_suffix(".bin").is_file():
+        raise FileNotFoundError(f"{path}: OpenVINO model (.xml and .bin) not found")
+    ov_model = ov.Core().read_model(str(path))
+    channels = int(ov_model.input(0).get_partial_shape()[-1].get_length())
+    n = _default_threads() if threads is None else int(threads)
+    return _compile_openvino(ov_model, plan.precision, channels, plan.divisor, n)

@@ -23,6 +23,7 @@ from typing import Any
 
 from mitoseg.config import ServeConfig
 from mitoseg.inference.plan import PLAN_FILE, InferencePlan
+from mitoseg.inference.runtime import OPENVINO_FILE
 
 __all__ = [
     "BENTO_MODEL_NAME",
@@ -135,6 +136,7 @@ def build_metadata(
 
 def _labels(meta: dict[str, Any]) -> dict[str, str]:
     keys = ("name", "version", "alias", "run_id", "source_sha256", "threshold", "serve_hash")
+    keys += ("openvino_file",)
     return {k: str(meta[k]) for k in keys if meta.get(k) is not None}
 
 
@@ -177,10 +179,12 @@ def import_model(
     """Copy a model and its inference plan into the BentoML model store.
 
     The model directory holds ``model.keras`` and ``inference_plan.json`` (the plan the
-    evaluate stage stored with the model, with ``overrides`` applied) and, when the model
-    has one, ``reference_profile.json`` (:mod:`mitoseg.data.profile`, for drift
-    monitoring); the metadata holds the lineage. The service reads them from there and
-    decides nothing itself.
+    evaluate stage stored with the model, with ``overrides`` applied), for a plan on
+    OpenVINO the converted model (``model_openvino.xml``/``.bin``,
+    :func:`mitoseg.inference.runtime.export_openvino`: the runner then needs no
+    TensorFlow) and, when the model has one, ``reference_profile.json``
+    (:mod:`mitoseg.data.profile`, for drift monitoring); the metadata holds the
+    lineage. The service reads them from there and decides nothing itself.
 
     Args:
         uri: ``models:/name@alias``, ``models:/name/<version>``, ``runs:/<id>/model``
@@ -207,6 +211,9 @@ def import_model(
         overrides = {**overrides, "threshold_source": "params"}
     plan = plan.with_overrides(**(overrides or {}))
     meta = build_metadata(info, uri=uri, plan=plan, serve=serve)
+    if plan.runtime == "openvino":
+        # the runner compiles the saved OpenVINO model and never imports TensorFlow
+        meta["openvino_file"] = OPENVINO_FILE
     profile = _profile_bytes(uri)
     if profile is not None:
         meta["profile_sha256"] = hashlib.sha256(profile).hexdigest()
@@ -219,6 +226,10 @@ def import_model(
     with bentoml.models.create(name=BENTO_MODEL_NAME, labels=labels, metadata=meta) as bm:
         model.save(os.path.join(bm.path, MODEL_FILE))
         plan.write(os.path.join(bm.path, PLAN_FILE))
+        if plan.runtime == "openvino":
+            from mitoseg.inference.runtime import export_openvino
+
+            export_openvino(model, plan, os.path.join(bm.path, OPENVINO_FILE))
         if profile is not None:
             from mitoseg.data.profile import PROFILE_FILE
 

@@ -2,17 +2,22 @@
 
 Two services, one process each under ``bentoml serve``:
 
-* :class:`UNetRunner` holds the model on the engine its inference plan names
-  (:func:`mitoseg.inference.runtime.predictor_for_plan`, built once; ``resources={"gpu": 1}``:
+* :class:`UNetRunner` holds the model on the engine its inference plan names, built
+  once (:func:`load_predictor`: a plan on OpenVINO compiles the model saved at import
+  without importing TensorFlow; a Keras plan goes through
+  :func:`mitoseg.inference.runtime.predictor_for_plan`; ``resources={"gpu": 1}``:
   TensorFlow uses the GPU when the machine has one, the CPU otherwise) and exposes
   ``segment_classes``: a decoded ``(Z, H, W)`` stack -> ``(Z, H, W)`` uint8 classes, by
   the one inference implementation, :func:`mitoseg.inference.predict.segment_stack`, with the
   model's plan (only raw slices and uint8 classes cross the process boundary, not float
   tiles). Its :class:`~mitoseg.serving.settings.TileBatcher`
   merges the tiles of concurrent requests into forward passes of up to
-  ``serve.max_batch_size`` tiles, one pass per tile shape (tiles of different images
-  may differ), and never waits for a batch to fill: an idle engine runs a request at
-  once. (BentoML's own adaptive batcher, ``bentoml/_internal/marshal/dispatcher.py``,
+  ``serve.max_batch_size`` tiles and ``serve.max_batch_mpixel`` tile pixels (the
+  engine's memory grows with the pass), one pass per tile shape (tiles of different
+  images may differ), and never waits for a batch to fill: an idle engine runs a
+  request at once. On SIGTERM/SIGINT the queued tiles are failed at once (JSON 503),
+  so the worker stops without draining the queue (:func:`stop_on_signals`). (BentoML's
+  own adaptive batcher, ``bentoml/_internal/marshal/dispatcher.py``,
   concatenates inputs into one array, and its cork delays lone requests while it
   trains its latency model and whenever its measured queue wait is high; it has no
   setting to dispatch an idle queue at once.)
@@ -99,6 +104,7 @@ from mitoseg.serving.monitoring import (
     service_monitor,
 )
 from mitoseg.serving.settings import (
+    BatcherStopped,
     ComputeBudget,
     OverBudget,
     TileBatcher,
@@ -212,6 +218,62 @@ def load_deployment(model_ref: Any) -> Deployment:
     return Deployment(str(stored.tag), path, metadata, plan, serve)
 
 
+def load_predictor(deployment: Deployment) -> Any:
+    """The batch predictor of the deployed model on its plan's engine.
+
+    A plan on OpenVINO runs the model saved at import
+    (:data:`~mitoseg.inference.runtime.OPENVINO_FILE`), compiled without importing
+    TensorFlow; otherwise (a Keras plan, or a model imported before the OpenVINO model
+    was saved with it) the Keras model is loaded and compiled by
+    :func:`~mitoseg.inference.runtime.predictor_for_plan`.
+    """
+    from mitoseg.inference.runtime import OPENVINO_FILE, predictor_from_openvino
+
+    plan = deployment.plan
+    saved = deployment.path / OPENVINO_FILE
+    if plan.runtime == "openvino" and saved.is_file():
+        return predictor_from_openvino(saved, plan)
+    import keras
+
+    import mitoseg.model.unet  # noqa: F401  (registers custom objects, if any)
+    from mitoseg.inference.runtime import predictor_for_plan
+
+    model = keras.saving.load_model(deployment.path / MODEL_FILE, compile=False)
+    return predictor_for_plan(model, plan)
+
+
+def stop_on_signals(batcher: TileBatcher) -> None:
+    """On SIGTERM or SIGINT, fail the tiles queued in ``batcher`` at once (their
+    requests get a JSON 503), then hand the signal on to the server's own handler.
+
+    Uvicorn's graceful shutdown waits for the requests in flight; without this, a queue
+    of requests waiting for the engine (16 clients: about 16 forward passes) holds the
+    worker for that long after the signal, past the stop deadline of ``mitoseg serve``
+    and of container runtimes, which then kill it. Installed from the service's
+    ``__init__``, which BentoML runs inside uvicorn's signal capture (on the main thread
+    only: signal handlers cannot be set elsewhere).
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+
+        def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+            # not here: the handler interrupts the main thread at any bytecode
+            reason = "the server is shutting down"
+            threading.Thread(target=batcher.stop, args=(reason,), daemon=True).start()
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                signal.signal(signum, signal.SIG_DFL)
+                signal.raise_signal(signum)
+
+        signal.signal(sig, handler)
+
+
 @bentoml.service(
     name=RUNNER_NAME,
     resources={"gpu": 1},
@@ -226,15 +288,9 @@ class UNetRunner:
     model_ref = MODEL_REF
 
     def __init__(self) -> None:
-        import keras
-
-        import mitoseg.model.unet  # noqa: F401  (registers custom objects, if any)
-        from mitoseg.inference.runtime import predictor_for_plan
-
         install_client_error_filter()
         self.deployment = load_deployment(type(self).model_ref)
-        model = keras.saving.load_model(self.deployment.path / MODEL_FILE, compile=False)
-        predict = predictor_for_plan(model, self.deployment.plan)
+        predict = load_predictor(self.deployment)
         self._tiles_hist = bentoml.metrics.Histogram(
             name="mitoseg_batch_tiles",
             documentation="Tiles per forward pass of the model",
@@ -245,9 +301,17 @@ class UNetRunner:
             documentation="Runner calls (request tile batches) sharing one forward pass",
             buckets=(1, 2, 3, 4, 6, 8, 16, 32),
         )
+        serve = self.deployment.serve
         self.batcher = TileBatcher(
-            predict, self.deployment.serve.max_batch_size, on_pass=self._observe
+            predict,
+            serve.max_batch_size,
+            max_batch_pixels=round(serve.max_batch_mpixel * 1e6),
+            # two passes' worth of requests tile and queue at once; the others wait
+            # with their raw slices only
+            max_inflight_pixels=round(2 * serve.max_batch_mpixel * 1e6),
+            on_pass=self._observe,
         )
+        stop_on_signals(self.batcher)
         self.confidence = runner_monitor(self.deployment, _arguments())
         logger.info(
             "runner: %s on %s/%s, up to %d tiles per forward pass",
@@ -286,8 +350,15 @@ class UNetRunner:
         Returns:
             ``(Z, H, W)`` uint8 class indexes.
         """
+        clock = current_request()
+        gone = (lambda: clock.disconnected) if clock is not None else None
         try:
-            return self.confidence.segment(self._predict_batch, stack)  # = segment_stack
+            with self.batcher.admit(int(np.prod(stack.shape)), cancelled=gone):
+                return self.confidence.segment(self._predict_batch, stack)  # = segment_stack
+        except BatcherStopped as exc:
+            raise bentoml.exceptions.BentoMLException(
+                str(exc), error_code=HTTPStatus.SERVICE_UNAVAILABLE
+            ) from None
         except concurrent.futures.CancelledError:
             raise bentoml.exceptions.BentoMLException(
                 "the caller disconnected; its tiles were dropped",

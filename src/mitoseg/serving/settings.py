@@ -30,6 +30,7 @@ from mitoseg.serving.codec import UploadError
 
 __all__ = [
     "BatchStats",
+    "BatcherStopped",
     "ComputeBudget",
     "OverBudget",
     "RequestCost",
@@ -258,6 +259,10 @@ class ComputeBudget:
 # ----------------------------------------------------------------- batching
 
 
+class BatcherStopped(RuntimeError):
+    """The tile batcher takes no more work (closed, or stopped at shutdown)."""
+
+
 @dataclass
 class _Job:
     tiles: list[np.ndarray]
@@ -289,16 +294,24 @@ class TileBatcher:
 
     Callers (one per request thread) submit a list of ``(TH, TW, 1)`` tiles and block
     until their outputs are ready. One engine thread takes the queued tiles in arrival
-    order, up to ``max_batch_size`` of them, groups them by shape (tiles of different
-    images may differ) and runs one forward pass per shape. It never waits for a batch
-    to fill: when the engine is idle a request is dispatched at once; while it is busy,
-    the tiles of concurrent requests queue up and form the next, larger batch.
+    order, up to ``max_batch_size`` of them and up to ``max_batch_pixels`` tile pixels
+    (a larger tile runs alone), groups them by shape (tiles of different images may
+    differ) and runs one forward pass per shape. It never waits for a batch to fill:
+    when the engine is idle a request is dispatched at once; while it is busy, the tiles
+    of concurrent requests queue up and form the next, larger batch. The pixel bound
+    caps the engine's working memory, which grows with the batch (OpenVINO keeps the
+    buffers of the largest pass it has run: about 240 bytes per tile pixel for the
+    default UNet in bf16) while a CPU gains no throughput from large tiles batched.
 
     Args:
         predict: ``(B, TH, TW, 1) float32 -> (B, TH, TW, C) float32``, e.g.
             :func:`mitoseg.inference.runtime.predictor_for_plan`; called from the engine thread
             only, one call at a time.
         max_batch_size: most tiles per forward pass.
+        max_batch_pixels: most tile pixels (``TH * TW`` summed) per forward pass; a
+            single larger tile runs alone. None: no bound.
+        max_inflight_pixels: most image pixels of the requests admitted by
+            :meth:`admit` at once (a larger request is admitted alone); None: no bound.
         on_pass: called after each forward pass with ``(tiles, requests)``, e.g. for
             metrics; exceptions from it are logged and ignored.
         name: engine thread name.
@@ -309,17 +322,27 @@ class TileBatcher:
         predict: Callable[[np.ndarray], np.ndarray],
         max_batch_size: int,
         *,
+        max_batch_pixels: int | None = None,
+        max_inflight_pixels: int | None = None,
         on_pass: Callable[[int, int], None] | None = None,
         name: str = "mitoseg-engine",
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_batch_pixels is not None and max_batch_pixels < 1:
+            raise ValueError(f"max_batch_pixels must be >= 1, got {max_batch_pixels}")
         self._predict = predict
         self.max_batch_size = int(max_batch_size)
+        self.max_batch_pixels = None if max_batch_pixels is None else int(max_batch_pixels)
+        if max_inflight_pixels is not None and max_inflight_pixels < 1:
+            raise ValueError(f"max_inflight_pixels must be >= 1, got {max_inflight_pixels}")
+        self.max_inflight_pixels = max_inflight_pixels
+        self._admitted = 0
         self._on_pass = on_pass
         self._queue: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._reason = "the tile batcher is closed"
         self.stats = BatchStats()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -335,7 +358,7 @@ class TileBatcher:
 
         Raises:
             ValueError: a tile is not 3D.
-            RuntimeError: the batcher is closed.
+            BatcherStopped: the batcher is closed or stopped (a ``RuntimeError``).
             Exception: whatever the engine raised for a batch holding these tiles.
         """
         return self.submit(tiles).result()
@@ -352,10 +375,47 @@ class TileBatcher:
             return future
         with self._cond:
             if self._closed:
-                raise RuntimeError("the tile batcher is closed")
+                raise BatcherStopped(self._reason)
             self._queue.append(_Job(arrays, future, [None] * len(arrays)))
             self._cond.notify()
         return future
+
+    @contextlib.contextmanager
+    def admit(self, pixels: int, cancelled: Callable[[], bool] | None = None) -> Iterator[None]:
+        """Backpressure before a request makes its float tiles: hold ``pixels`` (the
+        request's image pixels) of ``max_inflight_pixels`` for the ``with`` block,
+        waiting while the requests admitted already hold too many (a request is always
+        admitted when none is). Waiting requests keep only their raw slices, so the
+        normalised copies, padded images and tiles of at most about
+        ``max_inflight_pixels`` exist at once however many clients there are.
+
+        Args:
+            pixels: the request's pixels (``Z * H * W``).
+            cancelled: polled while waiting; True ends the wait (the client went away).
+
+        Raises:
+            concurrent.futures.CancelledError: ``cancelled()`` became True while waiting.
+            BatcherStopped: the batcher was closed or stopped.
+        """
+        from concurrent.futures import CancelledError
+
+        limit = self.max_inflight_pixels
+        with self._cond:
+            while limit is not None and self._admitted and self._admitted + pixels > limit:
+                if self._closed:
+                    raise BatcherStopped(self._reason)
+                if cancelled is not None and cancelled():
+                    raise CancelledError()
+                self._cond.wait(0.2)
+            if self._closed:
+                raise BatcherStopped(self._reason)
+            self._admitted += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._admitted -= pixels
+                self._cond.notify_all()
 
     @property
     def alive(self) -> bool:
@@ -366,17 +426,38 @@ class TileBatcher:
         """Stop the engine thread after the queued work; later submits fail."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
+            self._cond.notify_all()
         self._thread.join(timeout)
 
+    def stop(self, reason: str) -> None:
+        """Stop at once: every queued request fails with ``BatcherStopped(reason)``, the
+        engine thread ends after the forward pass it is running, later submits fail.
+        Used at shutdown, so that no request waits for a queue to drain."""
+        with self._cond:
+            self._closed = True
+            self._reason = reason
+            queued = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in queued:
+            if not job.future.done():
+                job.future.set_exception(BatcherStopped(reason))
+
     def _take(self) -> list[tuple[_Job, int]]:
-        """Pop up to ``max_batch_size`` queued tiles as ``(job, index)`` (lock held)."""
+        """Pop up to ``max_batch_size`` queued tiles (and ``max_batch_pixels``; at least
+        one tile) as ``(job, index)`` (lock held)."""
         taken: list[tuple[_Job, int]] = []
+        pixels = 0
+        limit = self.max_batch_pixels
         while self._queue and len(taken) < self.max_batch_size:
             job = self._queue[0]
-            k = min(len(job.tiles) - job.taken, self.max_batch_size - len(taken))
-            taken.extend((job, i) for i in range(job.taken, job.taken + k))
-            job.taken += k
+            tile = job.tiles[job.taken]
+            size = int(tile.shape[0]) * int(tile.shape[1])
+            if taken and limit is not None and pixels + size > limit:
+                break
+            taken.append((job, job.taken))
+            pixels += size
+            job.taken += 1
             if job.taken == len(job.tiles):
                 self._queue.popleft()
         return taken
