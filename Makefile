@@ -19,10 +19,10 @@ MODEL       ?= models:/mitoseg-unet@champion
 PROMETHEUS_PORT ?= $(if $(shell command -v prometheus),9090)
 PYTEST_ARGS ?=
 
-.PHONY: help setup lock run test test-random test-all lint docs format stack stack-down stack-status stack-env ui serve bento bench clean
+.PHONY: help setup lock run test test-random test-reverse test-all lint docs format stack stack-down stack-status stack-env ui serve bento bench clean
 
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,9 @@ test: setup ## Run the test suite (unit + loopback integration; not the slow tie
 
 test-random: setup ## Unit tests in a random order (pytest-randomly; the seed is printed)
 	$(BIN)/pytest tests/unit -m "not slow" -p randomly $(PYTEST_ARGS)
+
+test-reverse: setup ## Unit tests in reverse order (tests/conftest.py's --reverse)
+	$(BIN)/pytest tests/unit -m "not slow" --reverse $(PYTEST_ARGS)
 
 test-all: setup ## Run every test, the slow tier included
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -11,10 +11,31 @@ Loopback servers live in ``tests/servers.py`` (importable as ``servers`` because
   volume job tests);
 - ``vnc_unet``: session-wide depth-2 UNet trained for seconds on the bundled VNC slices,
   its plan beside it (bioimage.io export and monitoring tests).
+
+``--reverse`` runs the collected tests in reverse order (``make test-reverse``), so a
+test that passes only after another one set some state up shows itself.
 """
 
 from __future__ import annotations
 
+import pytest
 from servers import http_server, mitoseg_server, s3_env, s3_server, vnc_unet
 
 __all__ = ["http_server", "mitoseg_server", "s3_env", "s3_server", "vnc_unet"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Register ``--reverse``."""
+    parser.addoption(
+        "--reverse",
+        action="store_true",
+        default=False,
+        help="run the collected tests in reverse order (find order dependence)",
+    )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Reverse the collected items when ``--reverse`` is given (after any other reorder)."""
+    if config.getoption("--reverse"):
+        items.reverse()
