@@ -19,6 +19,7 @@ test that passes only after another one set some state up shows itself.
 from __future__ import annotations
 
 import pytest
+
 from servers import http_server, mitoseg_server, s3_env, s3_server, vnc_unet
 
 __all__ = ["http_server", "mitoseg_server", "s3_env", "s3_server", "vnc_unet"]
