@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 # pytest-xdist workers of `make test`: the CPUs this process may use, at most 4
 TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0))))")
 
-.PHONY: help setup lock run test test-random test-tutorial test-all lint docs format stack stack-down stack-status stack-env ui serve bento bench clean
+.PHONY: help setup lock run test test-random test-reverse test-tutorial test-all lint docs format stack stack-down stack-status stack-env ui serve bento bench clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-13s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -56,6 +56,9 @@ test: setup ## Run the test suite (unit + loopback integration; not the slow tie
 
 test-random: setup ## Unit tests in a random order (pytest-randomly; the seed is printed)
 	$(BIN)/pytest tests/unit -m "not slow" -p randomly $(PYTEST_ARGS)
+
+test-reverse: setup ## Unit tests in reverse order (tests/conftest.py's --reverse)
+	$(BIN)/pytest tests/unit -m "not slow" --reverse $(PYTEST_ARGS)
 
 test-tutorial: setup ## The "segment your own volume" tutorial end to end (docs/your-volume.md; a few minutes)
 	$(BIN)/pytest -m tutorial $(PYTEST_ARGS)

@@ -11,6 +11,9 @@ Loopback servers live in ``tests/servers.py`` (importable as ``servers`` because
   volume job tests);
 - ``vnc_unet``: session-wide depth-2 UNet trained for seconds on the bundled VNC slices,
   its plan beside it (bioimage.io export and monitoring tests).
+
+``--reverse`` runs the collected tests in reverse order (``make test-reverse``), so a
+test that passes only after another one set some state up shows itself.
 """
 
 from __future__ import annotations
@@ -27,11 +30,25 @@ __all__ = ["http_server", "mitoseg_server", "s3_env", "s3_server", "vnc_unet"]
 SHARED_FIXTURES = ("mitoseg_server", "vnc_unet")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Register ``--reverse``."""
+    parser.addoption(
+        "--reverse",
+        action="store_true",
+        default=False,
+        help="run the collected tests in reverse order (find order dependence)",
+    )
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Group tests for ``pytest -n N --dist loadgroup`` (``make test``): by the shared
     session fixture they use, else by module, so module- and session-scoped fixtures are
-    set up once, as in a serial run. Without ``-n`` the marks change nothing."""
+    set up once, as in a serial run (without ``-n`` the marks change nothing). Then
+    reverse the collected items when ``--reverse`` is given (after any other reorder)."""
     for item in items:
         shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
         group = shared[0] if shared else item.nodeid.split("::", 1)[0]
         item.add_marker(pytest.mark.xdist_group(group))
+    if config.getoption("--reverse"):
+        items.reverse()

@@ -1,8 +1,9 @@
 """Train the UNet on patch arrays: the fit loop, its callbacks, resume.
 
 The data the network sees (patch arrays, the crop sampler, the tf.data stream) is
-:mod:`mitoseg.train_data`; the Keras callbacks are :mod:`mitoseg.model.callbacks`. The
-resume protocol and the fit loop share the run key and the backup layout, so both are here.
+:mod:`mitoseg.train_data`; the Keras callbacks are :mod:`mitoseg.model.callbacks`; the
+compiled network is :mod:`mitoseg.model.compile`. The resume protocol and the fit loop
+share the run key and the backup layout, so both are here.
 
 Pipeline: random crops (optionally centred on a foreground pixel) of the training patches,
 augmented on the fly by :func:`mitoseg.augment.augment_pair` inside ``tf.numpy_function``.
@@ -55,7 +56,7 @@ import numpy as np
 
 from mitoseg.config import AugmentConfig, TrainConfig
 from mitoseg.io import DataError, atomic_path
-from mitoseg.train_data import CropSampler, check_sizes, datasets, load_patches
+from mitoseg.train_data import CropSampler, PatchData, check_sizes, datasets, load_patches
 
 if TYPE_CHECKING:
     import keras
@@ -398,27 +399,202 @@ def op_determinism(enabled: bool) -> Iterator[None]:
             disable()
 
 
-def _accuracy(n_classes: int) -> Any:
-    """Pixel accuracy metric named ``accuracy`` over the labelled pixels (binary:
-    p >= 0.5; multiclass: argmax)."""
-    from mitoseg.model.losses import PixelAccuracy
+def _check_train_args(
+    n_classes: int, cfg: TrainConfig, init_weights: Sequence[np.ndarray] | None
+) -> None:
+    """Raise ValueError for ``n_classes < 2`` or ``init_weights`` not matching ``init_from``."""
+    if n_classes < 2:
+        raise ValueError(f"train_model: n_classes must be >= 2, got {n_classes}")
+    if (init_weights is None) != (cfg.init_from is None):
+        raise ValueError(
+            "train_model: pass init_weights exactly when cfg.init_from is set "
+            f"(init_from={cfg.init_from!r}, init_weights "
+            f"{'missing' if init_weights is None else 'given'}); see initial_weights"
+        )
 
-    return PixelAccuracy(n_classes)
+
+@dataclass
+class _Loop:
+    """One run's fit loop: its key and backup, the epoch's steps and crops, the crop
+    sampler, the state restored from the backup and the monitored loss."""
+
+    key: str
+    backup_dir: Path
+    steps: int
+    samples_per_epoch: int
+    sampler: CropSampler
+    prior: _Resume
+    monitor: str = "loss"
 
 
-def _setup_devices(cfg: TrainConfig) -> tuple[Any, bool]:
-    """Distribution strategy and whether mixed precision is used."""
-    import tensorflow as tf
+def _open_loop(
+    data: PatchData,
+    augment_spec: AugmentConfig,
+    cfg: TrainConfig,
+    seed: int,
+    key: str,
+    checkpoint_dir: Path,
+) -> _Loop:
+    """The run's backup directory, what to resume from it, and the crop sampler."""
+    backup_dir = checkpoint_dir / key
+    prior = _read_resume_state(backup_dir)
+    if prior.epoch > 0:
+        log.info("resuming run %s from epoch %d", key, prior.epoch)
+    steps = cfg.steps_per_epoch or math.ceil(len(data.train_images) / cfg.batch_size)
+    samples_per_epoch = steps * cfg.batch_size
+    sampler = CropSampler(
+        data.train_images,
+        data.train_masks,
+        cfg.crop_size,
+        cfg.foreground_crop_prob,
+        augment_spec if cfg.augment else None,
+        seed,
+        samples_per_epoch,
+        cfg.hard_negative_prob,
+    )
+    return _Loop(key, backup_dir, steps, samples_per_epoch, sampler, prior)
 
-    gpus = tf.config.list_physical_devices("GPU")
-    mixed = bool(gpus) and cfg.mixed_precision in ("auto", "on")
-    if cfg.mixed_precision == "on" and not gpus:
-        log.warning("train.mixed_precision=on but no GPU is visible: training in float32")
-    if cfg.distribute == "mirrored" or (cfg.distribute == "auto" and len(gpus) > 1):
-        strategy = tf.distribute.MirroredStrategy()
+
+def _callbacks(cfg: TrainConfig, model: keras.Model, loop: _Loop, timer: Any, early: Any) -> list:
+    """The built-in callbacks in their order (see :mod:`mitoseg.model.callbacks`)."""
+    import keras
+
+    from mitoseg.model import callbacks as mcb
+
+    lr_min = min(cfg.min_lr, cfg.learning_rate)
+    cbs: list[Any] = []
+    if cfg.lr_schedule == "cosine" and cfg.max_train_seconds is not None:
+        cbs.append(
+            mcb.BudgetCosineDecay(
+                cfg.learning_rate,
+                lr_min,
+                cfg.epochs * loop.steps,
+                cfg.max_train_seconds,
+                timer,
+                warmup_fraction=cfg.warmup_fraction,
+            )
+        )
+    cbs += [
+        mcb.EpochSeeds(),
+        mcb.LearningRateLogger(),
+        timer,
+        mcb.HistoryCSVLogger(loop.backup_dir / _HISTORY_FILE, HISTORY_COLUMNS),
+    ]
+    if cfg.precise_bn_batches and mcb.batch_norm_layers(model):
+
+        def draw(epoch: int, b: int) -> np.ndarray:
+            first = epoch * loop.samples_per_epoch + b * cfg.batch_size
+            return np.stack(
+                [loop.sampler.sample(k)[0] for k in range(first, first + cfg.batch_size)]
+            )
+
+        cbs.append(mcb.PreciseBatchNorm(draw, cfg.precise_bn_batches, loop.steps))
+    if cfg.keep == "best":
+        prior_best = _best(loop.prior.rows, loop.monitor)[1]
+        cbs.append(
+            keras.callbacks.ModelCheckpoint(
+                str(loop.backup_dir / _BEST_FILE),
+                monitor=loop.monitor,
+                mode="min",
+                save_best_only=True,
+                save_weights_only=True,
+                initial_value_threshold=math.inf if prior_best is None else prior_best,
+            )
+        )
+    cbs.append(early)
+    if cfg.lr_schedule == "plateau":
+        plateau = mcb.ResumableReduceLROnPlateau(
+            monitor=loop.monitor,
+            mode="min",
+            factor=cfg.reduce_lr_factor,
+            patience=cfg.reduce_lr_patience,
+            min_lr=cfg.min_lr,
+        )
+        plateau.restore(loop.prior.rows, cfg.learning_rate)
+        cbs.append(plateau)
+    cbs.append(keras.callbacks.BackupAndRestore(str(loop.backup_dir), delete_checkpoint=False))
+    return cbs
+
+
+@dataclass
+class _Fitted:
+    """What :func:`_fit` leaves: the history rows, the kept epoch and how the run ended."""
+
+    rows: list[dict[str, Any]]
+    kept_epoch: int
+    timer: Any
+    stop_reason: str
+
+
+def _fit(
+    cfg: TrainConfig,
+    model: keras.Model,
+    loop: _Loop,
+    train_ds: Any,
+    val_ds: Any,
+    extra: list,
+    progress: bool,
+) -> _Fitted:
+    """Run (or resume) ``model.fit`` with the callbacks, then load the weights to keep."""
+    from mitoseg.model import callbacks as mcb
+
+    prior, backup_dir = loop.prior, loop.backup_dir
+    timer = mcb.TimeBudget(cfg.max_train_seconds, prior.elapsed, backup_dir / _TIME_FILE)
+    # off: patience beyond the last epoch
+    patience = cfg.early_stopping_patience or cfg.epochs + 1
+    early = mcb.ResumableEarlyStopping(monitor=loop.monitor, mode="min", patience=patience)
+    cbs = [*_callbacks(cfg, model, loop, timer, early), *extra]
+
+    # An interrupted run may already have met its stopping condition: run no epoch.
+    stopped_early_before = early.restore(prior.rows)
+    budget_spent_before = prior.epoch > 0 and timer.exhausted
+    done = stopped_early_before or budget_spent_before or prior.epoch >= cfg.epochs
+    for cb in extra:
+        if callable(getattr(cb, "set_backup", None)):
+            cb.set_backup(backup_id(backup_dir), [dict(r) for r in prior.rows])
+
+    backup_dir.mkdir(parents=True, exist_ok=True)
+    model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=prior.epoch if done else cfg.epochs,
+        steps_per_epoch=loop.steps,
+        callbacks=cbs,
+        shuffle=False,
+        verbose=2 if progress else 0,
+    )
+    rows = _read_history_csv(backup_dir / _HISTORY_FILE) or []
+    if timer.stopped or budget_spent_before:
+        stop_reason = "time_budget"
+    elif early.stopped_epoch > 0:
+        stop_reason = "early_stopping"
     else:
-        strategy = tf.distribute.get_strategy()
-    return strategy, mixed
+        stop_reason = "completed"
+    return _Fitted(rows, _keep_weights(cfg, model, rows, loop), timer, stop_reason)
+
+
+def _keep_weights(
+    cfg: TrainConfig, model: keras.Model, rows: Sequence[dict[str, Any]], loop: _Loop
+) -> int:
+    """Load the weights to keep into ``model`` and return their 1-based epoch: the best
+    checkpoint, else (``keep: last``, or no finite monitored value) the final weights."""
+    best_epoch, _ = _best(rows, loop.monitor)
+    if cfg.keep == "last":  # the final (averaged, BN re-estimated) weights
+        return rows[-1]["epoch"] if rows else 0
+    if best_epoch is not None and (loop.backup_dir / _BEST_FILE).is_file():
+        model.load_weights(loop.backup_dir / _BEST_FILE)
+        return best_epoch
+    return rows[-1]["epoch"] if rows else 0  # no finite monitored value ever
+
+
+def _crops_per_second(timer: Any, samples_per_epoch: int) -> float:
+    """Training crops per second, without the first epoch of this process (it includes
+    tracing and compilation) when more than one epoch ran."""
+    timed = timer.epoch_train_seconds
+    if len(timed) > 1:
+        timed = timed[1:]
+    seconds = sum(timed)
+    return len(timed) * samples_per_epoch / seconds if seconds > 0 else 0.0
 
 
 def train_model(
@@ -463,176 +639,34 @@ def train_model(
             ``init_weights`` given without ``cfg.init_from`` or missing with it, or not
             matching ``cfg.model`` (``train.init_from <uri>: ...``).
     """
-    if n_classes < 2:
-        raise ValueError(f"train_model: n_classes must be >= 2, got {n_classes}")
-    if (init_weights is None) != (cfg.init_from is None):
-        raise ValueError(
-            "train_model: pass init_weights exactly when cfg.init_from is set "
-            f"(init_from={cfg.init_from!r}, init_weights "
-            f"{'missing' if init_weights is None else 'given'}); see initial_weights"
-        )
-    patches_dir, out_dir, checkpoint_dir = Path(patches_dir), Path(out_dir), Path(checkpoint_dir)
+    _check_train_args(n_classes, cfg, init_weights)
+    patches_dir, out_dir = Path(patches_dir), Path(out_dir)
     data = load_patches(patches_dir, n_classes)
     check_sizes(data, cfg)
 
     import keras
 
-    from mitoseg.model import callbacks as mcb
-    from mitoseg.model.losses import get_loss, get_metrics
+    from mitoseg.model.compile import compile_unet, learning_rate_schedule
     from mitoseg.model.unet import build_unet
 
     init = None if init_weights is None else [np.asarray(w) for w in init_weights]
-    key = run_key(
-        patches_dir, augment_spec, cfg, n_classes, seed, weights_digest(init) if init else None
-    )
-    backup_dir = checkpoint_dir / key
-    prior = _read_resume_state(backup_dir)
-    resumed = prior.epoch > 0
-    if resumed:
-        log.info("resuming run %s from epoch %d", key, prior.epoch)
-
-    steps = cfg.steps_per_epoch or math.ceil(len(data.train_images) / cfg.batch_size)
-    samples_per_epoch = steps * cfg.batch_size
-    sampler = CropSampler(
-        data.train_images,
-        data.train_masks,
-        cfg.crop_size,
-        cfg.foreground_crop_prob,
-        augment_spec if cfg.augment else None,
-        seed,
-        samples_per_epoch,
-        cfg.hard_negative_prob,
-    )
-    lr_min = min(cfg.min_lr, cfg.learning_rate)
-    extra = list(callbacks or [])
+    digest = weights_digest(init) if init else None
+    key = run_key(patches_dir, augment_spec, cfg, n_classes, seed, digest)
+    loop = _open_loop(data, augment_spec, cfg, seed, key, Path(checkpoint_dir))
+    resumed = loop.prior.epoch > 0
 
     with op_determinism(cfg.deterministic):
         keras.utils.set_random_seed(seed)
-        train_ds, val_ds = datasets(data, sampler, prior.epoch * samples_per_epoch, cfg.batch_size)
-        monitor = "val_loss" if val_ds is not None else "loss"
-
-        learning_rate: Any = cfg.learning_rate
-        if cfg.lr_schedule == "cosine" and cfg.max_train_seconds is None:
-            total = cfg.epochs * steps
-            warmup = min(round(cfg.warmup_fraction * total), total - 1)
-            learning_rate = keras.optimizers.schedules.CosineDecay(
-                lr_min if warmup else cfg.learning_rate,
-                total - warmup,
-                alpha=lr_min / cfg.learning_rate,
-                warmup_target=cfg.learning_rate if warmup else None,
-                warmup_steps=warmup,
-            )
-        strategy, mixed = _setup_devices(cfg)
-        previous_policy = keras.config.dtype_policy()
-        try:
-            if mixed:
-                keras.config.set_dtype_policy("mixed_float16")
-            with strategy.scope():
-                model = build_unet(cfg.model, n_classes, data.in_channels)
-                model.compile(
-                    optimizer=keras.optimizers.Adam(
-                        learning_rate=learning_rate,
-                        global_clipnorm=cfg.clipnorm,
-                        use_ema=cfg.ema_momentum is not None,
-                        ema_momentum=cfg.ema_momentum or 0.99,
-                    ),
-                    loss=get_loss(cfg.loss, n_classes, cfg.foreground_weight),
-                    metrics=[*get_metrics(n_classes), _accuracy(n_classes)],
-                )
-        finally:
-            keras.config.set_dtype_policy(previous_policy)
+        start = loop.prior.epoch * loop.samples_per_epoch
+        train_ds, val_ds = datasets(data, loop.sampler, start, cfg.batch_size)
+        loop.monitor = "val_loss" if val_ds is not None else "loss"
+        lr = learning_rate_schedule(cfg, loop.steps)
+        model = compile_unet(cfg, n_classes, data.in_channels, lr)
         if init is not None:
             _check_weights(model, init, cfg.init_from)
             if not resumed:
                 model.set_weights(init)
-
-        prior_best = _best(prior.rows, monitor)[1]
-        timer = mcb.TimeBudget(cfg.max_train_seconds, prior.elapsed, backup_dir / _TIME_FILE)
-        early = mcb.ResumableEarlyStopping(
-            monitor=monitor,
-            mode="min",
-            # off: patience beyond the last epoch
-            patience=cfg.early_stopping_patience or cfg.epochs + 1,
-        )
-        cbs: list[Any] = []
-        if cfg.lr_schedule == "cosine" and cfg.max_train_seconds is not None:
-            cbs.append(
-                mcb.BudgetCosineDecay(
-                    cfg.learning_rate,
-                    lr_min,
-                    cfg.epochs * steps,
-                    cfg.max_train_seconds,
-                    timer,
-                    warmup_fraction=cfg.warmup_fraction,
-                )
-            )
-        cbs += [
-            mcb.EpochSeeds(),
-            mcb.LearningRateLogger(),
-            timer,
-            mcb.HistoryCSVLogger(backup_dir / _HISTORY_FILE, HISTORY_COLUMNS),
-        ]
-        if cfg.precise_bn_batches and mcb.batch_norm_layers(model):
-
-            def draw(epoch: int, b: int) -> np.ndarray:
-                first = epoch * samples_per_epoch + b * cfg.batch_size
-                return np.stack(
-                    [sampler.sample(k)[0] for k in range(first, first + cfg.batch_size)]
-                )
-
-            cbs.append(mcb.PreciseBatchNorm(draw, cfg.precise_bn_batches, steps))
-        if cfg.keep == "best":
-            cbs.append(
-                keras.callbacks.ModelCheckpoint(
-                    str(backup_dir / _BEST_FILE),
-                    monitor=monitor,
-                    mode="min",
-                    save_best_only=True,
-                    save_weights_only=True,
-                    initial_value_threshold=math.inf if prior_best is None else prior_best,
-                )
-            )
-        cbs.append(early)
-        if cfg.lr_schedule == "plateau":
-            plateau = mcb.ResumableReduceLROnPlateau(
-                monitor=monitor,
-                mode="min",
-                factor=cfg.reduce_lr_factor,
-                patience=cfg.reduce_lr_patience,
-                min_lr=cfg.min_lr,
-            )
-            plateau.restore(prior.rows, cfg.learning_rate)
-            cbs.append(plateau)
-        cbs.append(keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False))
-        cbs.extend(extra)
-
-        # An interrupted run may already have met its stopping condition: run no epoch.
-        stopped_early_before = early.restore(prior.rows)
-        budget_spent_before = resumed and timer.exhausted
-        done = stopped_early_before or budget_spent_before or prior.epoch >= cfg.epochs
-        for cb in extra:
-            if callable(getattr(cb, "set_backup", None)):
-                cb.set_backup(backup_id(backup_dir), [dict(r) for r in prior.rows])
-
-        backup_dir.mkdir(parents=True, exist_ok=True)
-        model.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=prior.epoch if done else cfg.epochs,
-            steps_per_epoch=steps,
-            callbacks=cbs,
-            shuffle=False,
-            verbose=2 if progress else 0,
-        )
-
-        rows = _read_history_csv(backup_dir / _HISTORY_FILE) or []
-        best_epoch, _ = _best(rows, monitor)
-        if cfg.keep == "last":  # the final (averaged, BN re-estimated) weights
-            best_epoch = rows[-1]["epoch"] if rows else 0
-        elif best_epoch is not None and (backup_dir / _BEST_FILE).is_file():
-            model.load_weights(backup_dir / _BEST_FILE)
-        else:  # no finite monitored value ever: keep the final weights
-            best_epoch = rows[-1]["epoch"] if rows else 0
+        fitted = _fit(cfg, model, loop, train_ds, val_ds, list(callbacks or []), progress)
         # float32, uncompiled: what is saved
         export_model = build_unet(cfg.model, n_classes, data.in_channels)
         export_model.set_weights(model.get_weights())
@@ -640,28 +674,16 @@ def train_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "model.keras", suffix=".keras") as tmp:
         export_model.save(tmp)
-    _write_history_csv(out_dir / "history.csv", rows)
-    shutil.rmtree(backup_dir, ignore_errors=True)
-
-    if timer.stopped or budget_spent_before:
-        stop_reason = "time_budget"
-    elif early.stopped_epoch > 0:
-        stop_reason = "early_stopping"
-    else:
-        stop_reason = "completed"
-    timed = timer.epoch_train_seconds
-    if len(timed) > 1:  # the first epoch of a process includes tracing/compilation
-        timed = timed[1:]
-    seconds = sum(timed)
-    pps = len(timed) * samples_per_epoch / seconds if seconds > 0 else 0.0
+    _write_history_csv(out_dir / "history.csv", fitted.rows)
+    shutil.rmtree(loop.backup_dir, ignore_errors=True)
     return TrainResult(
         model_path=out_dir / "model.keras",
-        history=[{c: r.get(c) for c in HISTORY_COLUMNS} for r in rows],
-        best_epoch=int(best_epoch),
-        epochs_run=len(rows),
-        train_seconds=float(timer.prior_seconds),
-        patches_per_second=float(pps),
+        history=[{c: r.get(c) for c in HISTORY_COLUMNS} for r in fitted.rows],
+        best_epoch=int(fitted.kept_epoch),
+        epochs_run=len(fitted.rows),
+        train_seconds=float(fitted.timer.prior_seconds),
+        patches_per_second=float(_crops_per_second(fitted.timer, loop.samples_per_epoch)),
         resumed=resumed,
-        stop_reason=stop_reason,
+        stop_reason=fitted.stop_reason,
         run_key=key,
     )

@@ -70,6 +70,60 @@ def _default_sample() -> Path:
     return Path(str(resources.files("mitoseg") / "sample_data" / "vnc" / "test" / "images.tif"))
 
 
+def _read_inputs(
+    sample: Path | None,
+    voxel_size: str | None,
+    metadata: Path | None,
+    overrides: dict[str, Any],
+) -> tuple[Path, list[float] | None, Any, Any]:
+    """The sample's path and stack, the voxel size and the package metadata; a bad one
+    ends the command with its message."""
+    from mitoseg.io import DataError, read_stack
+
+    sample = sample or _default_sample()
+    if not sample.is_file():
+        fail(f"--sample {sample}: file not found")
+    try:
+        voxel = parse_voxel_size(voxel_size)
+        meta = load_metadata(metadata, overrides)
+        stack = read_stack(sample)
+    except (DataError, ValueError) as exc:
+        fail(str(exc))
+    return sample, voxel, meta, stack
+
+
+def _summary(report: Any, sample: Path) -> str:
+    """One line on the written package: weights, test tile, pixel size, output."""
+    return (
+        f"{report.path}: bioimage.io package, weights {', '.join(report.weight_formats)}; "
+        f"test input {tuple(report.test_input_shape)} from {sample} slice {report.source_slice}; "
+        f"pixel {report.voxel_size_nm[0]:g} x {report.voxel_size_nm[1]:g} nm; output: "
+        + (
+            f"probabilities (threshold {report.threshold:g} not applied)"
+            if report.threshold is not None
+            else "softmax probabilities (argmax not applied)"
+        )
+    )
+
+
+def _test_package(out: Path) -> None:
+    """Run bioimageio.core's model test on each weight format; fail when one fails."""
+    import keras
+
+    from mitoseg.export.check import check_package
+
+    keras.config.disable_interactive_logging()  # no progress bar per test prediction
+    checks = check_package(out)
+    failed = False
+    for check in checks:
+        typer.echo(f"bioimageio.core test {check.weight_format}: {check.status}")
+        for err in check.errors:
+            typer.echo(f"  {err}", err=True)
+        failed = failed or check.status != "passed"
+    if failed:
+        fail(f"{out}: bioimageio.core's model test failed")
+
+
 @export_app.command("bioimageio")
 def export_bioimageio_cmd(
     model: str = typer.Option(..., "--model", help=".keras file or models:/, runs:/ URI"),
@@ -109,29 +163,14 @@ def export_bioimageio_cmd(
     """
     from mitoseg.cli.model import load_model_and_plan
     from mitoseg.export.bioimageio import export_bioimageio
-    from mitoseg.export.check import check_package
-    from mitoseg.io import DataError, read_stack
 
     try:
         import bioimageio.core  # noqa: F401
     except ImportError:
         fail("mitoseg export bioimageio needs bioimageio.core: pip install 'mitoseg[export]'")
-    sample = sample or _default_sample()
-    if not sample.is_file():
-        fail(f"--sample {sample}: file not found")
-    try:
-        voxel = parse_voxel_size(voxel_size)
-        meta = load_metadata(
-            metadata,
-            {
-                "name": name,
-                "license": licence,
-                "authors": [{"name": a} for a in author] if author else None,
-            },
-        )
-        stack = read_stack(sample)
-    except (DataError, ValueError) as exc:
-        fail(str(exc))
+    authors = [{"name": a} for a in author] if author else None
+    overrides = {"name": name, "license": licence, "authors": authors}
+    sample, voxel, meta, stack = _read_inputs(sample, voxel_size, metadata, overrides)
     formats = [f.strip() for f in weights.split(",") if f.strip()]
     net, plan = load_model_and_plan(model)
     try:
@@ -149,27 +188,6 @@ def export_bioimageio_cmd(
         )
     except ValueError as exc:
         fail(str(exc))
-    typer.echo(
-        f"{report.path}: bioimage.io package, weights {', '.join(report.weight_formats)}; "
-        f"test input {tuple(report.test_input_shape)} from {sample} slice {report.source_slice}; "
-        f"pixel {report.voxel_size_nm[0]:g} x {report.voxel_size_nm[1]:g} nm; output: "
-        + (
-            f"probabilities (threshold {report.threshold:g} not applied)"
-            if report.threshold is not None
-            else "softmax probabilities (argmax not applied)"
-        )
-    )
-    if not test:
-        return
-    import keras
-
-    keras.config.disable_interactive_logging()  # no progress bar per test prediction
-    checks = check_package(out)
-    failed = False
-    for check in checks:
-        typer.echo(f"bioimageio.core test {check.weight_format}: {check.status}")
-        for err in check.errors:
-            typer.echo(f"  {err}", err=True)
-        failed = failed or check.status != "passed"
-    if failed:
-        fail(f"{out}: bioimageio.core's model test failed")
+    typer.echo(_summary(report, sample))
+    if test:
+        _test_package(out)

@@ -372,6 +372,85 @@ def _with_labels(images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.
     return images[keep], masks[keep]
 
 
+def _normalised_train_split(
+    raw_dir: str | Path, base: BaseConfig, progress: bool
+) -> tuple[np.ndarray, np.ndarray, Path]:
+    """The TRAIN split as network slices and class indices.
+
+    Returns:
+        ``(Z, H, W) uint8`` slices (:func:`to_uint8`), ``(Z, H, W) uint8`` class indices
+        (:func:`map_mask_to_classes`) and the mask file's path (for messages).
+
+    Raises:
+        DataError: missing/unreadable stacks, a slice that cannot be normalised or mask
+            values outside the class table (naming the file and slice).
+    """
+    images, masks = read_split(raw_dir, "train", require_masks=True)
+    assert masks is not None  # read_split(require_masks=True) raises otherwise
+    img_path, mask_path = split_paths(raw_dir, "train")
+    v2i = base.value_to_index()
+    norm = np.empty(images.shape, dtype=np.uint8)
+    classes = np.empty(masks.shape, dtype=np.uint8)
+    for z in progress_iter(range(images.shape[0]), images.shape[0], "normalising", progress):
+        try:
+            norm[z] = to_uint8(images[z])
+        except ValueError as exc:
+            raise DataError(f"{img_path} slice {z}: {exc}") from None
+        classes[z] = map_mask_to_classes(masks[z], v2i, where=f"{mask_path} slice {z}")
+    return norm, classes, mask_path
+
+
+def _split_labelled_slices(
+    classes: np.ndarray, base: BaseConfig, cfg: PatchifyConfig, seed: int, mask_path: Path
+) -> tuple[list[int], list[int], np.ndarray]:
+    """Train and validation slice indices (:func:`split_slices` over the labelled slices)
+    and the ``(Z,) bool`` labelled-slice flags.
+
+    Raises:
+        DataError: no slice has a labelled pixel, or no validation block holds one.
+    """
+    slice_labelled = has_labels(classes, axis=(1, 2))
+    if not slice_labelled.any():
+        raise DataError(
+            f"{mask_path}: no slice has a labelled pixel (every mask value is "
+            f"base.ignore_value {base.ignore_value}, class index {IGNORE_INDEX})"
+        )
+    try:
+        train_idx, val_idx = split_slices(
+            classes.shape[0], cfg.val_fraction, seed, slice_labelled.tolist()
+        )
+    except ValueError as exc:
+        raise DataError(f"{mask_path}: {exc}") from None
+    return train_idx, val_idx, slice_labelled
+
+
+def _cut_slices(
+    norm: np.ndarray, classes: np.ndarray, idx: list[int], cfg: PatchifyConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled patches of slices ``idx``.
+
+    Returns:
+        ``(N, P, P) uint8`` images (``(N, P, P, 2k + 1)`` with ``cfg.z_context = k > 0``:
+        channel ``j`` from slice ``context_window(z, Z, k)[j]``) and ``(N, P, P) uint8``
+        class indices; patches without a labelled pixel dropped.
+    """
+    p, s, mode, k = cfg.patch_size, cfg.step, cfg.pad_mode, cfg.z_context
+
+    def cut(stack: np.ndarray, slices: list[int]) -> np.ndarray:
+        if not slices:
+            return np.empty((0, p, p), dtype=np.uint8)
+        return patchify_stack(stack[slices], p, s, mode)[0]
+
+    if k == 0:
+        images = cut(norm, idx)
+    elif idx:
+        windows = [context_window(z, norm.shape[0], k) for z in idx]
+        images = np.stack([cut(norm, [w[j] for w in windows]) for j in range(2 * k + 1)], -1)
+    else:
+        images = np.empty((0, p, p, 2 * k + 1), np.uint8)
+    return _with_labels(images, cut(classes, idx))
+
+
 def make_patch_dataset(
     raw_dir: str | Path,
     out_dir: str | Path,
@@ -421,57 +500,17 @@ def make_patch_dataset(
         DataError: missing/unreadable train stacks, mask values outside the class table,
             no labelled slice, or no validation block that holds a labelled slice.
     """
-    images, masks = read_split(raw_dir, "train", require_masks=True)
-    assert masks is not None  # read_split(require_masks=True) raises otherwise
-    img_path, mask_path = split_paths(raw_dir, "train")
-    v2i = base.value_to_index()
-    norm = np.empty(images.shape, dtype=np.uint8)
-    classes = np.empty(masks.shape, dtype=np.uint8)
-    for z in progress_iter(range(images.shape[0]), images.shape[0], "normalising", progress):
-        try:
-            norm[z] = to_uint8(images[z])
-        except ValueError as exc:
-            raise DataError(f"{img_path} slice {z}: {exc}") from None
-        classes[z] = map_mask_to_classes(masks[z], v2i, where=f"{mask_path} slice {z}")
-    slice_labelled = has_labels(classes, axis=(1, 2))
-    if not slice_labelled.any():
-        raise DataError(
-            f"{mask_path}: no slice has a labelled pixel (every mask value is "
-            f"base.ignore_value {base.ignore_value}, class index {IGNORE_INDEX})"
-        )
-    try:
-        train_idx, val_idx = split_slices(
-            images.shape[0], cfg.val_fraction, seed, slice_labelled.tolist()
-        )
-    except ValueError as exc:
-        raise DataError(f"{mask_path}: {exc}") from None
-    p, s, mode = cfg.patch_size, cfg.step, cfg.pad_mode
-    grid = patch_grid(images.shape[1:], p, s, mode)
-
-    k, depth = cfg.z_context, images.shape[0]
-
-    def cut(stack: np.ndarray, idx: list[int]) -> np.ndarray:
-        if not idx:
-            return np.empty((0, p, p), dtype=np.uint8)
-        return patchify_stack(stack[idx], p, s, mode)[0]
-
-    def cut_images(idx: list[int]) -> np.ndarray:
-        if k == 0:
-            return cut(norm, idx)
-        windows = [context_window(z, depth, k) for z in idx]
-        channels = [cut(norm, [w[j] for w in windows]) for j in range(2 * k + 1)]
-        return np.stack(channels, axis=-1) if idx else np.empty((0, p, p, 2 * k + 1), np.uint8)
-
+    norm, classes, mask_path = _normalised_train_split(raw_dir, base, progress)
+    train_idx, val_idx, slice_labelled = _split_labelled_slices(classes, base, cfg, seed, mask_path)
+    grid = patch_grid(norm.shape[1:], cfg.patch_size, cfg.step, cfg.pad_mode)
     arrays: dict[str, np.ndarray] = {}
     for split, idx in (("train", train_idx), ("val", val_idx)):
-        arrays[f"{split}_images"], arrays[f"{split}_masks"] = _with_labels(
-            cut_images(idx), cut(classes, idx)
-        )
+        arrays[f"{split}_images"], arrays[f"{split}_masks"] = _cut_slices(norm, classes, idx, cfg)
     meta: dict[str, Any] = {
-        "patch_size": p,
-        "step": s,
-        "pad_mode": mode,
-        "z_context": k,
+        "patch_size": cfg.patch_size,
+        "step": cfg.step,
+        "pad_mode": cfg.pad_mode,
+        "z_context": cfg.z_context,
         "n_classes": base.n_classes,
         "class_names": base.class_names,
         "train_slices": train_idx,

@@ -340,6 +340,115 @@ def _authors(v: Any, people: Sequence[Person]) -> list[Any]:
     ]
 
 
+def _input_descr(
+    v: Any, plan: InferencePlan, voxel_size_nm: tuple[float, float], in_channels: int, test: Path
+) -> Any:
+    """``raw``: ``(batch, y, x, channel)`` float32 with the plan's percentile scaling."""
+    y_nm, x_nm = voxel_size_nm
+    size = v.ParameterizedSize(min=_min_side(plan), step=plan.divisor)
+    norm = plan.normalization
+    return v.InputTensorDescr(
+        id=v.TensorId(INPUT_ID),
+        description="EM intensities (raw; normalised by the preprocessing)",
+        axes=[
+            v.BatchAxis(),
+            v.SpaceInputAxis(id=v.AxisId("y"), size=size, unit="nanometer", scale=y_nm),
+            v.SpaceInputAxis(id=v.AxisId("x"), size=size, unit="nanometer", scale=x_nm),
+            v.ChannelAxis(channel_names=[v.Identifier(n) for n in _channel_names(in_channels)]),
+        ],
+        test_tensor=v.FileDescr(source=test),
+        data=v.IntervalOrRatioDataDescr(type="float32"),
+        preprocessing=[
+            v.ScaleRangeDescr(
+                kwargs=v.ScaleRangeKwargs(
+                    axes=[v.AxisId("y"), v.AxisId("x")],
+                    min_percentile=norm.low_pct,
+                    max_percentile=norm.high_pct,
+                )
+            ),
+            v.ClipDescr(kwargs=v.ClipKwargs(min=0.0, max=1.0)),
+        ],
+    )
+
+
+def _output_descr(
+    v: Any, plan: InferencePlan, voxel_size_nm: tuple[float, float], test: Path
+) -> Any:
+    """``probabilities``: the input's size (less the plan's halo), float32 in [0, 1]."""
+    out_names = (
+        [plan.class_names[plan.foreground_class or 1]]  # binary: always class 1
+        if plan.out_channels == 1
+        else list(plan.class_names)
+    )
+
+    def out_axis(axis: str, scale: float) -> Any:
+        ref = v.SizeReference(tensor_id=v.TensorId(INPUT_ID), axis_id=v.AxisId(axis))
+        common = {"id": v.AxisId(axis), "size": ref, "unit": "nanometer", "scale": scale}
+        if plan.halo > 0:
+            return v.SpaceOutputAxisWithHalo(halo=plan.halo, **common)
+        return v.SpaceOutputAxis(**common)
+
+    return v.OutputTensorDescr(
+        id=v.TensorId(OUTPUT_ID),
+        description="foreground probability"
+        if plan.out_channels == 1
+        else "per-class probabilities (softmax)",
+        axes=[
+            v.BatchAxis(),
+            out_axis("y", voxel_size_nm[0]),
+            out_axis("x", voxel_size_nm[1]),
+            v.ChannelAxis(channel_names=[v.Identifier(n) for n in out_names]),
+        ],
+        test_tensor=v.FileDescr(source=test),
+        data=v.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
+    )
+
+
+def _weight_entries(
+    v: Any, weights: dict[str, Path], versions: dict[str, Any], metadata: ExportMetadata
+) -> dict[str, Any]:
+    """``weights`` of the rdf: ``keras_v3`` and its ONNX and SavedModel children."""
+    entries: dict[str, Any] = {}
+    backend = ("tensorflow", str(versions["tensorflow"]))
+    entries["keras_v3"] = v.KerasV3WeightsDescr(
+        source=weights["keras_v3"],
+        keras_version=v.Version(str(versions["keras"])),
+        backend=backend,
+        authors=_authors(v, metadata.authors),
+    )
+    if "onnx" in weights:
+        entries["onnx"] = v.OnnxWeightsDescr(
+            source=weights["onnx"],
+            opset_version=int(versions["onnx_opset"]),
+            parent="keras_v3",
+            comment="converted from keras_v3 with keras.Model.export(format='onnx') (tf2onnx)",
+        )
+    if "tensorflow_saved_model_bundle" in weights:
+        entries["tensorflow_saved_model_bundle"] = v.TensorflowSavedModelBundleWeightsDescr(
+            source=weights["tensorflow_saved_model_bundle"],
+            tensorflow_version=v.Version(str(versions["tensorflow"])),
+            parent="keras_v3",
+            comment="TensorFlow 2 SavedModel, endpoint 'serve' returning "
+            f"{{'{OUTPUT_ID}': ...}}, written with keras.export.ExportArchive",
+        )
+    return entries
+
+
+def _training_data(v: Any, metadata: ExportMetadata) -> Any:
+    """The rdf's ``training_data``: a bioimage.io dataset description."""
+    from bioimageio.spec.dataset.v0_3 import DatasetDescr
+
+    td = metadata.training_data
+    return DatasetDescr(
+        name=td.name,
+        description=td.description,
+        source=td.source,
+        license=td.license,
+        cite=_cite_entries(v, td.cite),
+        authors=_authors(v, td.authors),
+    )
+
+
 def build_model_description(
     *,
     plan: InferencePlan,
@@ -373,95 +482,12 @@ def build_model_description(
     Raises:
         ValueError: the description does not validate (pydantic's message).
     """
-    from bioimageio.spec.dataset.v0_3 import DatasetDescr
     from bioimageio.spec.model import v0_5 as v
 
-    y_nm, x_nm = voxel_size_nm
-    in_names = _channel_names(in_channels)
-    out_names = (
-        [plan.class_names[plan.foreground_class or 1]]  # binary: always class 1
-        if plan.out_channels == 1
-        else list(plan.class_names)
-    )
-    size = v.ParameterizedSize(min=_min_side(plan), step=plan.divisor)
-    norm = plan.normalization
-    input_descr = v.InputTensorDescr(
-        id=v.TensorId(INPUT_ID),
-        description="EM intensities (raw; normalised by the preprocessing)",
-        axes=[
-            v.BatchAxis(),
-            v.SpaceInputAxis(id=v.AxisId("y"), size=size, unit="nanometer", scale=y_nm),
-            v.SpaceInputAxis(id=v.AxisId("x"), size=size, unit="nanometer", scale=x_nm),
-            v.ChannelAxis(channel_names=[v.Identifier(n) for n in in_names]),
-        ],
-        test_tensor=v.FileDescr(source=test_input),
-        data=v.IntervalOrRatioDataDescr(type="float32"),
-        preprocessing=[
-            v.ScaleRangeDescr(
-                kwargs=v.ScaleRangeKwargs(
-                    axes=[v.AxisId("y"), v.AxisId("x")],
-                    min_percentile=norm.low_pct,
-                    max_percentile=norm.high_pct,
-                )
-            ),
-            v.ClipDescr(kwargs=v.ClipKwargs(min=0.0, max=1.0)),
-        ],
-    )
-
-    def out_axis(axis: str, scale: float) -> Any:
-        ref = v.SizeReference(tensor_id=v.TensorId(INPUT_ID), axis_id=v.AxisId(axis))
-        common = {"id": v.AxisId(axis), "size": ref, "unit": "nanometer", "scale": scale}
-        if plan.halo > 0:
-            return v.SpaceOutputAxisWithHalo(halo=plan.halo, **common)
-        return v.SpaceOutputAxis(**common)
-
-    output_descr = v.OutputTensorDescr(
-        id=v.TensorId(OUTPUT_ID),
-        description="foreground probability"
-        if plan.out_channels == 1
-        else "per-class probabilities (softmax)",
-        axes=[
-            v.BatchAxis(),
-            out_axis("y", y_nm),
-            out_axis("x", x_nm),
-            v.ChannelAxis(channel_names=[v.Identifier(n) for n in out_names]),
-        ],
-        test_tensor=v.FileDescr(source=test_output),
-        data=v.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
-    )
-
-    entries: dict[str, Any] = {}
-    backend = ("tensorflow", str(weight_versions["tensorflow"]))
-    entries["keras_v3"] = v.KerasV3WeightsDescr(
-        source=weights["keras_v3"],
-        keras_version=v.Version(str(weight_versions["keras"])),
-        backend=backend,
-        authors=_authors(v, metadata.authors),
-    )
-    if "onnx" in weights:
-        entries["onnx"] = v.OnnxWeightsDescr(
-            source=weights["onnx"],
-            opset_version=int(weight_versions["onnx_opset"]),
-            parent="keras_v3",
-            comment="converted from keras_v3 with keras.Model.export(format='onnx') (tf2onnx)",
-        )
-    if "tensorflow_saved_model_bundle" in weights:
-        entries["tensorflow_saved_model_bundle"] = v.TensorflowSavedModelBundleWeightsDescr(
-            source=weights["tensorflow_saved_model_bundle"],
-            tensorflow_version=v.Version(str(weight_versions["tensorflow"])),
-            parent="keras_v3",
-            comment="TensorFlow 2 SavedModel, endpoint 'serve' returning "
-            f"{{'{OUTPUT_ID}': ...}}, written with keras.export.ExportArchive",
-        )
-    td = metadata.training_data
-    training_data = DatasetDescr(
-        name=td.name,
-        description=td.description,
-        source=td.source,
-        license=td.license,
-        cite=_cite_entries(v, td.cite),
-        authors=_authors(v, td.authors),
-    )
+    input_descr = _input_descr(v, plan, voxel_size_nm, in_channels, test_input)
+    output_descr = _output_descr(v, plan, voxel_size_nm, test_output)
+    entries = _weight_entries(v, weights, weight_versions, metadata)
+    training_data = _training_data(v, metadata)
     config = {
         "mitoseg": {
             "threshold": plan.threshold,
