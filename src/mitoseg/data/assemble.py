@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from mitoseg.config import BaseConfig
-from mitoseg.data.layout import DATASET_FILE, IMAGES, MASKS, SPLITS
+from mitoseg.data.layout import DATASET_FILE, IMAGES, MASKS, SPLITS, split_info
 from mitoseg.io import DataError, atomic_dir, write_json, write_stack
 
 __all__ = [
@@ -204,6 +204,45 @@ def _split_stacks(
     return images, masks, slices, labelled
 
 
+def _check_splits(manifest: Any, store_file: Path) -> None:
+    """Raise :class:`DataError` naming ``store_file`` when a split has no labelled slice."""
+    for split in SPLITS:
+        if not any(e.split == split for e in manifest.entries):
+            raise DataError(
+                f"{store_file}: no slice is labelled for split '{split}' (labelled: "
+                f"{[e.z for e in manifest.entries] or 'none'}); "
+                + (
+                    "label at least one test slice, away from the training slices: models "
+                    "are compared on it"
+                    if split == "test"
+                    else "label at least one training slice"
+                )
+            )
+
+
+def _write_split(
+    folder: Path,
+    volume: Any,
+    store: Path,
+    manifest: Any,
+    split: str,
+    context: int,
+    voxel_size_nm: Sequence[float] | None,
+) -> dict[str, Any]:
+    """Write one split's ``images.tif`` and ``masks.tif`` into ``folder`` (created) and
+    return its ``dataset.json`` entry (see :func:`assemble_dataset`)."""
+    images, masks, slices, labelled = _split_stacks(volume, store, manifest, split, context)
+    folder.mkdir()
+    write_stack(folder / IMAGES, images, voxel_size_nm)
+    write_stack(folder / MASKS, masks, voxel_size_nm)
+    return {
+        **split_info(folder, images, masks),
+        "volume_slices": slices,
+        "labelled_slices": labelled,
+        "labelled_pixels": int((masks != manifest.ignore_value).sum()),
+    }
+
+
 def assemble_dataset(
     volume_uri: str | None,
     store_dir: str | Path,
@@ -245,7 +284,6 @@ def assemble_dataset(
             unreadable (names the file and slice).
         ValueError: ``context < 0``.
     """
-    from mitoseg.data.sources_remote import sha256_file
     from mitoseg.labelstore import STORE_FILE, check_volume, read_manifest, resolve_volume_uri
     from mitoseg.volume.store import open_volume
 
@@ -255,18 +293,7 @@ def assemble_dataset(
     store_file = store / STORE_FILE
     manifest = read_manifest(store)
     _check_tables(manifest, store_file, base)
-    for split in SPLITS:
-        if not any(e.split == split for e in manifest.entries):
-            raise DataError(
-                f"{store_file}: no slice is labelled for split '{split}' (labelled: "
-                f"{[e.z for e in manifest.entries] or 'none'}); "
-                + (
-                    "label at least one test slice, away from the training slices: models "
-                    "are compared on it"
-                    if split == "test"
-                    else "label at least one training slice"
-                )
-            )
+    _check_splits(manifest, store_file)
     if volume_uri is None:
         volume_uri = resolve_volume_uri(store, manifest)
     volume = open_volume(volume_uri, voxel_size_nm=voxel_size_nm)
@@ -290,26 +317,9 @@ def assemble_dataset(
         }
         with atomic_dir(out_dir) as tmp:
             for split in SPLITS:  # one split in memory at a time
-                images, masks, slices, labelled = _split_stacks(
-                    volume, store, manifest, split, context
+                dataset["splits"][split] = _write_split(
+                    tmp / split, volume, store, manifest, split, context, vs
                 )
-                folder = tmp / split
-                folder.mkdir()
-                write_stack(folder / IMAGES, images, vs)
-                write_stack(folder / MASKS, masks, vs)
-                z, h, w = images.shape
-                dataset["splits"][split] = {
-                    "n_slices": int(z),
-                    "height": int(h),
-                    "width": int(w),
-                    "dtype": str(images.dtype),
-                    "mask_dtype": str(masks.dtype),
-                    "sha256": {n: sha256_file(folder / n) for n in (IMAGES, MASKS)},
-                    "volume_slices": slices,
-                    "labelled_slices": labelled,
-                    "labelled_pixels": int((masks != manifest.ignore_value).sum()),
-                }
-                del images, masks
             write_json(tmp / DATASET_FILE, dataset)
     finally:
         volume.close()

@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from mitoseg.data.layout import DATASET_FILE, IMAGES, MASKS, SPLITS
+from mitoseg.data.layout import DATASET_FILE, IMAGES, MASKS, SPLITS, split_info
 from mitoseg.data.sources import (
     EPFL_FILES,
     MASK_KINDS,
@@ -396,7 +396,7 @@ def _build_arrays(
         write_stack(tmp / split / IMAGES, images, voxel)
         if masks is not None:
             write_stack(tmp / split / MASKS, masks, voxel)
-        splits[split] = _split_info(tmp / split, images, masks)
+        splits[split] = split_info(tmp / split, images, masks)
     return splits, None if voxel is None else [float(v) for v in voxel]
 
 
@@ -416,21 +416,6 @@ def _agreed_voxel_size(
                 f"{list(items[0][1])} nm (one dataset, one voxel size)"
             )
     return items[0][1] if items else None
-
-
-def _split_info(folder: Path, images: np.ndarray, masks: np.ndarray | None) -> dict[str, Any]:
-    sums = {IMAGES: sha256_file(folder / IMAGES)}
-    if masks is not None:
-        sums[MASKS] = sha256_file(folder / MASKS)
-    z, h, w = images.shape
-    return {
-        "n_slices": int(z),
-        "height": int(h),
-        "width": int(w),
-        "dtype": str(images.dtype),
-        "mask_dtype": str(masks.dtype) if masks is not None else None,
-        "sha256": sums,
-    }
 
 
 def _build_sample(folder: Path, tmp: Path, mask_kind: str, source: str) -> dict[str, Any]:

@@ -12,12 +12,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mitoseg.io import DataError, read_stack
 
-__all__ = ["DATASET_FILE", "IMAGES", "MASKS", "SPLITS", "read_split", "split_paths"]
+__all__ = ["DATASET_FILE", "IMAGES", "MASKS", "SPLITS", "read_split", "split_info", "split_paths"]
 
 SPLITS: tuple[str, ...] = ("train", "test")
 IMAGES = "images.tif"
@@ -54,3 +55,28 @@ def read_split(
             f"{img_path} shape {images.shape}"
         )
     return images, masks
+
+
+def split_info(folder: Path, images: np.ndarray, masks: np.ndarray | None) -> dict[str, Any]:
+    """The ``dataset.json`` entry of a split written to ``folder``: ``n_slices, height,
+    width, dtype, mask_dtype`` (None without masks) and the ``sha256`` of its files.
+
+    Args:
+        folder: the split's folder holding ``images.tif`` (and ``masks.tif``).
+        images: ``(Z, Y, X)`` the images written.
+        masks: ``(Z, Y, X)`` the masks written, or None.
+    """
+    from mitoseg.data.sources_remote import sha256_file
+
+    sums = {IMAGES: sha256_file(folder / IMAGES)}
+    if masks is not None:
+        sums[MASKS] = sha256_file(folder / MASKS)
+    z, h, w = images.shape
+    return {
+        "n_slices": int(z),
+        "height": int(h),
+        "width": int(w),
+        "dtype": str(images.dtype),
+        "mask_dtype": str(masks.dtype) if masks is not None else None,
+        "sha256": sums,
+    }

@@ -259,6 +259,39 @@ def _message(
     )
 
 
+def _logged_model(store: TrackingStore, run: Any, run_id: str) -> Any:
+    """The run's logged ``model``; :class:`ModelNotFoundError` naming the run if none."""
+    logged = store.logged_model(run, DEFAULT_ARTIFACT_PATH)
+    if logged is None:
+        raise ModelNotFoundError(
+            f"run {run_id!r} has no logged model {DEFAULT_ARTIFACT_PATH!r} "
+            f"(runs:/{run_id}/{DEFAULT_ARTIFACT_PATH}); log it with log_keras_model"
+        )
+    return logged
+
+
+def _version_tags(
+    run_tags: dict[str, str],
+    metric: str,
+    value: float,
+    test_data_id: str,
+    reason: str,
+    message: str,
+) -> dict[str, str]:
+    """The new version's tags: the run's lineage tags plus the score and the decision."""
+    tags = {k: run_tags[k] for k in _LINEAGE_KEYS if k in run_tags}
+    tags.update(
+        {
+            TAG_METRIC: metric,
+            TAG_VALUE: repr(value),
+            TAG_TEST_DATA: test_data_id,
+            "registration_reason": reason,
+            "registration_message": message[:5000],
+        }
+    )
+    return tags
+
+
 def register_model(
     run_id: str,
     metric: str,
@@ -313,12 +346,7 @@ def register_model(
     store = store or open_store()
     client = store.client()
     run = store.get_run(run_id)
-    logged = store.logged_model(run, DEFAULT_ARTIFACT_PATH)
-    if logged is None:
-        raise ModelNotFoundError(
-            f"run {run_id!r} has no logged model {DEFAULT_ARTIFACT_PATH!r} "
-            f"(runs:/{run_id}/{DEFAULT_ARTIFACT_PATH}); log it with log_keras_model"
-        )
+    logged = _logged_model(store, run, run_id)
 
     champion = store.version_by_alias(cfg.model_name, cfg.champion_alias)
     previous = _describe_version(champion) if champion is not None else None
@@ -332,17 +360,7 @@ def register_model(
     alias = cfg.champion_alias if promote else cfg.challenger_alias
     message = _message(reason, metric, value, previous, rescored, note, cfg)
 
-    run_tags = run.data.tags
-    tags = {k: run_tags[k] for k in _LINEAGE_KEYS if k in run_tags}
-    tags.update(
-        {
-            TAG_METRIC: metric,
-            TAG_VALUE: repr(value),
-            TAG_TEST_DATA: test_data_id,
-            "registration_reason": reason,
-            "registration_message": message[:5000],
-        }
-    )
+    tags = _version_tags(run.data.tags, metric, value, test_data_id, reason, message)
     # MLflow 3 stores the model as a LoggedModel: register its models:/m-... URI directly
     # (registering runs:/<id>/model works too, but only through a warning fallback).
     mlflow.set_tracking_uri(store.uri)  # mlflow.register_model uses the fluent registry
