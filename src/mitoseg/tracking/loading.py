@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mitoseg.tracking.registry import TAG_TEST_DATA
+from mitoseg.tracking.registry import TAG_TEST_DATA, logged_run_model
 from mitoseg.tracking.store import (
     DEFAULT_ARTIFACT_PATH,
     ModelNotFoundError,
@@ -295,10 +295,7 @@ def log_model_file(run_id: str, path: Path, *, store: TrackingStore | None = Non
     if not path.is_file():
         raise FileNotFoundError(f"log_model_file: {path} not found")
     store = store or open_store()
-    run = store.get_run(run_id)
-    model = store.logged_model(run, DEFAULT_ARTIFACT_PATH)
-    if model is None:
-        raise ModelNotFoundError(f"run {run_id!r} has no logged model {DEFAULT_ARTIFACT_PATH!r}")
+    _, model = logged_run_model(store, run_id)
     client = store.client()
     client.log_artifact(run_id, str(path))
     client.log_model_artifact(model.model_id, str(path))

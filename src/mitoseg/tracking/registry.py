@@ -259,15 +259,20 @@ def _message(
     )
 
 
-def _logged_model(store: TrackingStore, run: Any, run_id: str) -> Any:
-    """The run's logged ``model``; :class:`ModelNotFoundError` naming the run if none."""
+def logged_run_model(store: TrackingStore, run_id: str) -> tuple[Any, Any]:
+    """``(run, logged model)`` of a training run whose model is logged as ``model``.
+
+    Raises:
+        ModelNotFoundError: unknown run, or the run has no logged ``model`` (names the run).
+    """
+    run = store.get_run(run_id)
     logged = store.logged_model(run, DEFAULT_ARTIFACT_PATH)
     if logged is None:
         raise ModelNotFoundError(
             f"run {run_id!r} has no logged model {DEFAULT_ARTIFACT_PATH!r} "
             f"(runs:/{run_id}/{DEFAULT_ARTIFACT_PATH}); log it with log_keras_model"
         )
-    return logged
+    return run, logged
 
 
 def _version_tags(
@@ -345,8 +350,7 @@ def register_model(
         raise ValueError(f"register_model: {metric} value must be finite, got {value}")
     store = store or open_store()
     client = store.client()
-    run = store.get_run(run_id)
-    logged = _logged_model(store, run, run_id)
+    run, logged = logged_run_model(store, run_id)
 
     champion = store.version_by_alias(cfg.model_name, cfg.champion_alias)
     previous = _describe_version(champion) if champion is not None else None
