@@ -67,6 +67,9 @@ STABILITY_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "train": {**V2_TRAIN, "keep": "last", "ema_momentum": 0.99, "early_stopping_patience": None}
     },
     "v1": RECIPES["v1"],
+    # issue 19 item 3: hard-negative crops centred on the model's own confident false
+    # positives (mitoseg.model.mining) instead of dark background; the rest as default
+    "mined": {"train": {"hard_negative_source": "mined"}},
 }
 STEPS_PER_EPOCH = 40
 WHAT = (

@@ -277,6 +277,16 @@ class TrainConfig(_Strict):
     hard_negative_prob: float = Field(
         0.0, ge=0, le=1, description="crops centred on dark background (myelin, membranes)"
     )
+    hard_negative_source: Literal["dark", "mined"] = Field(
+        "dark",
+        description="where hard-negative crops are centred: dark background, or (mined) the "
+        "model's own confident false positives on the training patches, refreshed every "
+        "mine_every epochs (mitoseg.model.mining)",
+    )
+    mine_every: int = Field(5, ge=1, description="epochs between two minings (mined)")
+    mine_threshold: float = Field(
+        0.5, gt=0, lt=1, description="probability above which a background pixel is mined"
+    )
     augment: bool = True
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many epochs without a better val_loss; None: off"

@@ -94,6 +94,7 @@ HISTORY_COLUMNS = (
 _HISTORY_FILE = "history.csv"
 _BEST_FILE = "best.weights.h5"
 _TIME_FILE = "elapsed.json"
+_MINED_FILE = "mined.npz"  # hard-negative candidates (mitoseg.model.mining), for resume
 _KERAS_META = "training_metadata.json"
 _KERAS_WEIGHTS = "latest.weights.h5"
 
@@ -442,6 +443,9 @@ def _open_loop(
         log.info("resuming run %s from epoch %d", key, prior.epoch)
     steps = cfg.steps_per_epoch or math.ceil(len(data.train_images) / cfg.batch_size)
     samples_per_epoch = steps * cfg.batch_size
+    mined = None
+    if cfg.hard_negative_source == "mined" and cfg.hard_negative_prob > 0:
+        mined = _mining().MinedNegatives.resumed(cfg.mine_every, backup_dir / _MINED_FILE)
     sampler = CropSampler(
         data.train_images,
         data.train_masks,
@@ -451,8 +455,15 @@ def _open_loop(
         seed,
         samples_per_epoch,
         cfg.hard_negative_prob,
+        mined,
     )
     return _Loop(key, backup_dir, steps, samples_per_epoch, sampler, prior)
+
+
+def _mining() -> Any:
+    from mitoseg.model import mining
+
+    return mining
 
 
 def _callbacks(cfg: TrainConfig, model: keras.Model, loop: _Loop, timer: Any, early: Any) -> list:
@@ -489,6 +500,10 @@ def _callbacks(cfg: TrainConfig, model: keras.Model, loop: _Loop, timer: Any, ea
             )
 
         cbs.append(mcb.PreciseBatchNorm(draw, cfg.precise_bn_batches, loop.steps))
+    if (mined := loop.sampler.mined) is not None:
+        s = loop.sampler
+        path = loop.backup_dir / _MINED_FILE
+        cbs.append(_mining().HardNegativeMiner(s.images, s.masks, mined, cfg.mine_threshold, path))
     if cfg.keep == "best":
         prior_best = _best(loop.prior.rows, loop.monitor)[1]
         cbs.append(
@@ -554,15 +569,19 @@ def _fit(
             cb.set_backup(backup_id(backup_dir), [dict(r) for r in prior.rows])
 
     backup_dir.mkdir(parents=True, exist_ok=True)
-    model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=prior.epoch if done else cfg.epochs,
-        steps_per_epoch=loop.steps,
-        callbacks=cbs,
-        shuffle=False,
-        verbose=2 if progress else 0,
-    )
+    try:
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=prior.epoch if done else cfg.epochs,
+            steps_per_epoch=loop.steps,
+            callbacks=cbs,
+            shuffle=False,
+            verbose=2 if progress else 0,
+        )
+    finally:  # crops prefetched past the end stop waiting for mined candidates
+        if loop.sampler.mined is not None:
+            loop.sampler.mined.close()
     rows = _read_history_csv(backup_dir / _HISTORY_FILE) or []
     if timer.stopped or budget_spent_before:
         stop_reason = "time_budget"
@@ -585,16 +604,6 @@ def _keep_weights(
         model.load_weights(loop.backup_dir / _BEST_FILE)
         return best_epoch
     return rows[-1]["epoch"] if rows else 0  # no finite monitored value ever
-
-
-def _crops_per_second(timer: Any, samples_per_epoch: int) -> float:
-    """Training crops per second, without the first epoch of this process (it includes
-    tracing and compilation) when more than one epoch ran."""
-    timed = timer.epoch_train_seconds
-    if len(timed) > 1:
-        timed = timed[1:]
-    seconds = sum(timed)
-    return len(timed) * samples_per_epoch / seconds if seconds > 0 else 0.0
 
 
 def train_model(
@@ -682,7 +691,7 @@ def train_model(
         best_epoch=int(fitted.kept_epoch),
         epochs_run=len(fitted.rows),
         train_seconds=float(fitted.timer.prior_seconds),
-        patches_per_second=float(_crops_per_second(fitted.timer, loop.samples_per_epoch)),
+        patches_per_second=fitted.timer.crops_per_second(loop.samples_per_epoch),
         resumed=resumed,
         stop_reason=fitted.stop_reason,
         run_key=key,

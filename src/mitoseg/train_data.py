@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from mitoseg.augment import augment_pair, is_identity
 from mitoseg.config import AugmentConfig, TrainConfig
 from mitoseg.io import DataError
 from mitoseg.labels import IGNORE_INDEX, has_labels, labelled
+
+if TYPE_CHECKING:
+    from mitoseg.model.mining import MinedNegatives
 
 __all__ = [
     "CropSampler",
@@ -155,6 +158,10 @@ class CropSampler:
         augment: augmentation strengths, ``None`` for no augmentation.
         seed: base seed.
         samples_per_epoch: elements per epoch (``steps_per_epoch * batch_size``).
+        mined: with ``hard_negative_source: mined``, the model's own confident false
+            positives (:mod:`mitoseg.model.mining`): once the epoch has candidates, a
+            hard-negative crop is centred on one of them, drawn uniformly over all patches,
+            instead of on dark background; ``None``: the dark rule throughout.
 
     Raises:
         ValueError: ``crop_size`` larger than the patches, ``samples_per_epoch < 1``, or
@@ -174,6 +181,7 @@ class CropSampler:
         seed: int,
         samples_per_epoch: int,
         hard_negative_prob: float = 0.0,
+        mined: MinedNegatives | None = None,
     ) -> None:
         size = images.shape[1]
         if not 0 <= foreground_crop_prob + hard_negative_prob <= 1:
@@ -197,6 +205,7 @@ class CropSampler:
         self.crop = crop_size or size
         self.foreground_crop_prob = foreground_crop_prob
         self.hard_negative_prob = hard_negative_prob
+        self.mined = mined
         self.dark_level = self._dark_level(images, masks) if hard_negative_prob > 0 else 0
         self.augment = None if augment is None or is_identity(augment) else augment
         self.seed = int(seed)
@@ -260,9 +269,15 @@ class CropSampler:
                 fg = (mask != 0) & labelled(mask)
                 top, left = self._centre_on(np.flatnonzero(fg), rng, size)
             elif u < self.foreground_crop_prob + self.hard_negative_prob:
-                centre = image if image.ndim == 2 else image[..., image.shape[-1] // 2]
-                dark = (centre <= self.dark_level) & (mask == 0)
-                top, left = self._centre_on(np.flatnonzero(dark), rng, size)
+                cands = None if self.mined is None else self.mined.for_epoch(epoch)
+                if cands is not None and cands.size:
+                    idx, flat = divmod(int(cands[rng.integers(cands.size)]), size * size)
+                    image, mask = self.images[idx], self.masks[idx]
+                    top, left = self._centre_on(np.array([flat]), rng, size)
+                else:
+                    centre = image if image.ndim == 2 else image[..., image.shape[-1] // 2]
+                    dark = (centre <= self.dark_level) & (mask == 0)
+                    top, left = self._centre_on(np.flatnonzero(dark), rng, size)
             if top is None or left is None:
                 top, left = self._uniform(mask, rng, size)
             image = image[top : top + c, left : left + c]

@@ -356,6 +356,15 @@ class TimeBudget(keras.callbacks.Callback):
         """True when a budget is set and used up."""
         return self.max_seconds is not None and self.elapsed >= self.max_seconds
 
+    def crops_per_second(self, samples_per_epoch: int) -> float:
+        """Training crops per second, without the first epoch of this session (it includes
+        tracing and compilation) when more than one epoch ran; 0 when none did."""
+        timed = self.epoch_train_seconds
+        if len(timed) > 1:
+            timed = timed[1:]
+        seconds = sum(timed)
+        return len(timed) * samples_per_epoch / seconds if seconds > 0 else 0.0
+
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._t0 = time.perf_counter()
 
