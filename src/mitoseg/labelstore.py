@@ -30,8 +30,8 @@ after it even when its process is killed (:mod:`mitoseg.labelstore_lock`); a wri
 waits up to ``lock_timeout_s`` (30 s) for another, then raises naming the holder. The
 store is a local directory; ``s3://`` stores are refused.
 
-Light: numpy, pydantic, tifffile and filelock; the volume is opened (lazily, metadata only) by
-:func:`init_store` and :func:`check_volume`.
+Light: numpy, pydantic, tifffile and filelock; the volume is opened (lazily, metadata
+only) by :func:`init_store` and :func:`check_volume`.
 """
 
 from __future__ import annotations
