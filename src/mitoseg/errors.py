@@ -7,11 +7,16 @@ the file, and the slice where relevant); :class:`ConfigError` for a missing or i
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DataError"]
+__all__ = ["ConfigError", "DataError", "LabelStoreError"]
 
 
 class DataError(ValueError):
     """Bad input data. The message always names the file (and slice where relevant)."""
+
+
+class LabelStoreError(DataError):
+    """A label store that cannot be read or written, or a slice that cannot go into it
+    (the message names the store, the slice and the field)."""
 
 
 class ConfigError(ValueError):

@@ -24,10 +24,14 @@ replaces the whole slice. The previous provenance moves to the entry's ``history
 replacing it) or moving a slice between ``train`` and ``test`` raises
 :class:`LabelStoreError` unless ``allow_test_change=True``.
 
-Writes are atomic: the slice file first (temporary file + rename), then the manifest
-(the same way), so a failure leaves the previous state. One writer at a time (no lock).
-Light: numpy, pydantic and tifffile; the volume is opened (lazily, metadata only) by
-:func:`init_store` and :func:`check_volume`.
+**Several writers** (annotators in napari, ``mitoseg labels add``): every write holds
+the store's lock across its whole read-modify-write, and a save is the state before or
+after it even when its process is killed (:mod:`mitoseg.labelstore_lock`); a writer
+waits up to ``lock_timeout_s`` (30 s) for another, then raises naming the holder. The
+store is a local directory; ``s3://`` stores are refused.
+
+Light: numpy, pydantic, tifffile and filelock; the volume is opened (lazily, metadata
+only) by :func:`init_store` and :func:`check_volume`.
 """
 
 from __future__ import annotations
@@ -44,10 +48,19 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mitoseg.errors import DataError
+from mitoseg.errors import LabelStoreError
 from mitoseg.io import write_json, write_stack
+from mitoseg.labelstore_lock import (
+    LOCK_TIMEOUT_S,
+    STORE_FILE,
+    commit_save,
+    committed_pending,
+    local_root,
+    store_lock,
+)
 
 __all__ = [
+    "LOCK_TIMEOUT_S",
     "SCHEMA",
     "STORE_FILE",
     "BBox",
@@ -72,16 +85,9 @@ __all__ = [
 
 #: Schema id of ``store.json``.
 SCHEMA = "mitoseg.labelstore/1"
-#: The manifest's file name inside a store.
-STORE_FILE = "store.json"
 
 Split = Literal["train", "test"]
 Mode = Literal["merge", "replace"]
-
-
-class LabelStoreError(DataError):
-    """A store that cannot be read, or a slice that cannot go into it (the message names
-    the store, the slice and the field)."""
 
 
 class _Strict(BaseModel):
@@ -275,8 +281,12 @@ def make_provenance(
     )
 
 
-def _manifest_path(store: Path) -> Path:
-    return Path(store) / STORE_FILE
+def _manifest_path(store: str | Path) -> Path:
+    return local_root(store) / STORE_FILE
+
+
+def _no_store(path: Path) -> LabelStoreError:
+    return LabelStoreError(f"{path}: no label store here (create one with `mitoseg labels init`)")
 
 
 def read_manifest(store: str | Path) -> StoreManifest:
@@ -286,11 +296,9 @@ def read_manifest(store: str | Path) -> StoreManifest:
         LabelStoreError: missing, not JSON or not a valid manifest (names the file and
             the fields).
     """
-    path = _manifest_path(Path(store))
+    path = _manifest_path(store)
     if not path.is_file():
-        raise LabelStoreError(
-            f"{path}: no label store here (create one with `mitoseg labels init`)"
-        )
+        raise _no_store(path)
     try:
         data = json.loads(path.read_text())
         return StoreManifest.model_validate(data)
@@ -316,6 +324,7 @@ def init_store(
     classes: Mapping[str, int | Sequence[int]],
     ignore_value: int,
     voxel_size_nm: Sequence[float] | None = None,
+    lock_timeout_s: float = LOCK_TIMEOUT_S,
 ) -> StoreManifest:
     """Create an empty label store for a volume (reads only the volume's metadata).
 
@@ -326,17 +335,20 @@ def init_store(
         classes: class name -> raw mask value(s), background first (values 0..255).
         ignore_value: raw mask value of an unlabelled pixel (0..255, not a class value).
         voxel_size_nm: ``(z, y, x)`` nm overriding the volume's metadata, or None.
+        lock_timeout_s: seconds to wait for another writer of the store.
 
     Returns:
         The manifest written to ``<store>/store.json``.
 
     Raises:
-        LabelStoreError: a store already there, or a bad class table / ignore value.
+        LabelStoreError: a store already there (also one another writer created
+            meanwhile), a bad class table / ignore value, an ``s3://`` store, the lock
+            held longer than ``lock_timeout_s``.
         DataError: the volume cannot be opened (names it).
     """
     from mitoseg.volume.store import is_s3, open_volume
 
-    path = _manifest_path(Path(store))
+    path = _manifest_path(store)
     if path.exists():
         raise LabelStoreError(f"{path}: a label store already exists here")
     volume = open_volume(volume_uri, voxel_size_nm=voxel_size_nm)
@@ -359,7 +371,11 @@ def init_store(
     except ValidationError as exc:
         msgs = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
         raise LabelStoreError(f"{path}: {msgs}") from None
-    _write_manifest(Path(store), manifest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with store_lock(path.parent, _author(), lock_timeout_s) as root:
+        if path.exists():
+            raise LabelStoreError(f"{path}: a label store already exists here")
+        _write_manifest(root, manifest)
     return manifest
 
 
@@ -472,8 +488,12 @@ def add_slice(
     split: Split = "train",
     mode: Mode = "merge",
     allow_test_change: bool = False,
+    lock_timeout_s: float = LOCK_TIMEOUT_S,
 ) -> Entry:
-    """Add the labels of one slice to the store (or re-label it).
+    """Add the labels of one slice to the store (or re-label it), holding the store's
+    lock from reading ``store.json`` to writing it (so concurrent writers each see the
+    saves before theirs: two merges into one slice keep both, the later one's labels
+    winning where both labelled, and the earlier one's provenance in ``history``).
 
     Args:
         store: the store directory.
@@ -487,22 +507,40 @@ def add_slice(
             stored ones, stored labels kept where the new mask is unlabelled) or
             ``replace`` (the new mask only). The previous provenance goes to ``history``.
         allow_test_change: allow changing a test slice or moving a slice between splits.
+        lock_timeout_s: seconds to wait for another writer of the store.
 
     Returns:
-        The slice's new :class:`Entry` (the file and ``store.json`` written atomically).
+        The slice's new :class:`Entry` (the file and ``store.json`` written as one save).
 
     Raises:
         LabelStoreError: no store; ``z`` out of range; wrong mask shape or dtype; values
             not in the class table; nothing labelled; a split conflict; a bad ``mode`` or
-            ``split``. The message names the store, the slice and the field.
+            ``split``; the lock held by another writer longer than ``lock_timeout_s``.
+            The message names the store, the slice and the field.
     """
-    root = Path(store)
-    manifest = read_manifest(root)
-    path = _manifest_path(root)
+    path = _manifest_path(store)
+    if not path.is_file():
+        raise _no_store(path)
     if split not in ("train", "test"):
         raise LabelStoreError(f"{path}: slice {z}: split must be 'train' or 'test', got {split!r}")
     if mode not in ("merge", "replace"):
         raise LabelStoreError(f"{path}: slice {z}: mode must be 'merge' or 'replace', got {mode!r}")
+    with store_lock(path.parent, provenance.author, lock_timeout_s) as root:
+        return _add_locked(root, z, mask, provenance, split, mode, allow_test_change)
+
+
+def _add_locked(
+    root: Path,
+    z: int,
+    mask: Any,
+    provenance: Provenance,
+    split: Split,
+    mode: Mode,
+    allow_test_change: bool,
+) -> Entry:
+    """:func:`add_slice`'s read-modify-write, with the store's lock held."""
+    manifest = read_manifest(root)
+    path = _manifest_path(root)
     arr, lab = _check_mask(manifest, path, z, mask)
     z = int(z)
     old = manifest.entry(z)
@@ -527,9 +565,14 @@ def add_slice(
     prov = provenance.model_copy(update={"mode": used_mode, "labelled_pixels": int(lab.sum())})
     entry = _entry(manifest, z, split, arr, prov, history)
     vs = manifest.volume.voxel_size_nm
-    write_stack(root / entry.file, arr, vs)
     entries = sorted([e for e in manifest.entries if e.z != z] + [entry], key=lambda e: e.z)
-    _write_manifest(root, manifest.model_copy(update={"entries": entries}))
+    new = manifest.model_copy(update={"entries": entries})
+    commit_save(
+        root,
+        entry.file,
+        lambda target: write_stack(target, arr, vs),
+        new.model_dump(mode="json", by_alias=True),
+    )
     return entry
 
 
@@ -543,6 +586,9 @@ def _read_file(root: Path, manifest: StoreManifest, entry: Entry) -> np.ndarray:
     import tifffile
 
     path = root / entry.file
+    pending = committed_pending(root)  # a save whose mask is not renamed into place yet
+    if pending is not None and pending[0] == entry.file and pending[1].is_file():
+        path = pending[1]
     if not path.is_file():
         raise LabelStoreError(f"{path}: slice {entry.z}: file is listed in store.json but missing")
     try:
@@ -566,7 +612,7 @@ def read_slice(store: str | Path, z: int) -> np.ndarray:
     Raises:
         LabelStoreError: no such entry, or a missing / unreadable / wrong-shaped file.
     """
-    root = Path(store)
+    root = local_root(store)
     manifest = read_manifest(root)
     entry = manifest.entry(int(z))
     if entry is None:
@@ -586,7 +632,7 @@ def iter_slices(
         store: the store directory.
         split: only ``train`` or ``test`` slices, or None for all.
     """
-    root = Path(store)
+    root = local_root(store)
     manifest = read_manifest(root)
     for entry in manifest.entries:
         if split is None or entry.split == split:

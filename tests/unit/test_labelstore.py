@@ -27,6 +27,7 @@ from mitoseg.labelstore import (
     resolve_volume_uri,
     volume_fingerprint,
 )
+from mitoseg.labelstore_lock import LOCK_FILE, store_lock
 from mitoseg.volume.store import open_volume
 
 SHAPE = (5, 12, 16)
@@ -80,7 +81,7 @@ def test_init_reads_only_the_volume_metadata(tmp_path: Path) -> None:
     finally:
         volume.close()
     assert Path(resolve_volume_uri(tmp_path / "labels")).resolve() == vol.resolve()
-    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == ["store.json"]
+    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == [".store.lock", "store.json"]
 
 
 def test_init_on_an_ome_zarr_volume(tmp_path: Path) -> None:
@@ -279,6 +280,29 @@ def _err_other_volume(s: Path) -> None:
         volume.close()
 
 
+def _err_s3_add(s: Path) -> None:
+    add_slice("s3://bucket/labels", 1, _mask((0, 1, 0, 1)), _prov())
+
+
+def _err_s3_init(s: Path) -> None:
+    init_store("s3://bucket/labels", resolve_volume_uri(s), CLASSES, IGNORE)
+
+
+def _err_negative_timeout(s: Path) -> None:
+    add_slice(s, 1, _mask((0, 1, 0, 1)), _prov(), lock_timeout_s=-1)
+
+
+def _err_nan_timeout(s: Path) -> None:
+    with store_lock(s, "ana", float("nan")):
+        pass
+
+
+def _err_lock_is_a_directory(s: Path) -> None:
+    (s / LOCK_FILE).unlink()
+    (s / LOCK_FILE).mkdir()
+    add_slice(s, 1, _mask((0, 1, 0, 1)), _prov())
+
+
 ERRORS = [
     (_err_shape, r"store\.json: slice 1: mask shape \(12, 15\) differs from the volume's "
                  r"\(Y, X\) = \(12, 16\)$"),
@@ -304,6 +328,14 @@ ERRORS = [
                              r"store's uint8 masks$"),
     (_err_other_volume, r"store\.json: volume\.shape is \(5, 12, 16\) but .*other\.tif has "
                         r"\(5, 12, 17\)$"),
+    (_err_s3_add, r"^s3://bucket/labels: a label store is a local directory \(a shared "
+                  r"filesystem for several annotators\); s3:// stores are not supported$"),
+    (_err_s3_init, r"^s3://bucket/labels: a label store is a local directory"),
+    (_err_negative_timeout, r"labels/store\.json: lock timeout must be a finite number of "
+                            r"seconds >= 0, got -1$"),
+    (_err_nan_timeout, r"labels/store\.json: lock timeout must be .*, got nan$"),
+    (_err_lock_is_a_directory, r"labels/store\.json: cannot lock .*labels/\.store\.lock "
+                               r"\(\[Errno 21\] Is a directory"),
 ]  # fmt: skip
 
 

@@ -15,6 +15,9 @@ import typer
 from mitoseg.cli.app import fail, labels_app
 
 _STORE_OPT = typer.Option(..., "--store", help="label store directory (holds store.json)")
+_LOCK_OPT = typer.Option(
+    30.0, "--lock-timeout", help="seconds to wait while another writer holds the store's lock"
+)
 
 
 def _base(params: Path | None) -> Any:
@@ -42,6 +45,7 @@ def init(
         "--ignore-value",
         help="raw mask value of an unlabelled pixel [default: base.ignore_value, else 254]",
     ),
+    lock_timeout: float = _LOCK_OPT,
 ) -> None:
     """Create an empty label store for VOLUME (reads only its metadata; the store never
     holds voxels of the volume)."""
@@ -52,7 +56,10 @@ def init(
     try:
         base = _base(params)
         value = ignore_value if ignore_value is not None else base.ignore_value
-        manifest = init_store(store, volume, base.classes, 254 if value is None else value)
+        manifest = init_store(
+            store, volume, base.classes, 254 if value is None else value,
+            lock_timeout_s=lock_timeout,
+        )  # fmt: skip
     except (ConfigError, DataError) as exc:
         fail(str(exc))
         return
@@ -84,6 +91,7 @@ def add(
     allow_test_change: bool = typer.Option(
         False, "--allow-test-change", help="allow changing a test slice or a slice's split"
     ),
+    lock_timeout: float = _LOCK_OPT,
 ) -> None:
     """Add the labels of slice Z (or merge them into its stored labels) with provenance."""
     import numpy as np
@@ -98,7 +106,7 @@ def add(
         prov = make_provenance("cli", model=model, note=note, author=author)
         entry = add_slice(
             store, z, arr, prov, split=split, mode="replace" if replace else "merge",  # type: ignore[arg-type]
-            allow_test_change=allow_test_change,
+            allow_test_change=allow_test_change, lock_timeout_s=lock_timeout,
         )  # fmt: skip
     except DataError as exc:
         fail(str(exc))
