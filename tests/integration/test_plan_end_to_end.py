@@ -32,6 +32,8 @@ import requests
 import tifffile
 import yaml
 
+from tracking_state import seed_store
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,8 +54,9 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) ->
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def project(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path) -> dict:
     root = tmp_path_factory.mktemp("e2e")
+    seed_store(empty_mlflow_db, root)  # the stages use it as they would a migrated one
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",

@@ -20,7 +20,7 @@ from mitoseg import tracking
 from mitoseg.config import AugmentConfig, ConfigError, ModelConfig, RegisterConfig
 from mitoseg.config import resolve_train_config as resolve
 from mitoseg.train import initial_weights, train_model
-from tracking_state import reset_tracking
+from tracking_state import reset_tracking, seed_store
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "pipelines" / "train.py"
@@ -168,11 +168,12 @@ def _runs(cwd: Path) -> list[Any]:
 
 
 @pytest.fixture(scope="module")
-def stage_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def stage_dir(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path) -> Iterator[Path]:
     """Stage inputs plus an embedded store whose registry has ``mitoseg-unet@champion``."""
     import mlflow
 
     root = tmp_path_factory.mktemp("stage")
+    seed_store(empty_mlflow_db, root)
     make_patches(root / "patches")
     (root / "augment.json").write_text(
         json.dumps({"seed": 0, "augment": AugmentConfig().model_dump(mode="json")})
