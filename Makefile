@@ -51,8 +51,15 @@ run: setup ## Main job: fetch the bundled sample, then dvc repro (assemble .. re
 	@$(BIN)/dvc metrics show
 	@echo "Runs and the registered champion: make ui  (mlflow ui on sqlite:///mlflow.db)"
 
-test: setup ## Run the test suite (unit + loopback integration; not the slow tier), on TEST_WORKERS workers
-	$(BIN)/pytest -m "not slow" -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+# Two passes: the suite on TEST_WORKERS workers, then the `serial` tests alone (their CPU
+# hogs would slow the tests beside them). Both always run; pytest's status 5 (no test
+# collected, e.g. PYTEST_ARGS naming a file with no serial test) fails only if both are 5.
+test: setup ## Run the test suite (unit + loopback integration; not the slow tier), on TEST_WORKERS workers, then the serial tests alone
+	rc1=0; rc2=0; \
+	$(BIN)/pytest -m "not slow and not serial" -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) || rc1=$$?; \
+	$(BIN)/pytest -m "serial and not slow" $(PYTEST_ARGS) || rc2=$$?; \
+	if [ $$rc1 -eq 5 ] && [ $$rc2 -eq 5 ]; then exit 5; fi; \
+	for rc in $$rc1 $$rc2; do if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then exit $$rc; fi; done
 
 test-random: setup ## Unit tests in a random order (pytest-randomly; the seed is printed)
 	$(BIN)/pytest tests/unit -m "not slow" -p randomly $(PYTEST_ARGS)

@@ -12,6 +12,10 @@ Loopback servers live in ``tests/servers.py`` (importable as ``servers`` because
 - ``vnc_unet``: session-wide depth-2 UNet trained for seconds on the bundled VNC slices,
   its plan beside it (bioimage.io export and monitoring tests).
 
+``tests/tracking_state.py``: ``empty_mlflow_db``, an empty embedded MLflow store made once
+per session (``seed_store`` copies it where a test's store goes, instead of seconds of
+migrations per store).
+
 ``--reverse`` runs the collected tests in reverse order (``make test-reverse``), so a
 test that passes only after another one set some state up shows itself.
 """
@@ -21,8 +25,16 @@ from __future__ import annotations
 import pytest
 
 from servers import http_server, mitoseg_server, s3_env, s3_server, vnc_unet
+from tracking_state import empty_mlflow_db
 
-__all__ = ["http_server", "mitoseg_server", "s3_env", "s3_server", "vnc_unet"]
+__all__ = [
+    "empty_mlflow_db",
+    "http_server",
+    "mitoseg_server",
+    "s3_env",
+    "s3_server",
+    "vnc_unet",
+]
 
 
 #: Session fixtures that start something expensive (a server, a training run): every test

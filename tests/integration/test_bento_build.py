@@ -86,19 +86,23 @@ def test_bento_build_packs_model_and_targets_gpu(tiny_model: Path, tmp_path: Pat
     assert res.stderr.split("model ", 1)[1].split()[0] == model_tag
 
 
-def test_bento_build_errors(tmp_path: Path, tiny_model: Path) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "{tmp}/nope.keras"], "{tmp}/nope.keras: model file not found"),
+        (["--bentofile", "no.yaml"], "no.yaml: bentofile not found"),
+        (["--build-ctx", "{tmp}/nosrc"], "{tmp}/nosrc: build context directory not found"),
+    ],
+)
+def test_bento_build_errors(tmp_path: Path, tiny_model: Path, args: list, message: str) -> None:
+    """Refused before anything is built; a missing bentofile or build context before the
+    model is loaded or imported (the BentoML store stays empty)."""
     home = tmp_path / "bentoml"
-    missing = tmp_path / "nope.keras"
-    res = run([str(MITOSEG), "bento", "build", "--model", str(missing)], home, check=False)
+    args = ["--model", str(tiny_model), *(a.format(tmp=tmp_path) for a in args)]
+    res = run([str(MITOSEG), "bento", "build", *args], home, check=False)
     assert res.returncode == 1
-    assert res.stderr.strip().splitlines()[-1] == f"error: {missing}: model file not found"
-    res = run(
-        [str(MITOSEG), "bento", "build", "--model", str(tiny_model), "--bentofile", "no.yaml"],
-        home,
-        check=False,
-    )
-    assert res.returncode == 1
-    assert res.stderr.strip().splitlines()[-1] == "error: no.yaml: bentofile not found"
+    assert res.stderr.strip().splitlines()[-1] == f"error: {message.format(tmp=tmp_path)}"
+    assert not (home / "models").exists() and not (home / "bentos").exists()
 
 
 def test_cli_start_imports_neither_bentoml_nor_tensorflow() -> None:

@@ -7,6 +7,9 @@ Tolerance: the package runs the network on the test tile as given, ``mitoseg pre
 reflect-pads the border by the plan's halo first. More than ``halo`` pixels from the tile
 border (the interior) the probabilities agree within 1e-4 and the thresholded masks are
 identical; over the whole tile the masks agree on at least 90 % of the pixels.
+
+Export from a registry URI (``models:/...@champion``: the logged plan's threshold and
+voxel size in the package): ``tests/integration/test_plan_end_to_end.py``.
 """
 
 from __future__ import annotations
@@ -158,40 +161,3 @@ def test_package_output_matches_mitoseg_predict(
     assert np.array_equal(package_mask[inner], mask[inner])
     assert (package_mask == mask).mean() >= 0.9
     assert 0.005 < mask.mean() < 0.6  # a trained model: some mitochondria, not everything
-
-
-def test_export_from_registry_uri_reads_the_logged_plan(trained: Path, tmp_path: Path) -> None:
-    """``models:/name@alias`` resolves like ``mitoseg predict``: the registered model and
-    the plan logged with it (threshold, voxel size) end up in the package."""
-    from mitoseg import tracking
-    from mitoseg.config import RegisterConfig
-    from tracking_state import reset_tracking
-
-    store = f"sqlite:///{tmp_path}/mlflow.db"
-    try:
-        tracking.configure_tracking(store, root=tmp_path)
-        model = tracking.load_model(str(trained))
-        with tracking.start_training_run({"model": {"depth": 2}}, {}, "export-run") as run:
-            tracking.log_keras_model(model, 2, class_names=["background", "mitochondria"])
-        tracking.log_inference_plan(run.info.run_id, trained.with_name("inference_plan.json"))
-        reg = tracking.register_model(
-            run.info.run_id, "iou", 0.5, RegisterConfig(model_name="export-unet"), "test:x"
-        )
-        assert reg["alias"] == "champion"
-    finally:
-        reset_tracking()
-    out = tmp_path / "pkg"
-    env_run = subprocess.run(
-        [str(MITOSEG), "--no-progress", "export", "bioimageio", "--model",
-         "models:/export-unet@champion", "--out", str(out), "--weights", "keras_v3",
-         "--max-side", "128", "--no-test"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "MLFLOW_TRACKING_URI": store, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )  # fmt: skip
-    assert env_run.returncode == 0, env_run.stderr[-3000:]
-    from bioimageio.spec import load_description
-
-    descr = load_description(out / "rdf.yaml")
-    assert descr.config.model_extra["mitoseg"]["threshold"] == THRESHOLD
-    assert descr.inputs[0].axes[1].scale == pytest.approx(VOXEL[1])
-    assert "models:/export-unet@champion" in (out / "README.md").read_text()

@@ -32,6 +32,8 @@ import requests
 import tifffile
 import yaml
 
+from tracking_state import seed_store
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,8 +54,9 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) ->
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def project(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path) -> dict:
     root = tmp_path_factory.mktemp("e2e")
+    seed_store(empty_mlflow_db, root)  # the stages use it as they would a migrated one
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
@@ -206,7 +209,8 @@ def test_serve_returns_the_mask_predict_writes(project: dict) -> None:
 
 def test_export_bioimageio_takes_the_data_voxel_size(project: dict) -> None:
     """``mitoseg export bioimageio --model models:/mitoseg-unet@champion`` with no
-    ``--voxel-size``: the pixel size comes from the data, through the plan."""
+    ``--voxel-size``: the registered model and the plan logged with it end up in the
+    package (the validated threshold; the pixel size from the data, through the plan)."""
     from bioimageio.spec import load_description
 
     root, out = project["root"], project["root"] / "pkg"
@@ -216,3 +220,6 @@ def test_export_bioimageio_takes_the_data_voxel_size(project: dict) -> None:
     descr = load_description(out / "rdf.yaml")
     _, y_nm, x_nm = project["voxel"]
     assert [a.scale for a in descr.inputs[0].axes[1:3]] == pytest.approx([y_nm, x_nm])
+    plan = json.loads((root / "artifacts" / "train" / "inference_plan.json").read_text())
+    assert descr.config.model_extra["mitoseg"]["threshold"] == plan["threshold"]
+    assert "models:/mitoseg-unet@champion" in (out / "README.md").read_text()

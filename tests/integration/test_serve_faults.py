@@ -6,7 +6,8 @@
   503/504 saying what it waited for. (Before the fix, a ``/readyz`` that probed the
   runner while it loaded its model raised inside BentoML's ``TimeoutMiddleware``, which
   then held the connection for the whole ``traffic.timeout`` of 600 s.) The first cycle
-  runs in the normal tier; cycles 2-10 (fresh servers) are ``slow``.
+  runs in the normal tier, marked ``serial``: ``make test`` runs it alone after the
+  parallel pass, so its hogs slow no other test; cycles 2-10 (fresh servers) are ``slow``.
 * Faults on one server: SIGKILL of the runner worker during a request (the client gets
   a JSON 503 within seconds, ``/readyz`` is 503 until the runner is back, then requests
   are served again); a client trickling its upload does not hold up others and gets a
@@ -124,6 +125,7 @@ def _timed_post(url: str, data: bytes) -> tuple[requests.Response, float]:
     return _post(url, "/segment", data, REQUEST_TIMEOUT_S + SLACK_S), time.monotonic() - t0
 
 
+@pytest.mark.serial  # its CPU hogs would slow every test beside it: `make test` runs it alone
 @pytest.mark.parametrize(
     "cycle", [0, *(pytest.param(i, marks=pytest.mark.slow) for i in range(1, 10))]
 )

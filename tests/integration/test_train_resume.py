@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tracking_state import seed_store
+
 pytestmark = pytest.mark.integration
 
 DRIVER = textwrap.dedent(
@@ -60,7 +62,7 @@ DRIVER = textwrap.dedent(
                                  progress=False, callbacks=[MlflowEpochLogger(), Sleep()])
         runs_now = MlflowClient().search_runs([run.info.experiment_id])
         print("RESULT " + json.dumps({
-            "resumed": result.resumed, "epochs_run": result.epochs_run,
+            "resumed": result.resumed, "epochs_run": result.epochs_run, "run_key": result.run_key,
             "history": result.history, "best_epoch": result.best_epoch,
             "run_id": run.info.run_id,
             "backups": sorted(p.name for p in Path(ck).iterdir()),  # after this run
@@ -101,14 +103,14 @@ def _run(script: Path, args: list[str], env: dict[str, str], timeout: float = 30
     return [json.loads(x) for x in lines]
 
 
-def test_killed_training_resumes(tmp_path):
+def test_killed_training_resumes(tmp_path, empty_mlflow_db):
     from mlflow import MlflowClient
 
     patches = _make_patches(tmp_path / "patches")
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     out, ck = tmp_path / "out", tmp_path / "ck"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{seed_store(empty_mlflow_db, tmp_path)}"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "MLFLOW_TRACKING_URI": uri}
 
     proc = subprocess.Popen(
@@ -153,6 +155,7 @@ def test_killed_training_resumes(tmp_path):
     assert other["backups"] == [backup.name]  # the interrupted run's backup is untouched
     assert other["statuses"][killed_run] == "RUNNING"
     assert resumed["resumed"] is True and resumed["backups"] == []
+    assert resumed["run_key"] == backup.name and other["run_key"] != backup.name
     assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
     assert resumed["epochs_run"] == 3
     first = resumed["history"][0]

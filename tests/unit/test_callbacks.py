@@ -15,7 +15,7 @@ import pytest
 
 from mitoseg import tracking
 from mitoseg.model import callbacks as mcb
-from tracking_state import reset_tracking
+from tracking_state import reset_tracking, seed_store
 
 X = np.random.default_rng(0).random((4, 8, 8, 1), dtype=np.float32)
 Y = (X > 0.5).astype(np.float32)
@@ -293,10 +293,11 @@ def test_reduce_lr_on_plateau_restore() -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_db: Path) -> Iterator[Any]:
     """A fresh embedded sqlite store; yields an MlflowClient on it."""
     from mlflow import MlflowClient
 
+    seed_store(empty_mlflow_db, tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     reset_tracking()
     uri = tracking.configure_tracking(root=tmp_path)

@@ -19,8 +19,8 @@ from test_train import TINY, make_patches
 from mitoseg import tracking
 from mitoseg.config import AugmentConfig, ConfigError, ModelConfig, RegisterConfig
 from mitoseg.config import resolve_train_config as resolve
-from mitoseg.train import initial_weights, train_model
-from tracking_state import reset_tracking
+from mitoseg.train import initial_weights, run_key, train_model
+from tracking_state import reset_tracking, seed_store
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "pipelines" / "train.py"
@@ -42,6 +42,10 @@ def patches(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_patches(tmp_path_factory.mktemp("patches"))
 
 
+class _Stop(Exception):
+    pass
+
+
 def _exact(message: str) -> str:
     return "^" + re.escape(message) + "$"
 
@@ -55,8 +59,14 @@ def test_training_starts_from_the_file_weights(tmp_path: Path, patches: Path) ->
     seen: list[list[np.ndarray]] = []
 
     class Spy(keras.callbacks.Callback):
+        def __init__(self, stop: bool = False) -> None:
+            super().__init__()
+            self.stop = stop
+
         def on_train_begin(self, logs: Any = None) -> None:
             seen.append(self.model.get_weights())
+            if self.stop:  # the starting weights are all this run is for
+                raise _Stop
 
     result = train_model(
         patches, AugmentConfig(), cfg, 2, 0, tmp_path / "o", tmp_path / "ck",
@@ -66,13 +76,16 @@ def test_training_starts_from_the_file_weights(tmp_path: Path, patches: Path) ->
     assert len(seen[0]) == len(expected)
     for got, want in zip(seen[0], expected, strict=True):
         np.testing.assert_array_equal(got, want)
-    # the seed alone would have given other weights; training then changed them
-    scratch = train_model(
-        patches, AugmentConfig(), resolve({**TINY, "epochs": 1}), 2, 0,
-        tmp_path / "s", tmp_path / "ck", progress=False, callbacks=[Spy()],
-    )  # fmt: skip
+    # the seed alone would have given other weights (stopped before its first step);
+    # training then changed them
+    scratch = resolve({**TINY, "epochs": 1})
+    with pytest.raises(_Stop):
+        train_model(
+            patches, AugmentConfig(), scratch, 2, 0,
+            tmp_path / "s", tmp_path / "ck", progress=False, callbacks=[Spy(stop=True)],
+        )  # fmt: skip
     assert not np.array_equal(seen[1][0], expected[0])
-    assert result.run_key != scratch.run_key
+    assert result.run_key != run_key(patches, AugmentConfig(), scratch, 2, 0)
     trained = keras.saving.load_model(result.model_path).get_weights()
     assert not np.array_equal(trained[0], expected[0])
 
@@ -168,11 +181,12 @@ def _runs(cwd: Path) -> list[Any]:
 
 
 @pytest.fixture(scope="module")
-def stage_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def stage_dir(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path) -> Iterator[Path]:
     """Stage inputs plus an embedded store whose registry has ``mitoseg-unet@champion``."""
     import mlflow
 
     root = tmp_path_factory.mktemp("stage")
+    seed_store(empty_mlflow_db, root)
     make_patches(root / "patches")
     (root / "augment.json").write_text(
         json.dumps({"seed": 0, "augment": AugmentConfig().model_dump(mode="json")})

@@ -228,15 +228,16 @@ def test_moments_of_blocks_combine_to_the_whole_volume() -> None:
         assert a == pytest.approx(b)
 
 
-def test_instance_metrics_reach_mlflow(tmp_path, monkeypatch) -> None:
+def test_instance_metrics_reach_mlflow(tmp_path, monkeypatch, empty_mlflow_db) -> None:
     """evaluate_stack's ``instances`` block is logged as test_instances.* metrics."""
     from mlflow import MlflowClient
 
     from mitoseg import tracking
     from mitoseg.evaluate import evaluate_stack
     from mitoseg.inference.plan import InferencePlan
-    from tracking_state import reset_tracking
+    from tracking_state import reset_tracking, seed_store
 
+    seed_store(empty_mlflow_db, tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     reset_tracking()
     try:

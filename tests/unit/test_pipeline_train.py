@@ -13,6 +13,7 @@ import yaml
 from test_train import TINY, make_patches
 
 from mitoseg.config import AugmentConfig
+from tracking_state import seed_store
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "pipelines" / "train.py"
@@ -38,7 +39,8 @@ def _run(cwd: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def stage_dir(tmp_path: Path) -> Path:
+def stage_dir(tmp_path: Path, empty_mlflow_db: Path) -> Path:
+    seed_store(empty_mlflow_db, tmp_path)  # the stage's embedded store, migrated already
     make_patches(tmp_path / "patches")
     (tmp_path / "augment.json").write_text(
         json.dumps({"seed": 0, "augment": AugmentConfig().model_dump(mode="json")})

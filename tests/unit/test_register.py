@@ -16,7 +16,7 @@ import pytest
 from mitoseg import tracking
 from mitoseg.config import BaseConfig, RegisterConfig
 from mitoseg.train_info import TrainInfo
-from tracking_state import reset_tracking
+from tracking_state import reset_tracking, seed_store
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,11 +54,14 @@ def _train_info(run_id: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def project(
+    tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path
+) -> Iterator[dict[str, Any]]:
     """A project dir with an embedded store, one run holding a tiny model, and params.yaml."""
     import keras
 
     root = tmp_path_factory.mktemp("project")
+    seed_store(empty_mlflow_db, root)
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         reset_tracking()

@@ -16,7 +16,7 @@ import pytest
 from mitoseg import tracking
 from mitoseg.config import RegisterConfig
 from mitoseg.tracking import ModelNotFoundError
-from tracking_state import reset_tracking
+from tracking_state import reset_tracking, seed_store
 
 
 @pytest.fixture
@@ -35,9 +35,10 @@ def clean_env() -> Iterator[pytest.MonkeyPatch]:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One sqlite store for the module (creating one costs ~1 s of migrations)."""
+def store(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path) -> Iterator[Path]:
+    """One sqlite store for the module (a copy of the session's migrated empty one)."""
     root = tmp_path_factory.mktemp("mlflow_store")
+    seed_store(empty_mlflow_db, root)
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         reset_tracking()
@@ -98,23 +99,24 @@ def test_configure_tracking_defaults_to_cwd(
 
 
 def test_configure_tracking_root_env_and_explicit(
-    clean_env: pytest.MonkeyPatch, tmp_path: Path
+    clean_env: pytest.MonkeyPatch, tmp_path: Path, empty_mlflow_db: Path
 ) -> None:
+    """Which store is chosen (its creation: the test above), so the stores are copies."""
     import mlflow
     from mlflow import MlflowClient
 
     root = tmp_path / "store"
+    seed_store(empty_mlflow_db, root)
     assert tracking.configure_tracking(root=root) == f"sqlite:///{root.resolve()}/mlflow.db"
     assert mlflow.get_tracking_uri() == f"sqlite:///{root.resolve()}/mlflow.db"
 
-    env_uri = f"sqlite:///{tmp_path / 'env' / 'other.db'}"
-    (tmp_path / "env").mkdir()
+    env_uri = f"sqlite:///{seed_store(empty_mlflow_db, tmp_path / 'env', 'other.db')}"
     clean_env.setenv("MLFLOW_TRACKING_URI", env_uri)
     assert tracking.configure_tracking(root=root) == env_uri
     exp = MlflowClient(env_uri).get_experiment_by_name("mitoseg")
     assert exp.artifact_location == (root.resolve() / "mlartifacts").as_uri()
 
-    explicit = f"sqlite:///{tmp_path / 'x.db'}"
+    explicit = f"sqlite:///{seed_store(empty_mlflow_db, tmp_path, 'x.db')}"
     assert tracking.configure_tracking(tracking_uri=explicit) == explicit
     exp = MlflowClient(explicit).get_experiment_by_name("mitoseg")
     assert exp.artifact_location == (tmp_path.resolve() / "mlartifacts").as_uri()
@@ -362,8 +364,11 @@ def test_decide_alias(
     assert tracking.decide_alias(previous, metric, value, test_data_id, rescored) == expected
 
 
-def test_explicit_stores_are_independent(tmp_path: Path, clean_env: None) -> None:
-    a, b = (tracking.open_store(f"sqlite:///{tmp_path / n / 'mlflow.db'}") for n in "ab")
+def test_explicit_stores_are_independent(
+    tmp_path: Path, clean_env: None, empty_mlflow_db: Path
+) -> None:
+    dbs = [seed_store(empty_mlflow_db, tmp_path / n) for n in "ab"]
+    a, b = (tracking.open_store(f"sqlite:///{db}") for db in dbs)
     assert a.uri != b.uri
     with tracking.start_training_run({"x": 1}, {}, "in-a", store=a) as run:
         pass

@@ -523,7 +523,7 @@ def test_sigkill_mid_job_then_restart_matches_uninterrupted(
 
 
 def _bar_volume() -> np.ndarray:
-    """A faint bar across a 45 x 52 slice (through many 8-px tiles) that reaches the seed
+    """A faint bar across a 45 x 52 slice (through many 12-px tiles) that reaches the seed
     in one place only, and a faint square that never does."""
     data = np.zeros((3, 45, 52), np.uint8)
     data[:, 2, 0] = 255  # the same intensity range in every slice
@@ -536,14 +536,14 @@ def _bar_volume() -> np.ndarray:
 def test_hysteresis_on_yx_blocks_keeps_regions_seeded_in_another_tile(
     client: Client, tmp_path: Path
 ) -> None:
-    """Regions crossing YX blocks are kept or dropped whole: the bar crosses 14 of the
-    8-px blocks of a slice and reaches the seed in two of them, yet all of it is kept, as
+    """Regions crossing YX blocks are kept or dropped whole: the bar crosses 10 of the
+    12-px blocks of a slice and reaches the seed in two of them, yet all of it is kept, as
     on the whole slice."""
     data = _bar_volume()
     plan = _plan(seed_threshold=0.8)
     src = _ome(tmp_path / "in.ome.zarr", data, "0.5")
     out = str(tmp_path / "out.ome.zarr")
-    summary = run_volume_job(src, out, blur, plan, client=client, block_z=2, block_yx=8)
+    summary = run_volume_job(src, out, blur, plan, client=client, block_z=2, block_yx=12)
     expected = segment_stack(blur, data, plan)
     root = zarr.open_group(out, mode="r")
     np.testing.assert_array_equal(root["labels/mask/0"][:], expected)

@@ -153,8 +153,12 @@ def build(
     version: str | None = typer.Option(None, "--version", help="Bento version."),
 ) -> None:
     """Import the model into the BentoML store and build the GPU Bento."""
-    from mitoseg.serving.bento import build_bento
+    from mitoseg.serving.bento import build_bento, check_build_inputs
 
+    try:
+        check_build_inputs(bentofile, build_ctx)  # before seconds of loading the model
+    except FileNotFoundError as exc:
+        fail(str(exc))
     tag, _ = _import(model, params, threshold)
     typer.echo(f"model {tag}", err=True)
     try:

@@ -31,6 +31,7 @@ __all__ = [
     "MODEL_TAG_ENV",
     "build_bento",
     "build_metadata",
+    "check_build_inputs",
     "find_imported",
     "import_model",
 ]
@@ -250,6 +251,18 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ[name] = old
 
 
+def check_build_inputs(bentofile: Path, build_ctx: Path) -> None:
+    """Fail early (before any model is loaded) on a missing bentofile or build context.
+
+    Raises:
+        FileNotFoundError: ``bentofile`` is not a file or ``build_ctx`` not a directory.
+    """
+    if not bentofile.is_file():
+        raise FileNotFoundError(f"{bentofile}: bentofile not found")
+    if not build_ctx.is_dir():
+        raise FileNotFoundError(f"{build_ctx}: build context directory not found")
+
+
 def build_bento(
     model_tag: str,
     bentofile: Path,
@@ -276,10 +289,7 @@ def build_bento(
     """
     import bentoml
 
-    if not bentofile.is_file():
-        raise FileNotFoundError(f"{bentofile}: bentofile not found")
-    if not build_ctx.is_dir():
-        raise FileNotFoundError(f"{build_ctx}: build context directory not found")
+    check_build_inputs(bentofile, build_ctx)
     bentoml.models.get(model_tag)  # fail early with BentoML's NotFound
     # The tag is stored as a Bento argument so the Bento serves exactly this model.
     with _env(MODEL_TAG_ENV, model_tag):
