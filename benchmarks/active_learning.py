@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -125,12 +126,14 @@ def load_stack(image: Path, mask: Path, crop: int | None) -> tuple[np.ndarray, n
 
 
 def round_config(cfg: TrainConfig, steps: int, init_from: Path | None) -> TrainConfig:
-    """``cfg`` bounded to ``steps`` optimizer steps (epochs of up to 40 steps)."""
-    per_epoch = min(STEPS_PER_EPOCH, steps)
+    """``cfg`` bounded to about ``steps`` optimizer steps: the fewest epochs of at most
+    40 steps, of equal length (60 -> 2 x 30; 100 -> 3 x 33 = 99; the steps run are
+    recorded)."""
+    epochs = math.ceil(steps / STEPS_PER_EPOCH)
     return cfg.model_copy(
         update={
-            "epochs": max(1, round(steps / per_epoch)),
-            "steps_per_epoch": per_epoch,
+            "epochs": epochs,
+            "steps_per_epoch": max(1, round(steps / epochs)),
             "init_from": None if init_from is None else str(init_from),
         }
     )

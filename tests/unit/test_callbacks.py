@@ -356,3 +356,19 @@ def test_epoch_logger_closes_killed_run_and_logs_restored_history(store: Any) ->
     assert {m.step: m.value for m in val_loss}[0] == pytest.approx(1.0)
     assert [m.step for m in store.get_metric_history(new, "val_iou")] == [1]
     assert mlflow.active_run() is None
+
+
+def test_precise_bn_never_draws_past_the_epochs_own_batches() -> None:
+    """``n_batches`` above the epoch's steps (``final_batches``): only the epoch's batches
+    are drawn (a later epoch's mined crops may not exist yet)."""
+    asked: list[tuple[int, int]] = []
+
+    def draw(epoch: int, b: int) -> np.ndarray:
+        asked.append((epoch, b))
+        return _draw(epoch, b)
+
+    cb = mcb.PreciseBatchNorm(draw, 10, 2)
+    cb.set_model(_bn_model())
+    cb.on_epoch_begin(3)
+    cb.on_test_begin()
+    assert asked == [(3, 0), (3, 1)] and cb.calls == 1

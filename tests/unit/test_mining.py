@@ -174,11 +174,17 @@ def test_train_model_with_mined_hard_negatives_resumes_the_same(tmp_path):
     assert other.history[-1]["loss"] != pytest.approx(full.history[-1]["loss"], rel=1e-6)
 
 
-def test_train_config_mining_fields_are_validated():
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"mine_every": 0}, r"train\.mine_every: Input should be greater than or equal to 1"),
+        ({"mine_threshold": 1.0}, r"train\.mine_threshold: Input should be less than 1"),
+        ({"mine_threshold": 0.0}, r"train\.mine_threshold: Input should be greater than 0"),
+        ({"hard_negative_source": "bright"}, r"train\.hard_negative_source: Input should be"),
+    ],
+)
+def test_train_config_mining_fields_are_validated(override, message):
     from mitoseg.config import ConfigError
 
-    for bad, field in (({"mine_every": 0}, "mine_every"), ({"mine_threshold": 1.0}, "thresh")):
-        with pytest.raises(ConfigError, match=f"train.{field}"):
-            resolve_train_config({"hard_negative_source": "mined", **bad})
-    with pytest.raises(ConfigError, match="hard_negative_source"):
-        resolve_train_config({"hard_negative_source": "bright"})
+    with pytest.raises(ConfigError, match=message):
+        resolve_train_config({"hard_negative_source": "mined", **override})

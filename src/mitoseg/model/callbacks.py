@@ -187,7 +187,7 @@ class PreciseBatchNorm(keras.callbacks.Callback):
     batches, computed with the current weights and dropout off:
 
     * before every validation (``on_test_begin``) from the first ``n_batches`` batches of
-      the epoch that just ran;
+      the epoch that just ran (all of them when it has fewer);
     * when training ends (after Keras swaps in the weight average of ``use_ema``) from the
       first ``final_batches`` batches of the last epoch: the statistics that are saved.
 
@@ -202,7 +202,7 @@ class PreciseBatchNorm(keras.callbacks.Callback):
         draw: ``draw(epoch, b)`` -> batch ``b`` of training epoch ``epoch`` (0-based),
             ``(B, H, W, C) float32``, the network's input.
         n_batches: batches per validation (``>= 1``).
-        final_batches: batches at the end (``>= 1``).
+        final_batches: batches at the end (``>= 1``): the epoch's steps.
 
     Raises:
         ValueError: ``n_batches < 1`` or ``final_batches < 1``.
@@ -272,7 +272,10 @@ class PreciseBatchNorm(keras.callbacks.Callback):
         self._epoch = epoch
 
     def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
-        self.estimate(self.draw(self._epoch, b) for b in range(self.n_batches))
+        # never past the epoch's own batches (``final_batches`` = its steps): a later
+        # epoch's crops may not exist yet (mined hard negatives wait for their epoch)
+        n = min(self.n_batches, self.final_batches)
+        self.estimate(self.draw(self._epoch, b) for b in range(n))
         self.calls += 1
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
