@@ -52,15 +52,44 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Group tests for ``pytest -n N --dist loadgroup`` (``make test``): by the shared
     session fixture they use, else by module, so module- and session-scoped fixtures are
-    set up once, as in a serial run (without ``-n`` the marks change nothing). Then
-    reverse the collected items when ``--reverse`` is given (after any other reorder)."""
+    set up once, as in a serial run (without ``-n`` the marks change nothing).
+
+    ``tryfirst``: pytest-xdist's worker appends each item's ``xdist_group`` to its node id
+    in its own (plain) implementation of this hook, which must see the marks; added after
+    it, they changed nothing and every test was scheduled on its own.
+    """
     for item in items:
         shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
         group = shared[0] if shared else item.nodeid.split("::", 1)[0]
         item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")
+def pytest_collection_modifyitems_last(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Reverse the collected items when ``--reverse`` is given (after any other reorder)."""
     if config.getoption("--reverse"):
         items.reverse()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse ``--dist loadgroup`` where it would silently not group: pytest-xdist 3.8
+    writes each group into the legacy ``Item._nodeid``, which pytest 9.2 no longer reads
+    (pytest-xdist issue #1386). The suite would still pass, building every module fixture
+    and server on every worker, minutes slower."""
+    if config.getoption("dist", default="no") != "loadgroup" or hasattr(config, "workerinput"):
+        return
+    import xdist
+    from packaging.version import Version
+
+    if Version(pytest.__version__) >= Version("9.2") and Version(xdist.__version__) <= Version(
+        "3.8.0"
+    ):
+        raise pytest.UsageError(
+            f"--dist loadgroup does not group tests with pytest {pytest.__version__} and "
+            f"pytest-xdist {xdist.__version__} (pytest-xdist issue #1386): pin pytest<9.2 "
+            "(pyproject.toml, requirements.lock)"
+        )

@@ -141,7 +141,10 @@ def in_fresh_process(request: pytest.FixtureRequest, case: Path | None = None) -
     env = {**os.environ, CHILD_ENV: "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
     if case is not None:
         env[CASE_ENV] = str(case)
-    cmd = [sys.executable, "-m", "pytest", request.node.nodeid, "-q", "-p", "no:cacheprovider"]
+    nodeid = request.node.nodeid  # without the "@group" that `--dist loadgroup` adds
+    if nodeid.rfind("@") > nodeid.rfind("]"):
+        nodeid = nodeid.rsplit("@", 1)[0]
+    cmd = [sys.executable, "-m", "pytest", nodeid, "-q", "-p", "no:cacheprovider"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     out = r.stdout[-6000:] + r.stderr[-3000:]
     if r.returncode != 0 and " skipped" in r.stdout and " passed" not in r.stdout:
