@@ -1,15 +1,10 @@
 """Train the UNet on patch arrays: the fit loop, its callbacks, resume.
 
-The data the network sees (patch arrays, the crop sampler, the tf.data stream) is
+The data the network sees (patch arrays, the crop sampler, the tf.data stream: element
+``k`` is a pure function of ``(seed, k)``, so a resumed run sees the same crops) is
 :mod:`mitoseg.train_data`; the Keras callbacks are :mod:`mitoseg.model.callbacks`; the
 compiled network is :mod:`mitoseg.model.compile`. The resume protocol and the fit loop
 share the run key and the backup layout, so both are here.
-
-Pipeline: random crops (optionally centred on a foreground pixel) of the training patches,
-augmented on the fly by :func:`mitoseg.augment.augment_pair` inside ``tf.numpy_function``.
-Every training element ``k`` of the (infinite) stream belongs to ``epoch = k //
-samples_per_epoch`` and uses a generator seeded from ``(seed, epoch, index)``, so the data
-seen in an epoch is reproducible and does not depend on where a resumed run restarted.
 
 Reproducibility. A run is bounded by ``epochs * steps_per_epoch`` optimizer steps (early
 stopping may end it sooner). The seed fixes the initial weights and dropout
@@ -19,22 +14,21 @@ inter-op thread (:func:`setup_determinism`), so the same inputs give the same mo
 for bit, on a given software stack. ``TrainConfig.max_train_seconds`` adds a wall-clock
 budget for benchmarks: the stopping epoch and the cosine schedule then follow the clock.
 
-Callbacks: Keras' ``ModelCheckpoint`` (best weights by the monitored loss),
-``EarlyStopping``, ``CSVLogger``, ``ReduceLROnPlateau`` and ``BackupAndRestore``, composed
-with the small ones of :mod:`mitoseg.model.callbacks`; the cosine schedule is Keras'
-``CosineDecay`` (:class:`~mitoseg.model.callbacks.BudgetCosineDecay` under a time budget).
+Callbacks: Keras' ``ModelCheckpoint``, ``EarlyStopping``, ``CSVLogger``, ``ReduceLROnPlateau``
+and ``BackupAndRestore`` with the small ones of :mod:`mitoseg.model.callbacks`; the cosine
+schedule is ``CosineDecay`` (``callbacks.BudgetCosineDecay`` under a time budget).
 
 Fault tolerance: ``BackupAndRestore`` backs the model and optimizer up to
 ``checkpoint_dir/<run key>`` after every epoch, where the run key hashes the resolved
 configuration, the patch files and the initial weights of a fine-tuning run. Beside the
 backup live the per-epoch history (the CSV logger writes it there, so it survives the
-stage's outputs being removed), the best weights so far and the elapsed seconds. A killed
-run with the same key resumes from its last epoch (rows past it are dropped; early
-stopping and LR-on-plateau replay the restored rows), a different configuration never
-sees that backup. The backup is deleted after a successful run.
+stage's outputs being removed), the best weights, the elapsed seconds and any mined hard
+negatives. A killed run with the same key resumes from its last epoch (later rows dropped;
+early stopping and LR-on-plateau replay the restored rows), another configuration never
+sees that backup, which is deleted after a successful run.
 
 The numpy parts (:func:`run_key`, :func:`weights_digest`, :func:`backup_id`) do not
-import tensorflow; the others do.
+import tensorflow.
 """
 
 from __future__ import annotations
@@ -56,7 +50,14 @@ import numpy as np
 
 from mitoseg.config import AugmentConfig, TrainConfig
 from mitoseg.io import DataError, atomic_path
-from mitoseg.train_data import CropSampler, PatchData, check_sizes, datasets, load_patches
+from mitoseg.train_data import (
+    CropSampler,
+    PatchData,
+    check_sizes,
+    datasets,
+    load_patches,
+    mined_lag,
+)
 
 if TYPE_CHECKING:
     import keras
@@ -445,7 +446,8 @@ def _open_loop(
     samples_per_epoch = steps * cfg.batch_size
     mined = None
     if cfg.hard_negative_source == "mined" and cfg.hard_negative_prob > 0:
-        mined = _mining().MinedNegatives.resumed(cfg.mine_every, backup_dir / _MINED_FILE)
+        lag = mined_lag(samples_per_epoch, cfg.batch_size)  # crops wait inside the stream
+        mined = _mining().MinedNegatives.resumed(cfg.mine_every, backup_dir / _MINED_FILE, lag)
     sampler = CropSampler(
         data.train_images,
         data.train_masks,

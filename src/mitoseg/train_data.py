@@ -33,7 +33,9 @@ __all__ = [
     "check_sizes",
     "datasets",
     "load_patches",
+    "mined_lag",
     "sample_stream",
+    "stream_lookahead",
 ]
 
 
@@ -304,13 +306,48 @@ def check_sizes(data: PatchData, cfg: TrainConfig) -> None:
         raise ValueError(f"patch size ({size}) must be a multiple of 2**model.depth ({mult})")
 
 
-def _data_options() -> Any:
+#: Crops computed at once by a bounded stream (``sample_stream(bounded=True)``): fixed,
+#: not the machine's core count, so the lookahead (and the mining lag it sets) is the same
+#: on every machine and a run resumed elsewhere sees the same crops.
+BOUNDED_PARALLEL_CALLS = 4
+
+
+def stream_lookahead(batch_size: int) -> int:
+    """A bound on how many elements a bounded :func:`sample_stream` computes ahead of the
+    last one consumed: the map's buffer (in flight and done, at most its parallel calls),
+    the batch being filled and the one prefetched batch, each counted three times for
+    slack (measured: at most 11 ahead for batches of 3, against this bound's 22)."""
+    return 3 * BOUNDED_PARALLEL_CALLS + 3 * batch_size + 1
+
+
+def mined_lag(samples_per_epoch: int, batch_size: int) -> int:
+    """Epochs between a mining and the crops that read it
+    (:class:`mitoseg.model.mining.MinedNegatives`' ``lag``) for the bounded stream of
+    ``batch_size``: ``max(2, 1 + ceil(stream_lookahead(batch_size) / samples_per_epoch))``,
+    so a crop never waits for a mining that needs crops behind it; 2 for any epoch longer
+    than the lookahead.
+
+    Raises:
+        ValueError: ``samples_per_epoch < 1`` or ``batch_size < 1``.
+    """
+    if samples_per_epoch < 1 or batch_size < 1:
+        raise ValueError(
+            f"mined_lag: need samples_per_epoch >= 1 and batch_size >= 1; got "
+            f"{samples_per_epoch}, {batch_size}"
+        )
+    return max(2, 1 + -(-stream_lookahead(batch_size) // samples_per_epoch))
+
+
+def _data_options(bounded: bool = False) -> Any:
     import tensorflow as tf
 
     options = tf.data.Options()
     options.deterministic = True
     # its own threads: the crop/augment map stays parallel with one inter-op thread
     options.threading.private_threadpool_size = max(2, os.cpu_count() or 1)
+    if bounded:  # no buffer that tf.data would grow or add on its own
+        options.autotune.enabled = False
+        options.experimental_optimization.inject_prefetch = False
     return options
 
 
@@ -320,6 +357,7 @@ def sample_stream(
     batch_size: int,
     shapes: tuple[tuple[int, ...], tuple[int, ...]],
     dtypes: tuple[str, str],
+    bounded: bool = False,
 ) -> Any:
     """Infinite ``tf.data`` stream of batches of ``sample(k)`` for ``k = start, start+1 ...``.
 
@@ -330,6 +368,11 @@ def sample_stream(
         batch_size: elements per batch.
         shapes: ``(input shape, target shape)`` of one element.
         dtypes: ``(input dtype, target dtype)`` names, e.g. ``("float32", "uint8")``.
+        bounded: compute at most :func:`stream_lookahead` elements ahead of the consumer
+            (:data:`BOUNDED_PARALLEL_CALLS` at once, one batch prefetched) instead of
+            letting ``tf.data`` tune its buffers: needed when ``sample`` may wait for
+            something the consumer produces later (mined hard negatives), so that a wait
+            can never hold back the elements the consumer needs first.
 
     Returns:
         ``tf.data.Dataset`` of ``(inputs (B, *shapes[0]), targets (B, *shapes[1]))``.
@@ -344,12 +387,13 @@ def sample_stream(
         y.set_shape(shapes[1])
         return x, y
 
+    parallel, prefetch = (BOUNDED_PARALLEL_CALLS, 1) if bounded else (tf.data.AUTOTUNE,) * 2
     return (
         tf.data.Dataset.range(start, np.iinfo(np.int64).max)
-        .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .map(load, num_parallel_calls=parallel, deterministic=True)
         .batch(batch_size, drop_remainder=True)
-        .prefetch(tf.data.AUTOTUNE)
-        .with_options(_data_options())
+        .prefetch(prefetch)
+        .with_options(_data_options(bounded))
     )
 
 
@@ -360,7 +404,12 @@ def datasets(
 
     c, channels = sampler.crop, data.in_channels
     train = sample_stream(
-        sampler.sample, start, batch_size, ((c, c, channels), (c, c, 1)), ("float32", "uint8")
+        sampler.sample,
+        start,
+        batch_size,
+        ((c, c, channels), (c, c, 1)),
+        ("float32", "uint8"),
+        bounded=sampler.mined is not None,
     )
     options = _data_options()
     if len(data.val_images) == 0:

@@ -12,7 +12,7 @@ from test_train import TINY, make_patches
 from mitoseg.config import AugmentConfig, resolve_train_config
 from mitoseg.model.mining import HardNegativeMiner, MinedNegatives, false_positive_candidates
 from mitoseg.train import train_model
-from mitoseg.train_data import CropSampler
+from mitoseg.train_data import CropSampler, mined_lag, sample_stream, stream_lookahead
 
 
 def test_false_positive_candidates_hand_computed():
@@ -87,6 +87,54 @@ def test_for_epoch_waits_for_the_miner_and_times_out_with_the_epochs():
     assert late.for_epoch(3) is None
 
 
+@pytest.mark.parametrize(
+    ("samples_per_epoch", "batch_size", "lag"),
+    [
+        (320, 8, 2),  # make run: 40 steps x 8, lookahead 12 + 24 + 1 = 37
+        (37, 8, 2),  # an epoch as long as the lookahead
+        (36, 8, 3),
+        (4, 2, 6),  # 2 steps x 2 (test_train's TINY): lookahead 19 -> 1 + ceil(19 / 4)
+        (1, 1, 17),
+    ],
+)
+def test_mining_lag_covers_the_stream_lookahead(samples_per_epoch, batch_size, lag):
+    assert stream_lookahead(batch_size) == 12 + 3 * batch_size + 1
+    assert mined_lag(samples_per_epoch, batch_size) == lag
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [((0, 8), r"got 0, 8"), ((4, 0), r"got 4, 0")],
+)
+def test_mining_lag_errors(args, message):
+    with pytest.raises(ValueError, match=r"mined_lag: need samples_per_epoch >= 1 .*" + message):
+        mined_lag(*args)
+
+
+def test_bounded_stream_never_runs_further_ahead_than_its_lookahead():
+    """What the mining lag rests on: with ``bounded=True`` no element beyond
+    ``stream_lookahead`` of the last one consumed is ever computed."""
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def sample(k):
+        with lock:
+            seen.append(int(k))
+        time.sleep(0.002)
+        return np.full((2,), k, np.float32), np.zeros((1,), np.uint8)
+
+    batch = 3
+    stream = sample_stream(sample, 0, batch, ((2,), (1,)), ("float32", "uint8"), bounded=True)
+    it = iter(stream)
+    for step in range(1, 13):
+        x, _ = next(it)
+        consumed = step * batch
+        assert x.numpy()[:, 0].tolist() == list(range(consumed - batch, consumed))
+        time.sleep(0.02)  # give the stream time to run ahead as far as it can
+        with lock:
+            assert max(seen) < consumed + stream_lookahead(batch), (consumed, max(seen))
+
+
 def test_save_and_resumed_round_trip(tmp_path):
     store = MinedNegatives(2)
     store.put(1, np.array([5, 9], np.int64))
@@ -147,7 +195,11 @@ def test_train_model_with_mined_hard_negatives_resumes_the_same(tmp_path):
     """A run mining every epoch: the candidates are saved beside the backup, so a run
     stopped after epoch 3 and resumed gives the uninterrupted run's history."""
     patches = make_patches(tmp_path / "p")
-    over = {**TINY, "epochs": 4, "hard_negative_prob": 0.5, "foreground_crop_prob": 0.3}
+    # 13 steps x 2 = 26 crops an epoch, longer than the stream's lookahead: lag 2, as in
+    # real runs, so epochs 2-3 read the candidates of epochs 0-1
+    over = {**TINY, "epochs": 4, "steps_per_epoch": 13}
+    over |= {"hard_negative_prob": 0.5, "foreground_crop_prob": 0.3}
+    assert mined_lag(26, 2) == 2
     cfg = resolve_train_config({**over, "hard_negative_source": "mined", "mine_every": 1})
     args = (patches, AugmentConfig(), cfg, 2, 0)
     full = train_model(*args, tmp_path / "full", tmp_path / "ck_full", progress=False)

@@ -10,11 +10,19 @@ outside a mitochondrion's membrane); hard-negative crops are then centred on one
 pixels, drawn uniformly over all patches.
 
 Determinism: the crops of epoch ``e`` read the candidates mined at the end of the latest
-scheduled epoch ``<= e - lag`` (``lag = 2``), so ``tf.data``'s prefetching (which may
-start epoch ``e`` before epoch ``e - 1`` ends) never races the miner: a crop is a pure
+scheduled epoch ``<= e - lag``, so ``tf.data``'s prefetching (which may start epoch ``e``
+before epoch ``e - 1`` ends) never races the miner: a crop is a pure
 function of its element index and the mined candidates, the same on every run with the
 same seed. The candidates are saved next to the run's backup, so a resumed run sees the
 same crops.
+
+A crop whose candidates are not mined yet waits for them inside ``tf.data``. That is safe
+only while the stream computes less than ``(lag - 1)`` epochs ahead of the fit loop:
+otherwise waiting crops can hold every worker thread while the loop still needs the
+crops of the epoch whose end would mine them (a deadlock; it hung the 4-crop epochs of
+the unit tests). So the stream is bounded (:func:`mitoseg.train_data.stream_lookahead`)
+and
+:func:`mitoseg.train_data.mined_lag` makes the lag long enough for it: 2 for any real epoch.
 """
 
 from __future__ import annotations
@@ -135,10 +143,10 @@ class MinedNegatives:
             np.savez(tmp, **arrays)
 
     @classmethod
-    def resumed(cls, every: int, path: Path) -> MinedNegatives:
+    def resumed(cls, every: int, path: Path, lag: int = 2) -> MinedNegatives:
         """A store holding what :meth:`save` wrote to ``path`` (a resumed run); empty
         when there is no such file (a fresh run)."""
-        store = cls(every)
+        store = cls(every, lag)
         if Path(path).is_file():
             with np.load(path) as data:
                 for name in data.files:
