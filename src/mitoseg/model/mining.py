@@ -21,8 +21,8 @@ only while the stream computes less than ``(lag - 1)`` epochs ahead of the fit l
 otherwise waiting crops can hold every worker thread while the loop still needs the
 crops of the epoch whose end would mine them (a deadlock; it hung the 4-crop epochs of
 the unit tests). So the stream is bounded (:func:`mitoseg.train_data.stream_lookahead`)
-and
-:func:`mitoseg.train_data.mined_lag` makes the lag long enough for it: 2 for any real epoch.
+and :func:`mitoseg.train_data.mined_lag` makes the lag long enough for it: 2 for any real
+epoch.
 """
 
 from __future__ import annotations
