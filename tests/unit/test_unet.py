@@ -107,3 +107,17 @@ def test_a_25d_network_gets_a_25d_plan_and_mismatches_are_refused():
         check_plan_matches(model, plan.with_overrides(z_context=0), "here")
     with pytest.raises(ValueError, match=r"^the model takes 2 input channels; a 2\.5D model"):
         z_context_of(build_unet(cfg, 2, input_channels=2))
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_divisor_of_a_unet_and_of_an_ensemble_of_unets(depth):
+    from mitoseg.model.analysis import model_divisor
+
+    members = [build_unet(ModelConfig(depth=depth, base_filters=2), 2) for _ in range(3)]
+    for i, member in enumerate(members):
+        member.name = f"member_{i}"  # unique names inside one model
+    inputs = keras.Input(shape=(None, None, 1))
+    ensemble = keras.Model(inputs, keras.layers.Average()([m(inputs) for m in members]))
+    # the members are branches beside each other: the deepest counts, not their sum
+    assert model_divisor(members[0]) == 2**depth
+    assert model_divisor(ensemble) == 2**depth

@@ -108,17 +108,18 @@ def halo_for(field: int, divisor: int = 8) -> int:
 def model_divisor(model: Any) -> int:
     """``2**depth`` of a UNet-like Keras model: 2 to the number of 2x down-sampling layers.
 
-    Tiles fed to the model must have a side divisible by this.
+    Tiles fed to the model must have a side divisible by this. A model nested inside it
+    counts as a branch beside the others, as the members of a seed ensemble (one input,
+    the mean of the members' outputs) are: the deepest member counts, not their sum.
     """
     import keras
 
     pools = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
 
     def count(m: Any) -> int:
-        n = 0
-        for layer in getattr(m, "layers", []):
-            n += 1 if isinstance(layer, pools) else count(layer)
-        return n
+        layers = getattr(m, "layers", [])
+        own = sum(isinstance(layer, pools) for layer in layers)
+        return own + max((count(layer) for layer in layers if hasattr(layer, "layers")), default=0)
 
     return 2 ** count(model)
 
