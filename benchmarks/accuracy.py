@@ -192,6 +192,38 @@ def _distant(model: Any, plan: Any, figure: Path | None) -> dict[str, Any] | Non
     }
 
 
+def plan_split(raw: Path, patches: Path, base: BaseConfig, plan_on: str) -> dict[str, Any]:
+    """The slices a plan is chosen and scored on, as the evaluate stage reads them.
+
+    Args:
+        raw: the canonical layout (``train/``, ``test/``).
+        patches: the patchify output whose ``meta.json`` names the validation block.
+        base: class table.
+        plan_on: ``evaluate.plan_on`` (:func:`mitoseg.planner.planning_slices`).
+
+    Returns:
+        ``val_images`` / ``val_masks``: the slices of the training stack the plan is
+        chosen on (``(V, H, W)`` raw and class indexes; None when there are none),
+        ``engine_slices``: the validation block's positions among them,
+        ``test_images`` / ``test_masks``: the test slices (``(T, H, W)``).
+    """
+    from mitoseg.evaluate import masks_to_indices
+    from mitoseg.planner import planning_slices
+
+    images, masks = read_split(raw, "train")
+    val = json.loads((patches / "meta.json").read_text())["val_slices"]
+    chosen_on, engine_slices = planning_slices(len(images), val, plan_on)
+    test_images, test_masks = read_split(raw, "test")
+    v2i = base.value_to_index()
+    return {
+        "val_images": images[chosen_on] if chosen_on else None,
+        "val_masks": masks_to_indices(masks[chosen_on], v2i, "val") if chosen_on else None,
+        "engine_slices": engine_slices,
+        "test_images": test_images,
+        "test_masks": masks_to_indices(test_masks, v2i, "test"),
+    }
+
+
 def _score(
     model: Any,
     raw: Path,
@@ -200,28 +232,26 @@ def _score(
     figure: Path | None = None,
     evaluate: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    from mitoseg.evaluate import masks_to_indices
     from mitoseg.planner import evaluate_split, make_plan
 
-    meta = json.loads((patches / "meta.json").read_text())
-    images, masks = read_split(raw, "train")
-    v2i = base.value_to_index()
-    val = meta["val_slices"]
+    cfg = EvaluateConfig(**{**(evaluate or {}), "engines": ["keras/fp32"]})
+    data = plan_split(raw, patches, base, cfg.plan_on)
     plan, _ = make_plan(
         model,
-        EvaluateConfig(**{**(evaluate or {}), "engines": ["keras/fp32"]}),
+        cfg,
         base.class_names,
-        images[val] if val else None,
-        masks_to_indices(masks[val], v2i, "val") if val else None,
+        data["val_images"],
+        data["val_masks"],
+        engine_slices=data["engine_slices"],
     )
-    test_images, test_masks = read_split(raw, "test")
-    m = evaluate_split(model, plan, test_images, masks_to_indices(test_masks, v2i, "test")).metrics
+    m = evaluate_split(model, plan, data["test_images"], data["test_masks"]).metrics
     out = {k: round(float(m[k]), 4) for k in ("iou", "dice", "precision", "recall")}
     out["object_f1"] = round(float(m["objects"]["f1"]), 4)
     out["threshold"] = plan.threshold
     out["border"] = plan.border
     out["z_average"] = plan.z_average
     out["seed_threshold"] = plan.seed_threshold
+    out["plan_on"] = cfg.plan_on
     distant = _distant(model, plan, figure)
     if distant is not None:
         out["distant_unlabelled"] = distant

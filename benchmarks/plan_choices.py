@@ -6,11 +6,15 @@ z-averaging, hysteresis). Each of those choices is fitted to a block of 2-4 cons
 slices. This benchmark takes the same trained models (nothing is trained again) and
 scores them on the same test slices:
 
-* ``plan``: the evaluate stage's plan as ``stability.py`` makes it (a check: it should
-  repeat the IoU in ``stability.json``);
+* ``plan``: the evaluate stage's plan chosen on the validation block
+  (``evaluate.plan_on: validation``), as ``stability.py`` made it for every run in
+  ``stability.json`` so far (a check: it should repeat their IoU);
 * ``no_hysteresis``: the same, with ``evaluate.seed_threshold: null``;
 * ``threshold_only``: only the threshold chosen on validation (no z-averaging, no
   hysteresis);
+* ``plan_labelled``, ``no_hysteresis_labelled``: ``plan`` and ``no_hysteresis`` chosen on
+  the whole training stack (``evaluate.plan_on: labelled``: the validation block and the
+  training slices, engines still timed on the validation block);
 * ``best_test_threshold``: an upper bound, not a figure any plan can reach: the threshold
   chosen on the **test** slices themselves (no z-averaging, no hysteresis). It says how
   much of a seed's result is the threshold and how much the network;
@@ -36,20 +40,22 @@ from typing import Any
 
 import numpy as np
 
-from accuracy import prepare, read_split
-from common import RESULTS, ROOT, machine, save
+from accuracy import plan_split
+from common import RESULTS, machine, save
 from mitoseg.config import BaseConfig, EvaluateConfig
-from mitoseg.evaluate import masks_to_indices
 from mitoseg.stability import read_stability
-from stability import prepare_sample, summarise
+from stability import prepare_dataset, summarise
 
 #: evaluate-stage overrides of each variant (Keras FP32 always: the engine is not the question)
 VARIANTS: dict[str, dict[str, Any]] = {
-    "plan": {},
-    "no_hysteresis": {"seed_threshold": None},
-    "threshold_only": {"seed_threshold": None, "z_average": 0},
+    "plan": {"plan_on": "validation"},
+    "no_hysteresis": {"plan_on": "validation", "seed_threshold": None},
+    "threshold_only": {"plan_on": "validation", "seed_threshold": None, "z_average": 0},
+    "plan_labelled": {"plan_on": "labelled"},
+    "no_hysteresis_labelled": {"plan_on": "labelled", "seed_threshold": None},
 }
 ENSEMBLE_VARIANTS = ("plan", "no_hysteresis")
+PLAN_ON = ("validation", "labelled")
 
 
 def ensemble_model(models: list[Any]) -> Any:
@@ -124,13 +130,24 @@ def ensemble_sets(seeds: list[int], k: int) -> list[tuple[int, ...]]:
     return [*windows, tuple(seeds)]
 
 
-def _score(model: Any, data: dict[str, Any], base: BaseConfig, overrides: dict[str, Any]) -> dict:
-    """Plan ``model`` on the validation block with ``overrides`` and score the test slices."""
+def _score(
+    model: Any, data: dict[str, dict[str, Any]], base: BaseConfig, overrides: dict[str, Any]
+) -> dict:
+    """Plan ``model`` with ``overrides`` (on the slices their ``plan_on`` names) and score
+    the test slices."""
     from mitoseg.planner import evaluate_split, make_plan
 
     cfg = EvaluateConfig(**{**overrides, "engines": ["keras/fp32"]})
-    plan, _ = make_plan(model, cfg, base.class_names, data["val_images"], data["val_masks"])
-    res = evaluate_split(model, plan, data["test_images"], data["test_masks"])
+    split = data[cfg.plan_on]
+    plan, _ = make_plan(
+        model,
+        cfg,
+        base.class_names,
+        split["val_images"],
+        split["val_masks"],
+        engine_slices=split["engine_slices"],
+    )
+    res = evaluate_split(model, plan, split["test_images"], split["test_masks"])
     m = res.metrics
     return {
         "iou": round(float(m["iou"]), 4),
@@ -144,7 +161,7 @@ def _score(model: Any, data: dict[str, Any], base: BaseConfig, overrides: dict[s
     }
 
 
-def _best_test_threshold(model: Any, data: dict[str, Any], base: BaseConfig) -> dict:
+def _best_test_threshold(model: Any, data: dict[str, dict[str, Any]], base: BaseConfig) -> dict:
     """The upper bound: the threshold chosen on the test slices (no z-averaging or
     hysteresis)."""
     from mitoseg.evaluate import choose_threshold
@@ -152,28 +169,18 @@ def _best_test_threshold(model: Any, data: dict[str, Any], base: BaseConfig) -> 
 
     cfg = EvaluateConfig(engines=["keras/fp32"], seed_threshold=None, z_average=0)
     plan, _ = draft_plan(model, cfg, base.class_names)
-    choice = choose_threshold(model, data["test_images"], data["test_masks"], plan)
+    test = data["validation"]
+    choice = choose_threshold(model, test["test_images"], test["test_masks"], plan)
     return {"iou": round(choice.iou, 4), "threshold": choice.threshold}
 
 
-def load_split(dataset: str, work: Path) -> tuple[dict[str, Any], BaseConfig]:
-    """The validation block and test slices of ``dataset`` as ``stability.py`` split them."""
-    if dataset == "gap":
-        raw, base, _ = prepare("cdeep3m", "gap", work)
-    else:
-        raw, base = prepare_sample(work)
-    meta = json.loads((work / "patches_z0_p256" / "meta.json").read_text())
-    val = meta["val_slices"]
-    images, masks = read_split(raw, "train")
-    test_images, test_masks = read_split(raw, "test")
-    v2i = base.value_to_index()
-    data = {
-        "val_images": images[val],
-        "val_masks": masks_to_indices(masks[val], v2i, "val"),
-        "test_images": test_images,
-        "test_masks": masks_to_indices(test_masks, v2i, "test"),
-    }
-    return data, base
+def load_split(dataset: str) -> tuple[dict[str, dict[str, Any]], BaseConfig, Path]:
+    """The planning and test slices of ``dataset`` as ``stability.py`` split them, for
+    each ``evaluate.plan_on`` (:func:`accuracy.plan_split`), its class table and its
+    work folder."""
+    raw, base, work = prepare_dataset(dataset)
+    data = {on: plan_split(raw, work / "patches_z0_p256", base, on) for on in PLAN_ON}
+    return data, base, work
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -186,18 +193,20 @@ def markdown_table(report: dict[str, Any]) -> str:
         return f"{spread['mean']:.3f}{sd}"
 
     lines = [
-        "| dataset / recipe | plan (as `make run`) | no hysteresis | threshold only "
+        "| dataset / recipe | plan, chosen on the validation block | the same on the whole "
+        "training stack | no hysteresis | no hysteresis, whole stack | threshold only "
         "| threshold alone, chosen on the test slices (bound of the previous column) "
         "| ensembles of 3 seeds (plan) "
         "| all seeds ensembled (plan) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, row in sorted(report["summary"].items()):
         sizes = sorted(int(k.rsplit("_", 1)[1]) for k in row if k.startswith("ensemble_of_"))
         small = row.get(f"ensemble_of_{sizes[0]}", {}) if len(sizes) > 1 else {}
         whole = row.get(f"ensemble_of_{sizes[-1]}", {}) if sizes else {}
         lines.append(
-            f"| {key} | {cell(row['plan'])} | {cell(row['no_hysteresis'])} "
+            f"| {key} | {cell(row['plan'])} | {cell(row.get('plan_labelled'))} "
+            f"| {cell(row['no_hysteresis'])} | {cell(row.get('no_hysteresis_labelled'))} "
             f"| {cell(row['threshold_only'])} | {cell(row['best_test_threshold'])} "
             f"| {cell(small.get('plan'))} | {cell(whole.get('plan'))} |"
         )
@@ -263,10 +272,10 @@ def main() -> None:
         done = json.loads(path.read_text())
         rows, ensembles, summary = done["runs"], done["ensembles"], done["summary"]
     for dataset in args.datasets:
-        work = ROOT / "benchmarks" / ".work" / f"stability_{dataset}"
-        data, base = load_split(dataset, work)
+        data, base, work = load_split(dataset)
         for recipe in args.recipes:
-            if f"{dataset}/{recipe}" in summary:
+            key = f"{dataset}/{recipe}"
+            if key in summary and all(name in summary[key] for name in VARIANTS):
                 continue  # --resume: already in the file
             runs = sorted(
                 (r for r in report.runs if r["dataset"] == dataset and r["recipe"] == recipe),
@@ -281,15 +290,27 @@ def main() -> None:
                 model = keras.saving.load_model(path, compile=False)
                 model.name = f"{recipe}_seed_{run['seed']}"  # unique inside an ensemble
                 models[run["seed"]] = model
-                row = {
-                    "dataset": dataset,
-                    "recipe": recipe,
-                    "seed": run["seed"],
-                    "stability_json_iou": run["iou"],
-                    **{name: _score(model, data, base, ov) for name, ov in VARIANTS.items()},
-                    "best_test_threshold": _best_test_threshold(model, data, base),
-                }
-                rows.append(row)
+                row = next(
+                    (
+                        r
+                        for r in rows
+                        if (r["dataset"], r["recipe"], r["seed"]) == (dataset, recipe, run["seed"])
+                    ),
+                    None,
+                )
+                if row is None:
+                    row = {
+                        "dataset": dataset,
+                        "recipe": recipe,
+                        "seed": run["seed"],
+                        "stability_json_iou": run["iou"],
+                    }
+                    rows.append(row)
+                for name, overrides in VARIANTS.items():  # --resume: only what is missing
+                    if name not in row:
+                        row[name] = _score(model, data, base, overrides)
+                if "best_test_threshold" not in row:
+                    row["best_test_threshold"] = _best_test_threshold(model, data, base)
                 print(json.dumps(row), flush=True)
             mine = [r for r in rows if r["dataset"] == dataset and r["recipe"] == recipe]
             if not mine:
@@ -316,6 +337,11 @@ def main() -> None:
             if k < 2 or len(models) < k:
                 continue
             for members in ensemble_sets(sorted(models), k):
+                if any(
+                    (e["dataset"], e["recipe"], e["seeds"]) == (dataset, recipe, list(members))
+                    for e in ensembles
+                ):
+                    continue  # --resume: already in the file
                 ens = ensemble_model([models[s] for s in members])
                 row = {
                     "dataset": dataset,

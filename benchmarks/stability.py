@@ -70,13 +70,16 @@ STABILITY_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # issue 19 item 3: hard-negative crops centred on the model's own confident false
     # positives (mitoseg.model.mining) instead of dark background; the rest as default
     "mined": {"train": {"hard_negative_source": "mined"}},
+    # BCE alone (no Dice term): is the Dice term why the default's thresholds are 0.85-0.97?
+    "bce": {"train": {"loss": "bce"}},
 }
 STEPS_PER_EPOCH = 40
 WHAT = (
     "each recipe trained at equal optimizer steps with each training seed (patchify seed 42); "
-    "the evaluate stage's plan chosen on the validation block (Keras FP32) and scored on the "
-    "test slices. gap: CDeep3M train 0-9 (validation block inside), test 15-19; sample: the "
-    "bundled VNC sample, train 0-14, test 15-19 (adjacent)"
+    "the evaluate stage's plan (Keras FP32; each run's plan_on says which slices it was "
+    "chosen on, validation when absent) scored on the test slices. gap: CDeep3M train 0-9 "
+    "(validation block inside), test 15-19; sample: the bundled VNC sample, train 0-14, "
+    "test 15-19 (adjacent)"
 )
 
 
@@ -85,6 +88,16 @@ def prepare_sample(work: Path) -> tuple[Path, BaseConfig]:
     raw = work / "raw"
     fetch("sample", raw, progress=False, force=True)
     return raw, BaseConfig(seed=42)
+
+
+def prepare_dataset(dataset: str) -> tuple[Path, BaseConfig, Path]:
+    """``(raw, base, work)`` of a stability dataset (``gap`` or ``sample``)."""
+    work = ROOT / "benchmarks" / ".work" / f"stability_{dataset}"
+    if dataset == "gap":
+        raw, base, _ = prepare("cdeep3m", "gap", work)
+    else:
+        raw, base = prepare_sample(work)
+    return raw, base, work
 
 
 def val_swing(history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -124,6 +137,25 @@ def summarise(values: list[float]) -> dict[str, Any]:
         "min": round(min(values), 4),
         "max": round(max(values), 4),
     }
+
+
+def replan(
+    run: dict[str, Any], raw: Path, base: BaseConfig, work: Path, commit: str
+) -> dict[str, Any] | None:
+    """``run`` scored again with today's evaluate stage (no training): its saved model
+    planned with the evaluate defaults plus the recipe's overrides. None when the model
+    is not in ``work`` any more."""
+    import keras
+
+    label = f"{run['recipe']}_s{run['seed']}"
+    path = work / f"train_{label}" / "model.keras"
+    if not path.is_file():
+        return None
+    recipe = STABILITY_RECIPES[run["recipe"]]
+    patches = patchify(raw, work, base, PatchifyConfig(**recipe.get("patchify", {})))
+    model = keras.saving.load_model(path, compile=False)
+    scores = _score(model, raw, patches, base, None, recipe.get("evaluate"))
+    return {**run, **scores, "scored_at": commit}
 
 
 def run_one(
@@ -231,6 +263,12 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     parser.add_argument("--resume", action="store_true", help="skip runs already in the file")
     parser.add_argument(
+        "--replan",
+        action="store_true",
+        help="no training: score the saved models of the runs already in the file again "
+        "with today's evaluate stage (e.g. after a change of how the plan is chosen)",
+    )
+    parser.add_argument(
         "--table", action="store_true", help="print the result file's summary as Markdown"
     )
     args = parser.parse_args()
@@ -250,14 +288,13 @@ def main() -> None:
         runs = json.loads(path.read_text())["runs"]
     done = {(r["dataset"], r["recipe"], r["seed"]) for r in runs}
     host = machine()
+    if args.replan:
+        replan_runs(runs, args, name, host)
+        return
     # seed-major order: a stopped run still has every recipe at the first seeds
     for seed in args.seeds:
         for dataset in args.datasets:
-            work = ROOT / "benchmarks" / ".work" / f"stability_{dataset}"
-            if dataset == "gap":
-                raw, base, _ = prepare("cdeep3m", "gap", work)
-            else:
-                raw, base = prepare_sample(work)
+            raw, base, work = prepare_dataset(dataset)
             for recipe in args.recipes:
                 if (dataset, recipe, seed) in done:
                     continue
@@ -266,18 +303,42 @@ def main() -> None:
                 )
                 runs.append({"dataset": dataset, **run, "git_commit": host["git_commit"]})
                 print(json.dumps(runs[-1]), flush=True)
-                save(
-                    name,
-                    StabilityReport.model_validate(
-                        {
-                            "what": WHAT,
-                            "steps": args.steps,
-                            "machine": host,
-                            "summary": summary(runs),
-                            "runs": runs,
-                        }
-                    ).model_dump(mode="json"),
-                )
+                _save(name, args.steps, host, runs)
+
+
+def replan_runs(
+    runs: list[dict[str, Any]], args: argparse.Namespace, name: str, host: dict[str, Any]
+) -> None:
+    """``--replan``: the selected runs already in the file, scored again (:func:`replan`)."""
+    for dataset in args.datasets:
+        raw, base, work = prepare_dataset(dataset)
+        for i, run in enumerate(runs):
+            if run["dataset"] != dataset or run["recipe"] not in args.recipes:
+                continue
+            if run["seed"] not in args.seeds:
+                continue
+            again = replan(run, raw, base, work, host["git_commit"])
+            if again is None:
+                print(f"not replanned: {dataset}/{run['recipe']} seed {run['seed']} (no model)")
+                continue
+            runs[i] = again
+            print(json.dumps(again), flush=True)
+            _save(name, args.steps, host, runs)
+
+
+def _save(name: str, steps: int, host: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    save(
+        name,
+        StabilityReport.model_validate(
+            {
+                "what": WHAT,
+                "steps": steps,
+                "machine": host,
+                "summary": summary(runs),
+                "runs": runs,
+            }
+        ).model_dump(mode="json"),
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """DVC stage ``evaluate``: decide the model's inference plan, then score the test slices.
 
 The plan (:func:`mitoseg.planner.make_plan`: tile halo from the measured receptive field,
-threshold chosen on the validation *slices* ``meta.json["val_slices"]`` of
-``<raw>/train``, the fastest engine that holds validation IoU) is written to ``--plan``
+threshold, z-averaging and hysteresis chosen on the slices ``evaluate.plan_on`` names:
+the validation block ``meta.json["val_slices"]`` of ``<raw>/train`` or the whole training
+stack; the fastest engine that holds IoU on the validation block) is written to ``--plan``
 (beside ``model.keras``) and attached to the MLflow run and its logged model. The test
 split ``<raw>/test`` is then segmented with exactly that plan; ``metrics.json`` (with
 ``test_data_id``, the fingerprint of those test images and labels),
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the stage; returns the metrics written to ``metrics.json``."""
     from mitoseg import tracking
     from mitoseg.model.analysis import z_context_of
-    from mitoseg.planner import evaluate_split, make_plan
+    from mitoseg.planner import evaluate_split, make_plan, planning_slices
 
     base = load_section("base", args.params)
     cfg = load_section("evaluate", args.params)
@@ -64,19 +65,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train_idx = [i for i in range(images.shape[0]) if i not in set(val)]
     # int8 calibration: up to 4 training slices as the network sees them (uint8 x 255)
     calibration = network_inputs(images, train_idx[:4], z_context_of(model)) if train_idx else None
-    val_masks = (
-        masks_to_indices(masks[val], lut, str(split_paths(args.raw, "train")[1]))
-        if val and masks is not None
+    chosen_on, engine_slices = planning_slices(images.shape[0], val, cfg.plan_on)
+    plan_masks = (
+        masks_to_indices(masks[chosen_on], lut, str(split_paths(args.raw, "train")[1]))
+        if chosen_on and masks is not None
         else None
     )
     plan, report = make_plan(
         model,
         cfg,
         base.class_names,
-        images[val] if val else None,
-        val_masks,
+        images[chosen_on] if chosen_on else None,
+        plan_masks,
         voxel_size_nm=_voxel_size(args.raw),
         calibration_images=calibration,
+        engine_slices=engine_slices,
         progress=progress,
     )
     plan.write(args.plan)

@@ -464,6 +464,13 @@ class EvaluateConfig(_Strict):
         "reaches this probability; auto: chosen jointly with the threshold on the "
         "validation block, or none when it does not score better; null: threshold alone",
     )
+    plan_on: Literal["validation", "labelled"] = Field(
+        "labelled",
+        description="slices the threshold, border, z-averaging and hysteresis are chosen "
+        "on: the validation block, or every slice of the training stack (validation block "
+        "and training slices in z order, unlabelled pixels ignored); engines are always "
+        "timed on the validation block",
+    )
 
     @field_validator("halo")
     @classmethod

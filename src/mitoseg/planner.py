@@ -5,14 +5,14 @@
 1. from the network: output classes, divisor, FLOPs per pixel and the measured
    receptive field (:mod:`mitoseg.model.analysis`), which gives the tile halo;
 2. from the ``evaluate:`` settings: largest tile, batch, TTA, blank-slice rule;
-3. on the validation slices (one contiguous block of the training stack, so 2.5D
-   context and z-averaging see true neighbours): the threshold
+3. on the planning slices (:func:`planning_slices`: the validation block, or with
+   ``evaluate.plan_on: labelled`` the whole training stack; consecutive sections either
+   way, so 2.5D context and z-averaging see true neighbours): the threshold
    (:func:`mitoseg.evaluate.choose_threshold`, fine search, with calibration), the image
-   border padding, the z-averaging radius, hysteresis (a seed threshold a region must
-   reach) and the inference engine: every engine this build
-   runs (:data:`mitoseg.inference.runtime.ENGINES`) is timed on the validation slices and the
-   fastest one whose validation score stays within ``engine_tolerance`` of Keras FP32
-   is kept.
+   border padding, the z-averaging radius and hysteresis (a seed threshold a region must
+   reach); on the validation block, the inference engine: every engine this build
+   runs (:data:`mitoseg.inference.runtime.ENGINES`) is timed there and the fastest one
+   whose score stays within ``engine_tolerance`` of Keras FP32 is kept.
 
 :func:`evaluate_split` then scores the test slices with exactly that plan. The evaluate
 stage, ``benchmarks/accuracy.py`` and tests call these; ``mitoseg predict``/``evaluate``
@@ -41,6 +41,7 @@ __all__ = [
     "draft_plan",
     "evaluate_split",
     "make_plan",
+    "planning_slices",
 ]
 
 
@@ -322,6 +323,49 @@ def _select_engine(
     return plan.with_overrides(runtime=runtime, precision=precision), trials
 
 
+def planning_slices(
+    n_slices: int, val_slices: Sequence[int], plan_on: str
+) -> tuple[list[int], list[int]]:
+    """Which slices of the training stack :func:`make_plan` chooses on (``evaluate.plan_on``).
+
+    ``validation``: the validation block alone. ``labelled``: every slice of the training
+    stack in z order (the validation block and the training slices; unlabelled pixels
+    count nowhere). Engines are timed on the validation block either way. With no
+    validation block there is nothing to choose on.
+
+    Args:
+        n_slices: slices in the training stack.
+        val_slices: indexes of the validation block in it.
+        plan_on: ``validation`` or ``labelled``.
+
+    Returns:
+        ``(chosen_on, engine)``: indexes into the training stack (z order), and the
+        positions of the validation block inside ``chosen_on``.
+
+    Raises:
+        ValueError: an unknown ``plan_on``, a validation index outside the stack.
+
+    >>> planning_slices(6, [1, 2], "labelled")
+    ([0, 1, 2, 3, 4, 5], [1, 2])
+    >>> planning_slices(6, [2, 1], "validation")
+    ([1, 2], [0, 1])
+    """
+    if plan_on not in ("validation", "labelled"):
+        raise ValueError(
+            f"planning_slices: plan_on must be 'validation' or 'labelled', got {plan_on!r}"
+        )
+    val = sorted({int(i) for i in val_slices})
+    bad = [i for i in val if not 0 <= i < n_slices]
+    if bad:
+        raise ValueError(
+            f"planning_slices: validation slices {bad} outside the training stack's "
+            f"{n_slices} slices"
+        )
+    if plan_on == "validation" or not val:
+        return val, list(range(len(val)))
+    return list(range(n_slices)), val
+
+
 def make_plan(
     model: Any,
     cfg: EvaluateConfig,
@@ -331,6 +375,7 @@ def make_plan(
     *,
     voxel_size_nm: Sequence[float] | None = None,
     calibration_images: np.ndarray | None = None,
+    engine_slices: Sequence[int] | None = None,
     progress: bool = False,
 ) -> tuple[InferencePlan, PlanReport]:
     """Decide the inference plan of a trained model (see the module docstring).
@@ -339,14 +384,18 @@ def make_plan(
         model: the trained Keras model.
         cfg: ``evaluate:`` settings (``threshold: auto`` chooses it on validation).
         class_names: class names in index order.
-        val_images: ``(Z, H, W)`` raw validation slices (consecutive sections), or None
-            (then the threshold is ``cfg.threshold`` or 0.5 and the engine Keras FP32).
-        val_masks: ``(Z, H, W)`` validation class indexes, or None.
+        val_images: ``(Z, H, W)`` raw slices the choices are made on (consecutive
+            sections: :func:`planning_slices`), or None (then the threshold is
+            ``cfg.threshold`` or 0.5 and the engine Keras FP32).
+        val_masks: ``(Z, H, W)`` their class indexes (``IGNORE_INDEX`` where unlabelled),
+            or None.
         voxel_size_nm: ``[z, y, x]`` of the training data, if known.
         calibration_images: ``(N, H, W)`` uint8 network inputs x 255 (normalised training
             slices) for engines that quantise (int8); stored with the plan
             (:meth:`InferencePlan.with_calibration`) so every consumer compiles the same
             engine. None: int8 is not tried.
+        engine_slices: positions in ``val_images`` the engines are timed and scored on
+            (the validation block); None: all of them.
         progress: show progress bars.
 
     Returns:
@@ -389,11 +438,12 @@ def make_plan(
         from mitoseg.inference.runtime import available_engines
 
         candidates = [e for e in available_engines() if f"{e[0]}/{e[1]}" in cfg.engines]
+        timed = list(range(len(val_images))) if engine_slices is None else list(engine_slices)
         plan, report.engines = _select_engine(
             model,
             plan,
-            np.asarray(val_images),
-            np.asarray(val_masks),
+            np.asarray(val_images)[timed],
+            np.asarray(val_masks)[timed],
             candidates,
             cfg.engine_tolerance,
             plan.calibration_images(),

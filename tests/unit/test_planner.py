@@ -139,3 +139,58 @@ def test_memo_predictor_runs_each_distinct_batch_once() -> None:
     assert (small.misses, small.hits) == (3, 0)  # the second answer was not kept
     small(a)
     assert small.hits == 1  # the first one was
+
+
+@pytest.mark.parametrize(
+    ("n_slices", "val", "plan_on", "chosen_on", "engine"),
+    [
+        (6, [1, 2], "labelled", [0, 1, 2, 3, 4, 5], [1, 2]),
+        (6, [1, 2], "validation", [1, 2], [0, 1]),
+        (6, [4, 3], "validation", [3, 4], [0, 1]),
+        (3, [2], "labelled", [0, 1, 2], [2]),
+        (5, [], "labelled", [], []),
+        (5, [], "validation", [], []),
+    ],
+)
+def test_planning_slices(n_slices, val, plan_on, chosen_on, engine) -> None:
+    from mitoseg.planner import planning_slices
+
+    assert planning_slices(n_slices, val, plan_on) == (chosen_on, engine)
+
+
+@pytest.mark.parametrize(
+    ("n_slices", "val", "plan_on", "message"),
+    [
+        (6, [1], "test", "plan_on must be 'validation' or 'labelled', got 'test'"),
+        (6, [6], "labelled", r"validation slices \[6\] outside the training stack's 6 slices"),
+        (6, [-1, 2], "validation", r"validation slices \[-1\] outside"),
+    ],
+)
+def test_planning_slices_errors(n_slices, val, plan_on, message) -> None:
+    from mitoseg.planner import planning_slices
+
+    with pytest.raises(ValueError, match=message):
+        planning_slices(n_slices, val, plan_on)
+
+
+def test_plan_on_setting_error() -> None:
+    with pytest.raises(ValueError, match=r"(?s)plan_on.*'validation' or 'labelled'"):
+        EvaluateConfig(plan_on="test")
+
+
+def test_engines_are_scored_on_the_engine_slices_alone() -> None:
+    """The choices see all four slices, the engine trial only slices 1 and 2: its score is
+    the plan's IoU on those two (evaluated on its own), not on all four."""
+    from mitoseg.planner import evaluate_split
+
+    images, masks = _stack(False)
+    model = intensity_model()
+    cfg = EvaluateConfig(engines=["keras/fp32"], tile_size=64, halo=0, z_average=0)
+    plan, report = make_plan(
+        model, cfg, ["background", "mito"], images, masks, engine_slices=[1, 2]
+    )
+    on_two = evaluate_split(model, plan, images[1:3], masks[1:3]).metrics["iou"]
+    on_all = evaluate_split(model, plan, images, masks).metrics["iou"]
+    assert [t.engine for t in report.engines] == ["keras/fp32"]
+    assert report.engines[0].score == pytest.approx(on_two, abs=1e-6)
+    assert abs(on_two - on_all) > 1e-3  # the two sets differ, so the test can tell
