@@ -188,6 +188,10 @@ def train_round(
 def score(setup: Setup, model_path: Path) -> tuple[dict[str, Any], Any]:
     """The plan chosen on the validation slices, then the test slices scored with it.
 
+    Always on the fixed validation slices (``evaluate.plan_on: validation``), not on each
+    arm's own labelled slices: every arm's plan is then chosen on the same data, and the
+    results stay comparable with ``active_learning_r4.json``.
+
     Returns:
         ``(metrics, plan)``: test ``test_iou, dice, precision, recall, object_f1`` and the
         plan's choices under ``plan``; the :class:`~mitoseg.inference.plan.InferencePlan`.
@@ -202,7 +206,7 @@ def score(setup: Setup, model_path: Path) -> tuple[dict[str, Any], Any]:
     val = setup.val
     plan, _ = make_plan(
         model,
-        EvaluateConfig(engines=["keras/fp32"]),
+        EvaluateConfig(engines=["keras/fp32"], plan_on="validation"),
         BASE.class_names,
         setup.images[val] if val else None,
         masks_to_indices(setup.masks[val], v2i, "validation") if val else None,

@@ -284,7 +284,7 @@ def main() -> None:
     name = f"stability{args.tag}"
     path = RESULTS / f"{name}.json"
     runs: list[dict[str, Any]] = []
-    if args.resume and path.is_file():
+    if (args.resume or args.replan) and path.is_file():
         runs = json.loads(path.read_text())["runs"]
     done = {(r["dataset"], r["recipe"], r["seed"]) for r in runs}
     host = machine()
