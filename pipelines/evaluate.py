@@ -8,7 +8,8 @@ stack; the fastest engine that holds IoU on the validation block) is written to 
 split ``<raw>/test`` is then segmented with exactly that plan; ``metrics.json`` (with
 ``test_data_id``, the fingerprint of those test images and labels),
 ``per_slice.csv``, ``plan_report.json`` (how the plan was decided: receptive field,
-threshold curve, border and engine trials) and ``figures/`` go to ``--out`` and into the
+threshold curve, border and engine trials, and the training-stack slices the choices and
+the engine timing saw) and ``figures/`` go to ``--out`` and into the
 training run
 (``run_id`` from ``--train-info``). The reference profile of the training slices
 (:func:`mitoseg.data.profile.build_profile` over the validate stage's ``--slices``) is
@@ -104,7 +105,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         voxel_size=_voxel_size(args.raw),
     )
     report_path = args.out / "plan_report.json"
-    write_json(report_path, report.to_json())
+    write_json(
+        report_path,
+        {
+            **report.to_json(),
+            # which training-stack slices the choices and the engine timing saw
+            "plan_on": cfg.plan_on,
+            "chosen_on_slices": chosen_on,
+            "engines_timed_on_slices": [chosen_on[i] for i in engine_slices],
+        },
+    )
     tracking.log_evaluation(
         run_id,
         result.metrics,

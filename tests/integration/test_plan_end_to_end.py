@@ -151,6 +151,11 @@ def test_the_registry_returns_the_plan_the_stage_wrote(project: dict) -> None:
     assert metrics["test_data_id"] == compute_test_data_id(project["raw"])
     report = json.loads((root / "artifacts" / "evaluate" / "plan_report.json").read_text())
     assert report["receptive_field"]["full"] == written["receptive_field"]
+    # the choices saw the whole training stack (plan_on: labelled), the engines only the
+    # validation block [1, 3]
+    assert report["plan_on"] == "labelled"
+    assert report["engines_timed_on_slices"] == [1, 3]
+    assert report["chosen_on_slices"] == [0, 1, 2, 3]  # the 4 training slices
     chosen = [t for t in report["engines"] if t["engine"] == "keras/fp32"]
     assert chosen and chosen[0]["eligible"]  # the reference engine is always tried
 
