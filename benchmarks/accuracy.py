@@ -122,9 +122,15 @@ def fetch_split(train: dict, test: dict, work: Path) -> tuple[Path, BaseConfig, 
     return raw, base, {"train": train, "test": test}
 
 
+def patches_dir(work: Path, cfg: PatchifyConfig) -> Path:
+    """Where :func:`patchify` writes the patches of ``cfg`` under ``work``."""
+    return work / f"patches_z{cfg.z_context}_p{cfg.patch_size}"
+
+
 def patchify(raw: Path, work: Path, base: BaseConfig, cfg: PatchifyConfig) -> Path:
-    """The patchify stage for one recipe's ``patchify`` settings (cached per setting)."""
-    patches = work / f"patches_z{cfg.z_context}_p{cfg.patch_size}"
+    """The patchify stage for one recipe's ``patchify`` settings, written again each call
+    into :func:`patches_dir`."""
+    patches = patches_dir(work, cfg)
     if patches.exists():
         shutil.rmtree(patches)
     make_patch_dataset(raw, patches, base, cfg, base.seed)

@@ -40,9 +40,9 @@ from typing import Any
 
 import numpy as np
 
-from accuracy import plan_split
+from accuracy import patches_dir, plan_split
 from common import RESULTS, machine, save
-from mitoseg.config import BaseConfig, EvaluateConfig
+from mitoseg.config import BaseConfig, EvaluateConfig, PatchifyConfig
 from mitoseg.stability import read_stability
 from stability import prepare_dataset, summarise
 
@@ -179,7 +179,8 @@ def load_split(dataset: str) -> tuple[dict[str, dict[str, Any]], BaseConfig, Pat
     each ``evaluate.plan_on`` (:func:`accuracy.plan_split`), its class table and its
     work folder."""
     raw, base, work = prepare_dataset(dataset)
-    data = {on: plan_split(raw, work / "patches_z0_p256", base, on) for on in PLAN_ON}
+    patches = patches_dir(work, PatchifyConfig())  # every stability recipe's (default) split
+    data = {on: plan_split(raw, patches, base, on) for on in PLAN_ON}
     return data, base, work
 
 

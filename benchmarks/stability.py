@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from accuracy import RECIPES, _score, patchify, prepare
+from accuracy import RECIPES, _score, patches_dir, patchify, prepare
 from common import RESULTS, ROOT, machine, save
 from mitoseg.config import AugmentConfig, BaseConfig, PatchifyConfig, resolve_train_config
 from mitoseg.data.fetch import fetch
@@ -155,7 +155,10 @@ def replan(
     if not path.is_file():
         return None
     recipe = STABILITY_RECIPES[run["recipe"]]
-    patches = patchify(raw, work, base, PatchifyConfig(**recipe.get("patchify", {})))
+    cfg = PatchifyConfig(**recipe.get("patchify", {}))
+    patches = patches_dir(work, cfg)  # the training run's split (only meta.json is read)
+    if not (patches / "meta.json").is_file():
+        patches = patchify(raw, work, base, cfg)
     model = keras.saving.load_model(path, compile=False)
     scores = _score(model, raw, patches, base, None, recipe.get("evaluate"))
     return {**run, **scores, "scored_at": commit}
