@@ -44,7 +44,7 @@ from accuracy import patches_dir, plan_split
 from common import RESULTS, machine, save
 from mitoseg.config import BaseConfig, EvaluateConfig, PatchifyConfig
 from mitoseg.stability import read_stability
-from stability import prepare_dataset, summarise
+from stability import prepare_dataset, run_label, summarise
 
 #: evaluate-stage overrides of each variant (Keras FP32 always: the engine is not the question)
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -284,7 +284,9 @@ def main() -> None:
             )
             models: dict[int, Any] = {}
             for run in runs:
-                path = work / f"train_{recipe}_s{run['seed']}" / "model.keras"
+                path = (
+                    work / f"train_{run_label(recipe, run['seed'], run['steps'])}" / "model.keras"
+                )
                 if not path.is_file():
                     print(f"skipped {dataset}/{recipe} seed {run['seed']}: {path} not found")
                     continue

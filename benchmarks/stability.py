@@ -77,6 +77,16 @@ STABILITY_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "fg20": {"train": {"foreground_crop_prob": 0.2}},
 }
 STEPS_PER_EPOCH = 40
+#: ``make run``'s optimizer steps (30 epochs x 40): the yardstick's default
+DEFAULT_STEPS = 1200
+
+
+def run_label(recipe: str, seed: int, steps: int) -> str:
+    """The folder name of one run's model under the dataset's work folder: runs of other
+    lengths (``--steps``) keep their own, so a longer run never overwrites a 1200-step one."""
+    return f"{recipe}_s{seed}" if steps == DEFAULT_STEPS else f"{recipe}_s{seed}_{steps}"
+
+
 WHAT = (
     "each recipe trained at equal optimizer steps with each training seed (patchify seed 42); "
     "the evaluate stage's plan (Keras FP32; each run's plan_on says which slices it was "
@@ -150,7 +160,7 @@ def replan(
     is not in ``work`` any more."""
     import keras
 
-    label = f"{run['recipe']}_s{run['seed']}"
+    label = run_label(run["recipe"], run["seed"], run["steps"])
     path = work / f"train_{label}" / "model.keras"
     if not path.is_file():
         return None
@@ -183,7 +193,7 @@ def run_one(
     )
     augment = AugmentConfig(**recipe.get("augment", {}))
     patches = patchify(raw, work, base, PatchifyConfig(**recipe.get("patchify", {})))
-    label = f"{recipe_name}_s{seed}"
+    label = run_label(recipe_name, seed, steps)
     out, ckpt = work / f"train_{label}", work / "ckpt" / label
     for d in (out, ckpt):
         if d.exists():
@@ -265,7 +275,7 @@ def main() -> None:
     )
     parser.add_argument("--recipes", nargs="+", default=["default", "v2"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps per run")
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     parser.add_argument("--resume", action="store_true", help="skip runs already in the file")
     parser.add_argument(
