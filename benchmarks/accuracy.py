@@ -165,11 +165,15 @@ def _snapshot_callback(out: Path, minutes: list[float]) -> Any:
 #: Unlabelled CDeep3M slices 081-085, 50+ sections from the labelled 010-029: how much a
 #: model calls mitochondria far away (the labelled slices are 8.8 % foreground).
 DISTANT = "cdeep3m/cdeep3m_test_raw.tif"
+#: an object at least this elongated (major / minor axis) counts as long
+LONG = 3.0
 
 
 def _distant(model: Any, plan: Any, figure: Path | None) -> dict[str, Any] | None:
-    """Foreground fraction and objects per slice on :data:`DISTANT` (no labels), and an
-    overlay of its first slice written to ``figure``."""
+    """Foreground fraction, objects per slice and long objects per slice (elongation >=
+    :data:`LONG`: the long dark processes the distant false positives mostly are) on
+    :data:`DISTANT` (no labels), and an overlay of its first slice written to ``figure``."""
+    from mitoseg.inference.objects import measure_objects
     from mitoseg.inference.predict import segment_stack
     from mitoseg.io import read_stack
     from mitoseg.metrics import label_objects
@@ -179,7 +183,12 @@ def _distant(model: Any, plan: Any, figure: Path | None) -> dict[str, Any] | Non
         return None
     stack = read_stack(path)
     masks = segment_stack(model, stack, plan)
-    objects = [label_objects(m, plan.min_object_size)[1] for m in masks]
+    labelled = [label_objects(m, plan.min_object_size) for m in masks]
+    objects = [n for _, n in labelled]
+    long_ = [
+        sum(row["elongation"] >= LONG for row in measure_objects(lab)) if n else 0
+        for lab, n in labelled
+    ]
     if figure is not None:
         import matplotlib
 
@@ -195,6 +204,7 @@ def _distant(model: Any, plan: Any, figure: Path | None) -> dict[str, Any] | Non
     return {
         "foreground_fraction": round(float((masks != 0).mean()), 4),
         "objects_per_slice": round(float(np.mean(objects)), 1),
+        "long_objects_per_slice": round(float(np.mean(long_)), 1),
     }
 
 

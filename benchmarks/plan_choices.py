@@ -25,8 +25,9 @@ scores them on the same test slices:
 Usage:
     python benchmarks/plan_choices.py --datasets gap sample --recipes default v2 \\
         --ensemble 3
-Reads ``benchmarks/results/stability.json`` and the models under
-``benchmarks/.work/stability_<dataset>/train_<recipe>_s<seed>/model.keras``; writes
+Reads ``benchmarks/results/stability.json`` (``--stability`` names another) and the models
+under ``benchmarks/.work/stability_<dataset>/train_<label>/model.keras``
+(:func:`stability.run_label`); writes
 ``benchmarks/results/stability_plans<tag>.json`` (``--resume`` adds to it).
 """
 
@@ -40,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from accuracy import patches_dir, plan_split
+from accuracy import LONG, patches_dir, plan_split
 from common import RESULTS, machine, save
 from mitoseg.config import BaseConfig, EvaluateConfig, PatchifyConfig
 from mitoseg.stability import read_stability
@@ -72,10 +73,6 @@ def ensemble_model(models: list[Any]) -> Any:
     inputs = keras.Input(shape=models[0].input_shape[1:])
     outputs = keras.layers.Average()([m(inputs) for m in models])
     return keras.Model(inputs, outputs, name=f"ensemble_of_{len(models)}")
-
-
-#: an object at least this elongated counts as long (:func:`false_objects`)
-LONG = 3.0
 
 
 def false_objects(pred: np.ndarray, truth: np.ndarray, min_size: int) -> dict[str, float]:
@@ -254,6 +251,12 @@ def main() -> None:
     )
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     parser.add_argument(
+        "--stability",
+        default="stability.json",
+        help="the stability.py result file whose models are planned again "
+        "(e.g. stability_4000.json for its --steps 4000 --tag _4000 runs)",
+    )
+    parser.add_argument(
         "--resume", action="store_true", help="keep the dataset/recipe pairs already in the file"
     )
     parser.add_argument(
@@ -263,7 +266,7 @@ def main() -> None:
     if args.table:
         print(markdown_table(json.loads((RESULTS / f"stability_plans{args.tag}.json").read_text())))
         return
-    report = read_stability(RESULTS / "stability.json")
+    report = read_stability(RESULTS / args.stability)
     host = machine()
     rows: list[dict[str, Any]] = []
     ensembles: list[dict[str, Any]] = []
@@ -372,7 +375,7 @@ def main() -> None:
             {
                 "what": __doc__.split("\n\n")[0],
                 "variants": VARIANTS,
-                "stability_file": "stability.json",
+                "stability_file": args.stability,
                 "machine": host,
                 "summary": summary,
                 "runs": rows,

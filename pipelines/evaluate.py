@@ -105,16 +105,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         voxel_size=_voxel_size(args.raw),
     )
     report_path = args.out / "plan_report.json"
-    write_json(
-        report_path,
-        {
-            **report.to_json(),
-            # which training-stack slices the choices and the engine timing saw
-            "plan_on": cfg.plan_on,
-            "chosen_on_slices": chosen_on,
-            "engines_timed_on_slices": [chosen_on[i] for i in engine_slices],
-        },
-    )
+    report.plan_on = cfg.plan_on
+    report.chosen_on_slices = chosen_on
+    report.engines_timed_on_slices = [chosen_on[i] for i in engine_slices]
+    write_json(report_path, report.to_json())
     tracking.log_evaluation(
         run_id,
         result.metrics,

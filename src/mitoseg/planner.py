@@ -69,6 +69,11 @@ class PlanReport:
     #: validation batches the choices ran through Keras FP32 and got back from memory
     #: (:class:`MemoPredictor`), engine timing excluded
     forward_passes: dict[str, int] = field(default_factory=dict)
+    #: which slices of the training stack the choices and the engine timing saw (set by
+    #: the caller, which knows the stack; :func:`make_plan` sees arrays only)
+    plan_on: str | None = None
+    chosen_on_slices: list[int] = field(default_factory=list)
+    engines_timed_on_slices: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict."""
@@ -80,6 +85,9 @@ class PlanReport:
             "seed_threshold": dict(self.seed_threshold),
             "engines": [vars(t) for t in self.engines],
             "forward_passes": dict(self.forward_passes),
+            "plan_on": self.plan_on,
+            "chosen_on_slices": list(self.chosen_on_slices),
+            "engines_timed_on_slices": list(self.engines_timed_on_slices),
         }
 
 

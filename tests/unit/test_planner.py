@@ -7,12 +7,14 @@ noise from structures that run through the sections and blurs structures that do
 
 from __future__ import annotations
 
+import json
+
 import keras
 import numpy as np
 import pytest
 
 from mitoseg.config import EvaluateConfig
-from mitoseg.planner import MemoPredictor, make_plan
+from mitoseg.planner import MemoPredictor, PlanReport, make_plan
 
 
 def intensity_model() -> keras.Model:
@@ -194,3 +196,19 @@ def test_engines_are_scored_on_the_engine_slices_alone() -> None:
     assert [t.engine for t in report.engines] == ["keras/fp32"]
     assert report.engines[0].score == pytest.approx(on_two, abs=1e-6)
     assert abs(on_two - on_all) > 1e-3  # the two sets differ, so the test can tell
+
+
+def test_plan_report_says_which_slices_the_choices_saw() -> None:
+    report = PlanReport()
+    empty = report.to_json()
+    assert (empty["plan_on"], empty["chosen_on_slices"], empty["engines_timed_on_slices"]) == (
+        None,
+        [],
+        [],
+    )
+    report.plan_on, report.chosen_on_slices = "labelled", [0, 1, 2, 3]
+    report.engines_timed_on_slices = [1, 3]
+    written = json.loads(json.dumps(report.to_json()))
+    assert written["plan_on"] == "labelled"
+    assert written["chosen_on_slices"] == [0, 1, 2, 3]
+    assert written["engines_timed_on_slices"] == [1, 3]
