@@ -19,9 +19,10 @@ Datasets (``--datasets``):
 Per run it records test IoU, Dice, precision, recall, object F1, the plan's choices, the
 fraction called mitochondria, the objects and the long objects (elongation >= 3) per slice
 on the unlabelled CDeep3M slices 081-085 (50+ sections away; the first one's overlay in
-the first seed's ``distant.png``) and how much the validation curve swings: the mean and largest epoch-to-epoch change of
-``val_iou`` over the second half of training, and the epochs whose validation pixel
-accuracy collapsed below 0.5. Per dataset and recipe: mean, sd, min and max over seeds.
+the first seed's ``distant.png``) and how much the validation curve swings: the mean and
+largest epoch-to-epoch change of ``val_iou`` over the second half of training, and the
+epochs whose validation pixel accuracy collapsed below 0.5. Per dataset and recipe: mean,
+sd, min and max over seeds.
 
 Usage:
     python benchmarks/stability.py --datasets gap sample --recipes default v2 \\
