@@ -449,15 +449,18 @@ def test_serve_command_passes_bento_arguments() -> None:
 
 
 #: A stand-in for BentoML's arbiter: starts a "worker" in a session of its own that
-#: ignores SIGTERM, writes its pid, then exits on SIGTERM (or by itself after argv[2] s)
-#: with status 3, leaving the worker behind.
+#: ignores SIGTERM, writes its pid once the worker ignores SIGTERM (a slow start on a
+#: loaded machine must not let a stop signal reach it first), then exits on SIGTERM (or
+#: by itself after argv[2] s) with status 3, leaving the worker behind.
 ARBITER = r"""
 import signal, subprocess, sys, time
 worker = subprocess.Popen(
     [sys.executable, "-c",
-     "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"],
-    start_new_session=True,
+     "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+     "print('ready', flush=True); time.sleep(60)"],
+    start_new_session=True, stdout=subprocess.PIPE, text=True,
 )
+assert worker.stdout.readline().strip() == "ready"
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
 open(sys.argv[1], "w").write(str(worker.pid))
 time.sleep(float(sys.argv[2]))
