@@ -39,9 +39,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from accuracy import LONG, patches_dir, plan_split
+from accuracy import false_objects, patches_dir, plan_split
 from common import RESULTS, machine, save
 from mitoseg.config import BaseConfig, EvaluateConfig, PatchifyConfig
 from mitoseg.stability import read_stability
@@ -73,46 +71,6 @@ def ensemble_model(models: list[Any]) -> Any:
     inputs = keras.Input(shape=models[0].input_shape[1:])
     outputs = keras.layers.Average()([m(inputs) for m in models])
     return keras.Model(inputs, outputs, name=f"ensemble_of_{len(models)}")
-
-
-def false_objects(pred: np.ndarray, truth: np.ndarray, min_size: int) -> dict[str, float]:
-    """Predicted objects with no labelled mitochondrion under them, by shape.
-
-    The failure the issue names: whole objects called mitochondria where the labels have
-    none, mostly long, evenly dark processes. Objects are 8-connected within one slice.
-
-    Args:
-        pred: ``(Z, H, W)`` predicted class indexes (foreground ``!= 0``).
-        truth: ``(Z, H, W)`` labelled class indexes.
-        min_size: objects smaller than this many pixels are not counted (the plan's).
-
-    Returns:
-        per slice: ``false_objects``, ``long_false_objects`` (elongation >= :data:`LONG`)
-        and ``long_false_pixels`` (their pixels, as a fraction of the slice).
-    """
-    from mitoseg.inference.objects import measure_objects
-    from mitoseg.metrics import label_objects
-
-    counts = {"false_objects": 0, "long_false_objects": 0, "long_false_pixels": 0}
-    for p, t in zip(pred, truth, strict=True):
-        labels, n = label_objects(p, min_size)
-        if n == 0:
-            continue
-        hit = np.zeros(n + 1, bool)
-        hit[labels[(t != 0) & (labels > 0)]] = True
-        for row in measure_objects(labels):
-            if hit[row["id"]]:
-                continue
-            counts["false_objects"] += 1
-            if row["elongation"] >= LONG:
-                counts["long_false_objects"] += 1
-                counts["long_false_pixels"] += row["voxels"]
-    z = len(pred)
-    return {
-        "false_objects": round(counts["false_objects"] / z, 2),
-        "long_false_objects": round(counts["long_false_objects"] / z, 2),
-        "long_false_pixels": round(counts["long_false_pixels"] / pred[0].size / z, 5),
-    }
 
 
 def ensemble_sets(seeds: list[int], k: int) -> list[tuple[int, ...]]:
@@ -238,6 +196,16 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _planned(rows: list[dict[str, Any]], dataset: str, recipe: str, seed: int) -> bool:
+    """Whether ``rows`` already hold every variant of this run (``--resume``: a seed added
+    to the stability file since is planned, the others are not planned again)."""
+    row = next(
+        (r for r in rows if (r["dataset"], r["recipe"], r["seed"]) == (dataset, recipe, seed)),
+        None,
+    )
+    return row is not None and all(name in row for name in [*VARIANTS, "best_test_threshold"])
+
+
 def main() -> None:
     import keras
 
@@ -278,13 +246,12 @@ def main() -> None:
     for dataset in args.datasets:
         data, base, work = load_split(dataset)
         for recipe in args.recipes:
-            key = f"{dataset}/{recipe}"
-            if key in summary and all(name in summary[key] for name in VARIANTS):
-                continue  # --resume: already in the file
             runs = sorted(
                 (r for r in report.runs if r["dataset"] == dataset and r["recipe"] == recipe),
                 key=lambda r: r["seed"],
             )
+            if all(_planned(rows, dataset, recipe, r["seed"]) for r in runs):
+                continue  # --resume: every seed of the stability file is in this one
             models: dict[int, Any] = {}
             for run in runs:
                 path = (

@@ -17,18 +17,22 @@ Datasets (``--datasets``):
   adjacent slices, the figure a fresh clone reproduces).
 
 Per run it records test IoU, Dice, precision, recall, object F1, the plan's choices, the
-fraction called mitochondria, the objects and the long objects (elongation >= 3) per slice
-on the unlabelled CDeep3M slices 081-085 (50+ sections away; the first one's overlay in
-the first seed's ``distant.png``) and how much the validation curve swings: the mean and
-largest epoch-to-epoch change of ``val_iou`` over the second half of training, and the
-epochs whose validation pixel accuracy collapsed below 0.5. Per dataset and recipe: mean,
-sd, min and max over seeds.
+false objects on the test slices (no labelled mitochondrion under them; how many per slice,
+how many of them long), the fraction called mitochondria, the objects and the long objects
+(elongation >= 3) per slice on the unlabelled CDeep3M slices 081-085 (50+ sections away;
+the first one's overlay in the first seed's ``distant.png``) and how much the validation
+curve swings: the mean and largest epoch-to-epoch change of ``val_iou`` over the second
+half of training, and the epochs whose validation pixel accuracy collapsed below 0.5. Per
+dataset and recipe: mean, sd, min and max over seeds.
 
 Usage:
     python benchmarks/stability.py --datasets gap sample --recipes default v2 \\
         --seeds 0 1 2 3 4 --steps 1200
 Writes ``benchmarks/results/stability<tag>.json`` after every run; ``--resume`` skips the
-runs already in that file (a stopped benchmark continues where it was).
+runs already in that file (a stopped benchmark continues where it was). ``--replan`` scores
+saved models again with today's evaluate stage, ``--recount`` only counts their objects
+again with each run's recorded plan. Recipe ``vnc_init`` starts every seed from one model
+pre-trained on the VNC stack (:func:`pretrained`; gap split only).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from accuracy import RECIPES, _score, patches_dir, patchify, prepare
+from accuracy import RECIPES, _entry, _score, fetch_split, patches_dir, patchify, prepare
 from common import RESULTS, ROOT, machine, save
 from mitoseg.config import AugmentConfig, BaseConfig, PatchifyConfig, resolve_train_config
 from mitoseg.data.fetch import fetch
@@ -77,7 +81,14 @@ STABILITY_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # fewer crops centred on mitochondria (0.4 -> 0.2): is the crop prior why the default's
     # best thresholds are 0.9 and more, and does a lower one transfer better along z?
     "fg20": {"train": {"foreground_crop_prob": 0.2}},
+    # start from a model of another lab's volume (train.init_from), as a lab starts from the
+    # champion: the default recipe trained for make run's 1200 steps on the whole VNC stack
+    # (another species; seed 0, trained once and reused), then the default recipe on the split
+    "vnc_init": {"pretrain": {"stack": "vnc", "steps": 1200, "seed": 0}},
 }
+#: the pre-training stacks of each dataset's test slices' volume are never the same volume
+#: (the bundled sample is VNC: a VNC-pre-trained model has seen its test slices)
+PRETRAIN_FORBIDDEN = {"sample": {"vnc"}}
 STEPS_PER_EPOCH = 40
 #: ``make run``'s optimizer steps (30 epochs x 40): the yardstick's default
 DEFAULT_STEPS = 1200
@@ -176,23 +187,69 @@ def replan(
     return {**run, **scores, "scored_at": commit}
 
 
+def pretrained(spec: dict[str, Any]) -> tuple[Path, float]:
+    """The model a recipe with ``pretrain`` starts from, and its training seconds.
+
+    The default recipe trained for ``spec["steps"]`` steps with seed ``spec["seed"]`` on
+    every slice of the ``spec["stack"]`` stack (:data:`accuracy.STACKS`; a quarter held out
+    as its validation block), once: later runs reuse
+    ``benchmarks/.work/pretrain_<stack>_<steps>_s<seed>/``. Like a published base model, it
+    is one model for every seed of the runs that start from it.
+    """
+    from mitoseg.train import train_model
+
+    work = (
+        ROOT / "benchmarks" / ".work" / f"pretrain_{spec['stack']}_{spec['steps']}_s{spec['seed']}"
+    )
+    out, record = work / "train", work / "pretrain.json"
+    if (out / "model.keras").is_file() and record.is_file():
+        return out / "model.keras", float(json.loads(record.read_text())["train_wall_s"])
+    # the split's test entry is never read: the pre-trained model is scored only through
+    # the runs that start from it
+    raw, base, _ = fetch_split(_entry(spec["stack"], (0, 20)), _entry("cdeep3m", (15, 20)), work)
+    patches = patchify(raw, work, base, PatchifyConfig())
+    cfg = resolve_train_config(
+        {
+            "epochs": max(1, round(spec["steps"] / STEPS_PER_EPOCH)),
+            "steps_per_epoch": STEPS_PER_EPOCH,
+        }
+    )
+    ckpt = work / "ckpt"
+    for d in (out, ckpt, record):
+        if d.is_dir():
+            shutil.rmtree(d)
+    t0 = time.perf_counter()
+    res = train_model(
+        patches, AugmentConfig(), cfg, base.n_classes, spec["seed"], out, ckpt, progress=False
+    )  # fmt: skip
+    wall = round(time.perf_counter() - t0, 1)
+    record.write_text(json.dumps({**spec, "train_wall_s": wall, "epochs_run": res.epochs_run}))
+    return res.model_path, wall
+
+
 def run_one(
     recipe_name: str, seed: int, steps: int, raw: Path, base: BaseConfig, work: Path,
     figure: bool,
 ) -> dict[str, Any]:  # fmt: skip
-    """Train ``recipe_name`` with training seed ``seed`` for ``steps`` steps and score it."""
+    """Train ``recipe_name`` with training seed ``seed`` for ``steps`` steps and score it
+    (a recipe with ``pretrain`` starts from :func:`pretrained`'s model)."""
     import keras
 
-    from mitoseg.train import train_model
+    from mitoseg.train import initial_weights, train_model
 
     recipe = STABILITY_RECIPES[recipe_name]
+    source, pretrain_s = pretrained(recipe["pretrain"]) if "pretrain" in recipe else (None, None)
     cfg = resolve_train_config(
         {
             **recipe.get("train", {}),
             "epochs": max(1, round(steps / STEPS_PER_EPOCH)),
             "steps_per_epoch": STEPS_PER_EPOCH,
+            **({"init_from": str(source)} if source is not None else {}),
         }
     )
+    init = None
+    if source is not None:
+        init = initial_weights(keras.saving.load_model(source, compile=False), cfg, base.n_classes)
     augment = AugmentConfig(**recipe.get("augment", {}))
     patches = patchify(raw, work, base, PatchifyConfig(**recipe.get("patchify", {})))
     label = run_label(recipe_name, seed, steps)
@@ -202,7 +259,8 @@ def run_one(
             shutil.rmtree(d)
     t0 = time.perf_counter()
     res = train_model(
-        patches, augment, cfg, base.n_classes, seed, out, ckpt, progress=False
+        patches, augment, cfg, base.n_classes, seed, out, ckpt, progress=False,
+        init_weights=init,
     )  # fmt: skip
     wall = time.perf_counter() - t0
     model = keras.saving.load_model(res.model_path, compile=False)
@@ -217,6 +275,7 @@ def run_one(
         "saved_epoch": res.best_epoch,
         "stop_reason": res.stop_reason,
         "train_wall_s": round(wall, 1),
+        **({"pretrain": {**recipe["pretrain"], "train_wall_s": pretrain_s}} if source else {}),
         "validation_curve": val_swing(res.history),
         "val_iou_per_epoch": [
             None if r.get("val_iou") is None else round(float(r["val_iou"]), 4) for r in res.history
@@ -247,9 +306,25 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "runs_with_collapsed_validation": sum(
                 bool(r["validation_curve"]["collapsed_epochs"]) for r in group
             ),
+            **_counts(group),
         }
         for key, group in out.items()
     }
+
+
+def _counts(group: list[dict[str, Any]]) -> dict[str, Any]:
+    """The object counts over seeds, where every run of ``group`` has them."""
+    where = {
+        "test_false_objects_per_slice": ("test_slices", "false_objects"),
+        "test_long_false_objects_per_slice": ("test_slices", "long_false_objects"),
+        "distant_long_objects_per_slice": ("distant_unlabelled", "long_objects_per_slice"),
+    }
+    out = {}
+    for name, (part, key) in where.items():
+        values = [(r.get(part) or {}).get(key) for r in group]
+        if all(v is not None for v in values):
+            out[name] = summarise(values)
+    return out
 
 
 def markdown_table(report: StabilityReport) -> str:
@@ -287,6 +362,13 @@ def main() -> None:
         "with today's evaluate stage (e.g. after a change of how the plan is chosen)",
     )
     parser.add_argument(
+        "--recount",
+        action="store_true",
+        help="no training or planning: count the test slices' false objects and the "
+        "distant slices' objects of the runs already in the file again, with each run's "
+        "recorded plan (for runs scored before a count was added)",
+    )
+    parser.add_argument(
         "--table", action="store_true", help="print the result file's summary as Markdown"
     )
     args = parser.parse_args()
@@ -298,16 +380,25 @@ def main() -> None:
     unknown = [r for r in args.recipes if r not in STABILITY_RECIPES]
     if unknown:
         parser.error(f"unknown recipe(s) {unknown}; choose from {sorted(STABILITY_RECIPES)}")
+    for dataset, recipe in itertools.product(args.datasets, args.recipes):
+        stack = STABILITY_RECIPES[recipe].get("pretrain", {}).get("stack")
+        if stack in PRETRAIN_FORBIDDEN.get(dataset, set()):
+            parser.error(
+                f"recipe {recipe} pre-trains on {stack}, the volume of {dataset}'s test slices"
+            )
 
     name = f"stability{args.tag}"
     path = RESULTS / f"{name}.json"
     runs: list[dict[str, Any]] = []
-    if (args.resume or args.replan) and path.is_file():
+    if (args.resume or args.replan or args.recount) and path.is_file():
         runs = json.loads(path.read_text())["runs"]
     done = {(r["dataset"], r["recipe"], r["seed"]) for r in runs}
     host = machine()
     if args.replan:
         replan_runs(runs, args, name, host)
+        return
+    if args.recount:
+        recount_runs(runs, args, name, host)
         return
     # seed-major order: a stopped run still has every recipe at the first seeds
     for seed in args.seeds:
@@ -341,6 +432,77 @@ def replan_runs(
                 continue
             runs[i] = again
             print(json.dumps(again), flush=True)
+            _save(name, args.steps, host, runs)
+
+
+def recount(run: dict[str, Any], raw: Path, base: BaseConfig, work: Path) -> dict[str, Any] | None:
+    """``run``'s object counts measured again with the plan its scoring chose: the draft
+    plan with the recorded ``threshold``, ``border``, ``z_average`` and ``seed_threshold``.
+    The false objects on the test slices (``test_slices``, :func:`accuracy.false_objects`)
+    and the distant-slice figures (``distant_unlabelled``, :func:`accuracy._distant`), for
+    runs scored before a count was added. None when the model is not in ``work`` any more.
+
+    Raises:
+        RuntimeError: the rebuilt plan's test IoU or distant foreground fraction differs
+            from the recorded one (it is not the plan the run was scored with).
+    """
+    import keras
+
+    from accuracy import _distant, false_objects, plan_split
+    from mitoseg.config import EvaluateConfig
+    from mitoseg.planner import draft_plan, evaluate_split
+
+    path = work / f"train_{run_label(run['recipe'], run['seed'], run['steps'])}" / "model.keras"
+    if not path.is_file():
+        return None
+    recipe = STABILITY_RECIPES[run["recipe"]]
+    model = keras.saving.load_model(path, compile=False)
+    evaluate = {**recipe.get("evaluate", {}), "engines": ["keras/fp32"]}
+    plan, _ = draft_plan(model, EvaluateConfig(**evaluate), base.class_names)
+    plan = plan.with_overrides(
+        threshold=run["threshold"],
+        border=run["border"],
+        z_average=run["z_average"],
+        seed_threshold=run["seed_threshold"],
+    )
+    patches = patches_dir(work, PatchifyConfig(**recipe.get("patchify", {})))
+    data = plan_split(raw, patches, base, run.get("plan_on", "validation"))
+    res = evaluate_split(model, plan, data["test_images"], data["test_masks"])
+    who = f"{run['dataset']}/{run['recipe']} seed {run['seed']}"
+    if round(float(res.metrics["iou"]), 4) != run["iou"]:
+        raise RuntimeError(
+            f"{who}: the rebuilt plan scores {res.metrics['iou']:.4f}, not {run['iou']}"
+        )
+    out = {"test_slices": false_objects(res.predictions, res.masks, plan.min_object_size)}
+    distant = _distant(model, plan, None)
+    recorded = run.get("distant_unlabelled")
+    if distant is not None and recorded is not None:
+        if distant["foreground_fraction"] != recorded["foreground_fraction"]:
+            raise RuntimeError(
+                f"{who}: the rebuilt plan calls {distant['foreground_fraction']} of the "
+                f"distant slices mitochondria, the run recorded {recorded['foreground_fraction']}"
+            )
+        out["distant_unlabelled"] = distant
+    return out
+
+
+def recount_runs(
+    runs: list[dict[str, Any]], args: argparse.Namespace, name: str, host: dict[str, Any]
+) -> None:
+    """``--recount``: the selected runs' object counts again (:func:`recount`)."""
+    for dataset in args.datasets:
+        raw, base, work = prepare_dataset(dataset)
+        for run in runs:
+            if run["dataset"] != dataset or run["recipe"] not in args.recipes:
+                continue
+            if run["seed"] not in args.seeds:
+                continue
+            again = recount(run, raw, base, work)
+            if again is None:
+                print(f"not recounted: {dataset}/{run['recipe']} seed {run['seed']} (no model)")
+                continue
+            run.update(again)
+            print(dataset, run["recipe"], run["seed"], json.dumps(again), flush=True)
             _save(name, args.steps, host, runs)
 
 

@@ -49,6 +49,15 @@ class RecipeSummary(BaseModel):
     object_f1: SeedSpread
     mean_abs_delta_val_iou: SeedSpread
     runs_with_collapsed_validation: int = Field(ge=0)
+    test_false_objects_per_slice: SeedSpread | None = Field(
+        None, description="objects with no labelled mitochondrion under them, per test slice"
+    )
+    test_long_false_objects_per_slice: SeedSpread | None = Field(
+        None, description="the same, elongation >= 3 (long dark processes, mostly)"
+    )
+    distant_long_objects_per_slice: SeedSpread | None = Field(
+        None, description="long objects called per unlabelled slice 50+ sections away"
+    )
 
 
 class StabilityReport(BaseModel):

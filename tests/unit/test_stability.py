@@ -62,6 +62,23 @@ def test_spread_tags_of_one_recipe_on_every_dataset(tmp_path: Path) -> None:
     }
 
 
+def test_object_counts_are_optional_and_read_back(tmp_path: Path) -> None:
+    counts = {
+        "test_false_objects_per_slice": _spread([8.0, 10.0]),
+        "test_long_false_objects_per_slice": _spread([1.2, 2.4]),
+        "distant_long_objects_per_slice": _spread([3.0, 3.4]),
+    }
+    row = {**_report()["summary"]["gap/default"], **counts}
+    path = tmp_path / "stability.json"
+    path.write_text(json.dumps(_report(summary={"gap/default": row, "sample/default": row})))
+    report = read_stability(path)
+    assert report.summary["gap/default"].test_long_false_objects_per_slice.text() == (
+        "1.800 +- 0.849 (2 seeds, 1.200-2.400)"
+    )
+    path.write_text(json.dumps(_report()))
+    assert read_stability(path).summary["gap/default"].distant_long_objects_per_slice is None
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
