@@ -86,12 +86,18 @@ STABILITY_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # (another species; seed 0, trained once and reused), then the default recipe on the split
     "vnc_init": {"pretrain": {"stack": "vnc", "steps": 1200, "seed": 0}},
 }
-#: the pre-training stacks of each dataset's test slices' volume are never the same volume
-#: (the bundled sample is VNC: a VNC-pre-trained model has seen its test slices)
+#: stacks a dataset's runs may not be pre-trained on: its test slices come from them (the
+#: bundled sample is a crop of VNC stack 1, so a VNC-pre-trained model has seen them)
 PRETRAIN_FORBIDDEN = {"sample": {"vnc"}}
 STEPS_PER_EPOCH = 40
 #: ``make run``'s optimizer steps (30 epochs x 40): the yardstick's default
 DEFAULT_STEPS = 1200
+
+
+def step_bound(steps: int) -> dict[str, int]:
+    """The ``train:`` keys that bound a run to ``steps`` optimizer steps (epochs of
+    :data:`STEPS_PER_EPOCH`)."""
+    return {"epochs": max(1, round(steps / STEPS_PER_EPOCH)), "steps_per_epoch": STEPS_PER_EPOCH}
 
 
 def run_label(recipe: str, seed: int, steps: int) -> str:
@@ -208,22 +214,26 @@ def pretrained(spec: dict[str, Any]) -> tuple[Path, float]:
     # the runs that start from it
     raw, base, _ = fetch_split(_entry(spec["stack"], (0, 20)), _entry("cdeep3m", (15, 20)), work)
     patches = patchify(raw, work, base, PatchifyConfig())
-    cfg = resolve_train_config(
-        {
-            "epochs": max(1, round(spec["steps"] / STEPS_PER_EPOCH)),
-            "steps_per_epoch": STEPS_PER_EPOCH,
-        }
-    )
+    cfg = resolve_train_config(step_bound(spec["steps"]))
     ckpt = work / "ckpt"
-    for d in (out, ckpt, record):
-        if d.is_dir():
+    for d in (out, ckpt):
+        if d.exists():
             shutil.rmtree(d)
     t0 = time.perf_counter()
     res = train_model(
         patches, AugmentConfig(), cfg, base.n_classes, spec["seed"], out, ckpt, progress=False
     )  # fmt: skip
     wall = round(time.perf_counter() - t0, 1)
-    record.write_text(json.dumps({**spec, "train_wall_s": wall, "epochs_run": res.epochs_run}))
+    record.write_text(
+        json.dumps(
+            {
+                **spec,
+                "train_wall_s": wall,
+                "epochs_run": res.epochs_run,
+                "git_commit": machine()["git_commit"],
+            }
+        )
+    )
     return res.model_path, wall
 
 
@@ -242,8 +252,7 @@ def run_one(
     cfg = resolve_train_config(
         {
             **recipe.get("train", {}),
-            "epochs": max(1, round(steps / STEPS_PER_EPOCH)),
-            "steps_per_epoch": STEPS_PER_EPOCH,
+            **step_bound(steps),
             **({"init_from": str(source)} if source is not None else {}),
         }
     )
@@ -394,11 +403,8 @@ def main() -> None:
         runs = json.loads(path.read_text())["runs"]
     done = {(r["dataset"], r["recipe"], r["seed"]) for r in runs}
     host = machine()
-    if args.replan:
-        replan_runs(runs, args, name, host)
-        return
-    if args.recount:
-        recount_runs(runs, args, name, host)
+    if args.replan or args.recount:
+        redo_runs(runs, args, name, host)
         return
     # seed-major order: a stopped run still has every recipe at the first seeds
     for seed in args.seeds:
@@ -415,10 +421,12 @@ def main() -> None:
                 _save(name, args.steps, host, runs)
 
 
-def replan_runs(
+def redo_runs(
     runs: list[dict[str, Any]], args: argparse.Namespace, name: str, host: dict[str, Any]
 ) -> None:
-    """``--replan``: the selected runs already in the file, scored again (:func:`replan`)."""
+    """``--replan`` (:func:`replan`: the run scored again) or ``--recount`` (:func:`recount`:
+    its object counts again) for the selected runs already in the file, saved after each."""
+    what = "replanned" if args.replan else "recounted"
     for dataset in args.datasets:
         raw, base, work = prepare_dataset(dataset)
         for i, run in enumerate(runs):
@@ -426,9 +434,13 @@ def replan_runs(
                 continue
             if run["seed"] not in args.seeds:
                 continue
-            again = replan(run, raw, base, work, host["git_commit"])
+            if args.replan:
+                again = replan(run, raw, base, work, host["git_commit"])
+            else:
+                counts = recount(run, raw, base, work)
+                again = None if counts is None else {**run, **counts}
             if again is None:
-                print(f"not replanned: {dataset}/{run['recipe']} seed {run['seed']} (no model)")
+                print(f"not {what}: {dataset}/{run['recipe']} seed {run['seed']} (no model)")
                 continue
             runs[i] = again
             print(json.dumps(again), flush=True)
@@ -484,26 +496,6 @@ def recount(run: dict[str, Any], raw: Path, base: BaseConfig, work: Path) -> dic
             )
         out["distant_unlabelled"] = distant
     return out
-
-
-def recount_runs(
-    runs: list[dict[str, Any]], args: argparse.Namespace, name: str, host: dict[str, Any]
-) -> None:
-    """``--recount``: the selected runs' object counts again (:func:`recount`)."""
-    for dataset in args.datasets:
-        raw, base, work = prepare_dataset(dataset)
-        for run in runs:
-            if run["dataset"] != dataset or run["recipe"] not in args.recipes:
-                continue
-            if run["seed"] not in args.seeds:
-                continue
-            again = recount(run, raw, base, work)
-            if again is None:
-                print(f"not recounted: {dataset}/{run['recipe']} seed {run['seed']} (no model)")
-                continue
-            run.update(again)
-            print(dataset, run["recipe"], run["seed"], json.dumps(again), flush=True)
-            _save(name, args.steps, host, runs)
 
 
 def _save(name: str, steps: int, host: dict[str, Any], runs: list[dict[str, Any]]) -> None:
