@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 # pytest-xdist workers of `make test`: the CPUs this process may use, at most 4
 TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0))))")
 
-.PHONY: help setup lock run test test-random test-reverse test-tutorial test-all lint docs format stack stack-down stack-status stack-env ui serve bento bench clean
+.PHONY: help setup lock run test test-random test-reverse test-tutorial test-slow test-all lint docs format stack stack-down stack-status stack-env ui serve bento bench clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-13s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -69,6 +69,9 @@ test-reverse: setup ## Unit tests in reverse order (tests/conftest.py's --revers
 
 test-tutorial: setup ## The "segment your own volume" tutorial end to end (docs/your-volume.md; a few minutes)
 	$(BIN)/pytest -m tutorial $(PYTEST_ARGS)
+
+test-slow: setup ## The slow tier (over a minute each, not the tutorial), one process; CI runs it after make test
+	$(BIN)/pytest -m "slow and not tutorial" $(PYTEST_ARGS)
 
 test-all: setup ## Run every test, the slow tier included
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -58,6 +58,7 @@ def _run(tmp_path: Path, image: Path, mask: Path, *extra: str, rc: int = 0) -> s
     return done.stdout + done.stderr
 
 
+@pytest.mark.slow  # 115 s beside the other worker (74 s alone) on a 2-core AMD EPYC (AVX2)
 def test_the_loop_on_a_tiny_stack(tmp_path: Path) -> None:
     image, mask = _stack(tmp_path)
     _run(tmp_path, image, mask)

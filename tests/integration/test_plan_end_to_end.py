@@ -34,7 +34,9 @@ import yaml
 
 from tracking_state import seed_store
 
-pytestmark = pytest.mark.integration
+# slow: the module fixture runs the stages in child processes, 63 s before the first
+# test and over 2 minutes in all on a 2-core AMD EPYC (AVX2)
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "src" / "mitoseg" / "sample_data" / "vnc"

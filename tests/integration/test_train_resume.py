@@ -103,6 +103,7 @@ def _run(script: Path, args: list[str], env: dict[str, str], timeout: float = 30
     return [json.loads(x) for x in lines]
 
 
+@pytest.mark.slow  # 70 s beside the other worker on a 2-core AMD EPYC (AVX2)
 def test_killed_training_resumes(tmp_path, empty_mlflow_db):
     from mlflow import MlflowClient
 

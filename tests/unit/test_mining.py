@@ -191,6 +191,7 @@ def test_miner_foreground_of_sigmoid_and_softmax_models(tmp_path):
         assert miner.counts == {0: 3 * 32} and (tmp_path / f"{n_out}.npz").is_file()
 
 
+@pytest.mark.slow  # 60 s beside the other worker on a 2-core AMD EPYC (AVX2)
 def test_train_model_with_mined_hard_negatives_resumes_the_same(tmp_path):
     """A run mining every epoch: the candidates are saved beside the backup, so a run
     stopped after epoch 3 and resumed gives the uninterrupted run's history."""
