@@ -85,6 +85,9 @@ STABILITY_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # champion: the default recipe trained for make run's 1200 steps on the whole VNC stack
     # (another species; seed 0, trained once and reused), then the default recipe on the split
     "vnc_init": {"pretrain": {"stack": "vnc", "steps": 1200, "seed": 0}},
+    # half the base filters (8, not 16): about half the CPU time a step on the 2-core
+    # EPYC (docs/development.md). Does the default need its width, at make run's steps?
+    "f8": {"train": {"model": {"base_filters": 8}}},
 }
 #: stacks a dataset's runs may not be pre-trained on: its test slices come from them (the
 #: bundled sample is a crop of VNC stack 1, so a VNC-pre-trained model has seen them)
