@@ -169,6 +169,12 @@ DISTANT = "cdeep3m/cdeep3m_test_raw.tif"
 LONG = 3.0
 
 
+def slice_ious(rows: list[dict[str, Any]]) -> list[float]:
+    """Test IoU of each slice in z order (:attr:`EvaluationResult.rows`): at a stack's end
+    slices 2.5D input and z-averaging read the end slice again where a neighbour would be."""
+    return [round(float(row["iou"]), 4) for row in rows]
+
+
 def false_objects(pred: np.ndarray, truth: np.ndarray, min_size: int) -> dict[str, float]:
     """Predicted objects with no labelled mitochondrion under them, by shape.
 
@@ -245,6 +251,12 @@ def _distant(model: Any, plan: Any, figure: Path | None) -> dict[str, Any] | Non
         "foreground_fraction": round(float((masks != 0).mean()), 4),
         "objects_per_slice": round(float(np.mean(objects)), 1),
         "long_objects_per_slice": round(float(np.mean(long_)), 1),
+        # each slice in z order: an end slice is its own missing neighbour
+        "per_slice": {
+            "foreground_fraction": [round(float((m != 0).mean()), 4) for m in masks],
+            "objects": [int(n) for n in objects],
+            "long_objects": [int(n) for n in long_],
+        },
     }
 
 
@@ -304,6 +316,7 @@ def _score(
     m = res.metrics
     out = {k: round(float(m[k]), 4) for k in ("iou", "dice", "precision", "recall")}
     out["object_f1"] = round(float(m["objects"]["f1"]), 4)
+    out["test_slice_iou"] = slice_ious(res.rows)
     out["test_slices"] = false_objects(res.predictions, res.masks, plan.min_object_size)
     out["threshold"] = plan.threshold
     out["border"] = plan.border

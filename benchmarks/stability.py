@@ -88,6 +88,9 @@ STABILITY_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # half the base filters (8, not 16): about half the CPU time a step on the 2-core
     # EPYC (docs/development.md). Does the default need its width, at make run's steps?
     "f8": {"train": {"model": {"base_filters": 8}}},
+    # issue 19 item 3, 2.5D revisited with the stable recipe: slices z-1, z, z+1 as input
+    # channels (one seed of an older recipe lost 0.059, docs/ACCURACY.md); the rest as default
+    "z1": {"patchify": {"z_context": 1}},
 }
 #: stacks a dataset's runs may not be pre-trained on: its test slices come from them (the
 #: bundled sample is a crop of VNC stack 1, so a VNC-pre-trained model has seen them)
@@ -453,9 +456,10 @@ def redo_runs(
 def recount(run: dict[str, Any], raw: Path, base: BaseConfig, work: Path) -> dict[str, Any] | None:
     """``run``'s object counts measured again with the plan its scoring chose: the draft
     plan with the recorded ``threshold``, ``border``, ``z_average`` and ``seed_threshold``.
-    The false objects on the test slices (``test_slices``, :func:`accuracy.false_objects`)
-    and the distant-slice figures (``distant_unlabelled``, :func:`accuracy._distant`), for
-    runs scored before a count was added. None when the model is not in ``work`` any more.
+    The false objects on the test slices (``test_slices``, :func:`accuracy.false_objects`),
+    each test slice's IoU (``test_slice_iou``) and the distant-slice figures
+    (``distant_unlabelled``, :func:`accuracy._distant`), for runs scored before a count
+    was added. None when the model is not in ``work`` any more.
 
     Raises:
         RuntimeError: the rebuilt plan's test IoU or distant foreground fraction differs
@@ -463,7 +467,7 @@ def recount(run: dict[str, Any], raw: Path, base: BaseConfig, work: Path) -> dic
     """
     import keras
 
-    from accuracy import _distant, false_objects, plan_split
+    from accuracy import _distant, false_objects, plan_split, slice_ious
     from mitoseg.config import EvaluateConfig
     from mitoseg.planner import draft_plan, evaluate_split
 
@@ -488,7 +492,10 @@ def recount(run: dict[str, Any], raw: Path, base: BaseConfig, work: Path) -> dic
         raise RuntimeError(
             f"{who}: the rebuilt plan scores {res.metrics['iou']:.4f}, not {run['iou']}"
         )
-    out = {"test_slices": false_objects(res.predictions, res.masks, plan.min_object_size)}
+    out = {
+        "test_slices": false_objects(res.predictions, res.masks, plan.min_object_size),
+        "test_slice_iou": slice_ious(res.rows),
+    }
     distant = _distant(model, plan, None)
     recorded = run.get("distant_unlabelled")
     if distant is not None and recorded is not None:
